@@ -1,0 +1,90 @@
+"""The engine's frozen configuration, filled from `SD3SERVE_*` environment variables and CLI flags.
+
+Pure Python (no torch), so the API and the worker's config can share it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.request import RequestLimits
+
+REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sd3-shapes"
+LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _parse(value: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    return value
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = str(REFERENCE_MODEL_DIR)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    max_batch: int = 16  # running requests per sub-batch
+    admit_per_boundary: int = 4  # new requests admitted at one chunk boundary
+    cache_policy: str = "attention"  # used when a request has cache_interval > 1
+    latent_aware: str = "none"
+    warmup_steps: int = 1  # first steps of a request that are always FRESH
+    cache_budget_mb: int = 0  # 0: no limit on attention-cache memory
+    prompt_cache_size: int = 256
+    max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256
+    compile: bool = False
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        if self.cache_policy not in ("attention", "step"):
+            raise ValueError(f"cache_policy must be 'attention' or 'step', got {self.cache_policy!r}")
+        if self.latent_aware not in LATENT_AWARE_STRATEGIES:
+            raise ValueError(f"latent_aware must be one of {LATENT_AWARE_STRATEGIES}, got {self.latent_aware!r}")
+        if self.dtype not in DTYPES + ("auto",):
+            raise ValueError(f"dtype must be one of {DTYPES} or 'auto', got {self.dtype!r}")
+        if self.max_batch < 1 or self.admit_per_boundary < 1:
+            raise ValueError("max_batch and admit_per_boundary must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "EngineConfig":
+        """Read `SD3SERVE_<FIELD>` (and `SD3SERVE_<LIMIT>` for request limits); overrides win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "limits":
+                continue
+            key = f"SD3SERVE_{f.name.upper()}"
+            if key in env:
+                try:
+                    values[f.name] = _parse(env[key], f.default)
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
+        values["limits"] = limits_from_env(env)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def limits_from_env(env: Mapping[str, str] | None = None) -> RequestLimits:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(RequestLimits):
+        key = f"SD3SERVE_{f.name.upper()}"
+        if key in env:
+            try:
+                values[f.name] = _parse(env[key], f.default)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+    return replace(RequestLimits(), **values)

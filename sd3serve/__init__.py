@@ -1,0 +1,1 @@
+"""The `sd3serve` command line: `generate`, `worker`, `up`."""
