@@ -1,0 +1,114 @@
+"""Prometheus metrics exported by the API process (`GET /metrics`).
+
+Names follow Prometheus conventions: `sd3serve_` prefix, base units in the name, `_total` on
+counters (prometheus_client appends it). The queue depth is read from Redis when Prometheus
+scrapes, never cached, so it is exact at scrape time and costs nothing between scrapes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# HTTP handlers answer in milliseconds; long-polls (`?wait=`) hold a request up to a minute.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+JOBS_SUBMITTED = Counter(
+    "sd3serve_jobs_submitted_total",
+    "Generation jobs accepted by the API and put on the queue.",
+)
+JOBS_REJECTED = Counter(
+    "sd3serve_jobs_rejected_total",
+    "Job submissions refused by the API, by reason (validation, queue_full, too_large, unauthorized, forbidden).",
+    ["reason"],
+)
+REQUEST_LATENCY = Histogram(
+    "sd3serve_http_request_duration_seconds",
+    "Time the API took to answer an HTTP request, by method, route template and status code.",
+    ["method", "route", "status"],
+    buckets=HTTP_BUCKETS,
+)
+
+QUEUE_DEPTH_NAME = "sd3serve_queue_depth"
+
+
+class QueueDepthCollector(Collector):
+    """Reports `sd3serve_queue_depth` by calling `depth()` at scrape time.
+
+    `depth()` returns the number of jobs waiting in the queue (e.g. `len(rq.Queue)`). When it
+    raises (Redis down), the gauge is left out of that scrape instead of failing the scrape,
+    so `/metrics` keeps answering and the gap shows on the dashboard.
+    """
+
+    def __init__(self, depth: Callable[[], int], queue: str = "sd3serve") -> None:
+        self._depth = depth
+        self._queue = queue
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue (not yet taken by a worker).", labels=["queue"])
+        try:
+            family.add_metric([self._queue], float(self._depth()))
+        except Exception as exc:  # a scrape must not fail because Redis is briefly unreachable
+            log.warning("queue depth unavailable for metrics: %s", exc)
+            return
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Describing without calling depth() lets registration happen before Redis is up.
+        yield GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue.", labels=["queue"])
+
+
+_queue_collectors: dict[int, QueueDepthCollector] = {}
+
+
+def register_queue_depth(
+    depth: Callable[[], int], queue: str = "sd3serve", registry: CollectorRegistry = REGISTRY
+) -> QueueDepthCollector:
+    """Export `sd3serve_queue_depth{queue=...}` from `depth()`; replaces an earlier registration
+    on the same registry (an app factory may run more than once in a process, e.g. in tests)."""
+    previous = _queue_collectors.pop(id(registry), None)
+    if previous is not None:
+        try:
+            registry.unregister(previous)
+        except KeyError:
+            pass
+    collector = QueueDepthCollector(depth, queue)
+    registry.register(collector)
+    _queue_collectors[id(registry)] = collector
+    return collector
+
+
+def render_metrics(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+    """The body and content type for a `/metrics` response."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def observe_request(method: str, route: str, status: int, seconds: float) -> None:
+    REQUEST_LATENCY.labels(method=method, route=route, status=str(status)).observe(seconds)
+
+
+def instrument_app(app) -> None:
+    """Add middleware to a FastAPI/Starlette app that times every request into REQUEST_LATENCY.
+
+    The `route` label is the route template (`/v1/jobs/{job_id}`), never the raw path, so job
+    ids do not blow up the label cardinality; unmatched paths are labelled `unmatched`.
+    """
+
+    @app.middleware("http")
+    async def _time_request(request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            observe_request(request.method, template, status, time.perf_counter() - start)
