@@ -88,3 +88,34 @@ def limits_from_env(env: Mapping[str, str] | None = None) -> RequestLimits:
             except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
     return replace(RequestLimits(), **values)
+
+
+MODEL_DEFAULTS_FILE = "sd3serve.json"
+
+
+def read_model_defaults(model: str) -> dict[str, Any]:
+    """Serving defaults a model folder ships in `sd3serve.json` (width, height, steps,
+    guidance_scale, max_sequence_length); empty for hub ids and folders without the file."""
+    import json
+
+    path = Path(model) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def limits_for_model(limits: RequestLimits, model: str) -> RequestLimits:
+    """Fill request defaults from the model's `sd3serve.json` where the environment set none."""
+    defaults = read_model_defaults(model)
+    mapping = {
+        "width": "default_width",
+        "height": "default_height",
+        "steps": "default_steps",
+        "guidance_scale": "default_guidance",
+    }
+    changes = {
+        target: defaults[source]
+        for source, target in mapping.items()
+        if source in defaults and getattr(limits, target) == getattr(RequestLimits(), target)
+    }
+    return replace(limits, **changes)

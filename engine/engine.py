@@ -1,0 +1,183 @@
+"""The step loop: schedule -> run -> finish. One `step()` advances one sub-batch by one step."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from engine.attention import AttentionCache, attention_cache_bytes
+from engine.config import EngineConfig, limits_for_model, read_model_defaults
+from engine.latent_aware import make_latent_aware
+from engine.loader import PromptEncoder, load_pipeline
+from engine.request import GenerationRequest
+from engine.runner import Runner
+from engine.scheduler import ScheduledRequest, Scheduler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    request: GenerationRequest
+    image: Image.Image
+    seconds: float  # from admission to decoded image
+    fresh_steps: int
+
+
+@dataclass(frozen=True)
+class FailedRequest:
+    request: GenerationRequest
+    code: str
+    message: str
+
+
+@dataclass
+class StepReport:
+    finished: list[FinishedRequest] = field(default_factory=list)
+    failed: list[FailedRequest] = field(default_factory=list)
+    canceled: list[GenerationRequest] = field(default_factory=list)
+    batch_size: int = 0
+    fresh_ratio: float = 0.0
+    step_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, pipe) -> None:
+        self.config = config
+        self.pipe = pipe
+        defaults = read_model_defaults(config.model)
+        self.max_sequence_length = config.max_sequence_length or defaults.get(
+            "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH
+        )
+        self.limits = limits_for_model(config.limits, config.model)
+        self.latent_aware = make_latent_aware(config.latent_aware)
+        self.attention = AttentionCache(pipe.transformer, extrapolate=self.latent_aware.extrapolates)
+        prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
+        self.runner = Runner(pipe, prompts, self.latent_aware, self.attention)
+        self.scheduler = Scheduler(
+            max_batch=config.max_batch,
+            admit_per_boundary=config.admit_per_boundary,
+            warmup_steps=config.warmup_steps,
+            default_policy=config.cache_policy,
+            cache_budget_bytes=config.cache_budget_mb * 2**20,
+            cache_bytes_of=self.request_cache_bytes,
+        )
+        self._admitted_at: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "Engine":
+        return cls(config, load_pipeline(config))
+
+    # -- the contract the worker and the CLI use ----------------------------------------------
+    def admission_slots(self) -> int:
+        return self.scheduler.admission_slots()
+
+    def add(self, request: GenerationRequest) -> None:
+        self.scheduler.add(request)
+
+    def cancel(self, request_id: str) -> bool:
+        return self.scheduler.cancel(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def progress(self, request_id: str) -> tuple[int, int] | None:
+        for req in self.scheduler.running_requests():
+            if req.request_id == request_id:
+                return req.step, req.total
+        for request in self.scheduler.waiting:
+            if request.request_id == request_id:
+                return 0, request.steps
+        return None
+
+    def running_ids(self) -> list[str]:
+        return [r.request_id for r in self.scheduler.running_requests()]
+
+    def cache_bytes(self) -> int:
+        return self.attention.nbytes()
+
+    def request_cache_bytes(self, request: GenerationRequest, policy: str) -> int:
+        if policy != "attention":
+            return 0
+        scale = self.pipe.vae_scale_factor
+        text_tokens = self.pipe.tokenizer_max_length + self.max_sequence_length
+        return attention_cache_bytes(
+            self.pipe.transformer.config,
+            (request.height // scale, request.width // scale),
+            text_tokens,
+            rows=2 if request.uses_cfg else 1,
+            element_size=self.pipe.transformer.dtype.itemsize,
+            extrapolate=self.latent_aware.extrapolates,
+        )
+
+    def step(self) -> StepReport:
+        report = StepReport()
+        for req in self.scheduler.drop_canceled():
+            self._forget(req)
+            report.canceled.append(req.request)
+        plan = self.scheduler.plan()
+        if plan is None:
+            return report
+        now = time.monotonic()
+        for req in plan.admitted:
+            self._admitted_at[req.request_id] = now
+        try:
+            self.runner.run(plan)
+        except torch.OutOfMemoryError as exc:
+            return self._fail_plan(plan, report, "out_of_memory", exc)
+        finished = self.scheduler.complete(plan)
+        report.batch_size = len(plan.requests)
+        report.fresh_ratio = plan.fresh_ratio
+        if finished:
+            self._finish(finished, report)
+        report.step_seconds = time.monotonic() - now
+        return report
+
+    def _finish(self, finished: list[ScheduledRequest], report: StepReport) -> None:
+        ids = [r.request_id for r in finished]
+        images = self.runner.decode(ids)
+        done = time.monotonic()
+        for req, image in zip(finished, images):
+            seconds = done - self._admitted_at.get(req.request_id, done)
+            report.finished.append(FinishedRequest(req.request, image, seconds, req.fresh_steps))
+            self._forget(req)
+
+    def _fail_plan(self, plan, report: StepReport, code: str, exc: Exception) -> StepReport:
+        """Out of memory: fail the newest request of the sub-batch so the rest can go on
+        with a smaller batch (a lone request that does not fit fails with the same error)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        victim = max(plan.requests, key=lambda r: self._admitted_at.get(r.request_id, 0.0))
+        victim.canceled = True
+        self.scheduler.drop_canceled()
+        self._forget(victim)
+        log.warning("step failed (%s); dropping request %s: %s", code, victim.request_id, exc)
+        report.failed.append(
+            FailedRequest(victim.request, code, f"the GPU ran out of memory with a batch of {len(plan.requests)}: {exc}")
+        )
+        return report
+
+    def _forget(self, req: ScheduledRequest) -> None:
+        self.runner.release(req.request_id)
+        self._admitted_at.pop(req.request_id, None)
+
+    def generate(self, requests: list[GenerationRequest], progress=None) -> dict[str, Image.Image]:
+        """Run `requests` to completion as one step-level batch (CLI, tests, benchmarks)."""
+        pending = list(requests)
+        images: dict[str, Image.Image] = {}
+        while pending or self.has_work():
+            for _ in range(min(self.admission_slots(), len(pending))):
+                self.add(pending.pop(0))
+            report = self.step()
+            for item in report.finished:
+                images[item.request.request_id] = item.image
+            if progress is not None:
+                progress(report)
+            if report.failed:
+                raise RuntimeError("; ".join(f.message for f in report.failed))
+        return images

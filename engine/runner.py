@@ -1,0 +1,190 @@
+"""How a step runs on the device: per-request latents and sigma schedules, one transformer forward
+per sub-batch with per-row timesteps and CFG rows, and the flow-match Euler update.
+
+With caching off this is exactly `StableDiffusion3Pipeline.__call__` for each request: the same
+CPU-generator noise, the same `encode_prompt` embeddings, the same scheduler sigmas and the same
+float32 Euler arithmetic, just with rows of different requests (and timesteps) side by side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from engine.attention import AttentionCache
+from engine.latent_aware import LatentAware
+from engine.loader import PromptEncoder
+from engine.scheduler import ScheduledRequest, StepPlan
+
+
+@dataclass
+class RequestState:
+    """A running request's tensors."""
+
+    latents: torch.Tensor  # (1, C, h, w), model dtype
+    timesteps: torch.Tensor  # (steps,)
+    sigmas: torch.Tensor  # (steps + 1,), float32
+    embeds: torch.Tensor  # (rows, seq, dim): [negative, prompt] with CFG, else [prompt]
+    pooled: torch.Tensor  # (rows, dim)
+    guidance: float
+    velocity: torch.Tensor | None = None  # last guided velocity (the `step` policy reuses it)
+    previous_velocity: torch.Tensor | None = None
+    velocity_age: int = 0  # steps since `velocity` was computed
+    fresh_gap: int = 1  # steps between the last two computed velocities
+
+    @property
+    def rows(self) -> int:
+        return self.embeds.shape[0]
+
+
+class Runner:
+    def __init__(
+        self,
+        pipe: StableDiffusion3Pipeline,
+        prompts: PromptEncoder,
+        latent_aware: LatentAware,
+        attention: AttentionCache | None,
+    ) -> None:
+        self.pipe = pipe
+        self.prompts = prompts
+        self.latent_aware = latent_aware
+        self.attention = attention
+        self.device = pipe._execution_device
+        self.dtype = pipe.transformer.dtype
+        self.states: dict[str, RequestState] = {}
+        self._schedules: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- admission -----------------------------------------------------------------------------
+    def sigma_schedule(self, steps: int, latent_h: int, latent_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline's own timesteps and sigmas for this step count and size."""
+        key = (steps, latent_h, latent_w)
+        if key not in self._schedules:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+            kwargs = {}
+            if scheduler.config.get("use_dynamic_shifting", None):
+                patch = self.pipe.transformer.config.patch_size
+                kwargs["mu"] = calculate_shift(
+                    (latent_h // patch) * (latent_w // patch),
+                    scheduler.config.get("base_image_seq_len", 256),
+                    scheduler.config.get("max_image_seq_len", 4096),
+                    scheduler.config.get("base_shift", 0.5),
+                    scheduler.config.get("max_shift", 1.16),
+                )
+            retrieve_timesteps(scheduler, steps, self.device, **kwargs)
+            self._schedules[key] = (scheduler.timesteps, scheduler.sigmas.to(self.device, torch.float32))
+        return self._schedules[key]
+
+    @torch.inference_mode()
+    def prepare(self, reqs: list[ScheduledRequest]) -> None:
+        new = [r for r in reqs if r.request_id not in self.states]
+        if not new:
+            return
+        embeddings = self.prompts.encode([(r.request.prompt, r.request.negative_prompt) for r in new])
+        scale = self.pipe.vae_scale_factor
+        channels = self.pipe.transformer.config.in_channels
+        for req, emb in zip(new, embeddings):
+            request = req.request
+            shape = (1, channels, request.height // scale, request.width // scale)
+            generator = torch.Generator("cpu").manual_seed(request.seed)
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=emb.prompt.dtype)
+            timesteps, sigmas = self.sigma_schedule(request.steps, shape[2], shape[3])
+            if request.uses_cfg:
+                embeds = torch.cat([emb.negative, emb.prompt])
+                pooled = torch.cat([emb.negative_pooled, emb.pooled])
+            else:
+                embeds, pooled = emb.prompt, emb.pooled
+            self.states[req.request_id] = RequestState(latents, timesteps, sigmas, embeds, pooled, request.guidance_scale)
+
+    def release(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+        if self.attention is not None:
+            self.attention.release(request_id)
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> None:
+        """Advance every request of `plan` by one denoising step."""
+        self.prepare(list(plan.requests))
+        states = [self.states[r.request_id] for r in plan.requests]
+        # `step`-policy requests on a CACHED step skip the transformer and reuse their velocity.
+        in_forward = [
+            fresh or req.policy != "step" for req, fresh in zip(plan.requests, plan.fresh)
+        ]
+        velocities: list[torch.Tensor | None] = [None] * len(states)
+        forward_ids = [i for i, used in enumerate(in_forward) if used]
+        if forward_ids:
+            outputs = self._forward(plan, states, forward_ids)
+            for i, v in zip(forward_ids, outputs):
+                velocities[i] = v
+        for i, (req, fresh, state) in enumerate(zip(plan.requests, plan.fresh, states)):
+            if velocities[i] is None:
+                velocities[i] = self.latent_aware.reuse_velocity(state)
+            elif req.policy == "step":
+                if state.velocity is not None:
+                    state.fresh_gap = state.velocity_age + 1
+                state.previous_velocity, state.velocity, state.velocity_age = state.velocity, velocities[i], 0
+        self._euler(plan, states, velocities)
+
+    def _forward(self, plan: StepPlan, states: list[RequestState], ids: list[int]) -> list[torch.Tensor]:
+        rows = [states[i].rows for i in ids]
+        hidden = torch.cat([states[i].latents.expand(states[i].rows, -1, -1, -1) for i in ids])
+        timestep = torch.cat([states[i].timesteps[plan.requests[i].step].expand(states[i].rows) for i in ids])
+        embeds = torch.cat([states[i].embeds for i in ids])
+        pooled = torch.cat([states[i].pooled for i in ids])
+        if self.attention is not None:
+            row_ids = [plan.requests[i].request_id for i, n in zip(ids, rows) for _ in range(n)]
+            row_fresh = [plan.fresh[i] or plan.requests[i].policy != "attention" for i, n in zip(ids, rows) for _ in range(n)]
+            row_step = [plan.requests[i].step for i, n in zip(ids, rows) for _ in range(n)]
+            row_caches = [plan.requests[i].policy == "attention" for i, n in zip(ids, rows) for _ in range(n)]
+            self.attention.begin_step(row_ids, row_fresh, row_step, row_caches)
+        try:
+            out = self.pipe.transformer(
+                hidden_states=hidden,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+        finally:
+            if self.attention is not None:
+                self.attention.end_step()
+        velocities = []
+        for i, chunk in zip(ids, out.split(rows)):
+            if states[i].rows == 2:
+                uncond, text = chunk.chunk(2)
+                velocities.append(uncond + states[i].guidance * (text - uncond))
+            else:
+                velocities.append(chunk)
+        return velocities
+
+    def _euler(self, plan: StepPlan, states: list[RequestState], velocities: list[torch.Tensor]) -> None:
+        steps = [r.step for r in plan.requests]
+        sigma = torch.stack([s.sigmas[k] for s, k in zip(states, steps)]).view(-1, 1, 1, 1)
+        sigma_next = torch.stack([s.sigmas[k + 1] for s, k in zip(states, steps)]).view(-1, 1, 1, 1)
+        latents = torch.cat([s.latents for s in states])
+        v = torch.cat(velocities)
+        exact = latents.to(torch.float32) + (sigma_next - sigma) * v
+        stale = [not f for f in plan.fresh]
+        if any(stale) and self.latent_aware.corrects_update:
+            corrected = self.latent_aware.update(latents.to(torch.float32), v, sigma, sigma_next)
+            mask = torch.tensor(stale, device=latents.device).view(-1, 1, 1, 1)
+            exact = torch.where(mask, corrected, exact)
+        new = exact.to(v.dtype)
+        for state, lat in zip(states, new.split(1)):
+            state.latents = lat
+
+    # -- finishing -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, request_ids: list[str]) -> list[Image.Image]:
+        """Decode finished requests of one size together, as the pipeline does."""
+        if not request_ids:
+            return []
+        vae = self.pipe.vae
+        latents = torch.cat([self.states[i].latents for i in request_ids])
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(images, output_type="pil")
