@@ -1,0 +1,55 @@
+"""The API's frozen configuration, from SD3SERVE_* environment variables."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from engine.config import limits_from_env
+from engine.request import RequestLimits
+from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES
+from worker.env import parse_value
+from worker.keys import DEFAULT_QUEUE
+from worker.storage import StorageConfig
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = DEFAULT_QUEUE
+    api_keys: tuple[str, ...] = ()  # SD3SERVE_API_KEYS=key1,key2; empty: no authentication
+    max_queued: int = 1000  # queued jobs past which POST /v1/jobs answers 429
+    retry_after: int = 5  # seconds, in the Retry-After header of a 429
+    max_body_bytes: int = 64 * 1024  # larger request bodies get 413
+    max_wait: float = 60.0  # longest ?wait= long poll, seconds
+    job_timeout: int = DEFAULT_JOB_TIMEOUT
+    result_ttl: int = DEFAULT_RESULT_TTL
+    failure_ttl: int = DEFAULT_FAILURE_TTL
+    retries: int = DEFAULT_RETRIES
+    idempotency_ttl: int = 24 * 3600  # how long an Idempotency-Key is remembered
+    public_url: str = ""  # base of URLs handed out; empty: the URL the request came in on
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        if self.max_queued < 0 or self.max_body_bytes < 1 or self.max_wait < 0:
+            raise ValueError("max_queued must be >= 0, max_body_bytes >= 1 and max_wait >= 0")
+        if self.retries < 0 or self.job_timeout < 1:
+            raise ValueError("retries must be >= 0 and job_timeout >= 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ApiConfig":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in ("storage", "limits"):
+                continue
+            key = f"SD3SERVE_{f.name.upper()}"
+            if key in env:
+                values[f.name] = parse_value(key, env[key], f.default)
+        values["storage"] = StorageConfig.from_env(env)
+        values["limits"] = limits_from_env(env)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

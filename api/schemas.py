@@ -1,0 +1,76 @@
+"""Request and response bodies of the REST API.
+
+The job request model is built from the deployment's `RequestLimits`, so the OpenAPI schema at
+/docs shows the ranges this server really accepts. The engine's `validate_request` runs after
+pydantic as the single source of truth for what a request means.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
+
+JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+def job_request_model(limits: RequestLimits) -> type[BaseModel]:
+    side = dict(ge=limits.min_side, le=limits.max_side, multiple_of=limits.size_multiple)
+    return create_model(
+        "JobRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={
+            "example": {"prompt": "a red circle on a blue background", "steps": 20, "seed": 7}}),
+        prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars, pattern=r"\S",
+                           description="What to draw.")),
+        negative_prompt=(str, Field("", max_length=limits.max_prompt_chars, description="What to avoid.")),
+        width=(int, Field(limits.default_width, **side, description="Pixels.")),
+        height=(int, Field(limits.default_height, **side, description="Pixels.")),
+        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="Denoising steps.")),
+        guidance_scale=(float, Field(limits.default_guidance, ge=0, le=limits.max_guidance,
+                                     allow_inf_nan=False, description="Classifier-free guidance scale.")),
+        seed=(Optional[int], Field(None, ge=0, le=MAX_SEED,
+                                   description="Random seed; drawn at random when absent, always returned.")),
+        cache_interval=(int, Field(limits.default_cache_interval, ge=1, le=limits.max_cache_interval,
+                                   description="Quality knob: 1 computes every step exactly; K > 1 reuses "
+                                               "cached attention for up to K-1 steps (faster).")),
+        cache_policy=(Optional[Literal[CACHE_POLICIES]], Field(  # type: ignore[valid-type]
+            None, description="How a cache_interval > 1 saves work; absent: the worker's default.")),
+    )
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class JobResponse(BaseModel):
+    id: str
+    status: JobState
+    queue_position: Optional[int] = Field(None, description="Jobs ahead of this one; null unless queued.")
+    progress: Progress
+    created_at: Optional[datetime] = None
+    started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+    seed: Optional[int] = None
+    request: dict[str, Any]
+    image_url: Optional[str] = Field(None, description="Where the PNG can be fetched, once succeeded.")
+    images: list[str] = Field(default_factory=list)
+    timings: Optional[dict[str, float]] = None
+    error: Optional[ErrorDetail] = None
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

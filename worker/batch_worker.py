@@ -1,0 +1,452 @@
+"""`BatchWorker`: an RQ 3 `SimpleWorker` that runs many generation jobs in one step-level batch.
+
+RQ's own loop dequeues the first job (BLMOVE through the intermediate queue) and calls
+`execute_job`. For a `worker.jobs.generate` job that starts a batch: each job is registered the
+way RQ registers one (an Execution in the StartedJobRegistry, status STARTED), its request goes
+to the engine, and the loop below steps the engine until the batch drains. At every chunk
+boundary the engine reports free slots, and more jobs are taken from the queue without blocking.
+Each job ends through RQ's own success/failure handling, so registries, results, TTLs, retries
+and abandoned-job clean-up behave as for any RQ job. Other jobs run the stock SimpleWorker way.
+
+Work and bookkeeping are split: an iteration first steps the engine (no Redis), then syncs with
+Redis (heartbeats, cancellations, admissions, progress, finished jobs). If Redis is briefly
+unreachable the sync is retried on the next iteration and nothing computed is lost.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Any
+
+import redis
+from rq.defaults import DEFAULT_MAINTENANCE_TASK_INTERVAL, DEFAULT_WORKER_TTL
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.registry import clean_registries
+from rq.utils import as_text, now
+from rq.worker import SimpleWorker, WorkerStatus
+from rq import worker_registration
+
+from engine.request import RequestValidationError
+from worker import keys
+from worker import metrics
+from worker.batch import BatchEntry, Phase
+from worker.config import WorkerConfig
+from worker.jobs import build_result, request_from_job, store_image
+from worker.storage import StorageError, storage_from_config
+
+log = logging.getLogger("sd3serve.worker")
+
+
+class BatchWorker(SimpleWorker):
+    # Reconnect to a restarted Redis within seconds, not RQ's one minute.
+    max_connection_wait_time = 5.0
+
+    def __init__(self, queues: Any = None, *args: Any, config: WorkerConfig | None = None,
+                 engine: Any = None, storage: Any = None, **kwargs: Any) -> None:
+        self.config = config or WorkerConfig.from_env()
+        queues = queues or [self.config.queue]
+        if kwargs.get("connection") is None and all(isinstance(q, str) for q in _as_list(queues)):
+            kwargs["connection"] = redis.Redis.from_url(self.config.redis_url)
+        # The RQ CLI always passes its defaults (10-minute maintenance, 7-minute TTL): take the
+        # shorter of those and ours, so a dead worker's jobs come back within a minute.
+        kwargs["maintenance_interval"] = min(
+            kwargs.get("maintenance_interval") or DEFAULT_MAINTENANCE_TASK_INTERVAL, self.config.maintenance_interval)
+        ttl = min(kwargs.get("worker_ttl") or DEFAULT_WORKER_TTL, self.config.worker_ttl)
+        kwargs["worker_ttl"] = ttl
+        kwargs.pop("default_worker_ttl", None)
+        if not kwargs.get("name"):
+            kwargs["name"] = self.config.worker_name
+        super().__init__(queues, *args, **kwargs)
+        self.engine = engine
+        self.storage = storage
+        self._entries: dict[str, BatchEntry] = {}
+        self._uploads: ThreadPoolExecutor | None = None
+        self._steps = 0
+        self._step_records: list[dict[str, Any]] = []
+        self._next_heartbeat = 0.0
+        self._next_gpu_sample = 0.0
+        self._stop_deadline: float | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
+
+    # -- RQ hooks -------------------------------------------------------------------------------
+    @property
+    def dequeue_timeout(self) -> int:
+        # An idle worker must wake up for maintenance, or it would not requeue a dead worker's jobs.
+        return max(1, min(self.worker_ttl - 15, self.maintenance_interval))
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.config.heartbeat_ttl
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            super()._install_signal_handlers()
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        self.load()
+        super().bootstrap(*args, **kwargs)
+
+    def teardown(self) -> None:
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=False, cancel_futures=True)
+            self._uploads = None
+        super().teardown()
+
+    def clean_registries(self) -> None:
+        """RQ's clean-up, with a maintenance lock that lapses with our interval (RQ's lasts 15
+        minutes, so a worker killed while holding it would stall recovery that long)."""
+        lock_seconds = max(int(self.maintenance_interval) * 2, 5)
+        for queue in self.queues:
+            if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_seconds):
+                try:
+                    clean_registries(queue, self._exc_handlers)
+                    worker_registration.clean_worker_registry(queue)
+                    queue.intermediate_queue.cleanup(self, queue)
+                finally:
+                    queue.release_maintenance_lock()
+        self.last_cleaned_at = now()
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.func_name != keys.JOB_FUNC:
+            super().execute_job(job, queue)
+            return
+        try:
+            if self._admit(job, queue):
+                self._admit_more()  # an idle engine takes a whole first chunk at once
+            self._run_batch()
+        except BaseException:
+            self._abandon_batch()
+            raise
+        finally:
+            metrics.RUNNING_REQUESTS.set(0)
+        self.set_state(WorkerStatus.IDLE)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model and open storage (once); start the metrics server if configured."""
+        if self.engine is None:
+            from engine.engine import Engine
+
+            log.info("loading model %s", self.config.engine.model)
+            self.engine = Engine.from_config(self.config.engine)
+        if self.storage is None:
+            self.storage = storage_from_config(self.config.storage)
+            try:
+                self.storage.ensure_ready()
+            except StorageError as exc:
+                log.warning("storage not ready yet (uploads will retry): %s", exc)
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(self.config.upload_threads, thread_name_prefix="sd3serve-upload")
+        if self.config.metrics_port and self.metrics_server is None:
+            self.metrics_server = metrics.start_metrics_server(self.config.metrics_port)
+            log.info("metrics on port %d", self.metrics_server.port)
+
+    @property
+    def limits(self) -> Any:
+        return getattr(self.engine, "limits", self.config.engine.limits)
+
+    # -- the batch loop ---------------------------------------------------------------------------
+    def _run_batch(self) -> None:
+        backoff = 0.5
+        while self._entries:
+            self._step_engine()
+            try:
+                self._sync()
+                backoff = 0.5
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.error("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_connection_wait_time)
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                log.warning("shutdown grace period over; requeueing %d unfinished jobs", len(self._entries))
+                self._requeue_all()
+                return
+
+    def _step_engine(self) -> None:
+        if not self.engine.has_work():
+            for entry in self._entries.values():
+                if entry.phase is Phase.RUNNING:  # cannot happen unless the engine lost it
+                    entry.fail("engine_error", "the engine dropped the request without a result", retry=True)
+            uploads = [e.upload for e in self._entries.values() if e.phase is Phase.STORING and e.upload]
+            if uploads:
+                wait(uploads, timeout=0.05, return_when=FIRST_COMPLETED)
+            self._collect_uploads()
+            return
+        try:
+            report = self.engine.step()
+        except Exception as exc:  # a broken step fails the requests in it, not the worker
+            log.exception("engine step failed")
+            for entry in self._entries.values():
+                if entry.phase is Phase.RUNNING:
+                    self.engine.cancel(entry.request.request_id)
+                    entry.fail("engine_error", f"the engine failed: {exc}", retry=True)
+            return
+        self._steps += 1
+        for failed in report.failed:
+            entry = self._entries.get(failed.request.request_id)
+            if entry is not None:
+                entry.fail(failed.code, failed.message, retry=failed.code == "out_of_memory")
+        for finished in report.finished:
+            entry = self._entries.get(finished.request.request_id)
+            if entry is None:
+                continue
+            entry.phase = Phase.STORING
+            entry.generate_seconds = finished.seconds
+            entry.upload = self._uploads.submit(
+                store_image, self.storage, self.config.storage.key_prefix, entry.job_id, finished.image,
+                self.config.storage.retry)
+        if report.batch_size:
+            metrics.STEP_DURATION.observe(report.step_seconds)
+            metrics.BATCH_SIZE.observe(report.batch_size)
+            metrics.FRESH_RATIO.set(report.fresh_ratio)
+        metrics.RUNNING_REQUESTS.set(len(self.engine.running_ids()))
+        if self.config.step_log_len:
+            self._step_records.append({
+                "t": f"{time.time():.4f}", "batch_size": report.batch_size, "fresh_ratio": f"{report.fresh_ratio:.3f}",
+                "step_seconds": f"{report.step_seconds:.5f}", "finished": len(report.finished),
+                "running": len(self.engine.running_ids())})
+        self._collect_uploads()
+
+    def _collect_uploads(self) -> None:
+        for entry in self._entries.values():
+            if entry.phase is not Phase.STORING or entry.upload is None or not entry.upload.done():
+                continue
+            try:
+                stored = entry.upload.result()
+            except StorageError as exc:
+                entry.fail("storage_unavailable", f"the image could not be stored: {exc}", retry=False)
+                continue
+            except Exception as exc:
+                entry.fail("storage_error", f"the image could not be stored: {exc}", retry=False)
+                continue
+            entry.result = build_result(entry.request, stored, entry.generate_seconds, entry.job.enqueued_at,
+                                        entry.job.started_at, now(), self.name)
+            entry.phase = Phase.SUCCEEDED
+
+    def _sync(self) -> None:
+        """Everything that talks to Redis, in an order that is safe to repeat after a failure."""
+        self._heartbeat_if_due()
+        self._drop_canceled()
+        self._enforce_timeouts()
+        for entry in list(self._entries.values()):
+            if entry.phase is Phase.SUCCEEDED:
+                self._finish_success(entry)
+            elif entry.phase is Phase.FAILED:
+                self._finish_failure(entry)
+        self._write_progress()
+        self._flush_step_log()
+        if self._stop_requested and self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.config.shutdown_grace
+            log.info("stop requested: finishing %d jobs (grace %.0fs), admitting no more",
+                     len(self._entries), self.config.shutdown_grace)
+        if self._stop_deadline is None:
+            self._admit_more()
+        if self.should_run_maintenance_tasks:
+            self.run_maintenance_tasks()
+        if time.monotonic() >= self._next_gpu_sample:
+            self._next_gpu_sample = time.monotonic() + 1.0
+            metrics.CACHE_BYTES.set(self.engine.cache_bytes())
+            if self.config.engine.device != "cpu":
+                try:
+                    metrics.sample_gpu_memory()
+                except Exception:  # pragma: no cover - metrics never stop the worker
+                    pass
+
+    # -- admission ------------------------------------------------------------------------------
+    def _admit_more(self) -> None:
+        slots = self.engine.admission_slots()
+        while slots > 0:
+            result = self.queue_class.dequeue_any(
+                self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
+                serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+            if result is None:
+                return
+            job, queue = result
+            if job.func_name != keys.JOB_FUNC:
+                super().execute_job(job, queue)  # an ordinary RQ job: run it now, on its own
+                self.set_state(WorkerStatus.BUSY)
+                continue
+            if self._admit(job, queue):
+                slots -= 1
+
+    def _admit(self, job: Job, queue: Queue) -> bool:
+        """Register `job` with RQ as started and hand its request to the engine."""
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+        job.started_at = now()
+        if job.retries_left is None and self.config.abandoned_retries:
+            # A job enqueued without a Retry would be marked failed if this worker died; give it
+            # retries so RQ's abandoned-job clean-up re-runs it instead.
+            job.retries_left = self.config.abandoned_retries
+            self.connection.hset(job.key, "retries_left", job.retries_left)
+        entry = BatchEntry(job=job, queue=queue, execution=execution, request=None)  # type: ignore[arg-type]
+        try:
+            entry.request = request_from_job(job.id, job.args, job.kwargs, self.limits)
+            self.engine.add(entry.request)
+        except RequestValidationError as exc:
+            entry.fail("invalid_request", str(exc))
+        except ValueError as exc:  # e.g. larger than the attention-cache budget
+            entry.fail("too_large", str(exc))
+        self._entries[job.id] = entry
+        if entry.phase is Phase.FAILED:
+            self._finish_failure(entry)
+            return False
+        if job.enqueued_at:
+            metrics.QUEUE_WAIT.observe(max((job.started_at - job.enqueued_at).total_seconds(), 0.0))
+        job.meta.pop(keys.META_ERROR, None)
+        job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: entry.request.steps,
+                         keys.META_SEED: entry.request.seed, keys.META_STATE: Phase.RUNNING.value})
+        job.save_meta()
+        log.info("admitted job %s (%dx%d, %d steps), %d in batch", job.id, entry.request.width,
+                 entry.request.height, entry.request.steps, len(self._entries))
+        return True
+
+    # -- Redis bookkeeping ----------------------------------------------------------------------
+    def _heartbeat_if_due(self) -> None:
+        if time.monotonic() < self._next_heartbeat:
+            return
+        ttl = self.config.heartbeat_ttl
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(max(self.worker_ttl, ttl) + 60, pipeline=pipe)
+            stamp = now()
+            for entry in self._entries.values():
+                entry.execution.heartbeat(entry.job.started_job_registry, ttl, pipeline=pipe)
+                entry.job.heartbeat(stamp, ttl, pipeline=pipe, xx=True)
+            pipe.execute()
+        self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval
+
+    def _drop_canceled(self) -> None:
+        """Jobs canceled (or deleted, or handed to another worker) leave the batch now."""
+        entries = list(self._entries.values())
+        if not entries:
+            return
+        with self.connection.pipeline() as pipe:
+            for entry in entries:
+                pipe.hmget(entry.job.key, "status", "worker_name")
+            states = pipe.execute()
+        for entry, (status, worker_name) in zip(entries, states):
+            status = as_text(status) if status else None
+            if entry.finalizing and status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.QUEUED,
+                                               JobStatus.SCHEDULED):
+                self._entries.pop(entry.job_id, None)  # an earlier finalization got through
+                continue
+            if status == JobStatus.STARTED and as_text(worker_name or b"") == self.name:
+                continue
+            if entry.request is not None:
+                self.engine.cancel(entry.request.request_id)
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(entry.job, pipeline=pipe, execution=entry.execution)
+                pipe.execute()
+            self._entries.pop(entry.job_id, None)
+            if status == JobStatus.CANCELED or status is None:
+                metrics.JOBS_COMPLETED.labels(status="canceled").inc()
+                log.info("job %s canceled; it left the batch", entry.job_id)
+            else:
+                log.warning("job %s is %s elsewhere; dropped from this batch", entry.job_id, status)
+
+    def _enforce_timeouts(self) -> None:
+        for entry in self._entries.values():
+            timeout = entry.job.timeout
+            if entry.phase is Phase.RUNNING and timeout and timeout > 0:
+                if time.monotonic() - entry.admitted_at > timeout:
+                    self.engine.cancel(entry.request.request_id)
+                    entry.fail("timeout", f"the job ran longer than its timeout of {timeout} s")
+
+    def _write_progress(self) -> None:
+        if self._steps % self.config.progress_every:
+            return
+        with self.connection.pipeline() as pipe:
+            size = len(self.engine.running_ids())
+            for entry in self._entries.values():
+                if entry.phase is not Phase.RUNNING:
+                    continue
+                progress = self.engine.progress(entry.request.request_id)
+                if not progress or progress[0] == entry.reported_step:
+                    continue
+                entry.reported_step = progress[0]
+                entry.job.meta.update({keys.META_STEP: progress[0], keys.META_TOTAL: progress[1],
+                                       keys.META_BATCH_SIZE: size})
+                pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
+            pipe.execute()
+
+    def _flush_step_log(self) -> None:
+        if not self._step_records:
+            return
+        with self.connection.pipeline() as pipe:
+            key = keys.step_log_key(self.name)
+            for record in self._step_records:
+                pipe.xadd(key, record, maxlen=self.config.step_log_len, approximate=True)
+            pipe.expire(key, 24 * 3600)
+            pipe.execute()
+        self._step_records.clear()
+
+    def _finish_success(self, entry: BatchEntry) -> None:
+        entry.job.meta.update({keys.META_STEP: entry.request.steps, keys.META_TOTAL: entry.request.steps,
+                               keys.META_STATE: "stored"})
+        entry.job.save_meta()
+        entry.finalizing = True
+        self._finalize_success(entry.job, entry.queue, entry.execution, entry.result)
+        self._entries.pop(entry.job_id, None)
+        metrics.JOBS_COMPLETED.labels(status="succeeded").inc()
+        metrics.IMAGES_GENERATED.inc()
+        if entry.job.created_at:
+            metrics.JOB_LATENCY.observe(max((now() - entry.job.created_at).total_seconds(), 0.0))
+
+    def _finish_failure(self, entry: BatchEntry) -> None:
+        failure = entry.failure
+        assert failure is not None
+        log.warning("job %s failed: %s: %s", entry.job_id, failure.code, failure.message)
+        if not failure.retry:
+            entry.job.retries_left = 0  # a bad request or a storage outage does not get better by re-running
+        entry.job.meta[keys.META_ERROR] = {"code": failure.code, "message": failure.message}
+        entry.job.save_meta()
+        entry.finalizing = True
+        try:
+            raise GenerationError(failure.code, failure.message)
+        except GenerationError:
+            self._finalize_failure(entry.job, entry.queue, entry.execution, sys.exc_info())
+        self._entries.pop(entry.job_id, None)
+        will_retry = failure.retry and (entry.job.retries_left or 0) > 0
+        metrics.JOBS_COMPLETED.labels(status="retried" if will_retry else "failed").inc()
+
+    # -- giving jobs back -----------------------------------------------------------------------
+    def _requeue_all(self) -> None:
+        for entry in list(self._entries.values()):
+            try:
+                self._requeue(entry)
+            except redis.RedisError as exc:  # RQ's abandoned-job clean-up will requeue it later
+                log.error("could not requeue job %s: %s", entry.job_id, exc)
+        self._entries.clear()
+
+    def _requeue(self, entry: BatchEntry) -> None:
+        if entry.request is not None:
+            self.engine.cancel(entry.request.request_id)
+        entry.job.meta.update({keys.META_STEP: 0, keys.META_STATE: "requeued"})
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(entry.job, pipeline=pipe, execution=entry.execution)
+            pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
+            entry.queue.enqueue_job(entry.job, pipeline=pipe, at_front=True)
+            pipe.execute()
+        self._entries.pop(entry.job_id, None)
+        log.info("job %s requeued", entry.job_id)
+
+    def _abandon_batch(self) -> None:
+        """Leaving abnormally (cold shutdown, a bug): give the jobs back instead of stranding them."""
+        if self._entries:
+            log.warning("leaving with %d jobs in the batch; requeueing them", len(self._entries))
+            self._requeue_all()
+
+
+class GenerationError(RuntimeError):
+    """Recorded as the failure of a job the engine or storage could not complete."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def _as_list(queues: Any) -> list[Any]:
+    return list(queues) if isinstance(queues, (list, tuple)) else [queues]

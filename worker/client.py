@@ -1,0 +1,230 @@
+"""Submit image jobs to the sd3serve queue from Python, check on them and wait for them.
+
+This is the Redis path; it needs no API server, only the Redis the workers listen on::
+
+    from redis import Redis
+    from worker import client
+
+    redis = Redis.from_url("redis://127.0.0.1:6379/0")
+    job_id = client.submit(redis, prompt="a red circle on a blue background", steps=20, seed=7)
+    info = client.wait(redis, job_id, timeout=300)      # a JobInfo
+    print(info.status, info.seed, info.result["image_url"])
+
+Plain RQ works as well, and such jobs show up in `client.status` and the REST API like any other::
+
+    from rq import Queue, Retry
+    Queue("sd3serve", connection=redis).enqueue(
+        "worker.jobs.generate", prompt="a green square on a white background", retry=Retry(max=2))
+
+Requests are validated here, before anything is enqueued, with the same rules as the API
+(`engine.request.validate_request`); a missing seed is drawn now, so it is known at once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Mapping
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.results import Result
+
+from engine.request import RequestLimits, validate_request
+from worker import keys
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+_STATUS = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued",  # waiting to be retried
+    JobStatus.CREATED: "queued",
+    JobStatus.STARTED: "running",
+    JobStatus.FINISHED: "succeeded",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "failed",
+    JobStatus.CANCELED: "canceled",
+}
+DEFAULT_JOB_TIMEOUT = 600  # seconds a job may run once started
+DEFAULT_RESULT_TTL = 24 * 3600  # seconds a finished job and its result stay in Redis
+DEFAULT_FAILURE_TTL = 7 * 24 * 3600
+DEFAULT_RETRIES = 2  # re-runs after a worker crash or a transient failure
+
+
+class JobNotFound(LookupError):
+    """No sd3serve job with this id (never existed, expired, or not a generation job)."""
+
+
+class JobNotCancelable(RuntimeError):
+    """The job already ended; `info` says how."""
+
+    def __init__(self, info: "JobInfo") -> None:
+        super().__init__(f"job {info.id} already {info.status}")
+        self.info = info
+
+
+@dataclass
+class JobInfo:
+    id: str
+    status: str  # queued | running | succeeded | failed | canceled
+    queue_position: int | None  # jobs ahead of it in the queue; None unless queued
+    progress: dict[str, int]  # {"step": ..., "total": ...}
+    created_at: datetime | None
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    seed: int | None
+    request: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("created_at", "enqueued_at", "started_at", "finished_at"):
+            value = data[name]
+            data[name] = value.isoformat() if value else None
+        return data
+
+
+def submit(
+    connection: Redis,
+    request: Mapping[str, Any] | None = None,
+    *,
+    queue: str = keys.DEFAULT_QUEUE,
+    limits: RequestLimits = RequestLimits(),
+    job_id: str | None = None,
+    retries: int = DEFAULT_RETRIES,
+    job_timeout: int = DEFAULT_JOB_TIMEOUT,
+    result_ttl: int = DEFAULT_RESULT_TTL,
+    failure_ttl: int = DEFAULT_FAILURE_TTL,
+    **fields: Any,
+) -> str:
+    """Validate a request (a dict and/or keyword fields) and enqueue it. Returns the job id.
+
+    Raises `engine.request.RequestValidationError` (with `.field` and `.message`) for a bad request.
+    """
+    data = {**(request or {}), **fields}
+    generation = validate_request(data, limits)
+    kwargs = {k: v for k, v in generation.to_dict().items() if k != "request_id" and v is not None}
+    job = Queue(queue, connection=connection).enqueue_call(
+        keys.JOB_FUNC,
+        kwargs=kwargs,
+        job_id=job_id,
+        timeout=job_timeout,
+        result_ttl=result_ttl,
+        failure_ttl=failure_ttl,
+        retry=Retry(max=retries) if retries > 0 else None,
+        meta={keys.META_STEP: 0, keys.META_TOTAL: generation.steps, keys.META_SEED: generation.seed},
+        description=f"generate {generation.width}x{generation.height}: {generation.prompt[:60]}",
+    )
+    return job.id
+
+
+def fetch_job(connection: Redis, job_id: str) -> Job:
+    """The RQ job behind an sd3serve job id; `JobNotFound` if there is none."""
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except (NoSuchJobError, ValueError):
+        raise JobNotFound(job_id) from None
+    try:
+        is_ours = job.func_name == keys.JOB_FUNC
+    except Exception:  # a job whose payload cannot be read is not one of ours
+        is_ours = False
+    if not is_ours:
+        raise JobNotFound(job_id)
+    return job
+
+
+def status(connection: Redis, job_id: str) -> JobInfo:
+    """Everything known about a job. Raises `JobNotFound`."""
+    return job_info(fetch_job(connection, job_id))
+
+
+def job_info(job: Job) -> JobInfo:
+    rq_status = job.get_status(refresh=False)
+    state = _STATUS.get(rq_status, "queued")
+    meta = job.meta or {}
+    kwargs = dict(job.kwargs or {})
+    position = None
+    if rq_status == JobStatus.QUEUED:
+        position = Queue(job.origin, connection=job.connection).get_job_position(job.id)
+    total = meta.get(keys.META_TOTAL) or kwargs.get("steps") or 0
+    step = meta.get(keys.META_STEP) or 0
+    result = error = None
+    if state == "succeeded":
+        result = job.return_value()
+        step = total
+    elif state == "failed":
+        error = _error_of(job, meta)
+    seed = kwargs.get("seed", meta.get(keys.META_SEED))
+    if seed is None and result:
+        seed = result.get("seed")
+    return JobInfo(
+        id=job.id,
+        status=state,
+        queue_position=position,
+        progress={"step": int(step), "total": int(total)},
+        created_at=job.created_at,
+        enqueued_at=job.enqueued_at,
+        started_at=job.started_at if state != "queued" else None,
+        finished_at=job.ended_at if state in TERMINAL and state != "canceled" else None,
+        seed=seed,
+        request=kwargs,
+        result=result,
+        error=error,
+        meta=dict(meta),
+    )
+
+
+def _error_of(job: Job, meta: Mapping[str, Any]) -> dict[str, str]:
+    recorded = meta.get(keys.META_ERROR)
+    if isinstance(recorded, Mapping) and "message" in recorded:
+        return {"code": str(recorded.get("code", "generation_failed")), "message": str(recorded["message"])}
+    latest = job.latest_result()
+    text = (latest.exc_string or "") if latest else ""
+    if latest is not None and latest.type == Result.Type.MAX_RETRIES_EXCEEDED:
+        return {"code": "retries_exhausted", "message": "the job failed on every retry"}
+    if "AbandonedJobError" in text or "Moved to FailedJobRegistry" in text:
+        return {"code": "worker_lost", "message": "the worker running this job stopped and no retries were left"}
+    if "JobTimeoutException" in text:
+        return {"code": "timeout", "message": "the job ran longer than its timeout"}
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return {"code": "worker_error", "message": lines[-1] if lines else "the job failed"}
+
+
+def wait(connection: Redis, job_id: str, timeout: float | None = None, poll: float = 0.25) -> JobInfo:
+    """Block until the job succeeds, fails or is canceled; `TimeoutError` after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        info = status(connection, job_id)
+        if info.done:
+            return info
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"job {job_id} still {info.status} after {timeout} s")
+        time.sleep(poll)
+
+
+def cancel(connection: Redis, job_id: str) -> JobInfo:
+    """Cancel a queued or running job (a running one leaves its batch at the next step).
+
+    Canceling a canceled job is a no-op; a job that already ended raises `JobNotCancelable`.
+    """
+    job = fetch_job(connection, job_id)
+    info = job_info(job)
+    if info.status == "canceled":
+        return info
+    if info.done:
+        raise JobNotCancelable(info)
+    try:
+        job.cancel()
+    except InvalidJobOperation:
+        pass  # canceled meanwhile
+    job.refresh()
+    return job_info(job)

@@ -1,0 +1,37 @@
+"""Queue and Redis key names shared by the API, the Python client and the workers.
+
+Everything the fleet stores in Redis outside RQ's own keys is named here, so the API and the
+workers cannot drift apart.
+"""
+from __future__ import annotations
+
+import hashlib
+
+DEFAULT_QUEUE = "sd3serve"
+JOB_FUNC = "worker.jobs.generate"  # what jobs are enqueued as, by the API and by plain RQ users
+
+# job.meta fields written by the workers
+META_STEP = "step"
+META_TOTAL = "total"
+META_SEED = "seed"
+META_BATCH_SIZE = "batch_size"
+META_ERROR = "error"  # {"code": ..., "message": ...} for a failed job
+META_STATE = "state"  # "running" or "storing" (image computed, upload under way)
+
+KEY_PREFIX = "sd3serve"
+
+
+def idempotency_key(client_id: str, idempotency_key: str) -> str:
+    """Redis key mapping (API key, Idempotency-Key header) to a job id."""
+    digest = hashlib.sha256(f"{client_id}\0{idempotency_key}".encode()).hexdigest()
+    return f"{KEY_PREFIX}:idempotency:{digest}"
+
+
+def step_log_key(worker_name: str) -> str:
+    """A capped Redis stream where a batching worker records every engine step it ran."""
+    return f"{KEY_PREFIX}:worker:{worker_name}:steps"
+
+
+def image_key(prefix: str, job_id: str) -> str:
+    """Object key of a job's PNG in storage."""
+    return f"{prefix}{job_id}.png"
