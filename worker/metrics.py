@@ -22,7 +22,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 JOBS_COMPLETED = Counter(
     "sd3serve_jobs_completed_total",
-    "Jobs this worker finished, by final status (succeeded, failed, canceled).",
+    "Jobs this worker finished, by status: succeeded, failed, canceled, or retried (a failed attempt RQ will re-run).",
     ["status"],
 )
 IMAGES_GENERATED = Counter(
