@@ -121,7 +121,10 @@ class AttentionCache:
         self.processors: list[CachingAttnProcessor] = []
         modules = [m for m in transformer.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
         for layer, module in enumerate(modules):
-            proc = CachingAttnProcessor(self, layer, module.processor)
+            inner = module.processor
+            if isinstance(inner, CachingAttnProcessor):  # a second engine on the same pipeline
+                inner = inner.inner
+            proc = CachingAttnProcessor(self, layer, inner)
             module.set_processor(proc)
             self.processors.append(proc)
 
