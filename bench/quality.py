@@ -1,0 +1,183 @@
+"""Quality cost of caching, measured on the reference model.
+
+For every policy / cache interval K / latent-aware strategy: judge accuracy over a fixed seeded
+set of held-out prompts, SSIM and PSNR against the exact path on the same seeds, and the FLOP
+fraction of the exact path. Requests stream through the engine as a worker would feed them
+(admission at chunk boundaries, `--batch` running at most).
+
+    python -m bench.quality                      # all configs, all 280 held-out prompts
+    python -m bench.quality --limit 40 --quick   # a CPU-sized run
+
+Writes bench/results/quality.json, quality.md and quality_grid.png (or under --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from bench.flops import flop_fraction, step_flops
+from bench.image_metrics import psnr, ssim
+from engine.config import REFERENCE_MODEL_DIR, EngineConfig, read_model_defaults
+from engine.engine import Engine
+from engine.loader import load_pipeline
+from engine.request import GenerationRequest, validate_request
+from models.reference.data import held_out_prompts
+from models.reference.evaluate import judge_images
+
+LATENT_AWARE = ("none", "seed", "extrapolate")
+FULL_CONFIGS = [("exact", 1, "none")] + [
+    (policy, k, la) for policy in ("attention", "step") for k in (2, 3, 4) for la in LATENT_AWARE
+]
+QUICK_CONFIGS = [("exact", 1, "none")] + [(p, 3, la) for p in ("attention", "step") for la in LATENT_AWARE]
+PSNR_CAP = 100.0  # identical images have infinite PSNR; JSON gets this cap
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def requests_for(prompts, policy: str, k: int, defaults: dict) -> list[GenerationRequest]:
+    return [
+        validate_request(dict(
+            prompt=p.prompt, seed=p.seed, steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
+            width=defaults["width"], height=defaults["height"], cache_interval=k,
+            cache_policy=None if policy == "exact" else policy, request_id=f"q{i}",
+        ))
+        for i, p in enumerate(prompts)
+    ]
+
+
+def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str):
+    """Stream `requests` through a fresh engine; return uint8 images and fresh-step counts."""
+    config = EngineConfig(**{**base.__dict__, "latent_aware": latent_aware,
+                             "cache_policy": "attention" if policy == "exact" else policy})
+    engine = Engine(config, pipe)
+    pending = list(requests)
+    images: dict[str, np.ndarray] = {}
+    fresh: dict[str, int] = {}
+    while pending or engine.has_work():
+        for _ in range(min(engine.admission_slots(), len(pending))):
+            engine.add(pending.pop(0))
+        report = engine.step()
+        if report.failed:
+            raise RuntimeError(report.failed[0].message)
+        for item in report.finished:
+            images[item.request.request_id] = np.asarray(item.image.convert("RGB"))
+            fresh[item.request.request_id] = item.fresh_steps
+    ids = [r.request_id for r in requests]
+    return [images[i] for i in ids], [fresh[i] for i in ids], engine
+
+
+def grid(columns: list[tuple[str, list[np.ndarray]]], rows: list[int], path: Path) -> None:
+    """Figure-5-style grid: one row per prompt, one column per config, labelled on top."""
+    h, w = columns[0][1][0].shape[:2]
+    label_h = 28
+    canvas = Image.new("RGB", (w * len(columns), label_h + h * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (label, images) in enumerate(columns):
+        for line, text in enumerate(label.split("\n")[:2]):
+            draw.text((c * w + 3, 2 + 12 * line), text, fill="black")
+        for r, idx in enumerate(rows):
+            canvas.paste(Image.fromarray(images[idx]), (c * w, label_h + r * h))
+    canvas.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", help="float32 keeps rounding out of the fidelity numbers")
+    parser.add_argument("--batch", type=int, default=8, help="running requests at most (as a worker's max_batch)")
+    parser.add_argument("--limit", type=int, default=0, help="use the first N held-out prompts (0: all)")
+    parser.add_argument("--quick", action="store_true", help="K = 3 only")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+
+    defaults = read_model_defaults(args.model)
+    if not defaults:
+        raise SystemExit(f"error: {args.model} has no sd3serve.json; is it the reference model folder?")
+    prompts = held_out_prompts()
+    if args.limit:
+        prompts = prompts[: args.limit]
+    base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.batch)
+    pipe = load_pipeline(base)
+    device = pipe._execution_device
+    configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
+    captions = [p.prompt for p in prompts]
+
+    rows = []
+    columns = []
+    exact_images: list[np.ndarray] = []
+    for policy, k, latent_aware in tqdm(configs, desc="configs", unit="config"):
+        start = time.perf_counter()
+        requests = requests_for(prompts, policy, k, defaults)
+        images, fresh, engine = run_config(pipe, base, requests, policy, latent_aware)
+        seconds = time.perf_counter() - start
+        if policy == "exact":
+            exact_images = images
+        scale = pipe.vae_scale_factor
+        flops = step_flops(pipe.transformer.config, (defaults["height"] // scale, defaults["width"] // scale),
+                           pipe.tokenizer_max_length + engine.max_sequence_length)
+        fractions = [flop_fraction(flops, f, r.steps - f, "exact" if policy == "exact" else policy)
+                     for f, r in zip(fresh, requests)]
+        row = dict(
+            policy=policy, cache_interval=k, latent_aware=latent_aware,
+            judge_accuracy=judge_images(images, captions),
+            ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact_images)])),
+            psnr_vs_exact=float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, exact_images)])),
+            flop_fraction=float(np.mean(fractions)),
+            attention_share=flops.attention_share,
+            seconds=round(seconds, 2),
+        )
+        rows.append(row)
+        columns.append((f"{policy} K={k}\n{latent_aware}" if policy != "exact" else "exact\n", images))
+        tqdm.write(f"{policy:9s} K={k} {latent_aware:11s} acc={row['judge_accuracy']:.3f} "
+                   f"ssim={row['ssim_vs_exact']:.4f} psnr={row['psnr_vs_exact']:.2f} flops={row['flop_fraction']:.3f}")
+
+    exact_accuracy = rows[0]["judge_accuracy"]
+    cached = [r for r in rows if r["policy"] == "attention" and r["cache_interval"] == 3]
+    best = max(cached, key=lambda r: (r["psnr_vs_exact"], r["judge_accuracy"])) if cached else None
+    result = dict(
+        model=Path(args.model).name, card=card_name(device), torch=torch.__version__, dtype=args.dtype,
+        prompts=len(prompts), steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
+        batch=args.batch, exact_accuracy=exact_accuracy, rows=rows,
+        best_latent_aware_attention_k3=best["latent_aware"] if best else None,
+        command="python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "quality.md").write_text(markdown_table(result))
+    grid(columns, rows=list(range(min(4, len(prompts)))), path=args.out / "quality_grid.png")
+    print(markdown_table(result))
+    return 0
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        f"Reference model, {result['prompts']} held-out prompts, {result['steps']} steps, guidance "
+        f"{result['guidance_scale']}, {result['dtype']} on {result['card']}; exact-path judge accuracy "
+        f"{result['exact_accuracy']:.1%}.",
+        "",
+        "| policy | K | latent-aware | judge accuracy | SSIM vs exact | PSNR vs exact (dB) | FLOPs vs exact |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        p = "∞" if r["psnr_vs_exact"] >= PSNR_CAP else f"{r['psnr_vs_exact']:.2f}"
+        lines.append(f"| {r['policy']} | {r['cache_interval']} | {r['latent_aware']} | {r['judge_accuracy']:.1%} | "
+                     f"{r['ssim_vs_exact']:.4f} | {p} | {r['flop_fraction']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
