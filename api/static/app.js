@@ -18,7 +18,7 @@ class ApiError extends Error {
   constructor(status, body) {
     const error = (body && body.error) || {};
     const detail = error.message || (body && typeof body.detail === "string" ? body.detail : "") || `HTTP ${status}`;
-    super(error.field ? `${error.field}: ${detail}` : detail);
+    super(error.field && !detail.startsWith(error.field) ? `${error.field}: ${detail}` : detail);
     this.status = status;
   }
 }

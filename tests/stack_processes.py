@@ -1,0 +1,123 @@
+"""Start the stack's processes for tests: a private redis-server, the API and workers through the
+images' entrypoint scripts, all on free loopback ports, always stopped afterwards."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> bytes:
+    """GET `url` until it answers 200; fail early (with the process log) if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before {url} answered:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            last = exc
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout}s ({last}):\n{tail(log)}")
+
+
+def tail(log: Path | None, chars: int = 4000) -> str:
+    if log is None or not log.exists():
+        return ""
+    return log.read_text(errors="replace")[-chars:]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment a container would have: no SD3SERVE_* leaking from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SD3SERVE_")}
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def redis_server(tmp: Path) -> Iterator[str]:
+    """A private redis-server on a free port; yields its URL."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (apt-get install redis-server)"
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def process(args: list[str], env: Mapping[str, str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen]:
+    """Run `args` in its own process group, output to `log`; SIGTERM (then SIGKILL) at the end."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL) if _own_group(proc) else proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def _own_group(proc: subprocess.Popen) -> bool:
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False
+
+
+def api_env(redis_url: str, port: int, data_dir: Path, **extra: str) -> dict[str, str]:
+    return base_env(SD3SERVE_REDIS_URL=redis_url, SD3SERVE_API_HOST="127.0.0.1", SD3SERVE_API_PORT=str(port),
+                    SD3SERVE_STORAGE="local", SD3SERVE_DATA_DIR=str(data_dir), **extra)
+
+
+def worker_env(redis_url: str, metrics_port: int, data_dir: Path, model: Path, **extra: str) -> dict[str, str]:
+    return base_env(SD3SERVE_REDIS_URL=redis_url, SD3SERVE_METRICS_PORT=str(metrics_port),
+                    SD3SERVE_STORAGE="local", SD3SERVE_DATA_DIR=str(data_dir), SD3SERVE_MODEL=str(model),
+                    SD3SERVE_DEVICE="cpu", OMP_NUM_THREADS="1", **extra)
