@@ -121,3 +121,58 @@ def worker_env(redis_url: str, metrics_port: int, data_dir: Path, model: Path, *
     return base_env(SD3SERVE_REDIS_URL=redis_url, SD3SERVE_METRICS_PORT=str(metrics_port),
                     SD3SERVE_STORAGE="local", SD3SERVE_DATA_DIR=str(data_dir), SD3SERVE_MODEL=str(model),
                     SD3SERVE_DEVICE="cpu", OMP_NUM_THREADS="1", **extra)
+
+
+class Stack:
+    """A running private Redis + API + one worker, started through the images' entrypoints."""
+
+    def __init__(self, redis_url: str, api_port: int, metrics_port: int, worker_name: str,
+                 api_log: Path, worker_log: Path) -> None:
+        self.redis_url = redis_url
+        self.api = f"http://127.0.0.1:{api_port}"
+        self.worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.worker_name = worker_name
+        self.api_log = api_log
+        self.worker_log = worker_log
+
+    def logs(self) -> str:
+        return f"--- api ---\n{tail(self.api_log)}\n--- worker ---\n{tail(self.worker_log)}"
+
+
+@contextmanager
+def running_stack(tmp: Path, model: Path, api_env_extra: Mapping[str, str] | None = None,
+                  worker_env_extra: Mapping[str, str] | None = None) -> Iterator[Stack]:
+    """Redis, the API and a CPU worker sharing a local image folder; all stopped on exit."""
+    if not (ROOT / "sd3serve" / "worker_cmd.py").exists():
+        import pytest
+
+        pytest.skip("`sd3serve worker` is not built yet (sd3serve/worker_cmd.py)")
+    data = tmp / "data"
+    api_port, metrics_port = free_port(), free_port()
+    worker_name = f"test-worker-{os.getpid()}-{metrics_port}"
+    with redis_server(tmp) as redis_url:
+        a_env = api_env(redis_url, api_port, data, **dict(api_env_extra or {}))
+        w_env = worker_env(redis_url, metrics_port, data, model, SD3SERVE_NAME=worker_name,
+                           **dict(worker_env_extra or {}))
+        stack = Stack(redis_url, api_port, metrics_port, worker_name, tmp / "api.log", tmp / "worker.log")
+        with process(["sh", str(ROOT / "deploy/entrypoint-api.sh")], a_env, stack.api_log) as api_proc, \
+                process(["sh", str(ROOT / "deploy/entrypoint-worker.sh")], w_env, stack.worker_log) as worker_proc:
+            wait_http(f"{stack.api}/healthz", 60, api_proc, stack.api_log)
+            wait_http(stack.worker_metrics, 180, worker_proc, stack.worker_log)
+            _wait_worker_registered(redis_url, worker_name, worker_proc, stack.worker_log)
+            yield stack
+
+
+def _wait_worker_registered(redis_url: str, name: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    import redis
+    from rq import Worker
+
+    connection = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}:\n{tail(log)}")
+        if any(w.name == name for w in Worker.all(connection=connection)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"worker {name} never registered with RQ:\n{tail(log)}")
