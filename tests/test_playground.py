@@ -60,6 +60,7 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             assert "API key" in page.inner_text("#status")
 
             page.fill("#api-key", API_KEY)  # the key box opened itself
+            page.click("summary:has-text('Settings')")
             page.fill("#seed", "7")
             page.click("#submit")
             page.wait_for_selector("#current[data-status=succeeded]", timeout=120_000)

@@ -143,7 +143,7 @@ async function follow(job, token) {
     showProgress(job);
     if (TERMINAL.has(job.status)) break;
     try {
-      job = await api(`v1/jobs/${encodeURIComponent(job.id)}?wait=2`);
+      job = await api(`v1/jobs/${encodeURIComponent(job.id)}?wait=1`);
     } catch (err) {
       if (err.status && err.status < 500) throw err;
       await new Promise((resolve) => setTimeout(resolve, 1000)); // server busy or restarting: keep polling
