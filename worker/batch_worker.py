@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 from rq.defaults import DEFAULT_MAINTENANCE_TASK_INTERVAL, DEFAULT_WORKER_TTL
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import clean_registries
@@ -77,6 +78,21 @@ class BatchWorker(SimpleWorker):
     def dequeue_timeout(self) -> int:
         # An idle worker must wake up for maintenance, or it would not requeue a dead worker's jobs.
         return max(1, min(self.worker_ttl - 15, self.maintenance_interval))
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's blocking dequeue, one wait at a time, so a stop request made without a signal
+        (a worker in a thread) is seen within `dequeue_timeout` seconds."""
+        if timeout is None:
+            return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+        idle_since = time.monotonic()
+        while True:
+            if self._stop_requested:
+                raise StopRequested()
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=timeout)
+            if result is not None:
+                return result
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                return None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.config.heartbeat_ttl
@@ -163,7 +179,16 @@ class BatchWorker(SimpleWorker):
             if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                 log.warning("shutdown grace period over; requeueing %d unfinished jobs", len(self._entries))
                 self._requeue_all()
-                return
+                break
+        self._purge_engine()
+
+    def _purge_engine(self) -> None:
+        """The batch is over: let the engine drop canceled requests now, not when the next job comes."""
+        for request_id in self.engine.running_ids():
+            if request_id not in self._entries:
+                self.engine.cancel(request_id)
+        if not self._entries and self.engine.has_work():
+            self.engine.step()  # only canceled requests are left: the step drops them and computes nothing
 
     def _step_engine(self) -> None:
         if not self.engine.has_work():
@@ -356,21 +381,27 @@ class BatchWorker(SimpleWorker):
                     entry.fail("timeout", f"the job ran longer than its timeout of {timeout} s")
 
     def _write_progress(self) -> None:
-        if self._steps % self.config.progress_every:
-            return
-        with self.connection.pipeline() as pipe:
-            size = len(self.engine.running_ids())
-            for entry in self._entries.values():
-                if entry.phase is not Phase.RUNNING:
-                    continue
+        """job.meta: step/total every `progress_every` steps, and "storing" once the image is made."""
+        due = self._steps % self.config.progress_every == 0
+        size = len(self.engine.running_ids())
+        changed = []
+        for entry in self._entries.values():
+            meta = entry.job.meta
+            if entry.phase is Phase.STORING and meta.get(keys.META_STATE) != Phase.STORING.value:
+                meta.update({keys.META_STEP: entry.request.steps, keys.META_STATE: Phase.STORING.value})
+                changed.append(entry)
+            elif due and entry.phase is Phase.RUNNING:
                 progress = self.engine.progress(entry.request.request_id)
-                if not progress or progress[0] == entry.reported_step:
-                    continue
-                entry.reported_step = progress[0]
-                entry.job.meta.update({keys.META_STEP: progress[0], keys.META_TOTAL: progress[1],
-                                       keys.META_BATCH_SIZE: size})
-                pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
-            pipe.execute()
+                if progress and progress[0] != entry.reported_step:
+                    entry.reported_step = progress[0]
+                    meta.update({keys.META_STEP: progress[0], keys.META_TOTAL: progress[1],
+                                 keys.META_BATCH_SIZE: size})
+                    changed.append(entry)
+        if changed:
+            with self.connection.pipeline() as pipe:
+                for entry in changed:
+                    pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
+                pipe.execute()
 
     def _flush_step_log(self) -> None:
         if not self._step_records:

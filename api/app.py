@@ -1,0 +1,111 @@
+"""The ASGI app: `uvicorn api.app:app` (configured from SD3SERVE_* variables) or
+`create_app(ApiConfig(...))`. Importing this module never imports torch."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from redis import Redis
+from rq import Queue
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import metrics
+from api.config import ApiConfig
+from api.errors import error_body, install_error_handlers
+from api.routes import ApiState, build_router
+from api.schemas import job_request_model
+from worker.storage import LocalStorage, storage_from_config
+
+log = logging.getLogger("sd3serve.api")
+
+DESCRIPTION = """Generate images with Stable Diffusion 3 models on a fleet of batching GPU workers.
+
+Submit a job with `POST /v1/jobs`, follow it with `GET /v1/jobs/{id}` (add `?wait=30` to
+long-poll), fetch the PNG from `image_url`. Errors always look like
+`{"error": {"code": ..., "message": ..., "field": ...}}`.
+"""
+
+
+class BodySizeLimit:
+    """Answer 413 to request bodies over `max_bytes`, by Content-Length or as they stream in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, send)
+            return
+        # Bodies are small (a JSON request): read it all here, at most max_bytes + 1, then replay it.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay(message, receive), send)
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._reject(scope, send)
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive), send)
+
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        from fastapi.responses import JSONResponse
+
+        if scope.get("path") == "/v1/jobs":
+            metrics.JOBS_REJECTED.labels(reason="too_large").inc()
+        response = JSONResponse(error_body("too_large", f"the request body exceeds {self.max_bytes} bytes"),
+                                status_code=413)
+        await response(scope, _no_receive, send)
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    sent = False
+
+    async def replaying_receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first
+        return await receive()
+
+    return replaying_receive
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(config: ApiConfig | None = None) -> FastAPI:
+    config = config or ApiConfig.from_env()
+    redis = Redis.from_url(config.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+    state = ApiState(config=config, redis=redis, storage=storage_from_config(config.storage),
+                     job_request=job_request_model(config.limits))
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(state.storage, LocalStorage):
+            state.storage.ensure_ready()  # the local image folder; S3 buckets are the workers' job
+        yield
+        redis.close()
+
+    app = FastAPI(title="sd3serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.sd3serve = state
+    install_error_handlers(app)
+    app.include_router(build_router(state))
+    metrics.instrument_app(app)
+    queue = Queue(config.queue, connection=redis)
+    metrics.register_queue_depth(lambda: queue.count, config.queue)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,229 @@
+"""The REST endpoints. Handlers are thin: validation, then `worker.client` against Redis.
+
+No `from __future__ import annotations` here: FastAPI reads the handlers' annotations, and the
+job request model is built per app from its limits (a local name, not a module global).
+"""
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from redis import Redis
+from rq import Queue
+
+from api import metrics
+from api.config import ApiConfig
+from api.errors import ApiError
+from api.schemas import ErrorResponse, Health, JobResponse
+from engine.request import RequestValidationError, validate_request
+from worker import client, keys
+from worker.client import JobInfo, JobNotCancelable, JobNotFound
+from worker.storage import LocalStorage, StorageError
+
+MAX_IDEMPOTENCY_KEY = 255
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429)}
+
+
+@dataclass
+class ApiState:
+    config: ApiConfig
+    redis: Redis
+    storage: Any
+    job_request: type[BaseModel]
+
+    @property
+    def queue(self) -> Queue:
+        return Queue(self.config.queue, connection=self.redis)
+
+
+def build_router(state: ApiState) -> APIRouter:
+    router = APIRouter()
+    bearer = HTTPBearer(auto_error=False, description="An API key, when the server has SD3SERVE_API_KEYS set.")
+    JobRequest = state.job_request
+
+    def authenticate(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> str:
+        """The caller's identity: a digest of its API key ('anonymous' when keys are off)."""
+        if not state.config.api_keys:
+            return "anonymous"
+        if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+            metrics.JOBS_REJECTED.labels(reason="unauthorized").inc()
+            raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+        given = credentials.credentials.encode()
+        if not any(_same(given, key.encode()) for key in state.config.api_keys):
+            metrics.JOBS_REJECTED.labels(reason="forbidden").inc()
+            raise ApiError(403, "forbidden", "this API key is not valid")
+        return hashlib.sha256(given).hexdigest()[:16]
+
+    def job_response(info: JobInfo, request: Request) -> dict[str, Any]:
+        image_url = None
+        if info.status == "succeeded" and info.result:
+            image_url = image_url_for(info, request)
+        body = {
+            "id": info.id,
+            "status": info.status,
+            "queue_position": info.queue_position,
+            "progress": info.progress,
+            "created_at": info.created_at,
+            "started_at": info.started_at,
+            "finished_at": info.finished_at,
+            "seed": info.seed,
+            "request": info.request,
+            "image_url": image_url,
+            "images": [image_url] if image_url else [],
+            "timings": (info.result or {}).get("timings"),
+            "error": info.error,
+        }
+        return JobResponse.model_validate(body).model_dump(mode="json")
+
+    def image_url_for(info: JobInfo, request: Request) -> str:
+        if isinstance(state.storage, LocalStorage):
+            base = state.config.public_url.rstrip("/") or str(request.base_url).rstrip("/")
+            return f"{base}/v1/jobs/{info.id}/image"
+        return state.storage.url(info.result["image_key"])  # a fresh presigned URL each time
+
+    def find(job_id: str) -> JobInfo:
+        try:
+            return client.status(state.redis, job_id)
+        except JobNotFound:
+            raise ApiError(404, "not_found", f"no job with id {job_id!r}") from None
+
+    @router.post("/v1/jobs", status_code=202, response_model=JobResponse, tags=["jobs"],
+                 summary="Submit an image generation job", responses=ERRORS)
+    def create_job(
+        body: JobRequest,  # type: ignore[valid-type]
+        request: Request,
+        response: Response,
+        caller: str = Depends(authenticate),
+        idempotency_key: Optional[str] = Header(None, alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
+                                                description="Retrying with the same key returns the same job."),
+    ) -> Any:
+        fields = body.model_dump(exclude_none=True)
+        try:
+            generation = validate_request(fields, state.config.limits)
+        except RequestValidationError as exc:
+            metrics.JOBS_REJECTED.labels(reason="validation").inc()
+            raise ApiError(422, "invalid_request", str(exc), field=exc.field) from None
+        job_id = uuid.uuid4().hex
+        idem_key = None
+        if idempotency_key is not None:
+            idem_key = keys.idempotency_key(caller, idempotency_key)
+            fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+            record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
+            if not state.redis.set(idem_key, record, nx=True, ex=state.config.idempotency_ttl):
+                return replay(idem_key, fingerprint, request, response)
+        if state.queue.count >= state.config.max_queued:
+            if idem_key:
+                state.redis.delete(idem_key)
+            metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
+            raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
+                           headers={"Retry-After": str(state.config.retry_after)})
+        request_fields = {k: v for k, v in generation.to_dict().items() if k != "request_id"}
+        client.submit(state.redis, request_fields, queue=state.config.queue, limits=state.config.limits,
+                      job_id=job_id, retries=state.config.retries, job_timeout=state.config.job_timeout,
+                      result_ttl=state.config.result_ttl, failure_ttl=state.config.failure_ttl)
+        metrics.JOBS_SUBMITTED.inc()
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        return job_response(find(job_id), request)
+
+    def replay(idem_key: str, fingerprint: str, request: Request, response: Response) -> Any:
+        deadline = time.monotonic() + 5
+        while True:
+            stored = json.loads(state.redis.get(idem_key) or "{}")
+            if stored.get("fingerprint") not in (None, fingerprint):
+                raise ApiError(409, "idempotency_conflict",
+                               "this Idempotency-Key was used with a different request")
+            try:
+                info = client.status(state.redis, stored.get("job_id", ""))
+                break
+            except JobNotFound:  # the first request is still enqueueing
+                if time.monotonic() > deadline:
+                    raise ApiError(409, "idempotency_conflict",
+                                   "a request with this Idempotency-Key is still being processed") from None
+                time.sleep(0.05)
+        response.headers["Location"] = f"/v1/jobs/{info.id}"
+        response.headers["Idempotent-Replayed"] = "true"
+        return job_response(info, request)
+
+    @router.get("/v1/jobs/{job_id}", response_model=JobResponse, tags=["jobs"], summary="A job's status",
+                responses=ERRORS)
+    async def get_job(
+        job_id: str,
+        request: Request,
+        caller: str = Depends(authenticate),
+        wait: float = Query(0, ge=0, le=state.config.max_wait, allow_inf_nan=False,
+                            description="Long poll: hold the request up to this many seconds until the job ends."),
+    ) -> Any:
+        deadline = time.monotonic() + wait
+        while True:
+            info = await anyio.to_thread.run_sync(find, job_id)
+            if info.done or time.monotonic() >= deadline:
+                return await anyio.to_thread.run_sync(job_response, info, request)
+            await anyio.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+
+    @router.post("/v1/jobs/{job_id}/cancel", response_model=JobResponse, tags=["jobs"], summary="Cancel a job",
+                 responses=ERRORS)
+    def cancel_job(job_id: str, request: Request, caller: str = Depends(authenticate)) -> Any:
+        try:
+            info = client.cancel(state.redis, job_id)
+        except JobNotFound:
+            raise ApiError(404, "not_found", f"no job with id {job_id!r}") from None
+        except JobNotCancelable as exc:
+            raise ApiError(409, "already_finished", f"job {job_id} already {exc.info.status}") from None
+        return job_response(info, request)
+
+    @router.get("/v1/jobs/{job_id}/image", tags=["jobs"], summary="The job's PNG",
+                responses={200: {"content": {"image/png": {}}}, 302: {"description": "Redirect to the image"},
+                           **ERRORS})
+    def get_image(job_id: str, caller: str = Depends(authenticate)) -> Response:
+        info = find(job_id)
+        if info.status != "succeeded" or not info.result:
+            raise ApiError(409, "not_ready", f"job {job_id} is {info.status}; its image exists once it succeeded")
+        key = info.result["image_key"]
+        if isinstance(state.storage, LocalStorage):
+            try:
+                return Response(state.storage.get(key), media_type="image/png")
+            except StorageError as exc:
+                raise ApiError(404, "image_missing", str(exc)) from None
+        return RedirectResponse(state.storage.url(key), status_code=302)
+
+    @router.get("/healthz", response_model=Health, tags=["health"], summary="The process is up")
+    def healthz() -> Any:
+        return {"status": "ok", "checks": {}}
+
+    @router.get("/readyz", response_model=Health, tags=["health"], summary="Redis and storage are reachable",
+                responses={503: {"model": Health}})
+    def readyz() -> Any:
+        checks = {}
+        try:
+            state.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"unreachable: {exc}"
+        try:
+            state.storage.check()
+            checks["storage"] = "ok"
+        except Exception as exc:
+            checks["storage"] = f"unreachable: {exc}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @router.get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=False)
+    def metrics_endpoint() -> Response:
+        body, content_type = metrics.render_metrics()
+        return Response(body, media_type=content_type)
+
+    return router
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a, b)
