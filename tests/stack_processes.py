@@ -161,6 +161,12 @@ def running_stack(tmp: Path, model: Path, api_env_extra: Mapping[str, str] | Non
             wait_http(stack.worker_metrics, 180, worker_proc, stack.worker_log)
             _wait_worker_registered(redis_url, worker_name, worker_proc, stack.worker_log)
             yield stack
+            # Both images' processes stop cleanly on SIGTERM, as `docker stop` / Kubernetes send it.
+            worker_proc.send_signal(signal.SIGTERM)
+            api_proc.send_signal(signal.SIGTERM)
+            assert worker_proc.wait(60) == 0, f"worker exit {worker_proc.returncode}:\n{stack.logs()}"
+            # uvicorn shuts down gracefully, then re-raises the signal it caught (exit -15).
+            assert api_proc.wait(20) in (0, -signal.SIGTERM), f"API exit {api_proc.returncode}:\n{stack.logs()}"
 
 
 def _wait_worker_registered(redis_url: str, name: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:

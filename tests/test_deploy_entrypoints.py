@@ -4,7 +4,7 @@ The API test rebuilds the API image's file tree from Dockerfile.api's COPY lines
 folder and runs its entrypoint there with an import guard that lets through only the standard
 library, the distributions in deploy/requirements-api.txt (and what they depend on) and the files
 the image copies: so it also proves the slim image has everything the API needs and no torch.
-The worker test runs the worker image's entrypoint on the tiny model on CPU and has it finish a job.
+The worker's entrypoint is exercised by every `running_stack` (tests/stack_processes.py).
 """
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -166,35 +164,6 @@ def _metrics(base: str) -> str:
         return response.read().decode()
 
 
-@pytest.mark.slow
-def test_worker_entrypoint_runs_a_job_on_cpu_and_stops_on_sigterm(tmp_path: Path, tiny_model_dir: Path) -> None:
-    if not (ROOT / "sd3serve" / "worker_cmd.py").exists():
-        pytest.skip("`sd3serve worker` is not built yet (sd3serve/worker_cmd.py)")
-    import redis
-    from rq import Worker
-
-    from worker import client
-
-    metrics_port = sp.free_port()
-    entrypoint = ROOT / "deploy/entrypoint-worker.sh"
-    with sp.redis_server(tmp_path) as redis_url:
-        env = sp.worker_env(redis_url, metrics_port, tmp_path / "data", tiny_model_dir)
-        log = tmp_path / "worker.log"
-        with sp.process(["sh", str(entrypoint)], env, log) as proc:
-            sp.wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 120, proc, log)
-            connection = redis.Redis.from_url(redis_url)
-            deadline = time.monotonic() + 60
-            while not Worker.all(connection=connection) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert Worker.all(connection=connection), sp.tail(log)
-
-            job_id = client.submit(connection, {"prompt": "a red circle on a blue background", "seed": 3,
-                                                "width": 64, "height": 64, "steps": 4})
-            job_id = getattr(job_id, "id", job_id)
-            info = client.wait(connection, job_id, timeout=120)
-            assert info.status == "succeeded", (info, sp.tail(log))
-            body = sp.wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 5).decode()
-            assert 'sd3serve_jobs_completed_total{status="succeeded"} 1.0' in body
-
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0, sp.tail(log)
+# The worker's entrypoint (and the API's, from the repository) start every stack in
+# test_metrics_e2e.py and test_playground.py (tests/stack_processes.running_stack), which also
+# checks that both stop cleanly on SIGTERM.

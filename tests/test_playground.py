@@ -20,6 +20,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 API_KEY = "playground-test-key"
 SCREENSHOT = sp.ROOT / "docs" / "playground.png"
 STATIC = sp.ROOT / "api" / "static"
+REFERENCE_MODEL = sp.ROOT / "models" / "sd3-shapes"
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser test)")
 if not Path(CHROMIUM).exists():
@@ -38,10 +39,14 @@ def test_static_files_are_plain_and_reference_each_other() -> None:
 
 @pytest.mark.slow
 def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_model_dir: Path) -> None:
-    # The API's defaults (read by the page from /openapi.json) fit the tiny model: 64x64, 4 steps.
-    api_env = {"SD3SERVE_API_KEYS": API_KEY, "SD3SERVE_DEFAULT_WIDTH": "64", "SD3SERVE_DEFAULT_HEIGHT": "64",
-               "SD3SERVE_DEFAULT_STEPS": "4"}
-    with sp.running_stack(tmp_path, tiny_model_dir, api_env_extra=api_env) as stack, \
+    # The tiny model, or the reference model when refreshing the committed screenshot.
+    model, side, steps = tiny_model_dir, 64, 4
+    if os.environ.get("SD3SERVE_UPDATE_SCREENSHOT") and (REFERENCE_MODEL / "model_index.json").exists():
+        model, side, steps = REFERENCE_MODEL, 128, 20
+    # The API's defaults (read by the page from /openapi.json) fit the model.
+    api_env = {"SD3SERVE_API_KEYS": API_KEY, "SD3SERVE_DEFAULT_WIDTH": str(side),
+               "SD3SERVE_DEFAULT_HEIGHT": str(side), "SD3SERVE_DEFAULT_STEPS": str(steps)}
+    with sp.running_stack(tmp_path, model, api_env_extra=api_env) as stack, \
             playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -51,7 +56,7 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             response = page.goto(f"{stack.api}/")
             assert response is not None and response.ok, f"the API does not serve the playground at /: {response}"
             assert page.title() == "sd3serve playground"
-            page.wait_for_function("document.getElementById('steps').value === '4'")  # defaults from OpenAPI
+            page.wait_for_function(f"document.getElementById('steps').value === '{steps}'")  # from OpenAPI
 
             # Without the key the API answers 401 and the page says what to do.
             page.fill("#prompt", "a red circle on a blue background")
@@ -66,7 +71,7 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             page.wait_for_selector("#current[data-status=succeeded]", timeout=120_000)
             page.wait_for_function("(() => { const i = document.getElementById('result-image');"
                                    " return i.complete && i.naturalWidth > 0; })()")
-            assert page.eval_on_selector("#result-image", "i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
+            assert page.eval_on_selector("#result-image", "i => [i.naturalWidth, i.naturalHeight]") == [side, side]
             assert "seed 7" in page.inner_text("#status")
             job_id = page.get_attribute("#current", "data-job-id")
             assert page.get_attribute("#result-image", "data-job-id") == job_id
