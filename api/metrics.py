@@ -97,7 +97,8 @@ def instrument_app(app) -> None:
     """Add middleware to a FastAPI/Starlette app that times every request into REQUEST_LATENCY.
 
     The `route` label is the route template (`/v1/jobs/{job_id}`), never the raw path, so job
-    ids do not blow up the label cardinality; unmatched paths are labelled `unmatched`.
+    ids do not blow up the label cardinality; files under a mount (the playground at `/`) are
+    labelled `<mount>/{path}`, paths no route matches `unmatched`.
     """
 
     @app.middleware("http")
@@ -109,6 +110,17 @@ def instrument_app(app) -> None:
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            observe_request(request.method, template, status, time.perf_counter() - start)
+            observe_request(request.method, _route_template(app, request.scope), status, time.perf_counter() - start)
+
+
+def _route_template(app, scope) -> str:  # type: ignore[no-untyped-def]
+    from starlette.routing import Mount
+
+    route = scope.get("route")  # FastAPI's routes put themselves here
+    if route is not None and getattr(route, "path", None):
+        return route.path
+    endpoint = scope.get("endpoint")  # a Mount leaves its app here
+    for candidate in app.routes:
+        if isinstance(candidate, Mount) and endpoint is not None and candidate.app is endpoint:
+            return f"{candidate.path}/{{path}}"
+    return "unmatched"

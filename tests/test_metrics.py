@@ -97,6 +97,22 @@ def test_request_latency_is_labelled_by_route_template_not_raw_path() -> None:
     assert _count("GET", "/v1/jobs/a1", "200") == 0
 
 
+def test_files_under_a_mount_share_one_route_label(tmp_path) -> None:
+    from fastapi.staticfiles import StaticFiles
+
+    (tmp_path / "index.html").write_text("<h1>hi</h1>")
+    (tmp_path / "app.js").write_text("1")
+    app = FastAPI()
+    api_metrics.instrument_app(app)
+    app.mount("/", StaticFiles(directory=tmp_path, html=True), name="static")
+    client = TestClient(app)
+    before_ok, before_missing = _count("GET", "/{path}", "200"), _count("GET", "/{path}", "404")
+    assert client.get("/").status_code == 200 and client.get("/app.js").status_code == 200
+    assert client.get("/nope.css").status_code == 404
+    assert _count("GET", "/{path}", "200") == before_ok + 2
+    assert _count("GET", "/{path}", "404") == before_missing + 1
+
+
 def _count(method: str, route: str, status: str) -> float:
     from prometheus_client import REGISTRY
 
