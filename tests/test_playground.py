@@ -6,6 +6,7 @@ Set SD3SERVE_UPDATE_SCREENSHOT=1 to refresh docs/playground.png from this run.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -34,7 +35,8 @@ def test_static_files_are_plain_and_reference_each_other() -> None:
     js = (STATIC / "app.js").read_text()
     for route in ("v1/jobs", "/cancel", "?wait=", "Authorization", "localStorage", "openapi.json"):
         assert route in js, route
-    assert "import " not in js.split("\n", 3)[-1].split("//")[0], "no modules or build step"
+    assert re.search(r"^\s*(import|export)\s", js, flags=re.M) is None, "plain script: no modules, no build step"
+    assert 'type="module"' not in html
 
 
 @pytest.mark.slow
