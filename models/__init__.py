@@ -1,0 +1,1 @@
+"""The project's own models: the reference SD3-architecture model trained on procedural shapes."""

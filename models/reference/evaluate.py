@@ -1,0 +1,164 @@
+"""Held-out evaluation of the reference model through diffusers' own pipeline (the exact path).
+
+    python -m models.reference.evaluate --model models/sd3-shapes --threads 2
+
+Generates every held-out prompt (data.held_out_prompts: 280 prompts, 22 of them combos never
+trained on) at the model's serving defaults (sd3serve.json), judges each image, and times
+single-image generation on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import time
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from models.reference import data, judge
+
+SERVE_FILE = "sd3serve.json"
+
+
+_POOL: Any = None
+
+
+def _pool() -> Any:
+    """One pool of judge processes for the whole run (spawned: they import numpy, not torch)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = get_context("spawn").Pool(min(16, os.cpu_count() or 1))
+        atexit.register(_POOL.terminate)
+    return _POOL
+
+
+def judge_images(images: Sequence[Any], captions: Sequence[str]) -> float:
+    """Fraction of images the judge passes; in parallel where there are cores to spare."""
+    items = [(judge.to_rgb_array(i).astype("uint8"), c) for i, c in zip(images, captions)]
+    if (os.cpu_count() or 1) <= 2 or len(items) < 32:
+        oks = [judge.judge_ok(x) for x in items]
+    else:
+        oks = _pool().map(judge.judge_ok, items, chunksize=8)
+    return sum(oks) / len(oks)
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def serve_defaults(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / SERVE_FILE).read_text())
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+             max_sequence_length: int = 8, batch: int = 280, size: int = data.IMAGE_SIZE) -> list:
+    """Images for (prompt, seed) pairs; each seed drives its own CPU generator, as the engine does."""
+    images = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch]]
+        with torch.inference_mode():
+            out = pipe(list(prompts[i : i + batch]), num_inference_steps=steps, guidance_scale=guidance,
+                       generator=gens, height=size, width=size, max_sequence_length=max_sequence_length)
+        images.extend(out.images)
+    return images
+
+
+def evaluate(pipe, prompts: Sequence[data.HeldOutPrompt], steps: int, guidance: float,
+             max_sequence_length: int = 8, batch: int = 280) -> dict[str, Any]:
+    images = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], steps, guidance,
+                      max_sequence_length, batch)
+    oks = [judge.judge(img, p.prompt).ok for img, p in zip(images, prompts)]
+    unseen = [ok for ok, p in zip(oks, prompts) if p.held_out_combo]
+    return {"steps": steps, "guidance": guidance, "n": len(oks), "accuracy": sum(oks) / len(oks),
+            "held_out_combos": len(unseen),
+            "held_out_combo_accuracy": sum(unseen) / len(unseen) if unseen else float("nan"),
+            "_images": images}
+
+
+def sweep(pipe, prompts: Sequence[data.HeldOutPrompt], steps: Sequence[int], guidances: Sequence[float],
+          shifts: Sequence[float], max_sequence_length: int = 8) -> list[dict[str, Any]]:
+    """Judge accuracy for each (steps, guidance, scheduler shift); restores the scheduler after."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    original = pipe.scheduler
+    rows = []
+    try:
+        for shift in shifts:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(original.config, shift=shift)
+            for n in steps:
+                for g in guidances:
+                    imgs = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], n, g,
+                                    max_sequence_length)
+                    caps = [p.prompt for p in prompts]
+                    acc = judge_images(imgs, caps)
+                    unseen = [i for i, p in enumerate(prompts) if p.held_out_combo]
+                    acc_unseen = judge_images([imgs[i] for i in unseen], [caps[i] for i in unseen]) if unseen else float("nan")
+                    rows.append({"steps": n, "guidance": g, "shift": shift, "accuracy": acc,
+                                 "held_out_combo_accuracy": acc_unseen})
+    finally:
+        pipe.scheduler = original
+    return rows
+
+
+def seconds_per_image(pipe, steps: int, guidance: float, max_sequence_length: int, repeats: int = 5) -> float:
+    """Median wall time of one 128x128 image, prompt encoding and VAE decode included."""
+    times = []
+    for r in range(repeats + 1):
+        t = time.perf_counter()
+        generate(pipe, ["a red circle on a blue background"], [r], steps, guidance, max_sequence_length)
+        times.append(time.perf_counter() - t)
+    times = sorted(times[1:])  # the first call warms up
+    return times[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/sd3-shapes")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=0, help="only the first N held-out prompts")
+    ap.add_argument("--batch", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=0, help="0: the model's default")
+    ap.add_argument("--guidance", type=float, default=-1.0, help="<0: the model's default")
+    ap.add_argument("--grid", default="", help="write a PNG grid of the first 40 images here")
+    ap.add_argument("--json", default="", help="write the numbers here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model)
+    d = serve_defaults(args.model)
+    steps = args.steps or d["steps"]
+    guidance = args.guidance if args.guidance >= 0 else d["guidance_scale"]
+    prompts = data.held_out_prompts()
+    prompts = prompts[: args.limit] if args.limit else prompts
+    secs = seconds_per_image(pipe, steps, guidance, d["max_sequence_length"])
+    t = time.perf_counter()
+    res = evaluate(pipe, prompts, steps, guidance, d["max_sequence_length"], args.batch)
+    images = res.pop("_images")
+    res |= {"seconds_per_image": secs, "threads": args.threads, "eval_seconds": time.perf_counter() - t}
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    if args.grid:
+        save_grid(images[:40], args.grid)
+
+
+def save_grid(images: Sequence[Any], path: str, cols: int = 8) -> None:
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    grid.save(path)
+
+
+if __name__ == "__main__":
+    main()
