@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from engine.config import limits_from_env
+from engine.config import REFERENCE_MODEL_DIR, limits_for_model, limits_from_env
 from engine.request import RequestLimits
 from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES
 from worker.env import parse_value
@@ -50,6 +50,7 @@ class ApiConfig:
             if key in env:
                 values[f.name] = parse_value(key, env[key], f.default)
         values["storage"] = StorageConfig.from_env(env)
-        values["limits"] = limits_from_env(env)
+        # Defaults (size, steps) follow the served model's sd3serve.json when its folder is here.
+        values["limits"] = limits_for_model(limits_from_env(env), env.get("SD3SERVE_MODEL", str(REFERENCE_MODEL_DIR)))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
