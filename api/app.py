@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from redis import Redis
 from rq import Queue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +21,7 @@ from api.schemas import job_request_model
 from worker.storage import LocalStorage, storage_from_config
 
 log = logging.getLogger("sd3serve.api")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 DESCRIPTION = """Generate images with Stable Diffusion 3 models on a fleet of batching GPU workers.
 
@@ -101,6 +104,8 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
     app.state.sd3serve = state
     install_error_handlers(app)
     app.include_router(build_router(state))
+    if STATIC_DIR.is_dir():  # the playground page at / (after the API routes, which win)
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="playground")
     metrics.instrument_app(app)
     queue = Queue(config.queue, connection=redis)
     metrics.register_queue_depth(lambda: queue.count, config.queue)

@@ -195,6 +195,8 @@ def test_health_readiness_and_metrics(make_client, fleet_redis, queue_name, tmp_
     assert "sd3serve_jobs_submitted_total" in text
     assert 'route="/v1/jobs",status="202"' in text
     assert api.get("/docs").status_code == 200
+    playground = api.get("/")
+    assert playground.status_code == 200 and playground.headers["content-type"].startswith("text/html")
 
 
 def test_readiness_fails_when_redis_is_unreachable(tmp_path, queue_name):

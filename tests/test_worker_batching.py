@@ -26,7 +26,7 @@ from tests.fleet_fixtures import (  # noqa: F401  (fixtures)
     tiny_engine,
     wait_until,
 )
-from worker import keys
+from worker import client, keys
 from worker.storage import S3Storage, StorageConfig
 
 
@@ -200,3 +200,28 @@ def test_s3_down_past_the_retry_budget_fails_with_a_clear_error(
     assert failed["status"] == "failed" and failed["image_url"] is None
     assert failed["error"]["code"] == "storage_unavailable"
     assert "could not be stored" in failed["error"]["message"] and "gave up after 2 tries" in failed["error"]["message"]
+
+
+def test_stop_past_the_grace_period_requeues_the_batch_at_the_front(
+        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path):
+    storage = StorageConfig(data_dir=str(tmp_path))
+    ids = [client.submit(redis_conn, prompt=f"a white square {i}", steps=100, queue=queue_name) for i in range(8)]
+    later = client.submit(redis_conn, prompt="queued behind them", steps=2, queue=queue_name)  # batch is full
+    worker = make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage, shutdown_grace=0.0)
+    with worker:
+        wait_until(lambda: all(client.status(redis_conn, i).progress["step"] >= 2 for i in ids), 30,
+                   what="the batch running")
+        # What SIGTERM does (a thread gets no signals): stop admitting, then requeue at the deadline.
+        worker.worker._stop_requested = True
+        worker.thread.join(30)
+    queue = Queue(queue_name, connection=redis_conn)
+    assert queue.started_job_registry.count == 0 and queue.failed_job_registry.count == 0
+    assert set(queue.job_ids[:8]) == set(ids) and queue.job_ids[8:] == [later]  # back in front, nothing lost
+    for job_id in ids:
+        info = client.status(redis_conn, job_id)
+        assert info.status == "queued" and info.progress["step"] == 0
+    assert tiny_engine.running_ids() == []
+    with make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage):
+        finals = [client.wait(redis_conn, i, timeout=120) for i in [*ids, later]]
+    assert [f.status for f in finals] == ["succeeded"] * 9
+    assert all(_successes(redis_conn, i) == 1 for i in [*ids, later])

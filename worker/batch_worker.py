@@ -456,10 +456,11 @@ class BatchWorker(SimpleWorker):
         if entry.request is not None:
             self.engine.cancel(entry.request.request_id)
         entry.job.meta.update({keys.META_STEP: 0, keys.META_STATE: "requeued"})
+        # Queue first, then drop our execution: a crash in between leaves a queued job (the stale
+        # execution expires harmlessly), never a started job that nobody runs.
+        entry.queue.enqueue_job(entry.job, at_front=True)
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(entry.job, pipeline=pipe, execution=entry.execution)
-            pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
-            entry.queue.enqueue_job(entry.job, pipeline=pipe, at_front=True)
             pipe.execute()
         self._entries.pop(entry.job_id, None)
         log.info("job %s requeued", entry.job_id)
