@@ -47,11 +47,20 @@ class CachingAttnProcessor:
         self.store: dict[CacheKey, CachedOutput] = {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        rows = self.owner.current
-        if rows is None:
+        # A plain bool, so a compiled block inlines the exact path and guards on nothing else.
+        if not self.owner.caching:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        return self._with_cache(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+    @torch.compiler.disable
+    def _with_cache(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        """Gather the FRESH rows into the wrapped processor, scatter cached outputs back. Runs
+        outside any compiled graph (its bookkeeping is Python); `owner.fresh_attention` may be
+        a compiled version of the wrapped processor."""
+        rows = self.owner.current
+        inner = self.owner.fresh_attention or self.inner
         if rows.cached_index is None:  # every row FRESH
-            out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            out = inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
             self._remember(out if isinstance(out, tuple) else (out,), list(range(len(rows.keys))), rows)
             return out
         fi, ci = rows.fresh_index, rows.cached_index
@@ -60,7 +69,7 @@ class CachingAttnProcessor:
         if fi.numel() == 0:
             parts = cached
         else:
-            sub = self.inner(
+            sub = inner(
                 attn,
                 hidden_states.index_select(0, fi),
                 None if encoder_hidden_states is None else encoder_hidden_states.index_select(0, fi),
@@ -113,10 +122,14 @@ class CachingAttnProcessor:
 class AttentionCache:
     """Installs caching processors on every attention module of a transformer."""
 
-    def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False) -> None:
+    def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False, compile_fresh=None) -> None:
+        """`compile_fresh`: a function that compiles the FRESH-rows attention call (engine/speed.py
+        passes one when the blocks are compiled), or None to run it eagerly."""
         self.extrapolate = extrapolate
         self.device = next(transformer.parameters()).device
         self.current: StepRows | None = None
+        self.caching = False  # does this step read or write the cache at all?
+        self.fresh_attention = None
         self.caching_keys: set[CacheKey] = set()
         self.processors: list[CachingAttnProcessor] = []
         modules = [m for m in transformer.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
@@ -127,6 +140,21 @@ class AttentionCache:
             proc = CachingAttnProcessor(self, layer, inner)
             module.set_processor(proc)
             self.processors.append(proc)
+        # A compiled block breaks its graph at the attention call on cached steps, and a frame
+        # that breaks keeps only the guards traced before the break. Reading `caching` in a hook
+        # on the block's first norm puts the guard there, so exact steps never take the broken
+        # (cached-step) variant of a compiled block.
+        for block in getattr(transformer, "transformer_blocks", []):
+            if hasattr(block, "norm1"):
+                block.norm1.register_forward_pre_hook(self._read_caching_flag)
+        if compile_fresh is not None and self.processors:
+            # One compiled function for all layers: it calls the module's own wrapped processor.
+            self.fresh_attention = compile_fresh(_call_inner)
+
+    def _read_caching_flag(self, module, args):
+        if self.caching:
+            return None
+        return None
 
     def begin_step(self, row_ids: list[str], row_fresh: list[bool], row_steps: list[int], row_caches: list[bool]) -> None:
         keys: list[CacheKey] = []
@@ -135,6 +163,10 @@ class AttentionCache:
             keys.append((rid, seen.get(rid, 0)))
             seen[rid] = seen.get(rid, 0) + 1
         self.caching_keys = {k for k, c in zip(keys, row_caches) if c}
+        self.caching = bool(self.caching_keys) or not all(row_fresh)
+        if not self.caching:  # exact rows only: the processors take the plain path
+            self.current = None
+            return
         rows = StepRows(
             keys,
             row_fresh,
@@ -149,7 +181,7 @@ class AttentionCache:
 
     def end_step(self) -> None:
         self.current = None
-
+        self.caching = False
 
     def release(self, request_id: str) -> None:
         for proc in self.processors:
@@ -162,6 +194,10 @@ class AttentionCache:
                 for group in (entry.outputs, entry.previous or ()):
                     total += sum(t.numel() * t.element_size() for t in group)
         return total
+
+
+def _call_inner(attn, *args, **kwargs):
+    return attn.processor.inner(attn, *args, **kwargs)
 
 
 def attention_cache_bytes(transformer_config, latent_hw: tuple[int, int], text_tokens: int, rows: int,

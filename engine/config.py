@@ -14,6 +14,18 @@ from engine.request import RequestLimits
 REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sd3-shapes"
 LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate")
 DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_SETTINGS = {"auto": "auto", "on": "on", "off": "off", "true": "on", "false": "off", "1": "on", "0": "off",
+                    "yes": "on", "no": "off"}
+
+
+def normalize_compile(value: Any) -> str:
+    """`compile` accepts auto/on/off, true/false, 1/0 or a bool; returns "auto", "on" or "off"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    setting = COMPILE_SETTINGS.get(str(value).strip().lower())
+    if setting is None:
+        raise ValueError(f"compile must be auto, on or off (or true/false), got {value!r}")
+    return setting
 
 
 def _parse(value: str, like: Any) -> Any:
@@ -43,7 +55,7 @@ class EngineConfig:
     cache_budget_mb: int = 0  # 0: no limit on attention-cache memory
     prompt_cache_size: int = 256
     max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256
-    compile: bool = False
+    compile: str = "auto"  # the fast exact path (engine/speed.py): auto = on for CUDA, off for CPU
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
@@ -57,6 +69,11 @@ class EngineConfig:
             raise ValueError("max_batch and admit_per_boundary must be >= 1")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        object.__setattr__(self, "compile", normalize_compile(self.compile))
+
+    def compile_enabled(self, device_type: str) -> bool:
+        """Whether the speed work is on for a device of this type ("cuda", "cpu", ...)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "EngineConfig":

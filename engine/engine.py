@@ -15,6 +15,7 @@ from engine.loader import PromptEncoder, load_pipeline
 from engine.request import GenerationRequest
 from engine.runner import Runner
 from engine.scheduler import ScheduledRequest, Scheduler
+from engine.speed import SpeedOptions, apply_speed, compile_function, speed_options_for
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,24 @@ class StepReport:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, pipe) -> None:
+    def __init__(self, config: EngineConfig, pipe, speed: SpeedOptions | None = None) -> None:
+        """`speed`: the speed work to apply (engine/speed.py); by default from `config.compile`."""
         self.config = config
         self.pipe = pipe
+        self.speed = speed if speed is not None else speed_options_for(config, pipe._execution_device)
+        self.speed_applied = apply_speed(pipe, self.speed)
         defaults = read_model_defaults(config.model)
         self.max_sequence_length = config.max_sequence_length or defaults.get(
             "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH
         )
         self.limits = limits_for_model(config.limits, config.model)
         self.latent_aware = make_latent_aware(config.latent_aware)
-        self.attention = AttentionCache(pipe.transformer, extrapolate=self.latent_aware.extrapolates)
+        compile_fresh = None
+        if self.speed.compile:
+            compile_fresh = lambda fn: compile_function(fn, self.speed.backend, self.speed.mode)  # noqa: E731
+        self.attention = AttentionCache(
+            pipe.transformer, extrapolate=self.latent_aware.extrapolates, compile_fresh=compile_fresh
+        )
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
         self.runner = Runner(pipe, prompts, self.latent_aware, self.attention)
         self.scheduler = Scheduler(

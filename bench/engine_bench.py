@@ -1,0 +1,523 @@
+"""GPU benchmark of sd3serve's engine against diffusers' StableDiffusion3Pipeline, in one run.
+
+Random weights at the real shapes (bench/shapes.py), 28 steps, CFG, 512² and 1024²:
+- `e2e`: diffusers end to end (text encoders, 28 steps, VAE, PIL) at batch 1..16 (one call with
+  that many prompts), then the engine on the same kind of requests arriving together: exact
+  eager (no speed work), exact fast (engine/speed.py) and `attention` K=3.
+- `accuracy`: relative error of final latents (engine eager vs diffusers, fast vs eager) and of
+  one transformer forward (fast vs eager, eager bf16 vs float32).
+- `caching` (issue 4): steady step time of `attention` K=2,3,4 and `step` K=5 vs exact at batch
+  4 and 8, against the ideal 1/(a + (1-a)/K) with a measured in the same run.
+- `memory`: attention-cache bytes per request, and the largest exact batch that fits the card.
+- `large`: SD3.5-large at 1024², diffusers vs the fast engine.
+Order matters: diffusers runs on the untouched pipeline before any engine wraps or compiles it.
+
+    python -m bench.engine_bench --out-dir bench/results            # on the GPU machine
+    python -m bench.engine_bench --smoke --out-dir /tmp/smoke       # tiny model on the CPU
+
+Writes engine_<card>.json and caching_<card>.json (rewritten as rows complete);
+`python -m bench.plot` draws the PNG from them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench import shapes
+from bench.flops import step_flops
+from bench.measure import GIB, event_time_ms, matmul_tflops, relative_error, synchronize
+from bench.runs import (
+    capture_latents,
+    clear,
+    make_engine,
+    requests,
+    row,
+    run_diffusers,
+    run_engine,
+    step_time_all_rows,
+)
+from bench.summary import caching_summary, engine_summary
+from engine.speed import SpeedOptions
+
+log = logging.getLogger("bench")
+ALL_PARTS = ("probe", "e2e", "accuracy", "caching", "memory", "large")
+
+
+class Results:
+    """Both JSON files, rewritten after every change so a cut-off run still leaves its rows."""
+
+    def __init__(self, out_dir: Path, card: str, meta: dict) -> None:
+        self.engine_path = out_dir / f"engine_{card}.json"
+        self.caching_path = out_dir / f"caching_{card}.json"
+        self.engine = dict(meta, rows=[], summary={})
+        self.caching = dict(meta, rows=[], summary={})
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def add(self, which: str, item: dict) -> None:
+        getattr(self, which)["rows"].append(item)
+        log.info("%s row: %s", which, json.dumps(item))
+        self.save()
+
+    def note(self, key: str, value, which: str = "engine") -> None:
+        getattr(self, which)[key] = value
+        self.save()
+
+    def save(self) -> None:
+        self.engine["summary"] = engine_summary(self.engine)
+        self.caching["summary"] = caching_summary(self.caching)
+        for path, data in ((self.engine_path, self.engine), (self.caching_path, self.caching)):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(path)
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.device = torch.device("cpu" if args.smoke else "cuda")
+        self.dtype = torch.float32 if args.smoke else torch.bfloat16
+        self.dtype_name = "float32" if args.smoke else "bfloat16"
+        self.model = "tiny" if args.smoke else "sd3-medium"
+        self.large = "tiny" if args.smoke else "sd3.5-large"
+        backend = "aot_eager" if args.smoke else "inductor"
+        self.fast = SpeedOptions.fast(backend=backend, vae_channels_last=not args.no_channels_last)
+        if args.sdpa:
+            self.fast = SpeedOptions.fast(backend=backend, sdpa=tuple(args.sdpa.split(",")),
+                                          vae_channels_last=not args.no_channels_last)
+        card = args.card or card_name(self.device)
+        meta = dict(
+            card=card,
+            device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
+            torch=torch.__version__,
+            diffusers=__import__("diffusers").__version__,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            config=dict(steps=args.steps, sizes=args.sizes, batches=args.batches, guidance=7.0,
+                        dtype=self.dtype_name, speed=repr(self.fast), smoke=args.smoke,
+                        engine="admit_per_boundary = max_batch: requests arriving together all join at step 0"),
+        )
+        self.results = Results(Path(args.out_dir), card, meta)
+        self.pipe = None
+        self.engine_fast = None
+
+    # -- parts ------------------------------------------------------------------------------
+    def run(self) -> None:
+        parts = self.args.parts
+        t0 = time.perf_counter()
+        self.pipe = self.timed_note("build_seconds", lambda: shapes.build_pipeline(self.model, self.device, self.dtype))
+        self.note_flops(self.pipe, self.model)
+        if "probe" in parts:
+            self.probe()
+        refs = self.forward_reference() if "accuracy" in parts else None
+        if "e2e" in parts or "accuracy" in parts:
+            self.diffusers_part("e2e" in parts, "accuracy" in parts)
+            self.eager_part("e2e" in parts, "accuracy" in parts)
+        self.engine_fast = self.fast_engine()
+        if "accuracy" in parts:
+            self.fast_accuracy(refs)
+        if "e2e" in parts:
+            self.fast_part()
+        if "caching" in parts:
+            self.caching_part()
+        if "memory" in parts:
+            self.memory_part()
+        if "large" in parts:
+            self.large_part()
+        self.results.note("total_seconds", round(time.perf_counter() - t0, 1))
+
+    def note_flops(self, pipe, model: str) -> None:
+        flops = dict(self.results.engine.get("transformer_flops_per_row", {}))
+        for size in self.args.sizes:
+            flops[f"{model}_{size}"] = step_flops(pipe.transformer.config, (size // 8, size // 8), 77 + 256).total
+        self.results.note("transformer_flops_per_row", flops)
+
+    def timed_note(self, key: str, fn):
+        start = time.perf_counter()
+        out = fn()
+        synchronize(self.device)
+        self.results.note(key, round(time.perf_counter() - start, 2))
+        return out
+
+    def probe(self) -> None:
+        """The card's matmul rate, SDPA kernels on our shapes, and the VAE's memory layout."""
+        info: dict = {}
+        if self.device.type == "cuda":
+            info["matmul_tflops_bf16"] = round(matmul_tflops(self.device), 1)
+            info["sdpa_ms"] = sdpa_probe(self.device, self.args.sizes)
+        vae = self.pipe.vae
+        size = max(self.args.sizes)
+        latents = torch.randn(1, 16, size // 8, size // 8, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            info["vae_decode_ms_nchw"] = round(event_time_ms(self.device, lambda: vae.decode(latents), repeats=3), 2)
+            vae.to(memory_format=torch.channels_last)
+            info["vae_decode_ms_channels_last"] = round(event_time_ms(self.device, lambda: vae.decode(latents), repeats=3), 2)
+            vae.to(memory_format=torch.contiguous_format)
+        info["vae_decode_size"] = size
+        self.results.note("probe", info)
+
+    def forward_reference(self) -> dict:
+        """One eager transformer forward per size on fixed random inputs (and a float32 copy's)."""
+        refs = {}
+        transformer = self.pipe.transformer
+        for size in self.args.sizes:
+            inputs = forward_inputs(transformer, size, self.device, self.dtype)
+            with torch.inference_mode():
+                refs[size] = (inputs, transformer(**inputs, return_dict=False)[0].float().cpu())
+        size = max(self.args.sizes)
+        if self.device.type == "cuda":
+            inputs, _ = refs[size]
+            fp32 = copy.deepcopy(transformer).float()
+            with torch.inference_mode():
+                out32 = fp32(**{k: v.float() for k, v in inputs.items()}, return_dict=False)[0].cpu()
+            refs["fp32"] = (size, out32)
+            del fp32
+            gc.collect()
+            torch.cuda.empty_cache()
+        return refs
+
+    def diffusers_part(self, e2e: bool, accuracy: bool) -> None:
+        a = self.args
+        for size in a.sizes:
+            run_diffusers(self.pipe, self.device, requests("warm", 1, size, 2))
+            if e2e:
+                for batch in a.batches:
+                    for rep in range(a.reps):
+                        run, _ = run_diffusers(self.pipe, self.device, requests(f"d{rep}", batch, size, a.steps))
+                        self.results.add("engine", row("diffusers", "eager", self.model, size, batch, a.steps, run, rep=rep))
+            if accuracy:
+                _, out = run_diffusers(self.pipe, self.device, self.accuracy_requests(size), output_type="latent")
+                self.diffusers_latents = getattr(self, "diffusers_latents", {})
+                self.diffusers_latents[size] = out.images.float().cpu()
+
+    def accuracy_requests(self, size: int):
+        return requests("accuracy", 2, size, self.args.steps, seed=7, unique=False)
+
+    def eager_part(self, e2e: bool, accuracy: bool) -> None:
+        a = self.args
+        engine = make_engine(self.pipe, self.device, self.dtype_name, max(a.batches), SpeedOptions())
+        for size in a.sizes:
+            engine.generate(requests("warm", 1, size, 2))
+            if accuracy:
+                latents = capture_latents(engine)
+                reqs = self.accuracy_requests(size)
+                engine.generate(reqs)
+                self.eager_latents = getattr(self, "eager_latents", {})
+                self.eager_latents[size] = torch.cat([latents[r.request_id] for r in reqs])
+                err = relative_error(self.eager_latents[size], self.diffusers_latents[size])
+                self.results.note("accuracy", dict(self.results.engine.get("accuracy", {}),
+                                                   **{f"eager_engine_vs_diffusers_latents_{size}": err}))
+                del engine.runner.decode
+            if e2e:
+                for batch in a.eager_batches or a.batches:
+                    for rep in range(a.reps):
+                        run = run_engine(engine, self.device, requests(f"e{rep}", batch, size, a.steps))
+                        self.results.add("engine", row("sd3serve", "exact-eager", self.model, size, batch, a.steps, run, rep=rep))
+
+    def fast_engine(self):
+        engine = make_engine(self.pipe, self.device, self.dtype_name, max(self.args.batches), self.fast)
+        warm = {}
+        for size in self.args.sizes:  # the first call compiles (dynamic shapes: later sizes reuse it)
+            start = time.perf_counter()
+            engine.generate(requests("warm", 2, size, 3))
+            synchronize(self.device)
+            warm[f"exact_{size}"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()  # the first cached step compiles the graph-broken variant
+        engine.generate(requests("warm", 2, min(self.args.sizes), 4, k=3, policy="attention"))
+        synchronize(self.device)
+        warm["attention"] = round(time.perf_counter() - start, 2)
+        self.results.note("fast_warmup_seconds", warm)
+        self.results.note("host_syncs_per_step", count_host_syncs(engine, self.device, min(self.args.sizes)))
+        return engine
+
+    def fast_accuracy(self, refs: dict) -> None:
+        acc = dict(self.results.engine.get("accuracy", {}))
+        transformer = self.pipe.transformer
+        for size in self.args.sizes:
+            inputs, ref = refs[size]
+            self.engine_fast.attention.begin_step([], [], [], [])  # plain path, like an exact step
+            with torch.inference_mode():
+                out = transformer(**inputs, return_dict=False)[0].float().cpu()
+            self.engine_fast.attention.end_step()
+            acc[f"fast_vs_eager_forward_{size}"] = relative_error(out, ref)
+        if "fp32" in refs:
+            size, out32 = refs["fp32"]
+            acc[f"eager_bf16_vs_fp32_forward_{size}"] = relative_error(refs[size][1], out32)
+        for size in self.args.sizes:
+            latents = capture_latents(self.engine_fast)
+            reqs = self.accuracy_requests(size)
+            self.engine_fast.generate(reqs)
+            fast = torch.cat([latents[r.request_id] for r in reqs])
+            acc[f"fast_vs_eager_latents_{size}"] = relative_error(fast, self.eager_latents[size])
+            acc[f"fast_vs_diffusers_latents_{size}"] = relative_error(fast, self.diffusers_latents[size])
+            del self.engine_fast.runner.decode
+        self.results.note("accuracy", acc)
+
+    def fast_part(self) -> None:
+        a, engine = self.args, self.engine_fast
+        for size in a.sizes:
+            for batch in a.batches:
+                for rep in range(a.reps):
+                    run = run_engine(engine, self.device, requests(f"f{rep}", batch, size, a.steps))
+                    self.results.add("engine", row("sd3serve", "exact-fast", self.model, size, batch, a.steps, run, rep=rep,
+                                                   peak_steps_gb=round(run.peak_steps_bytes / GIB, 3)))
+        for size in a.sizes:
+            for batch in a.batches:
+                run = run_engine(engine, self.device, requests("k3", batch, size, a.steps, k=3, policy="attention"))
+                fresh = run.fresh_ratios[1:-1]
+                self.results.add("engine", row("sd3serve", "attention-k3-fast", self.model, size, batch, a.steps, run,
+                                               fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3)))
+
+    def caching_part(self) -> None:
+        a, engine = self.args, self.engine_fast
+        modes = [("exact", 1, None), ("attention", 2, "attention"), ("attention", 3, "attention"),
+                 ("attention", 4, "attention"), ("step", 5, "step")]
+        engine.generate(requests("warm", 2, min(a.sizes), 6, k=5, policy="step"))
+        for size in a.sizes:
+            for batch in a.caching_batches:
+                t_exact = step_time_all_rows(engine, self.device, requests("ax", batch, size, a.steps), fresh=True)
+                t_cached = step_time_all_rows(engine, self.device, requests("ac", batch, size, a.steps, k=8, policy="attention"), fresh=False)
+                t_skip = step_time_all_rows(engine, self.device, requests("as", batch, size, a.steps, k=8, policy="step"), fresh=False)
+                shares = dict(attention=t_cached / t_exact, step=t_skip / t_exact)
+                exact_ms = None
+                for mode, k, policy in modes:
+                    run = run_engine(engine, self.device, requests(f"c{mode}{k}", batch, size, a.steps, k=k, policy=policy))
+                    fresh = run.fresh_ratios[1:-1]
+                    f = sum(fresh) / max(len(fresh), 1)
+                    exact_ms = exact_ms or run.ms_per_step
+                    share = shares.get(mode, 1.0)
+                    ideal = 1 / (share + (1 - share) / k)
+                    ideal_plan = 1 / (share + (1 - share) * f)
+                    speedup = exact_ms / run.ms_per_step
+                    self.results.add("caching", dict(
+                        mode=mode, K=k, size=size, batch=batch, ms_per_step=round(run.ms_per_step, 2),
+                        speedup_vs_exact=round(speedup, 3), ideal_speedup=round(ideal, 3),
+                        fraction_of_ideal=round(speedup / ideal, 3), fresh_ratio=round(f, 3),
+                        ideal_speedup_at_fresh_ratio=round(ideal_plan, 3),
+                        fraction_of_ideal_at_fresh_ratio=round(speedup / ideal_plan, 3),
+                        a=round(share, 4), exact_step_ms_direct=round(t_exact, 2),
+                        all_cached_step_ms_direct=round(t_cached if mode != "step" else t_skip, 2),
+                    ))
+
+    def memory_part(self) -> None:
+        a = self.args
+        per_request = self.cache_memory(self.engine_fast, self.model)
+        self.results.note("cache_memory_per_request", per_request)
+        self.results.note("max_batch", self.max_batch_probe(self.engine_fast, max(a.sizes)))
+
+    def cache_memory(self, engine, model: str) -> dict:
+        out = dict(self.results.engine.get("cache_memory_per_request", {}))
+        for size in self.args.sizes:
+            reqs = requests("cm", 2, size, 4, k=3, policy="attention")
+            synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+            for r in reqs:
+                engine.add(r)
+            engine.step()
+            synchronize(self.device)
+            after = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+            out[f"{model}_{size}"] = dict(
+                formula_mb=round(engine.request_cache_bytes(reqs[0], "attention") / 2**20, 1),
+                accounted_mb=round(engine.cache_bytes() / 2 / 2**20, 1),
+                allocated_mb=round((after - before) / 2 / 2**20, 1),
+            )
+            clear(engine)
+        return out
+
+    def max_batch_probe(self, engine, size: int) -> dict:
+        """Peak memory of one exact step at growing batches; the largest batch that fits is
+        extrapolated linearly and then checked with one step at that batch."""
+        if self.device.type != "cuda":
+            return {}
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        points = {}
+
+        def one_step(n: int) -> int | None:
+            engine.scheduler.max_batch = engine.scheduler.admit_per_boundary = max(n, engine.scheduler.max_batch)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            for r in requests(f"mb{n}", n, size, self.args.steps):
+                engine.add(r)
+            report = engine.step()
+            synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            clear(engine)
+            return None if report.failed else peak
+
+        for n in self.args.probe_batches:
+            points[n] = one_step(n)
+        (n1, p1), (n2, p2) = sorted((n, p) for n, p in points.items() if p)[-2:]
+        per_request = (p2 - p1) / (n2 - n1)
+        fixed = p1 - per_request * n1
+        predicted = int((total * 0.97 - fixed) // per_request)
+        check = min(predicted, self.args.max_probe_batch)
+        points[check] = one_step(check)
+        return dict(size=size, total_gib=round(total / GIB, 2), step_peak_gib={n: None if p is None else round(p / GIB, 2)
+                                                                                 for n, p in points.items()},
+                    per_request_mib=round(per_request / 2**20, 1), fixed_gib=round(fixed / GIB, 2),
+                    predicted_max_batch=predicted, checked_batch=check, checked_fits=points[check] is not None)
+
+    def large_part(self) -> None:
+        a = self.args
+        self.engine_fast = None
+        gc.collect()
+        self.pipe.vae.to(memory_format=torch.contiguous_format)  # diffusers gets the VAE as built
+        pipe = shapes.build_pipeline(self.large, self.device, self.dtype, shared=shapes.shared_parts(self.pipe))
+        self.note_flops(pipe, self.large)
+        for module in (self.pipe.transformer,):
+            module.to("meta")  # free the medium transformer's weights
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = max(a.sizes)
+        inputs = forward_inputs(pipe.transformer, size, self.device, self.dtype)
+        with torch.inference_mode():
+            ref = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
+        run_diffusers(pipe, self.device, requests("warm", 1, size, 2))
+        for batch in a.large_batches:
+            run, _ = run_diffusers(pipe, self.device, requests("dl", batch, size, a.steps))
+            self.results.add("engine", row("diffusers", "eager", self.large, size, batch, a.steps, run))
+        engine = make_engine(pipe, self.device, self.dtype_name, max(a.large_batches), self.fast)
+        start = time.perf_counter()
+        engine.generate(requests("warm", 1, size, 3))
+        synchronize(self.device)
+        self.results.note("fast_warmup_seconds", dict(self.results.engine["fast_warmup_seconds"],
+                                                      **{f"large_{size}": round(time.perf_counter() - start, 2)}))
+        with torch.inference_mode():
+            out = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
+        self.results.note("accuracy", dict(self.results.engine.get("accuracy", {}),
+                                           **{f"large_fast_vs_eager_forward_{size}": relative_error(out, ref)}))
+        for batch in a.large_batches:
+            run = run_engine(engine, self.device, requests("fl", batch, size, a.steps))
+            self.results.add("engine", row("sd3serve", "exact-fast", self.large, size, batch, a.steps, run))
+        engine.generate(requests("warm", 1, min(a.sizes), 2, k=3, policy="attention"))
+        self.results.note("cache_memory_per_request", self.cache_memory(engine, self.large))
+
+
+def forward_inputs(transformer, size: int, device, dtype) -> dict:
+    g = torch.Generator("cpu").manual_seed(size)
+    cfg = transformer.config
+    text = 77 + 256  # CLIP tokens + T5 tokens at max_sequence_length 256
+    return dict(
+        hidden_states=torch.randn(2, cfg.in_channels, size // 8, size // 8, generator=g).to(device, dtype),
+        timestep=torch.tensor([900.0, 300.0], device=device),
+        encoder_hidden_states=torch.randn(2, text, cfg.joint_attention_dim, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+    )
+
+
+def sdpa_probe(device, sizes) -> dict:
+    """Milliseconds of one SDPA call per backend on the joint-attention shapes (32 rows = batch 16)."""
+    from torch.nn.attention import sdpa_kernel
+
+    from engine.speed import sdpa_priority
+
+    out = {}
+    for rows, heads, size in [(32, 24, 1024), (2, 24, 1024), (32, 24, 512), (2, 38, 1024)]:
+        if size not in sizes:
+            continue
+        tokens = (size // 16) ** 2 + 333
+        q, k, v = (torch.randn(rows, heads, tokens, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+        ref = None
+        key = f"rows{rows}_heads{heads}_tokens{tokens}"
+        out[key] = {}
+        for name in ("flash", "cudnn", "efficient"):
+            try:
+                with sdpa_kernel(sdpa_priority((name,))):
+                    ms = event_time_ms(device, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats=5)
+                    res = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                ref = res if ref is None else ref
+                out[key][name] = dict(ms=round(ms, 3), tflops=round(4 * rows * heads * tokens * tokens * 64 / ms / 1e9, 1),
+                                      rel_err_vs_flash=round(relative_error(res, ref), 5))
+            except RuntimeError as exc:
+                out[key][name] = f"unavailable: {str(exc)[:120]}"
+        del q, k, v
+    return out
+
+
+def count_host_syncs(engine, device, size: int) -> dict:
+    """Synchronising calls (`torch.cuda.set_sync_debug_mode`) in steady steps: after admission,
+    before any request finishes."""
+    if device.type != "cuda":
+        return {}
+    counts = {}
+    for label, k, policy in (("exact", 1, None), ("attention_k3", 3, "attention")):
+        for r in requests(f"sync{label}", 2, size, 8, k=k, policy=policy):
+            engine.add(r)
+        engine.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(4):
+                    engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[label] = sum("synchroniz" in str(w.message) for w in caught) / 4
+        counts[f"{label}_examples"] = sorted({str(w.message)[:160] for w in caught})[:3]
+        while engine.has_work():
+            engine.step()
+    return counts
+
+
+def card_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for card in ("h200", "h100", "a100", "l40s", "b200"):
+        if card in name:
+            return card
+    return name.split()[-1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (seconds; for tests)")
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--card", default=None, help="name in the output files (default: from the GPU)")
+    p.add_argument("--parts", default=",".join(ALL_PARTS))
+    p.add_argument("--sizes", default="512,1024")
+    p.add_argument("--batches", default="1,2,4,8,16")
+    p.add_argument("--eager-batches", default=None, help="batches for the eager engine (default: --batches)")
+    p.add_argument("--caching-batches", default="4,8")
+    p.add_argument("--large-batches", default="1,2,4")
+    p.add_argument("--probe-batches", default="16,32")
+    p.add_argument("--max-probe-batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--sdpa", default=None, help="SDPA priority for the fast path, e.g. cudnn,flash")
+    p.add_argument("--no-channels-last", action="store_true", help="keep the VAE in NCHW on the fast path")
+    args = p.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    args.parts = tuple(x for x in args.parts.split(",") if x)
+    args.sizes, args.batches = ints(args.sizes), ints(args.batches)
+    args.caching_batches, args.large_batches = ints(args.caching_batches), ints(args.large_batches)
+    args.probe_batches = ints(args.probe_batches)
+    args.eager_batches = ints(args.eager_batches) if args.eager_batches else None
+    if args.smoke:
+        args.sizes = [s for s in args.sizes if s <= 128] or [64]
+        args.steps = min(args.steps, 3)
+    unknown = set(args.parts) - set(ALL_PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(ALL_PARTS)}")
+    return args
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    Bench(args).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The GPU benchmark script runs end to end in its CPU smoke mode and writes the promised JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_engine_bench_smoke_writes_both_result_files(tmp_path):
+    cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--out-dir", str(tmp_path),
+           "--parts", "e2e,accuracy,caching,memory", "--batches", "1,2", "--caching-batches", "2"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine = json.loads((tmp_path / "engine_cpu.json").read_text())
+    caching = json.loads((tmp_path / "caching_cpu.json").read_text())
+
+    assert {"card", "torch", "diffusers", "rows", "summary"} <= engine.keys()
+    systems = {(r["system"], r["mode"]) for r in engine["rows"]}
+    assert systems == {("diffusers", "eager"), ("sd3serve", "exact-eager"), ("sd3serve", "exact-fast"),
+                       ("sd3serve", "attention-k3-fast")}
+    for r in engine["rows"]:
+        assert {"system", "mode", "size", "batch", "steps", "images_per_s", "seconds_per_image_latency",
+                "ms_per_step", "peak_mem_gb"} <= r.keys()
+        assert r["images_per_s"] > 0 and r["ms_per_step"] > 0
+    # float32 on the CPU: the fast path (fused QKV, compiled blocks) and the engine equal diffusers
+    assert all(v < 1e-4 for k, v in engine["accuracy"].items() if "latents" in k or "forward" in k), engine["accuracy"]
+    assert engine["cache_memory_per_request"]["tiny_64"]["accounted_mb"] > 0
+
+    modes = {(r["mode"], r["K"]) for r in caching["rows"]}
+    assert modes == {("exact", 1), ("attention", 2), ("attention", 3), ("attention", 4), ("step", 5)}
+    for r in caching["rows"]:
+        assert 0 < r["a"] <= 1 and r["ideal_speedup"] >= 1
+        assert r["fraction_of_ideal"] == pytest.approx(r["speedup_vs_exact"] / r["ideal_speedup"], rel=1e-2)
+    assert "fraction_of_ideal_mean" in caching["summary"]

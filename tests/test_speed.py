@@ -1,0 +1,121 @@
+"""The fast exact path (engine/speed.py) keeps results equal and compiles once, on the CPU.
+
+torch.compile runs with the `aot_eager` backend here (dynamo tracing, graph breaks and guards
+are the same as with inductor; only the kernel code generation is skipped, which takes minutes
+on two cores). The GPU test at the end runs inductor on CUDA.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loader import load_pipeline
+from engine.request import validate_request
+from engine.speed import FusedJointProcessor, SpeedOptions, fuse_qkv
+
+
+def test_compile_setting_accepts_auto_on_off_and_booleans():
+    assert EngineConfig().compile == "auto"
+    for value, expected in [("on", "on"), ("OFF", "off"), ("true", "on"), ("0", "off"), (True, "on"), (False, "off")]:
+        assert EngineConfig(compile=value).compile == expected
+    assert EngineConfig.from_env({"SD3SERVE_COMPILE": "false"}).compile == "off"
+    assert EngineConfig.from_env({"SD3SERVE_COMPILE": "1"}).compile == "on"
+    with pytest.raises(ValueError, match="compile must be auto, on or off"):
+        EngineConfig(compile="sometimes")
+    auto = EngineConfig()
+    assert auto.compile_enabled("cuda") and not auto.compile_enabled("cpu")
+    assert EngineConfig(compile="on").compile_enabled("cpu")
+    assert not EngineConfig(compile="off").compile_enabled("cuda")
+
+
+def _transformer(**kw) -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    args = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32)
+    args.update(kw)
+    return SD3Transformer2DModel(**args).eval()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(), dict(qk_norm="rms_norm"), dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))],
+    ids=["sd3", "sd3.5-qk-norm", "sd3.5-dual-attention"],
+)
+def test_fused_qkv_equals_separate_projections(variant):
+    model = _transformer(**variant)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(3, 16, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(3, 10, 32, generator=g),
+        pooled_projections=torch.randn(3, 32, generator=g),
+        timestep=torch.tensor([900.0, 500.0, 10.0]),
+    )
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+        fused = fuse_qkv(model)
+        out = model(**inputs, return_dict=False)[0]
+    assert fused == len([m for m in model.modules() if isinstance(getattr(m, "processor", None), FusedJointProcessor)])
+    assert fused >= 3
+    assert not any(hasattr(m, "to_q") for m in model.modules() if hasattr(m, "to_qkv"))  # weights not kept twice
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _requests(n, k=1, policy=None, steps=5, size=64):
+    return [
+        validate_request(dict(prompt=f"prompt {i}", seed=50 + i, steps=steps, guidance_scale=4.0,
+                              width=size, height=size, cache_interval=k, cache_policy=policy))
+        for i in range(n)
+    ]
+
+
+def _images(engine, reqs):
+    out = engine.generate(reqs)
+    return [np.asarray(out[r.request_id], dtype=np.int16) for r in reqs]
+
+
+FAST_CPU = SpeedOptions.fast(backend="aot_eager")
+
+
+def test_fast_path_equals_eager_and_does_not_recompile_as_the_batch_grows(tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32")
+    eager = Engine(config, load_pipeline(config))
+    fast = Engine(config, load_pipeline(config), speed=FAST_CPU)
+    assert fast.speed_applied["compiled_blocks"] == 2 and fast.speed_applied["fused_attention_modules"] == 2
+
+    reqs = _requests(2)
+    for a, b in zip(_images(eager, reqs), _images(fast, reqs)):
+        assert np.abs(a - b).max() <= 1
+    # A cached step compiles its own (graph-broken) variant once; it must equal the eager cache.
+    cached = _requests(4, k=3, policy="attention")
+    for a, b in zip(_images(eager, cached), _images(fast, cached)):
+        assert np.abs(a - b).max() <= 1
+
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (1, 3, 5):  # batches of 2, 6 and 10 rows, exact and cached, after the warm-up
+        _images(fast, _requests(n))
+        _images(fast, _requests(n, k=2, policy="attention"))
+    _images(fast, _requests(2, size=96))  # another image size
+    assert counters["stats"]["unique_graphs"] == graphs, "the fast path recompiled"
+
+
+def test_auto_compile_is_off_on_cpu(tiny_model_dir):
+    engine = Engine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    assert engine.speed == SpeedOptions() and engine.speed_applied == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_path_on_cuda_matches_eager_within_bf16(tiny_model_dir):
+    config = EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16", compile="off")
+    eager = Engine(config, load_pipeline(config))
+    fast = Engine(config, load_pipeline(config), speed=SpeedOptions.fast())
+    reqs = _requests(3)
+    for a, b in zip(_images(eager, reqs), _images(fast, reqs)):
+        assert np.abs(a - b).mean() < 2.0
