@@ -14,7 +14,6 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 
 from tests.fleet_fixtures import (  # noqa: F401  (fixtures)
-    PYTHON,
     REPO,
     RedisServer,
     WorkerProcess,

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 from PIL import Image
 from rq import Queue
 from rq.job import Job
