@@ -116,9 +116,11 @@ def build_router(state: ApiState) -> APIRouter:
         if idempotency_key is not None:
             idem_key = keys.idempotency_key(caller, idempotency_key)
             fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-            record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
-            if not state.redis.set(idem_key, record, nx=True, ex=state.config.idempotency_ttl):
-                return replay(idem_key, fingerprint, request, response)
+            record = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "at": time.time()})
+            while not state.redis.set(idem_key, record, nx=True, ex=state.config.idempotency_ttl):
+                replayed = replay(idem_key, fingerprint, request, response)
+                if replayed is not None:
+                    return replayed
         if state.queue.count >= state.config.max_queued:
             if idem_key:
                 state.redis.delete(idem_key)
@@ -134,6 +136,7 @@ def build_router(state: ApiState) -> APIRouter:
         return job_response(find(job_id), request)
 
     def replay(idem_key: str, fingerprint: str, request: Request, response: Response) -> Any:
+        """The job an earlier request with this key created; None if that job has expired."""
         deadline = time.monotonic() + 5
         while True:
             stored = json.loads(state.redis.get(idem_key) or "{}")
@@ -143,8 +146,11 @@ def build_router(state: ApiState) -> APIRouter:
             try:
                 info = client.status(state.redis, stored.get("job_id", ""))
                 break
-            except JobNotFound:  # the first request is still enqueueing
-                if time.monotonic() > deadline:
+            except JobNotFound:
+                if not stored or time.time() - stored.get("at", 0) > 10:
+                    state.redis.delete(idem_key)  # the job it named has expired: start afresh
+                    return None
+                if time.monotonic() > deadline:  # the first request is still enqueueing
                     raise ApiError(409, "idempotency_conflict",
                                    "a request with this Idempotency-Key is still being processed") from None
                 time.sleep(0.05)

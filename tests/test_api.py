@@ -2,6 +2,7 @@
 health and the schema. Jobs running end to end are in test_worker_batching.py."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from rq import Queue
 
 from api.app import create_app
 from engine.request import RequestLimits
+from worker import keys
 from tests.fleet_fixtures import api_config, fleet_redis, queue_name, redis_conn  # noqa: F401  (fixtures)
 
 KEY = "s3cret-key"
@@ -153,6 +155,20 @@ def test_idempotency_key_returns_the_same_job(make_client, redis_conn, queue_nam
     assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_conflict"
     other = api.post("/v1/jobs", json={"prompt": "a red circle"}, headers={"Idempotency-Key": "order-18"})
     assert other.json()["id"] != first.json()["id"]
+
+
+def test_an_idempotency_key_whose_job_expired_starts_a_new_job(make_client, redis_conn):
+    from rq.job import Job
+
+    api = make_client()
+    headers = {"Idempotency-Key": "old-order"}
+    first = api.post("/v1/jobs", json={"prompt": "a red circle"}, headers=headers).json()["id"]
+    Job.fetch(first, connection=redis_conn).delete()  # its result TTL ran out
+    key = keys.idempotency_key("anonymous", "old-order")
+    record = json.loads(redis_conn.get(key))
+    redis_conn.set(key, json.dumps({**record, "at": record["at"] - 60}), keepttl=True)  # not a race: stale
+    second = api.post("/v1/jobs", json={"prompt": "a red circle"}, headers=headers)
+    assert second.status_code == 202 and second.json()["id"] != first
 
 
 def test_idempotency_keys_are_per_api_key(make_client):
