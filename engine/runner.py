@@ -180,20 +180,40 @@ class Runner:
     # -- finishing -----------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, request_ids: list[str]) -> list[Image.Image]:
-        """Decode finished requests of one size together, as the pipeline does."""
+        """Decode finished requests of one size, `DECODE_CHUNK` images per VAE call (diffusers
+        decodes a whole batch at once, which bounds the batch by the VAE's memory, not the
+        transformer's). Every chunk is queued on the device before the host waits for the first,
+        so the host turns chunk i into PIL images while the device decodes chunk i + 1."""
         if not request_ids:
             return []
         vae = self.pipe.vae
         latents = torch.cat([self.states[i].latents for i in request_ids])
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return to_pil(images)
+        pending = []
+        for chunk in latents.split(DECODE_CHUNK):
+            images = vae.decode(chunk.to(vae.dtype), return_dict=False)[0]
+            pending.append(to_host_pixels(images))
+        out: list[Image.Image] = []
+        for pixels, ready in pending:
+            if ready is not None:
+                ready.synchronize()
+            out.extend(Image.fromarray(p) for p in pixels.numpy())
+        return out
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """`VaeImageProcessor.postprocess(images, "pil")` with the same arithmetic, but the uint8
-    conversion happens on the device, so only a quarter of the bytes cross to the host and the
-    host does no float work while the step loop waits."""
+DECODE_CHUNK = 8
+
+
+def to_host_pixels(images: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """`VaeImageProcessor.postprocess(images, "pil")`'s arithmetic, with the uint8 conversion on
+    the device (a quarter of the bytes cross to the host, and the host does no float work).
+    Returns (N, H, W, 3) uint8 host pixels and, on CUDA, the event after which they are valid."""
     images = (images * 0.5 + 0.5).clamp(0, 1)  # the processor's denormalize, in the model dtype
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p) for p in pixels]
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    if pixels.device.type != "cuda":
+        return pixels.contiguous(), None
+    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(pixels, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
