@@ -51,6 +51,8 @@ class TrainConfig:
     eval_images: int = 280
     log_every: float = 15.0  # seconds
     artifacts: str = ""  # folder for sample grids and reconstructions
+    resume: str = ""  # a saved pipeline folder: keep its VAE, train its transformer and text encoders further
+    sweep_steps: str = "12,16,20,28"
 
 
 def log(msg: str, sink: list[str]) -> None:
@@ -155,6 +157,8 @@ def train_transformer(pipe, cfg: TrainConfig, logs: list[str]) -> dict[str, floa
     text = TextBatcher([pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
                        [data.caption(*c) for c in data.all_combos()], t5_len, dev)
     latents, caption_ids, shift, scale = encode_pool(pipe.vae, cfg, text)
+    if cfg.resume:  # the transformer already learned the saved normalisation
+        shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     log(f"pool {tuple(latents.shape)} shift_factor={shift:.4f} scaling_factor={scale:.4f}", logs)
     encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
@@ -229,15 +233,29 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     card = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"
-    pipe = build_pipeline(spec, tempfile.mkdtemp(), seed=cfg.seed)
+    if cfg.resume:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(cfg.resume, dtype=torch.float32)
+        spec = ModelSpec(**{**asdict(spec), "layers": pipe.transformer.config.num_layers,
+                            "width": pipe.transformer.config.num_attention_heads * 64})
+        before = json.loads((Path(cfg.resume) / "training_stats.json").read_text())
+        before.pop("sweep", None)
+    else:
+        pipe = build_pipeline(spec, tempfile.mkdtemp(), seed=cfg.seed)
     log(f"spec {spec} on {card}; transformer {param_count(pipe.transformer) / 1e6:.2f}M, "
         f"vae {param_count(pipe.vae) / 1e6:.2f}M params", logs)
     stats: dict = {"card": card, "spec": asdict(spec), "config": asdict(cfg),
                    "params": {n: param_count(getattr(pipe, n)) for n in
                               ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")}}
-    stats |= train_vae(pipe.vae, cfg, logs)
+    if cfg.resume:
+        stats["previous_run"] = before
+        pipe.vae.to(cfg.device).eval()
+        extra_vae = 0.0
+    else:
+        stats |= train_vae(pipe.vae, cfg, logs)
+        extra_vae = stats["vae_seconds_used"] - cfg.vae_seconds
     pipe.vae.requires_grad_(False)
-    extra_vae = stats["vae_seconds_used"] - cfg.vae_seconds
     dit = train_transformer(pipe, replace(cfg, dit_seconds=max(cfg.dit_seconds - max(0.0, extra_vae), cfg.dit_seconds / 2)), logs)
     params, ema, raw = dit.pop("_params"), dit.pop("_ema"), dit.pop("_raw")
     stats |= dit
@@ -258,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     log(f"saved {out} ({chosen} weights); {time.perf_counter() - t0:.0f}s so far", logs)
     pipe.to(cfg.device, torch.float32)
-    grid = sweep(pipe, prompts, steps=(12, 16, 20, 28), guidances=(3.0, 5.0, 7.0), shifts=(1.0, 3.0))
+    steps = tuple(int(n) for n in cfg.sweep_steps.split(","))
+    grid = sweep(pipe, prompts, steps=steps, guidances=(3.0, 5.0, 7.0), shifts=(1.0, 3.0))
     for row in grid:
         log(f"sweep steps={row['steps']} cfg={row['guidance']} shift={row['shift']}: {row['accuracy']:.3f} "
             f"(held-out combos {row['held_out_combo_accuracy']:.3f})", logs)
