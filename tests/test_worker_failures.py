@@ -1,12 +1,23 @@
 """Failures inside a batch stay inside one job: an out-of-memory step costs only the newest
-request (re-run through RQ's retry), a broken step re-runs its requests, the others carry on.
-Real tiny engine; the faults are injected into its runner."""
+request (re-run through RQ's retry), a broken step re-runs its requests, the others carry on;
+ordinary RQ jobs in the same queue run (or fail) the stock way. Real tiny engine; the faults are
+injected into its runner."""
 from __future__ import annotations
 
+import os
+
 import torch
+from rq import Queue
 from rq.job import Job
 
-from tests.fleet_fixtures import fleet_redis, make_thread_worker, queue_name, redis_conn, tiny_engine  # noqa: F401
+from tests.fleet_fixtures import (  # noqa: F401  (fixtures)
+    fleet_redis,
+    make_thread_worker,
+    queue_name,
+    redis_conn,
+    tiny_engine,
+    wait_until,
+)
 from worker import client
 from worker.storage import StorageConfig
 
@@ -64,3 +75,18 @@ def test_retries_exhausted_fail_with_the_engine_error(
         info = client.wait(redis_conn, job_id, timeout=60)
     assert info.status == "failed"
     assert info.error["code"] == "engine_error" and "kernel exploded" in info.error["message"]
+
+
+def test_other_rq_jobs_in_the_queue_run_the_stock_way_between_generations(
+        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path):
+    queue = Queue(queue_name, connection=redis_conn)
+    first = client.submit(redis_conn, prompt="before", steps=2, queue=queue_name)
+    plain = queue.enqueue("os.getpid")
+    broken = queue.enqueue("os.path.join", 1, 2)  # raises TypeError: an ordinary failed RQ job
+    last = client.submit(redis_conn, prompt="after", steps=2, queue=queue_name)
+    with make_thread_worker(tiny_engine, fleet_redis.url, queue_name, StorageConfig(data_dir=str(tmp_path))):
+        assert [client.wait(redis_conn, j, timeout=60).status for j in (first, last)] == ["succeeded"] * 2
+        wait_until(lambda: plain.get_status() == "finished" and broken.get_status() == "failed", 30,
+                   what="the plain RQ jobs")
+    assert plain.return_value() == os.getpid()  # ran in the worker's own process (a SimpleWorker: no fork)
+    assert broken.get_status() == "failed" and "TypeError" in broken.latest_result().exc_string

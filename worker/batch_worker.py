@@ -27,6 +27,7 @@ from rq import worker_registration
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import clean_registries
+from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -99,6 +100,8 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()
+        else:  # a worker in a thread: no signals, and ordinary jobs' timeouts use a timer instead
+            self.death_penalty_class = TimerDeathPenalty
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         self.load()
@@ -125,7 +128,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self.last_cleaned_at = now()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        if job.func_name != keys.JOB_FUNC:
+        if not _is_generation(job):
             super().execute_job(job, queue)
             return
         try:
@@ -289,7 +292,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             if result is None:
                 return
             job, queue = result
-            if job.func_name != keys.JOB_FUNC:
+            if not _is_generation(job):
                 super().execute_job(job, queue)  # an ordinary RQ job: run it now, on its own
                 self.set_state(WorkerStatus.BUSY)
                 continue
@@ -327,6 +330,13 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         log.info("admitted job %s (%dx%d, %d steps), %d in batch", job.id, entry.request.width,
                  entry.request.height, entry.request.steps, len(self._entries))
         return True
+
+
+def _is_generation(job: Job) -> bool:
+    try:
+        return job.func_name == keys.JOB_FUNC
+    except Exception:  # an unreadable payload: RQ's own path fails the job with the error
+        return False
 
 
 def _as_list(queues: Any) -> list[Any]:
