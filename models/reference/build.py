@@ -111,10 +111,16 @@ def build_pipeline(spec: ModelSpec, work_dir: str | Path, seed: int = 0) -> Stab
 
 
 def save_pipeline(pipe: StableDiffusion3Pipeline, folder: str | Path, serve: ServeDefaults) -> None:
-    """fp16 safetensors (the engine upcasts), plus sd3serve.json."""
+    """Transformer and VAE as fp16 safetensors (diffusers upcasts them to float32 unless told
+    otherwise); the small text encoders stay float32, because transformers loads a checkpoint in
+    its stored dtype and a bare from_pretrained(path) must give a consistent float32 pipeline."""
     folder = Path(folder)
-    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-    pipe.to(torch.float32)
+    big = (pipe.transformer, pipe.vae)
+    for m in big:
+        m.to(torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for m in big:
+        m.to(torch.float32)
     (folder / SERVE_FILE).write_text(json.dumps(asdict(serve), indent=2) + "\n")
 
 

@@ -210,6 +210,11 @@ def train_transformer(pipe, cfg: TrainConfig, logs: list[str]) -> dict[str, floa
             "shift_factor": shift, "scaling_factor": scale, "_params": params, "_ema": ema, "_raw": raw}
 
 
+def round_to_saved_precision(pipe) -> None:
+    for m in (pipe.transformer, pipe.vae):
+        m.to(torch.float16).to(torch.float32)
+
+
 def load_weights(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, v in zip(params, values):
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name, weights in (("raw", raw), ("ema", ema)):
         load_weights(params, weights)
-        pipe.to(torch.float16).to(torch.float32)  # judge what the fp16 files will hold
+        round_to_saved_precision(pipe)  # judge what the files will hold
         results[name] = sweep(pipe, prompts, steps=(20,), guidances=(5.0,), shifts=(3.0,))[0]["accuracy"]
         log(f"{name} weights: judge accuracy {results[name]:.3f} at 20 steps, cfg 5, shift 3", logs)
     chosen = max(results, key=results.get)
