@@ -1,0 +1,1 @@
+"""sd3serve REST API (FastAPI). Importing it never imports torch."""
