@@ -29,11 +29,13 @@ import os
 import platform
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench import shapes
+from bench.shapes import forward_inputs
 from bench.flops import step_flops
 from bench.measure import GIB, event_time_ms, matmul_tflops, relative_error, synchronize
 from bench.runs import (
@@ -46,11 +48,12 @@ from bench.runs import (
     run_engine,
     step_time_all_rows,
 )
+from bench.ablation import ablation
 from bench.summary import caching_summary, engine_summary
 from engine.speed import SpeedOptions
 
 log = logging.getLogger("bench")
-ALL_PARTS = ("probe", "e2e", "accuracy", "caching", "memory", "large")
+ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large")
 
 
 class Results:
@@ -90,10 +93,10 @@ class Bench:
         self.model = "tiny" if args.smoke else "sd3-medium"
         self.large = "tiny" if args.smoke else "sd3.5-large"
         backend = "aot_eager" if args.smoke else "inductor"
-        self.fast = SpeedOptions.fast(backend=backend, vae_channels_last=not args.no_channels_last)
+        overrides = dict(backend=backend, vae_compile=args.vae_compile, gelu_epilogue=not args.no_gelu_epilogue)
         if args.sdpa:
-            self.fast = SpeedOptions.fast(backend=backend, sdpa=tuple(args.sdpa.split(",")),
-                                          vae_channels_last=not args.no_channels_last)
+            overrides["sdpa"] = tuple(args.sdpa.split(","))
+        self.fast = SpeedOptions.fast(**overrides)
         card = args.card or card_name(self.device)
         meta = dict(
             card=card,
@@ -117,6 +120,9 @@ class Bench:
         self.note_flops(self.pipe, self.model)
         if "probe" in parts:
             self.probe()
+        if "ablation" in parts:
+            self.results.note("ablation", ablation(self.pipe, self.device, self.dtype, self.args, self.fast))
+            self.choose_gelu_epilogue()
         refs = self.forward_reference() if "accuracy" in parts else None
         if "e2e" in parts or "accuracy" in parts:
             self.diffusers_part("e2e" in parts, "accuracy" in parts)
@@ -133,6 +139,21 @@ class Bench:
         if "large" in parts:
             self.large_part()
         self.results.note("total_seconds", round(time.perf_counter() - t0, 1))
+
+    def reps(self, batch: int) -> int:
+        """Repetitions of a timed run: more for the short small-batch runs (latency)."""
+        return max(self.args.reps, self.args.small_reps) if batch <= 2 else self.args.reps
+
+    def choose_gelu_epilogue(self) -> None:
+        """Keep the GELU epilogue on the fast path only if the ablation measured it faster."""
+        ms = self.results.engine["ablation"]["forward_ms"]
+        with_epilogue = ms.get("compile+cudnn_sdpa+fused_qkv+gelu_epilogue", {})
+        without = ms.get("compile+cudnn_sdpa+fused_qkv", {})
+        keys = [k for k in with_epilogue if k in without and "rows2" not in k]
+        if self.fast.gelu_epilogue and keys and sum(with_epilogue[k] for k in keys) > sum(without[k] for k in keys):
+            self.fast = replace(self.fast, gelu_epilogue=False)
+            self.results.note("config", dict(self.results.engine["config"], speed=repr(self.fast),
+                                             gelu_epilogue="off: slower in the ablation"))
 
     def note_flops(self, pipe, model: str) -> None:
         flops = dict(self.results.engine.get("transformer_flops_per_row", {}))
@@ -190,7 +211,7 @@ class Bench:
             run_diffusers(self.pipe, self.device, requests("warm", 1, size, 2))
             if e2e:
                 for batch in a.batches:
-                    for rep in range(a.reps):
+                    for rep in range(self.reps(batch)):
                         run, _ = run_diffusers(self.pipe, self.device, requests(f"d{rep}", batch, size, a.steps))
                         self.results.add("engine", row("diffusers", "eager", self.model, size, batch, a.steps, run, rep=rep))
             if accuracy:
@@ -218,7 +239,7 @@ class Bench:
                 del engine.runner.decode
             if e2e:
                 for batch in a.eager_batches or a.batches:
-                    for rep in range(a.reps):
+                    for rep in range(self.reps(batch)):
                         run = run_engine(engine, self.device, requests(f"e{rep}", batch, size, a.steps))
                         self.results.add("engine", row("sd3serve", "exact-eager", self.model, size, batch, a.steps, run, rep=rep))
 
@@ -241,6 +262,7 @@ class Bench:
     def fast_accuracy(self, refs: dict) -> None:
         acc = dict(self.results.engine.get("accuracy", {}))
         transformer = self.pipe.transformer
+        fast_out = {}
         for size in self.args.sizes:
             inputs, ref = refs[size]
             self.engine_fast.attention.begin_step([], [], [], [])  # plain path, like an exact step
@@ -248,9 +270,11 @@ class Bench:
                 out = transformer(**inputs, return_dict=False)[0].float().cpu()
             self.engine_fast.attention.end_step()
             acc[f"fast_vs_eager_forward_{size}"] = relative_error(out, ref)
+            fast_out[size] = out
         if "fp32" in refs:
             size, out32 = refs["fp32"]
             acc[f"eager_bf16_vs_fp32_forward_{size}"] = relative_error(refs[size][1], out32)
+            acc[f"fast_bf16_vs_fp32_forward_{size}"] = relative_error(fast_out[size], out32)
         for size in self.args.sizes:
             latents = capture_latents(self.engine_fast)
             reqs = self.accuracy_requests(size)
@@ -265,7 +289,7 @@ class Bench:
         a, engine = self.args, self.engine_fast
         for size in a.sizes:
             for batch in a.batches:
-                for rep in range(a.reps):
+                for rep in range(self.reps(batch)):
                     run = run_engine(engine, self.device, requests(f"f{rep}", batch, size, a.steps))
                     self.results.add("engine", row("sd3serve", "exact-fast", self.model, size, batch, a.steps, run, rep=rep,
                                                    peak_steps_gb=round(run.peak_steps_bytes / GIB, 3)))
@@ -403,18 +427,6 @@ class Bench:
         self.results.note("cache_memory_per_request", self.cache_memory(engine, self.large))
 
 
-def forward_inputs(transformer, size: int, device, dtype) -> dict:
-    g = torch.Generator("cpu").manual_seed(size)
-    cfg = transformer.config
-    text = 77 + 256  # CLIP tokens + T5 tokens at max_sequence_length 256
-    return dict(
-        hidden_states=torch.randn(2, cfg.in_channels, size // 8, size // 8, generator=g).to(device, dtype),
-        timestep=torch.tensor([900.0, 300.0], device=device),
-        encoder_hidden_states=torch.randn(2, text, cfg.joint_attention_dim, generator=g).to(device, dtype),
-        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g).to(device, dtype),
-    )
-
-
 def sdpa_probe(device, sizes) -> dict:
     """Milliseconds of one SDPA call per backend on the joint-attention shapes (32 rows = batch 16)."""
     from torch.nn.attention import sdpa_kernel
@@ -462,8 +474,9 @@ def count_host_syncs(engine, device, size: int) -> dict:
                     engine.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts[label] = sum("synchroniz" in str(w.message) for w in caught) / 4
-        counts[f"{label}_examples"] = sorted({str(w.message)[:160] for w in caught})[:3]
+        syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+        counts[label] = len(syncs) / 4
+        counts[f"{label}_examples"] = sorted(set(m[:160] for m in syncs))[:3]
         while engine.has_work():
             engine.step()
     return counts
@@ -494,8 +507,10 @@ def parse_args(argv=None):
     p.add_argument("--max-probe-batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--small-reps", type=int, default=3, help="repetitions at batch <= 2")
     p.add_argument("--sdpa", default=None, help="SDPA priority for the fast path, e.g. cudnn,flash")
-    p.add_argument("--no-channels-last", action="store_true", help="keep the VAE in NCHW on the fast path")
+    p.add_argument("--vae-compile", action="store_true", help="compile the VAE decoder on the fast path")
+    p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
     args = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.parts = tuple(x for x in args.parts.split(",") if x)

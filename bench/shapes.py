@@ -152,3 +152,15 @@ def shared_parts(pipe: StableDiffusion3Pipeline) -> dict:
     names = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "vae")
     return {name: getattr(pipe, name) for name in names}
 
+
+def forward_inputs(transformer, size: int, device, dtype, rows: int = 2) -> dict:
+    """Fixed random inputs of one transformer forward at `size`² with `rows` rows."""
+    g = torch.Generator("cpu").manual_seed(size)
+    cfg = transformer.config
+    text = 77 + 256  # CLIP tokens + T5 tokens at max_sequence_length 256
+    return dict(
+        hidden_states=torch.randn(rows, cfg.in_channels, size // 8, size // 8, generator=g).to(device, dtype),
+        timestep=torch.linspace(950.0, 50.0, rows, device=device),
+        encoder_hidden_states=torch.randn(rows, text, cfg.joint_attention_dim, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(rows, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+    )

@@ -175,9 +175,16 @@ class AttentionCache:
             cached_positions=[i for i, f in enumerate(row_fresh) if not f],
         )
         if rows.cached_positions:
-            rows.fresh_index = torch.tensor(rows.fresh_positions, dtype=torch.long, device=self.device)
-            rows.cached_index = torch.tensor(rows.cached_positions, dtype=torch.long, device=self.device)
+            rows.fresh_index = self._index(rows.fresh_positions)
+            rows.cached_index = self._index(rows.cached_positions)
         self.current = rows
+
+    def _index(self, positions: list[int]) -> torch.Tensor:
+        """Row indices on the device without a host synchronisation (pinned, asynchronous copy)."""
+        index = torch.tensor(positions, dtype=torch.long)
+        if self.device.type != "cuda":
+            return index
+        return index.pin_memory().to(self.device, non_blocking=True)
 
     def end_step(self) -> None:
         self.current = None

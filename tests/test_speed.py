@@ -15,7 +15,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader import load_pipeline
 from engine.request import validate_request
-from engine.speed import FusedJointProcessor, SpeedOptions, fuse_qkv
+from engine.speed import FusedJointProcessor, LinearGeluTanh, SpeedOptions, fuse_gelu, fuse_qkv
 
 
 def test_compile_setting_accepts_auto_on_off_and_booleans():
@@ -46,7 +46,7 @@ def _transformer(**kw) -> SD3Transformer2DModel:
     [dict(), dict(qk_norm="rms_norm"), dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))],
     ids=["sd3", "sd3.5-qk-norm", "sd3.5-dual-attention"],
 )
-def test_fused_qkv_equals_separate_projections(variant):
+def test_fused_projections_equal_separate_ones(variant):
     model = _transformer(**variant)
     g = torch.Generator().manual_seed(1)
     inputs = dict(
@@ -58,7 +58,9 @@ def test_fused_qkv_equals_separate_projections(variant):
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
         fused = fuse_qkv(model)
+        gelus = fuse_gelu(model)
         out = model(**inputs, return_dict=False)[0]
+    assert gelus == len([m for m in model.modules() if isinstance(m, LinearGeluTanh)]) > 3
     assert fused == len([m for m in model.modules() if isinstance(getattr(m, "processor", None), FusedJointProcessor)])
     assert fused >= 3
     assert not any(hasattr(m, "to_q") for m in model.modules() if hasattr(m, "to_qkv"))  # weights not kept twice
