@@ -137,7 +137,7 @@ class HeldOutPrompt:
 
 def held_out_prompts(seed: int = 20251126) -> list[HeldOutPrompt]:
     """The fixed evaluation set: every combo once (280 prompts), each with its own noise seed
-    drawn from a stream training never uses; 21 of the combos were never trained on."""
+    drawn from a stream training never uses; 22 of the combos were never trained on."""
     rng = random.Random(seed)
     return [HeldOutPrompt(caption(*c), rng.randrange(2**31), is_held_out_combo(c)) for c in all_combos()]
 

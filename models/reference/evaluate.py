@@ -75,11 +75,17 @@ def evaluate(pipe, prompts: Sequence[data.HeldOutPrompt], steps: int, guidance: 
              max_sequence_length: int = 8, batch: int = 280) -> dict[str, Any]:
     images = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], steps, guidance,
                       max_sequence_length, batch)
-    oks = [judge.judge(img, p.prompt).ok for img, p in zip(images, prompts)]
+    verdicts = [judge.judge(img, p.prompt) for img, p in zip(images, prompts)]
+    oks = [v.ok for v in verdicts]
     unseen = [ok for ok, p in zip(oks, prompts) if p.held_out_combo]
-    return {"steps": steps, "guidance": guidance, "n": len(oks), "accuracy": sum(oks) / len(oks),
-            "held_out_combos": len(unseen),
-            "held_out_combo_accuracy": sum(unseen) / len(unseen) if unseen else float("nan"),
+    by_shape = {s: [v.ok for v in verdicts if v.expected[0] == s] for s in data.SHAPES}
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"steps": steps, "guidance": guidance, "n": len(oks), "accuracy": mean(oks),
+            "held_out_combos": len(unseen), "held_out_combo_accuracy": mean(unseen),
+            "shape_accuracy": mean([v.shape_ok for v in verdicts]),
+            "colour_accuracy": mean([v.colour_ok for v in verdicts]),
+            "background_accuracy": mean([v.background_ok for v in verdicts]),
+            "accuracy_by_shape": {s: mean(xs) for s, xs in by_shape.items()},
             "_images": images}
 
 
