@@ -38,9 +38,11 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
                  "rel_err_vs_eager": {}, "profiles": {}}
     args_vae_compile.on = getattr(args, "vae_compile", False)
     reference = None
-    for name, options in variants(fast):
+    chosen = [v for v in variants(fast) if not args.ablation_variants or v[0] in args.ablation_variants]
+    out["applied"] = {}
+    for name, options in chosen:
         model = copy.deepcopy(pipe.transformer)
-        apply_speed(SimpleNamespace(transformer=model, vae=None), options)
+        out["applied"][name] = apply_speed(SimpleNamespace(transformer=model, vae=None), options)
         times, first = {}, {}
         for size, rows in shapes:
             inputs = forward_inputs(model, size, device, dtype, rows)
@@ -60,7 +62,8 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
                 out["rel_err_vs_eager"][name] = round(relative_error(result, reference), 5)
         out["forward_ms"][name] = times
         out["first_call_seconds"][name] = first
-        if name in ("eager", "compile+cudnn_sdpa+fused_qkv+gelu_epilogue") and device.type == "cuda":
+        if name in ("eager", "compile+cudnn_sdpa+fused_qkv", "compile+cudnn_sdpa+fused_qkv+gelu_epilogue") \
+                and device.type == "cuda":
             size, rows = shapes[min(1, len(shapes) - 1)]
             inputs = forward_inputs(model, size, device, dtype, rows)
             out["profiles"][f"{name}_{size}_rows{rows}"] = kernel_profile(

@@ -509,6 +509,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--small-reps", type=int, default=3, help="repetitions at batch <= 2")
     p.add_argument("--sdpa", default=None, help="SDPA priority for the fast path, e.g. cudnn,flash")
+    p.add_argument("--ablation-variants", default="", help="comma list of ablation variants (default: all)")
     p.add_argument("--vae-compile", action="store_true", help="compile the VAE decoder on the fast path")
     p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
     args = p.parse_args(argv)
@@ -517,6 +518,7 @@ def parse_args(argv=None):
     args.sizes, args.batches = ints(args.sizes), ints(args.batches)
     args.caching_batches, args.large_batches = ints(args.caching_batches), ints(args.large_batches)
     args.probe_batches = ints(args.probe_batches)
+    args.ablation_variants = [v for v in args.ablation_variants.split(",") if v]
     args.eager_batches = ints(args.eager_batches) if args.eager_batches else None
     if args.smoke:
         args.sizes = [s for s in args.sizes if s <= 128] or [64]

@@ -127,14 +127,19 @@ class LinearGeluTanh(torch.nn.Module):
         return linear_gelu_tanh(hidden_states, self.proj.weight, self.proj.bias)
 
 
-def gelu_epilogue_is_tanh(device: torch.device, dtype: torch.dtype) -> bool:
-    """The fused epilogue must compute diffusers' tanh-GELU (cuBLASLt's is the tanh form)."""
+def gelu_epilogue_is_tanh(device: torch.device) -> bool:
+    """The fused epilogue must compute diffusers' tanh-GELU, not the erf form: checked in float32
+    (where the two differ by up to ~4e-4, far above float32 GEMM rounding) on pre-activations
+    of unit scale."""
     g = torch.Generator("cpu").manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=g).to(device, dtype) for shape in ((64, 256), (512, 256), (512,)))
-    fused = linear_gelu_tanh(x, w, b).float()
-    plain = (x @ w.t() + b).float()
-    tanh, erf = F.gelu(plain, approximate="tanh"), F.gelu(plain)
-    return bool((fused - tanh).abs().max() <= (fused - erf).abs().max() and torch.allclose(fused, tanh, atol=5e-2))
+    x = torch.randn(64, 256, generator=g).to(device)
+    w = (torch.randn(512, 256, generator=g) / 16).to(device)
+    b = torch.randn(512, generator=g).to(device)
+    fused = linear_gelu_tanh(x, w, b)
+    plain = torch.addmm(b, x, w.t())
+    to_tanh = (fused - F.gelu(plain, approximate="tanh")).abs().max().item()
+    to_erf = (fused - F.gelu(plain)).abs().max().item()
+    return to_tanh < 1e-4 and to_tanh * 10 < to_erf
 
 
 def fuse_gelu(transformer: torch.nn.Module) -> int:
@@ -238,8 +243,7 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
         prefer_sdpa(transformer, options.sdpa)
         done["sdpa"] = list(options.sdpa)
     if options.gelu_epilogue:
-        param = next(transformer.parameters())
-        if gelu_epilogue_is_tanh(param.device, param.dtype):
+        if gelu_epilogue_is_tanh(next(transformer.parameters()).device):
             done["gelu_epilogues"] = fuse_gelu(transformer)
         else:
             log.warning("the GEMM's GELU epilogue is not tanh-GELU on this device; left off")
