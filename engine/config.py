@@ -50,7 +50,7 @@ class EngineConfig:
     max_batch: int = 16  # running requests per sub-batch
     admit_per_boundary: int = 4  # new requests admitted at one chunk boundary
     cache_policy: str = "attention"  # used when a request has cache_interval > 1
-    latent_aware: str = "none"
+    latent_aware: str = "extrapolate"  # best fidelity at every K in bench/results/quality.json
     warmup_steps: int = 1  # first steps of a request that are always FRESH
     cache_budget_mb: int = 0  # 0: no limit on attention-cache memory
     prompt_cache_size: int = 256
