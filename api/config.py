@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from engine.config import REFERENCE_MODEL_DIR, limits_for_model, limits_from_env
 from engine.request import RequestLimits
 from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES
-from worker.env import parse_value
+from worker.env import env_values
 from worker.keys import DEFAULT_QUEUE
 from worker.storage import StorageConfig
 
@@ -42,13 +42,7 @@ class ApiConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ApiConfig":
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in ("storage", "limits"):
-                continue
-            key = f"SD3SERVE_{f.name.upper()}"
-            if key in env:
-                values[f.name] = parse_value(key, env[key], f.default)
+        values = env_values(cls, env, skip=("storage", "limits"))
         values["storage"] = StorageConfig.from_env(env)
         # Defaults (size, steps) follow the served model's sd3serve.json when its folder is here.
         values["limits"] = limits_for_model(limits_from_env(env), env.get("SD3SERVE_MODEL", str(REFERENCE_MODEL_DIR)))

@@ -5,11 +5,12 @@ Pure Python (no torch), so the API and the worker's config can share it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from engine.request import RequestLimits
+from engine.settings import env_values
 
 REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sd3-shapes"
 LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate")
@@ -26,20 +27,6 @@ def normalize_compile(value: Any) -> str:
     if setting is None:
         raise ValueError(f"compile must be auto, on or off (or true/false), got {value!r}")
     return setting
-
-
-def _parse(value: str, like: Any) -> Any:
-    if isinstance(like, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
-    if isinstance(like, int):
-        return int(value)
-    if isinstance(like, float):
-        return float(value)
-    return value
 
 
 @dataclass(frozen=True)
@@ -79,16 +66,7 @@ class EngineConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "EngineConfig":
         """Read `SD3SERVE_<FIELD>` (and `SD3SERVE_<LIMIT>` for request limits); overrides win."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name == "limits":
-                continue
-            key = f"SD3SERVE_{f.name.upper()}"
-            if key in env:
-                try:
-                    values[f.name] = _parse(env[key], f.default)
-                except ValueError as exc:
-                    raise ValueError(f"{key}: {exc}") from None
+        values = env_values(cls, env, skip=("limits",))
         values["limits"] = limits_from_env(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -96,15 +74,7 @@ class EngineConfig:
 
 def limits_from_env(env: Mapping[str, str] | None = None) -> RequestLimits:
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in fields(RequestLimits):
-        key = f"SD3SERVE_{f.name.upper()}"
-        if key in env:
-            try:
-                values[f.name] = _parse(env[key], f.default)
-            except ValueError as exc:
-                raise ValueError(f"{key}: {exc}") from None
-    return replace(RequestLimits(), **values)
+    return replace(RequestLimits(), **env_values(RequestLimits, env))
 
 
 MODEL_DEFAULTS_FILE = "sd3serve.json"

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from engine.config import EngineConfig
 from worker.keys import DEFAULT_QUEUE
-from worker.env import parse_value
+from worker.env import env_values
 from worker.storage import StorageConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -61,13 +61,7 @@ class WorkerConfig:
         """`SD3SERVE_<FIELD>` for this class's fields (SD3SERVE_QUEUE, SD3SERVE_HEARTBEAT_TTL, ...),
         plus the engine's and the storage's variables. Overrides that are None are ignored."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in ("engine", "storage"):
-                continue
-            key = f"SD3SERVE_{f.name.upper()}"
-            if key in env:
-                values[f.name] = parse_value(key, env[key], f.default)
+        values = env_values(cls, env, skip=("engine", "storage"))
         engine_overrides = overrides.pop("engine_overrides", None) or {}
         storage_overrides = overrides.pop("storage_overrides", None) or {}
         values["engine"] = EngineConfig.from_env(env, **engine_overrides)

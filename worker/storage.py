@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from worker.env import parse_value
+from worker.env import env_values
 
 log = logging.getLogger("sd3serve.storage")
 
@@ -81,20 +81,8 @@ class StorageConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "StorageConfig":
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        names = {"backend": "SD3SERVE_STORAGE", "data_dir": "SD3SERVE_DATA_DIR"}
-        for f in fields(cls):
-            if f.name == "retry":
-                continue
-            key = names.get(f.name, f"SD3SERVE_{f.name.upper()}")
-            if key in env:
-                values[f.name] = parse_value(key, env[key], f.default)
-        retry_values: dict[str, Any] = {}
-        for f in fields(RetryPolicy):
-            key = f"SD3SERVE_STORAGE_{f.name.upper()}"
-            if key in env:
-                retry_values[f.name] = parse_value(key, env[key], f.default)
-        values["retry"] = RetryPolicy(**retry_values)
+        values = env_values(cls, env, skip=("retry",), names={"backend": "SD3SERVE_STORAGE"})
+        values["retry"] = RetryPolicy(**env_values(RetryPolicy, env, prefix="SD3SERVE_STORAGE_"))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
