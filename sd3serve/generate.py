@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--compile", choices=("auto", "on", "off"), help="the fast exact path; auto = on for CUDA")
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"),
                         help="output PNG; with several prompts, a folder (default: out.png / outputs/)")
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = EngineConfig.from_env(
             model=args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-            cache_policy=args.cache_policy, latent_aware=args.latent_aware,
+            cache_policy=args.cache_policy, latent_aware=args.latent_aware, compile=args.compile,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--admit-per-boundary", type=int, help="new requests per chunk boundary at most")
     engine.add_argument("--cache-policy", choices=("attention", "step"))
     engine.add_argument("--latent-aware", choices=("none", "seed", "extrapolate"))
+    engine.add_argument("--compile", choices=("auto", "on", "off"),
+                        help="the fast exact path (torch.compile, fused QKV); auto = on for CUDA (SD3SERVE_COMPILE)")
     output = parser.add_argument_group("storage and metrics")
     output.add_argument("--storage", choices=("local", "s3"), help="where images go (SD3SERVE_STORAGE)")
     output.add_argument("--data-dir", help="local storage folder (SD3SERVE_DATA_DIR)")
@@ -48,7 +50,7 @@ def build_config(args: argparse.Namespace):
         metrics_port=args.metrics_port, log_level=args.log_level,
         engine_overrides=dict(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                               admit_per_boundary=args.admit_per_boundary, cache_policy=args.cache_policy,
-                              latent_aware=args.latent_aware),
+                              latent_aware=args.latent_aware, compile=args.compile),
         storage_overrides=dict(backend=args.storage, data_dir=args.data_dir),
     )
 
