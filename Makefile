@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 REDIS_PORT ?= 6379
 
-.PHONY: venv demo test test-fast system-deps redis clean
+.PHONY: venv demo test test-fast system-deps redis screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test-fast: venv redis
 
 demo: venv
 	$(PY) -m sd3serve.demo
+
+# Refresh docs/playground.png from a real run of the playground against the reference model.
+screenshot: venv system-deps redis
+	SD3SERVE_UPDATE_SCREENSHOT=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_playground.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
