@@ -28,7 +28,6 @@ import logging
 import os
 import platform
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,16 +36,16 @@ import torch
 from bench import shapes
 from bench.shapes import forward_inputs
 from bench.flops import step_flops
-from bench.measure import GIB, event_time_ms, matmul_tflops, relative_error, synchronize
+from bench.measure import GIB, card_name, event_time_ms, matmul_tflops, relative_error, synchronize
+from bench.memory_parts import CachingAndMemoryParts
+from bench.probes import count_host_syncs, sdpa_probe
 from bench.runs import (
     capture_latents,
-    clear,
     make_engine,
     requests,
     row,
     run_diffusers,
     run_engine,
-    step_time_all_rows,
 )
 from bench.ablation import ablation
 from bench.summary import caching_summary, engine_summary
@@ -84,7 +83,7 @@ class Results:
             tmp.replace(path)
 
 
-class Bench:
+class Bench(CachingAndMemoryParts):
     def __init__(self, args) -> None:
         self.args = args
         self.device = torch.device("cpu" if args.smoke else "cuda")
@@ -300,96 +299,6 @@ class Bench:
                 self.results.add("engine", row("sd3serve", "attention-k3-fast", self.model, size, batch, a.steps, run,
                                                fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3)))
 
-    def caching_part(self) -> None:
-        a, engine = self.args, self.engine_fast
-        modes = [("exact", 1, None), ("attention", 2, "attention"), ("attention", 3, "attention"),
-                 ("attention", 4, "attention"), ("step", 5, "step")]
-        engine.generate(requests("warm", 2, min(a.sizes), 6, k=5, policy="step"))
-        for size in a.sizes:
-            for batch in a.caching_batches:
-                t_exact = step_time_all_rows(engine, self.device, requests("ax", batch, size, a.steps), fresh=True)
-                t_cached = step_time_all_rows(engine, self.device, requests("ac", batch, size, a.steps, k=8, policy="attention"), fresh=False)
-                t_skip = step_time_all_rows(engine, self.device, requests("as", batch, size, a.steps, k=8, policy="step"), fresh=False)
-                shares = dict(attention=t_cached / t_exact, step=t_skip / t_exact)
-                exact_ms = None
-                for mode, k, policy in modes:
-                    run = run_engine(engine, self.device, requests(f"c{mode}{k}", batch, size, a.steps, k=k, policy=policy))
-                    fresh = run.fresh_ratios[1:-1]
-                    f = sum(fresh) / max(len(fresh), 1)
-                    exact_ms = exact_ms or run.ms_per_step
-                    share = shares.get(mode, 1.0)
-                    ideal = 1 / (share + (1 - share) / k)
-                    ideal_plan = 1 / (share + (1 - share) * f)
-                    speedup = exact_ms / run.ms_per_step
-                    self.results.add("caching", dict(
-                        mode=mode, K=k, size=size, batch=batch, ms_per_step=round(run.ms_per_step, 2),
-                        speedup_vs_exact=round(speedup, 3), ideal_speedup=round(ideal, 3),
-                        fraction_of_ideal=round(speedup / ideal, 3), fresh_ratio=round(f, 3),
-                        ideal_speedup_at_fresh_ratio=round(ideal_plan, 3),
-                        fraction_of_ideal_at_fresh_ratio=round(speedup / ideal_plan, 3),
-                        a=round(share, 4), exact_step_ms_direct=round(t_exact, 2),
-                        all_cached_step_ms_direct=round(t_cached if mode != "step" else t_skip, 2),
-                    ))
-
-    def memory_part(self) -> None:
-        a = self.args
-        per_request = self.cache_memory(self.engine_fast, self.model)
-        self.results.note("cache_memory_per_request", per_request)
-        self.results.note("max_batch", self.max_batch_probe(self.engine_fast, max(a.sizes)))
-
-    def cache_memory(self, engine, model: str) -> dict:
-        out = dict(self.results.engine.get("cache_memory_per_request", {}))
-        for size in self.args.sizes:
-            reqs = requests("cm", 2, size, 4, k=3, policy="attention")
-            synchronize(self.device)
-            before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-            for r in reqs:
-                engine.add(r)
-            engine.step()
-            synchronize(self.device)
-            after = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-            out[f"{model}_{size}"] = dict(
-                formula_mb=round(engine.request_cache_bytes(reqs[0], "attention") / 2**20, 1),
-                accounted_mb=round(engine.cache_bytes() / 2 / 2**20, 1),
-                allocated_mb=round((after - before) / 2 / 2**20, 1),
-            )
-            clear(engine)
-        return out
-
-    def max_batch_probe(self, engine, size: int) -> dict:
-        """Peak memory of one exact step at growing batches; the largest batch that fits is
-        extrapolated linearly and then checked with one step at that batch."""
-        if self.device.type != "cuda":
-            return {}
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        points = {}
-
-        def one_step(n: int) -> int | None:
-            engine.scheduler.max_batch = engine.scheduler.admit_per_boundary = max(n, engine.scheduler.max_batch)
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            for r in requests(f"mb{n}", n, size, self.args.steps):
-                engine.add(r)
-            report = engine.step()
-            synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            clear(engine)
-            return None if report.failed else peak
-
-        for n in self.args.probe_batches:
-            points[n] = one_step(n)
-        (n1, p1), (n2, p2) = sorted((n, p) for n, p in points.items() if p)[-2:]
-        per_request = (p2 - p1) / (n2 - n1)
-        fixed = p1 - per_request * n1
-        predicted = int((total * 0.97 - fixed) // per_request)
-        check = min(predicted, self.args.max_probe_batch)
-        points[check] = one_step(check)
-        return dict(size=size, total_gib=round(total / GIB, 2), step_peak_gib={n: None if p is None else round(p / GIB, 2)
-                                                                                 for n, p in points.items()},
-                    per_request_mib=round(per_request / 2**20, 1), fixed_gib=round(fixed / GIB, 2),
-                    predicted_max_batch=predicted, checked_batch=check, checked_fits=points[check] is not None)
-
     def large_part(self) -> None:
         a = self.args
         self.engine_fast = None
@@ -425,71 +334,6 @@ class Bench:
             self.results.add("engine", row("sd3serve", "exact-fast", self.large, size, batch, a.steps, run))
         engine.generate(requests("warm", 1, min(a.sizes), 2, k=3, policy="attention"))
         self.results.note("cache_memory_per_request", self.cache_memory(engine, self.large))
-
-
-def sdpa_probe(device, sizes) -> dict:
-    """Milliseconds of one SDPA call per backend on the joint-attention shapes (32 rows = batch 16)."""
-    from torch.nn.attention import sdpa_kernel
-
-    from engine.speed import sdpa_priority
-
-    out = {}
-    for rows, heads, size in [(32, 24, 1024), (2, 24, 1024), (32, 24, 512), (2, 38, 1024)]:
-        if size not in sizes:
-            continue
-        tokens = (size // 16) ** 2 + 333
-        q, k, v = (torch.randn(rows, heads, tokens, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
-        ref = None
-        key = f"rows{rows}_heads{heads}_tokens{tokens}"
-        out[key] = {}
-        for name in ("flash", "cudnn", "efficient"):
-            try:
-                with sdpa_kernel(sdpa_priority((name,))):
-                    ms = event_time_ms(device, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats=5)
-                    res = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                ref = res if ref is None else ref
-                out[key][name] = dict(ms=round(ms, 3), tflops=round(4 * rows * heads * tokens * tokens * 64 / ms / 1e9, 1),
-                                      rel_err_vs_flash=round(relative_error(res, ref), 5))
-            except RuntimeError as exc:
-                out[key][name] = f"unavailable: {str(exc)[:120]}"
-        del q, k, v
-    return out
-
-
-def count_host_syncs(engine, device, size: int) -> dict:
-    """Synchronising calls (`torch.cuda.set_sync_debug_mode`) in steady steps: after admission,
-    before any request finishes."""
-    if device.type != "cuda":
-        return {}
-    counts = {}
-    for label, k, policy in (("exact", 1, None), ("attention_k3", 3, "attention")):
-        for r in requests(f"sync{label}", 2, size, 8, k=k, policy=policy):
-            engine.add(r)
-        engine.step()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for _ in range(4):
-                    engine.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
-        counts[label] = len(syncs) / 4
-        counts[f"{label}_examples"] = sorted(set(m[:160] for m in syncs))[:3]
-        while engine.has_work():
-            engine.step()
-    return counts
-
-
-def card_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for card in ("h200", "h100", "a100", "l40s", "b200"):
-        if card in name:
-            return card
-    return name.split()[-1]
 
 
 def parse_args(argv=None):

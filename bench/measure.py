@@ -101,3 +101,13 @@ def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> 
 def relative_error(fast: torch.Tensor, ref: torch.Tensor) -> float:
     fast, ref = fast.double(), ref.double()
     return float(torch.linalg.vector_norm(fast - ref) / torch.linalg.vector_norm(ref))
+
+
+def card_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for card in ("h200", "h100", "a100", "l40s", "b200"):
+        if card in name:
+            return card
+    return name.split()[-1]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ QUICK_CONFIGS = [("exact", 1, "none")] + [(p, 3, la) for p in ("attention", "ste
 PSNR_CAP = 100.0  # identical images have infinite PSNR; JSON gets this cap
 
 
-def card_name(device: torch.device) -> str:
+def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
@@ -167,7 +166,7 @@ def write_results(args, argv, rows, columns, prompts, defaults, device) -> dict:
     cached = [r for r in rows if r["policy"] == "attention" and r["cache_interval"] == 3]
     best = max(cached, key=lambda r: (r["psnr_vs_exact"], r["judge_accuracy"])) if cached else None
     result = dict(
-        model=Path(args.model).name, card=card_name(device), torch=torch.__version__, dtype=args.dtype,
+        model=Path(args.model).name, card=device_label(device), torch=torch.__version__, dtype=args.dtype,
         prompts=len(prompts), steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
         batch=args.batch, exact_accuracy=exact_accuracy, rows=rows,
         best_latent_aware_attention_k3=best["latent_aware"] if best else None,
