@@ -75,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: cannot load model {config.model!r}: {exc}") from None
     total = sum(r.steps for r in requests)
     with tqdm(total=total, desc="denoising", unit="step", file=sys.stderr) as bar:
-        images = engine.generate(requests, progress=lambda report: bar.update(report.batch_size))
+        try:
+            images = engine.generate(requests, progress=lambda report: bar.update(report.batch_size))
+        except (ValueError, RuntimeError) as exc:  # over the cache budget, out of memory
+            raise SystemExit(f"error: {exc}") from None
     paths = _write(requests, images, args.output)
     for request, path in zip(requests, paths):
         print(f"{path}\tseed={request.seed}\t{request.prompt}")
