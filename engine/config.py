@@ -91,8 +91,24 @@ def read_model_defaults(model: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def model_max_side(model: str) -> int | None:
+    """The largest image side a local SD3 model folder can take: its transformer's position
+    embedding covers `pos_embed_max_size` patches of `patch_size` latents, each latent pixel
+    `2 ** (len(vae.block_out_channels) - 1)` image pixels. None when the folder doesn't say."""
+    import json
+
+    try:
+        transformer = json.loads((Path(model) / "transformer" / "config.json").read_text())
+        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        return int(transformer["pos_embed_max_size"]) * int(transformer["patch_size"]) * scale
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def limits_for_model(limits: RequestLimits, model: str) -> RequestLimits:
-    """Fill request defaults from the model's `sd3serve.json` where the environment set none."""
+    """Fill request defaults from the model's `sd3serve.json` where the environment set none,
+    and cap the image side at what the model's position embedding covers."""
     defaults = read_model_defaults(model)
     mapping = {
         "width": "default_width",
@@ -105,4 +121,7 @@ def limits_for_model(limits: RequestLimits, model: str) -> RequestLimits:
         for source, target in mapping.items()
         if source in defaults and getattr(limits, target) == getattr(RequestLimits(), target)
     }
+    max_side = model_max_side(model)
+    if max_side is not None and max_side < limits.max_side:
+        changes["max_side"] = max_side
     return replace(limits, **changes)

@@ -72,3 +72,16 @@ def test_limits_and_config_from_env(tmp_path):
     (tmp_path / "sd3serve.json").write_text('{"width": 256, "steps": 9}')
     model_limits = limits_for_model(RequestLimits(), str(tmp_path))
     assert (model_limits.default_width, model_limits.default_steps) == (256, 9)
+    assert model_limits.max_side == RequestLimits().max_side  # no configs: nothing to cap
+
+
+def test_max_side_follows_the_models_position_embedding(tmp_path):
+    for part, config in (("transformer", '{"pos_embed_max_size": 64, "patch_size": 2}'),
+                         ("vae", '{"block_out_channels": [32, 64, 128, 128]}')):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(config)
+    limits = limits_for_model(RequestLimits(max_side=2048), str(tmp_path))
+    assert limits.max_side == 1024  # 64 patches x 2 latents x 8 pixels
+    with pytest.raises(RequestValidationError, match="between 64 and 1024"):
+        validate_request({"prompt": "a", "width": 1040}, limits)
+    assert limits_for_model(RequestLimits(max_side=512), str(tmp_path)).max_side == 512
