@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,21 +60,14 @@ def requests_for(prompts, policy: str, k: int, defaults: dict) -> list[Generatio
 
 def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str):
     """Stream `requests` through a fresh engine; return uint8 images and fresh-step counts."""
-    config = EngineConfig(**{**base.__dict__, "latent_aware": latent_aware,
-                             "cache_policy": "attention" if policy == "exact" else policy})
+    config = replace(base, latent_aware=latent_aware, cache_policy="attention" if policy == "exact" else policy)
     engine = Engine(config, pipe)
-    pending = list(requests)
-    images: dict[str, np.ndarray] = {}
     fresh: dict[str, int] = {}
-    while pending or engine.has_work():
-        for _ in range(min(engine.admission_slots(), len(pending))):
-            engine.add(pending.pop(0))
-        report = engine.step()
-        if report.failed:
-            raise RuntimeError(report.failed[0].message)
-        for item in report.finished:
-            images[item.request.request_id] = np.asarray(item.image.convert("RGB"))
-            fresh[item.request.request_id] = item.fresh_steps
+
+    def record(report) -> None:
+        fresh.update({item.request.request_id: item.fresh_steps for item in report.finished})
+
+    images = {rid: np.asarray(image.convert("RGB")) for rid, image in engine.generate(requests, progress=record).items()}
     ids = [r.request_id for r in requests]
     return [images[i] for i in ids], [fresh[i] for i in ids], engine
 

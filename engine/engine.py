@@ -163,8 +163,8 @@ class Engine:
             torch.cuda.empty_cache()
         victim = max(plan.requests, key=lambda r: self._admitted_at.get(r.request_id, 0.0))
         victim.canceled = True
-        self.scheduler.drop_canceled()
-        self._forget(victim)
+        for req in self.scheduler.drop_canceled():  # only the victim: step() dropped the rest already
+            self._forget(req)
         log.warning("step failed (%s); dropping request %s: %s", code, victim.request_id, exc)
         report.failed.append(
             FailedRequest(victim.request, code, f"the GPU ran out of memory with a batch of {len(plan.requests)}: {exc}")
