@@ -5,38 +5,101 @@
 For each forward the runner says, per row, whether it is FRESH (compute attention, refresh the
 cache) or CACHED (reuse the stored output). Only FRESH rows are gathered into the wrapped
 processor, so only they pay for the Q/K/V projections and SDPA; CACHED rows get their stored
-outputs (image and text streams, after the output projections) scattered back. Norms,
-modulation and MLPs outside the attention module run for every row with its own timestep.
+outputs (image and text streams, after the output projections). Norms, modulation and MLPs
+outside the attention module run for every row with its own timestep.
+
+Storage is one tensor per layer, output stream and image size (`SlotPool`), with one slot per
+cached row: a step costs a fixed handful of `index_select` / `index_copy_` kernels per layer,
+whatever the batch, and no per-row Python. Slots and refresh steps are bookkept once per step
+by `AttentionCache.begin_step`.
 
 With `extrapolate=True` a CACHED row gets the first-order extrapolation of its last two fresh
 outputs, `a1 + (a1 - a0) * (t - t1) / (t1 - t0)`, in step units, instead of a constant hold.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 CacheKey = tuple[str, int]  # (request id, row within the request: 0 uncond / 1 cond)
+Group = tuple[int, ...]  # rows of one image size share a pool (the latent's spatial shape)
 
 
 @dataclass
-class CachedOutput:
-    outputs: tuple[torch.Tensor, ...]  # (image stream,) or (image stream, text stream); each (1, seq, dim)
-    step: int
-    previous: tuple[torch.Tensor, ...] | None = None
-    previous_step: int = 0
+class SlotHistory:
+    slot: int
+    step: int  # step of the last refresh
+    previous_step: int | None = None  # step of the refresh before it
 
 
 @dataclass
 class StepRows:
-    keys: list[CacheKey]
-    fresh: list[bool]
-    steps: list[int]
-    fresh_positions: list[int] = field(default_factory=list)
-    cached_positions: list[int] = field(default_factory=list)
-    fresh_index: torch.Tensor | None = None
-    cached_index: torch.Tensor | None = None
+    """What every layer needs for one step, built once by `AttentionCache.begin_step`."""
+
+    group: Group
+    rows: int
+    fresh_index: torch.Tensor  # positions of FRESH rows in the batch
+    cached_index: torch.Tensor | None  # positions of CACHED rows, None when every row is FRESH
+    cached_slots: torch.Tensor | None
+    weights: torch.Tensor | None  # (n_cached, 1, 1) extrapolation weights, None for a hold
+    store_from: torch.Tensor | None  # positions among the FRESH rows whose outputs are kept
+    store_slots: torch.Tensor | None
+    first_from: torch.Tensor | None  # ... of those, rows refreshed for the first time
+    first_slots: torch.Tensor | None
+
+
+class SlotPool:
+    """One layer's cached outputs for one image size: `last[k]` (and `previous[k]` when
+    extrapolating) of shape (capacity, seq_k, dim_k) per output stream k."""
+
+    def __init__(self, extrapolate: bool) -> None:
+        self.extrapolate = extrapolate
+        self.last: list[torch.Tensor] = []
+        self.previous: list[torch.Tensor] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.last[0].shape[0] if self.last else 0
+
+    def slot_bytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.last + self.previous)
+
+    def reserve(self, capacity: int, like: tuple[torch.Tensor, ...]) -> None:
+        """Grow to `capacity` slots, keeping what is stored. Pools are per layer, so growing
+        holds two copies of one layer's pool at most, not of the whole cache."""
+        if capacity <= self.capacity:
+            return
+        old = self.capacity
+        self.last = [self._grown(self.last, k, o, capacity, old) for k, o in enumerate(like)]
+        if self.extrapolate:
+            self.previous = [self._grown(self.previous, k, o, capacity, old) for k, o in enumerate(like)]
+
+    @staticmethod
+    def _grown(tensors: list[torch.Tensor], k: int, like: torch.Tensor, capacity: int, old: int) -> torch.Tensor:
+        new = like.new_zeros((capacity,) + tuple(like.shape[1:]))
+        if old:
+            new[:old].copy_(tensors[k])
+        return new
+
+    def store(self, outputs: tuple[torch.Tensor, ...], rows: StepRows) -> None:
+        for k, out in enumerate(outputs):
+            kept = out.index_select(0, rows.store_from)
+            if self.extrapolate:
+                self.previous[k].index_copy_(0, rows.store_slots, self.last[k].index_select(0, rows.store_slots))
+            self.last[k].index_copy_(0, rows.store_slots, kept)
+            if self.extrapolate and rows.first_slots is not None:  # no history yet: a hold
+                self.previous[k].index_copy_(0, rows.first_slots, out.index_select(0, rows.first_from))
+
+    def recall(self, rows: StepRows) -> list[torch.Tensor]:
+        values = []
+        for k, last in enumerate(self.last):
+            a1 = last.index_select(0, rows.cached_slots)
+            if rows.weights is not None:
+                a0 = self.previous[k].index_select(0, rows.cached_slots)
+                a1 = torch.lerp(a1, a0, -rows.weights.to(a1.dtype))  # a1 + (a1 - a0) * w
+            values.append(a1)
+        return values
 
 
 class CachingAttnProcessor:
@@ -44,7 +107,7 @@ class CachingAttnProcessor:
         self.owner = owner
         self.layer = layer
         self.inner = inner
-        self.store: dict[CacheKey, CachedOutput] = {}
+        self.pools: dict[Group, SlotPool] = {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         # A plain bool, so a compiled block inlines the exact path and guards on nothing else.
@@ -54,73 +117,52 @@ class CachingAttnProcessor:
 
     @torch.compiler.disable
     def _with_cache(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        """Gather the FRESH rows into the wrapped processor, scatter cached outputs back. Runs
-        outside any compiled graph (its bookkeeping is Python); `owner.fresh_attention` may be
-        a compiled version of the wrapped processor."""
+        """Gather the FRESH rows into the wrapped processor, take CACHED rows from the pool.
+        Runs outside any compiled graph; `owner.fresh_attention` may be a compiled version of
+        the wrapped processor."""
         rows = self.owner.current
         inner = self.owner.fresh_attention or self.inner
-        if rows.cached_index is None:  # every row FRESH
-            out = inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-            self._remember(out if isinstance(out, tuple) else (out,), list(range(len(rows.keys))), rows)
-            return out
-        fi, ci = rows.fresh_index, rows.cached_index
-        n_out = 2 if encoder_hidden_states is not None else 1
-        cached = self._recall(rows, n_out)
-        if fi.numel() == 0:
-            parts = cached
-        else:
-            sub = inner(
-                attn,
-                hidden_states.index_select(0, fi),
-                None if encoder_hidden_states is None else encoder_hidden_states.index_select(0, fi),
-                attention_mask,
-                *args,
-                **kwargs,
-            )
-            sub = sub if isinstance(sub, tuple) else (sub,)
-            self._remember(sub, [int(i) for i in rows.fresh_positions], rows)
-            parts = []
-            for fresh_part, cached_part in zip(sub, cached):
-                full = fresh_part.new_empty((len(rows.keys),) + tuple(fresh_part.shape[1:]))
-                full.index_copy_(0, fi, fresh_part)
-                full.index_copy_(0, ci, cached_part)
-                parts.append(full)
-        return tuple(parts) if n_out == 2 else parts[0]
-
-    def _remember(self, outputs: tuple[torch.Tensor, ...], positions: list[int], rows: StepRows) -> None:
-        for j, pos in enumerate(positions):
-            key = rows.keys[pos]
-            if key not in self.owner.caching_keys:
-                continue
-            new = tuple(o[j : j + 1] for o in outputs)
-            old = self.store.get(key)
-            if self.owner.extrapolate and old is not None:
-                self.store[key] = CachedOutput(new, rows.steps[pos], old.outputs, old.step)
+        pool = self.pools.get(rows.group)
+        if rows.cached_index is not None and pool is None:
+            raise RuntimeError(f"no cached attention for group {rows.group} in layer {self.layer}")
+        fresh = None
+        if rows.fresh_index.numel():
+            if rows.cached_index is None:
+                fresh_in = (hidden_states, encoder_hidden_states)
             else:
-                self.store[key] = CachedOutput(new, rows.steps[pos])
+                fresh_in = (
+                    hidden_states.index_select(0, rows.fresh_index),
+                    None if encoder_hidden_states is None else encoder_hidden_states.index_select(0, rows.fresh_index),
+                )
+            fresh = inner(attn, *fresh_in, attention_mask, *args, **kwargs)
+            fresh = fresh if isinstance(fresh, tuple) else (fresh,)
+            if rows.store_slots is not None:
+                if pool is None:
+                    pool = self.pools[rows.group] = SlotPool(self.owner.extrapolate)
+                pool.reserve(self.owner.capacity(rows.group), fresh)
+                pool.store(fresh, rows)
+        if rows.cached_index is None:
+            parts = list(fresh)
+        else:
+            cached = pool.recall(rows)
+            if fresh is None:
+                parts = cached
+            else:
+                parts = []
+                for fresh_part, cached_part in zip(fresh, cached):
+                    full = fresh_part.new_empty((rows.rows,) + tuple(fresh_part.shape[1:]))
+                    full.index_copy_(0, rows.fresh_index, fresh_part)
+                    full.index_copy_(0, rows.cached_index, cached_part)
+                    parts.append(full)
+        return tuple(parts) if len(parts) > 1 else parts[0]
 
-    def _recall(self, rows: StepRows, n_out: int) -> list[torch.Tensor]:
-        per_row = []
-        for pos in rows.cached_positions:
-            entry = self.store.get(rows.keys[pos])
-            if entry is None:
-                raise RuntimeError(f"no cached attention for {rows.keys[pos]} in layer {self.layer}")
-            per_row.append(self._value(entry, rows.steps[pos]))
-        return [torch.cat([r[k] for r in per_row]) for k in range(n_out)]
-
-    def _value(self, entry: CachedOutput, step: int) -> tuple[torch.Tensor, ...]:
-        if entry.previous is None or entry.step == entry.previous_step:
-            return entry.outputs
-        w = (step - entry.step) / (entry.step - entry.previous_step)
-        return tuple(a1 + (a1 - a0) * w for a1, a0 in zip(entry.outputs, entry.previous))
-
-    def release(self, request_id: str) -> None:
-        for key in [k for k in self.store if k[0] == request_id]:
-            del self.store[key]
+    def drop(self, group: Group) -> None:
+        self.pools.pop(group, None)
 
 
 class AttentionCache:
-    """Installs caching processors on every attention module of a transformer."""
+    """Installs caching processors on every attention module of a transformer and keeps the
+    per-step bookkeeping: which slot holds which row, and when each row was last refreshed."""
 
     def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False, compile_fresh=None) -> None:
         """`compile_fresh`: a function that compiles the FRESH-rows attention call (engine/speed.py
@@ -130,7 +172,8 @@ class AttentionCache:
         self.current: StepRows | None = None
         self.caching = False  # does this step read or write the cache at all?
         self.fresh_attention = None
-        self.caching_keys: set[CacheKey] = set()
+        self.history: dict[Group, dict[CacheKey, SlotHistory]] = {}
+        self._capacity: dict[Group, int] = {}
         self.processors: list[CachingAttnProcessor] = []
         modules = [m for m in transformer.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
         for layer, module in enumerate(modules):
@@ -156,51 +199,104 @@ class AttentionCache:
             return None
         return None
 
-    def begin_step(self, row_ids: list[str], row_fresh: list[bool], row_steps: list[int], row_caches: list[bool]) -> None:
+    def begin_step(self, row_ids: list[str], row_fresh: list[bool], row_steps: list[int], row_caches: list[bool],
+                   group: Group = ()) -> None:
+        """Rows of one sub-batch (all of one image size, `group`): request id, FRESH or not, the
+        request's step, and whether the row keeps a cache (the `attention` policy)."""
         keys: list[CacheKey] = []
         seen: dict[str, int] = {}
         for rid in row_ids:
             keys.append((rid, seen.get(rid, 0)))
             seen[rid] = seen.get(rid, 0) + 1
-        self.caching_keys = {k for k, c in zip(keys, row_caches) if c}
-        self.caching = bool(self.caching_keys) or not all(row_fresh)
+        self.caching = any(row_caches) or not all(row_fresh)
         if not self.caching:  # exact rows only: the processors take the plain path
             self.current = None
             return
-        rows = StepRows(
-            keys,
-            row_fresh,
-            row_steps,
-            fresh_positions=[i for i, f in enumerate(row_fresh) if f],
-            cached_positions=[i for i, f in enumerate(row_fresh) if not f],
+        history = self.history.setdefault(group, {})
+        fresh_pos = [i for i, f in enumerate(row_fresh) if f]
+        cached_pos = [i for i, f in enumerate(row_fresh) if not f]
+        cached_slots, weights = [], []
+        for i in cached_pos:
+            entry = history.get(keys[i])
+            if entry is None:
+                raise RuntimeError(f"no cached attention for {keys[i]}: its first step must be FRESH")
+            cached_slots.append(entry.slot)
+            if entry.previous_step is None or entry.previous_step == entry.step:
+                weights.append(0.0)
+            else:
+                weights.append((row_steps[i] - entry.step) / (entry.step - entry.previous_step))
+        store_from, store_slots, first_from, first_slots = [], [], [], []
+        for j, i in enumerate(fresh_pos):
+            if not row_caches[i]:
+                continue
+            entry = history.get(keys[i])
+            if entry is None:
+                entry = history[keys[i]] = SlotHistory(self._free_slot(group), row_steps[i])
+                first_from.append(j)
+                first_slots.append(entry.slot)
+            else:
+                entry.previous_step, entry.step = entry.step, row_steps[i]
+            store_from.append(j)
+            store_slots.append(entry.slot)
+        extrapolating = self.extrapolate and any(w != 0.0 for w in weights)
+        self.current = StepRows(
+            group=group,
+            rows=len(keys),
+            fresh_index=self._index(fresh_pos),
+            cached_index=self._index(cached_pos) if cached_pos else None,
+            cached_slots=self._index(cached_slots) if cached_pos else None,
+            weights=self._to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)) if extrapolating else None,
+            store_from=self._index(store_from) if store_from else None,
+            store_slots=self._index(store_slots) if store_slots else None,
+            first_from=self._index(first_from) if first_from and self.extrapolate else None,
+            first_slots=self._index(first_slots) if first_slots and self.extrapolate else None,
         )
-        if rows.cached_positions:
-            rows.fresh_index = self._index(rows.fresh_positions)
-            rows.cached_index = self._index(rows.cached_positions)
-        self.current = rows
+
+    def _free_slot(self, group: Group) -> int:
+        used = {e.slot for e in self.history[group].values()}
+        slot = next(s for s in range(len(used) + 1) if s not in used)
+        self._capacity[group] = max(self._capacity.get(group, 0), slot + 1)
+        return slot
+
+    def capacity(self, group: Group) -> int:
+        """Slots a pool of `group` must have: the most rows cached at once since it was last empty."""
+        return self._capacity.get(group, 0)
 
     def _index(self, positions: list[int]) -> torch.Tensor:
-        """Row indices on the device without a host synchronisation (pinned, asynchronous copy)."""
-        index = torch.tensor(positions, dtype=torch.long)
+        return self._to_device(torch.tensor(positions, dtype=torch.long))
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Pinned, asynchronous copy: no host synchronisation inside the step loop."""
         if self.device.type != "cuda":
-            return index
-        return index.pin_memory().to(self.device, non_blocking=True)
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def end_step(self) -> None:
         self.current = None
         self.caching = False
 
     def release(self, request_id: str) -> None:
-        for proc in self.processors:
-            proc.release(request_id)
+        for group, history in list(self.history.items()):
+            for key in [k for k in history if k[0] == request_id]:
+                del history[key]
+            if not history:  # the size's last cached request left: give its memory back
+                del self.history[group]
+                self._capacity.pop(group, None)
+                for proc in self.processors:
+                    proc.drop(group)
 
     def nbytes(self) -> int:
+        """Bytes holding the outputs of the rows cached now (what the admission budget counts)."""
         total = 0
-        for proc in self.processors:
-            for entry in proc.store.values():
-                for group in (entry.outputs, entry.previous or ()):
-                    total += sum(t.numel() * t.element_size() for t in group)
+        for group, history in self.history.items():
+            slot_bytes = sum(p.pools[group].slot_bytes() for p in self.processors if group in p.pools)
+            total += slot_bytes * len(history)
         return total
+
+    def allocated_bytes(self) -> int:
+        """Bytes of all pools, free slots included (at most the peak of `nbytes` since each size's
+        pool was last empty)."""
+        return sum(pool.slot_bytes() * pool.capacity for p in self.processors for pool in p.pools.values())
 
 
 def _call_inner(attn, *args, **kwargs):

@@ -140,7 +140,8 @@ class Runner:
             row_fresh = [plan.fresh[i] or plan.requests[i].policy != "attention" for i, n in zip(ids, rows) for _ in range(n)]
             row_step = [plan.requests[i].step for i, n in zip(ids, rows) for _ in range(n)]
             row_caches = [plan.requests[i].policy == "attention" for i, n in zip(ids, rows) for _ in range(n)]
-            self.attention.begin_step(row_ids, row_fresh, row_step, row_caches)
+            group = tuple(hidden.shape[-2:])  # a sub-batch holds one image size
+            self.attention.begin_step(row_ids, row_fresh, row_step, row_caches, group)
         try:
             out = self.pipe.transformer(
                 hidden_states=hidden,

@@ -75,15 +75,32 @@ def forced_fresh(req: ScheduledRequest, warmup_steps: int) -> bool:
     )
 
 
-def fresh_budget(requests: list[ScheduledRequest]) -> int:
-    """ceil(sum 1/K_i): with N requests of interval K, ceil(N/K)."""
-    return math.ceil(sum(1.0 / max(r.interval, 1) for r in requests) - 1e-9)
+def fresh_share(requests: list[ScheduledRequest]) -> float:
+    """sum 1/K_i: the FRESH requests one step owes on average (N/K for N requests of interval K)."""
+    return sum(1.0 / max(r.interval, 1) for r in requests)
 
 
-def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int) -> list[bool]:
-    """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first."""
+def fresh_budget(requests: list[ScheduledRequest], credit: float | None = None) -> int:
+    """FRESH requests allowed this step. Without `credit`: ceil(sum 1/K_i). With it (the share
+    accrued and not yet spent, see `plan_fresh`): floor(credit), so that over steps the average is
+    sum 1/K_i itself, not its ceiling; never above the ceiling, and at least one."""
+    ceiling = math.ceil(fresh_share(requests) - 1e-9)
+    if credit is None:
+        return ceiling
+    return max(1, min(ceiling, math.floor(credit + 1e-9)))
+
+
+def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int,
+               credit: float | None = None) -> tuple[list[bool], float]:
+    """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first.
+
+    `credit` is the FRESH share carried from the sub-batch's previous step (None: the plain
+    ceil(N/K) budget). Returns the plan and the credit to carry: this step's share is added, the
+    FRESH requests are paid from it, and a debt is not carried (forced refreshes of new requests
+    would otherwise starve the steps after them and bunch refreshes together)."""
     fresh = [forced_fresh(r, warmup_steps) for r in requests]
-    spare = fresh_budget(requests) - sum(fresh)
+    accrued = None if credit is None else credit + fresh_share(requests)
+    spare = fresh_budget(requests, accrued) - sum(fresh)
     if spare > 0:
         candidates = sorted(
             (i for i, f in enumerate(fresh) if not f),
@@ -91,7 +108,8 @@ def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int) -> list[bool
         )
         for i in candidates[:spare]:
             fresh[i] = True
-    return fresh
+    carried = 0.0 if accrued is None else max(0.0, accrued - sum(fresh))
+    return fresh, carried
 
 
 @dataclass
@@ -102,9 +120,11 @@ class Scheduler:
     default_policy: str = "attention"  # for requests with cache_interval > 1 and no policy
     cache_budget_bytes: int = 0  # 0: unlimited
     cache_bytes_of: Callable[[GenerationRequest, str], int] = lambda request, policy: 0
+    fractional_budget: bool = True  # average sum 1/K FRESH per step instead of its ceiling
     waiting: deque[GenerationRequest] = field(default_factory=deque)
     running: dict[BatchKey, list[ScheduledRequest]] = field(default_factory=dict)
     key_steps: dict[BatchKey, int] = field(default_factory=dict)
+    fresh_credit: dict[BatchKey, float] = field(default_factory=dict)
     _key_order: deque[BatchKey] = field(default_factory=deque)
 
     # -- queries -------------------------------------------------------------------------------
@@ -195,6 +215,7 @@ class Scheduler:
         if not self.running.get(key):
             self.running.pop(key, None)
             self.key_steps.pop(key, None)
+            self.fresh_credit.pop(key, None)
             if key in self._key_order:
                 self._key_order.remove(key)
 
@@ -206,7 +227,10 @@ class Scheduler:
         key = self._key_order[0]
         self._key_order.rotate(-1)
         requests = self.running[key]
-        fresh = plan_fresh(requests, self.warmup_steps)
+        credit = self.fresh_credit.get(key, 0.0) if self.fractional_budget else None
+        fresh, carried = plan_fresh(requests, self.warmup_steps, credit)
+        if self.fractional_budget:
+            self.fresh_credit[key] = carried
         return StepPlan(
             key=key,
             requests=tuple(requests),

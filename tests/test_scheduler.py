@@ -180,3 +180,36 @@ def test_cache_budget_limits_admission():
 def test_budget_formula():
     reqs = [type("R", (), {"interval": 3})() for _ in range(7)]
     assert fresh_budget(reqs) == math.ceil(7 / 3)
+
+
+def steady_fresh_counts(n: int, k: int, steps: int = 90, **scheduler_args) -> list[int]:
+    s = Scheduler(max_batch=16, admit_per_boundary=16, warmup_steps=1, **scheduler_args)
+    counts = []
+    for _, plan, _ in drain(s, {0: [req(i, steps=steps, k=k) for i in range(n)]}):
+        if all(0 < r.step < r.total - 1 for r in plan.requests):
+            counts.append(sum(plan.fresh))
+    return counts
+
+
+def test_fractional_budget_averages_n_over_k():
+    """4 requests at K=3 refresh 4/3 per step on average (1, 1, 2, ...), not ceil(4/3) = 2."""
+    counts = steady_fresh_counts(4, 3)
+    assert set(counts) == {1, 2}
+    assert abs(sum(counts) / len(counts) - 4 / 3) < 0.05
+    assert steady_fresh_counts(4, 3, fractional_budget=False) == [2] * len(counts)  # the plain ceiling
+
+
+def test_fractional_budget_at_several_sizes():
+    for n, k in [(8, 3), (8, 5), (16, 3), (5, 2), (7, 4)]:
+        counts = steady_fresh_counts(n, k)
+        assert max(counts) <= math.ceil(n / k), (n, k)
+        assert abs(sum(counts) / len(counts) - n / k) < 0.1, (n, k, counts)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 16), k=st.integers(1, 6))
+def test_fractional_budget_keeps_every_bound(n, k):
+    counts = steady_fresh_counts(n, k, steps=30)
+    assert all(1 <= c <= math.ceil(n / k) for c in counts)
+    if n <= k:
+        assert set(counts) <= {1}

@@ -1,0 +1,96 @@
+"""The slot-pool attention cache on its own: a stand-in attention module whose output is its
+input, so every value a CACHED row receives can be computed by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import AttentionCache
+
+
+class Identity:
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        return hidden_states.clone(), encoder_hidden_states.clone()
+
+
+class FakeAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.processor = Identity()
+        self.calls: list[int] = []  # rows entering the wrapped processor
+
+    def set_processor(self, processor) -> None:
+        self.processor = processor
+
+    def forward(self, hidden, text):
+        return self.processor(self, hidden, text)
+
+
+def count_rows(module: FakeAttention) -> None:
+    inner = module.processor.inner
+
+    def counting(attn, hidden, text, mask=None):
+        module.calls.append(hidden.shape[0])
+        return inner(attn, hidden, text, mask)
+
+    module.processor.inner = counting
+
+
+def step(cache, module, ids, fresh, steps, values, caches=None, group=(8, 8)):
+    """Rows hold `values` (one number per row); returns what the attention gives each row."""
+    cache.begin_step(ids, fresh, steps, caches or [True] * len(ids), group)
+    hidden = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).expand(-1, 3, 2).contiguous()
+    text = hidden[:, :2] * 10
+    try:
+        image_out, text_out = module(hidden, text)
+    finally:
+        cache.end_step()
+    assert torch.equal(text_out, image_out[:, :2] * 10)  # both streams cached alike
+    return image_out[:, 0, 0].tolist()
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
+    module = FakeAttention()
+    cache = AttentionCache(module, extrapolate=extrapolate)
+    count_rows(module)
+    assert step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 5.0]) == [1.0, 5.0]
+    # b is CACHED with one refresh so far: a hold, whatever the strategy
+    assert step(cache, module, ["a", "b"], [True, False], [1, 1], [2.0, 99.0]) == [2.0, 5.0]
+    assert step(cache, module, ["a", "b"], [False, True], [2, 2], [99.0, 7.0]) == [3.0 if extrapolate else 2.0, 7.0]
+    # a: refreshed at steps 0 (1.0) and 1 (2.0); at step 3 extrapolation gives 2 + (2 - 1) * 2 = 4
+    # b: refreshed at 0 (5.0) and 2 (7.0); at step 3, 7 + (7 - 5) * 1 / 2 = 8
+    got = step(cache, module, ["a", "b"], [False, False], [3, 3], [99.0, 99.0])
+    assert got == ([4.0, 8.0] if extrapolate else [2.0, 7.0])
+    assert module.calls == [2, 1, 1]  # only FRESH rows entered attention; none on the last step
+
+
+def test_slots_are_reused_and_memory_returns_on_release():
+    module = FakeAttention()
+    cache = AttentionCache(module, extrapolate=True)
+    step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
+    per_row = cache.nbytes() // 3
+    assert per_row == 2 * (3 * 2 + 2 * 2) * 4  # last + previous, image (3x2) + text (2x2), float32
+    cache.release("b")
+    assert cache.nbytes() == 2 * per_row
+    assert cache.allocated_bytes() == 3 * per_row  # the pool keeps its high-water size
+    # d takes b's slot: no growth, and it never sees b's values
+    assert step(cache, module, ["a", "d", "c"], [False, True, False], [1, 0, 1], [9.0, 4.0, 9.0]) == [1.0, 4.0, 3.0]
+    assert cache.allocated_bytes() == 3 * per_row
+    assert step(cache, module, ["a", "d", "c"], [False, False, False], [2, 1, 2], [9.0] * 3) == [1.0, 4.0, 3.0]
+    for rid in ("a", "c", "d"):
+        cache.release(rid)
+    assert cache.nbytes() == 0 and cache.allocated_bytes() == 0
+
+
+def test_sizes_have_their_own_pools_and_rows_without_cache_keep_nothing():
+    module = FakeAttention()
+    cache = AttentionCache(module)
+    step(cache, module, ["a"], [True], [0], [1.0], group=(8, 8))
+    step(cache, module, ["b", "x"], [True, True], [0, 0], [2.0, 3.0], caches=[True, False], group=(16, 16))
+    assert cache.nbytes() == 2 * ((3 * 2 + 2 * 2) * 4)  # a and b; the exact row x keeps nothing
+    assert step(cache, module, ["b", "x"], [False, True], [1, 1], [0.0, 6.0], caches=[True, False],
+                group=(16, 16)) == [2.0, 6.0]
+    with pytest.raises(RuntimeError, match="must be FRESH"):
+        cache.begin_step(["x"], [False], [2], [True], (16, 16))
