@@ -9,10 +9,11 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from bench.measure import event_time_ms, relative_error, synchronize
 from bench.shapes import forward_inputs
-from engine.speed import FAST_SDPA, SpeedOptions, apply_speed
+from engine.speed import FAST_SDPA, SpeedOptions, apply_speed, sdpa_priority
 
 # (size, rows): one request (2 CFG rows) and 8 requests at 1024², 16 requests at 512²
 SHAPES = ((1024, 2), (1024, 16), (512, 32))
@@ -27,6 +28,8 @@ def variants(fast: SpeedOptions) -> list[tuple[str, SpeedOptions]]:
         ("compile+cudnn_sdpa+fused_qkv", SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True, **backend)),
         ("compile+cudnn_sdpa+fused_qkv+gelu_epilogue", SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True,
                                                                      gelu_epilogue=True, **backend)),
+        ("compile+cudnn_sdpa+fused_qkv+gelu_epilogue+contiguous_qkv", SpeedOptions(
+            compile=True, sdpa=FAST_SDPA, fuse_qkv=True, gelu_epilogue=True, contiguous_qkv=True, **backend)),
     ]
 
 
@@ -62,7 +65,8 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
                 out["rel_err_vs_eager"][name] = round(relative_error(result, reference), 5)
         out["forward_ms"][name] = times
         out["first_call_seconds"][name] = first
-        if name in ("eager", "compile+cudnn_sdpa+fused_qkv", "compile+cudnn_sdpa+fused_qkv+gelu_epilogue") \
+        if name in ("eager", "compile+cudnn_sdpa+fused_qkv+gelu_epilogue",
+                    "compile+cudnn_sdpa+fused_qkv+gelu_epilogue+contiguous_qkv") \
                 and device.type == "cuda":
             size, rows = shapes[min(1, len(shapes) - 1)]
             inputs = forward_inputs(model, size, device, dtype, rows)
@@ -134,6 +138,15 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions) -> dict:
                 with torch.backends.cudnn.flags(enabled=True, benchmark=True):
                     ms = event_time_ms(device, lambda: model.decode(latents), repeats=3, warmup=2)
                 out[f"cudnn_benchmark_b{batch}"] = round(ms / batch, 2)
+                for names in (("efficient",), ("cudnn", "flash", "efficient", "math")):
+                    try:
+                        with sdpa_kernel(sdpa_priority(names)):
+                            ms = event_time_ms(device, lambda: model.decode(latents), repeats=3)
+                        out[f"sdpa_{names[0]}_b{batch}"] = round(ms / batch, 2)
+                    except RuntimeError as exc:
+                        out[f"sdpa_{names[0]}_b{batch}"] = f"unavailable: {str(exc)[:100]}"
+                if batch == 4:
+                    out["profile_b4"] = kernel_profile(lambda: model.decode(latents), device, top=12)
     if device.type == "cuda" and getattr(args_vae_compile, "on", False):
         model.decoder.compile(backend=fast.backend, mode=fast.mode, dynamic=True)
         for batch in (1, 4):

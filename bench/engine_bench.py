@@ -58,11 +58,19 @@ ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large
 class Results:
     """Both JSON files, rewritten after every change so a cut-off run still leaves its rows."""
 
-    def __init__(self, out_dir: Path, card: str, meta: dict) -> None:
+    def __init__(self, out_dir: Path, card: str, meta: dict, keep_row=None) -> None:
+        """`keep_row(which, row)`: with it, start from the files already there (a run split over
+        several device calls) and keep the rows it accepts; without it, start empty."""
         self.engine_path = out_dir / f"engine_{card}.json"
         self.caching_path = out_dir / f"caching_{card}.json"
         self.engine = dict(meta, rows=[], summary={})
         self.caching = dict(meta, rows=[], summary={})
+        if keep_row is not None:
+            for which, path in (("engine", self.engine_path), ("caching", self.caching_path)):
+                if path.exists():
+                    old = json.loads(path.read_text())
+                    rows = [r for r in old.get("rows", []) if keep_row(which, r)]
+                    setattr(self, which, dict(old, **meta, rows=rows, summary={}))
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, which: str, item: dict) -> None:
@@ -107,7 +115,14 @@ class Bench(CachingAndMemoryParts):
                         dtype=self.dtype_name, speed=repr(self.fast), smoke=args.smoke,
                         engine="admit_per_boundary = max_batch: requests arriving together all join at step 0"),
         )
-        self.results = Results(Path(args.out_dir), card, meta)
+        keep_row = None
+        if args.merge:
+            def keep_row(which: str, row: dict) -> bool:  # drop only the rows this run makes again
+                if which == "caching":
+                    return "caching" not in args.parts
+                return not (("e2e" in args.parts and row.get("model") == self.model)
+                            or ("large" in args.parts and row.get("model") == self.large))
+        self.results = Results(Path(args.out_dir), card, meta, keep_row)
         self.pipe = None
         self.engine_fast = None
 
@@ -349,6 +364,8 @@ def parse_args(argv=None):
     p.add_argument("--large-batches", default="1,2,4")
     p.add_argument("--probe-batches", default="16,32")
     p.add_argument("--max-probe-batch", type=int, default=256)
+    p.add_argument("--merge", action="store_true",
+                   help="add to the result files already in --out-dir, replacing the rows of the parts run")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--small-reps", type=int, default=3, help="repetitions at batch <= 2")
