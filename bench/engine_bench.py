@@ -137,6 +137,7 @@ class Bench(CachingAndMemoryParts):
         if "ablation" in parts:
             self.results.note("ablation", ablation(self.pipe, self.device, self.dtype, self.args, self.fast))
             self.choose_gelu_epilogue()
+            self.choose_vae_compile()
         refs = self.forward_reference() if "accuracy" in parts else None
         if "e2e" in parts or "accuracy" in parts:
             self.diffusers_part("e2e" in parts, "accuracy" in parts)
@@ -168,6 +169,14 @@ class Bench(CachingAndMemoryParts):
             self.fast = replace(self.fast, gelu_epilogue=False)
             self.results.note("config", dict(self.results.engine["config"], speed=repr(self.fast),
                                              gelu_epilogue="off: slower in the ablation"))
+
+    def choose_vae_compile(self) -> None:
+        """Keep `--vae-compile` only if the ablation measured the compiled decoder faster."""
+        ms = self.results.engine["ablation"].get("vae_decode_ms", {})
+        if self.fast.vae_compile and not ms.get("compiled_b4", float("inf")) < ms.get("eager_b4", 0.0):
+            self.fast = replace(self.fast, vae_compile=False)
+            self.results.note("config", dict(self.results.engine["config"], speed=repr(self.fast),
+                                             vae_compile="off: not faster in the ablation"))
 
     def note_flops(self, pipe, model: str) -> None:
         flops = dict(self.results.engine.get("transformer_flops_per_row", {}))
@@ -318,7 +327,8 @@ class Bench(CachingAndMemoryParts):
         a = self.args
         self.engine_fast = None
         gc.collect()
-        self.pipe.vae.to(memory_format=torch.contiguous_format)  # diffusers gets the VAE as built
+        self.pipe.vae.to(memory_format=torch.contiguous_format)  # diffusers gets the VAE as built:
+        self.pipe.vae.decoder._compiled_call_impl = None  # not the fast path's compiled decoder either
         pipe = shapes.build_pipeline(self.large, self.device, self.dtype, shared=shapes.shared_parts(self.pipe))
         self.note_flops(pipe, self.large)
         for module in (self.pipe.transformer,):

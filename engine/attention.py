@@ -31,75 +31,80 @@ class SlotHistory:
     slot: int
     step: int  # step of the last refresh
     previous_step: int | None = None  # step of the refresh before it
+    half: int = 0  # which half of an extrapolating pool holds the last refresh
 
 
 @dataclass
 class StepRows:
-    """What every layer needs for one step, built once by `AttentionCache.begin_step`."""
+    """What every layer needs for one step, built once by `AttentionCache.begin_step`. Pool
+    indices are rows of the pool tensors (see `SlotPool`)."""
 
     group: Group
     rows: int
     fresh_index: torch.Tensor  # positions of FRESH rows in the batch
     cached_index: torch.Tensor | None  # positions of CACHED rows, None when every row is FRESH
-    cached_slots: torch.Tensor | None
+    last_rows: torch.Tensor | None  # pool rows of the CACHED rows' last refresh
+    previous_rows: torch.Tensor | None  # ... and of the refresh before it (extrapolation only)
     weights: torch.Tensor | None  # (n_cached, 1, 1) extrapolation weights, None for a hold
-    store_from: torch.Tensor | None  # positions among the FRESH rows whose outputs are kept
-    store_slots: torch.Tensor | None
-    first_from: torch.Tensor | None  # ... of those, rows refreshed for the first time
-    first_slots: torch.Tensor | None
+    store_from: torch.Tensor | None  # positions among the FRESH rows whose outputs are kept; None: all
+    store_rows: torch.Tensor | None  # pool rows they are written to
+    first_from: torch.Tensor | None  # rows cached for the first time are written to both halves
+    first_rows: torch.Tensor | None
 
 
 class SlotPool:
-    """One layer's cached outputs for one image size: `last[k]` (and `previous[k]` when
-    extrapolating) of shape (capacity, seq_k, dim_k) per output stream k."""
+    """One layer's cached outputs for one image size: per output stream k a tensor of shape
+    (capacity, seq_k, dim_k), or (2 * capacity, ...) when extrapolating. Then slot s has two
+    rows, s and capacity + s, which take turns holding the last refresh: a refresh overwrites
+    the older one in place, so keeping two refreshes costs no copy."""
 
-    def __init__(self, extrapolate: bool) -> None:
-        self.extrapolate = extrapolate
-        self.last: list[torch.Tensor] = []
-        self.previous: list[torch.Tensor] = []
+    def __init__(self, halves: int) -> None:
+        self.halves = halves
+        self.data: list[torch.Tensor] = []
 
     @property
     def capacity(self) -> int:
-        return self.last[0].shape[0] if self.last else 0
+        return self.data[0].shape[0] // self.halves if self.data else 0
 
     def slot_bytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.last + self.previous)
+        return sum(t[0].numel() * t.element_size() for t in self.data) * self.halves
 
     def reserve(self, capacity: int, like: tuple[torch.Tensor, ...]) -> None:
         """Grow to `capacity` slots, keeping what is stored. Pools are per layer, so growing
         holds two copies of one layer's pool at most, not of the whole cache."""
-        if capacity <= self.capacity:
-            return
         old = self.capacity
-        self.last = [self._grown(self.last, k, o, capacity, old) for k, o in enumerate(like)]
-        if self.extrapolate:
-            self.previous = [self._grown(self.previous, k, o, capacity, old) for k, o in enumerate(like)]
-
-    @staticmethod
-    def _grown(tensors: list[torch.Tensor], k: int, like: torch.Tensor, capacity: int, old: int) -> torch.Tensor:
-        new = like.new_zeros((capacity,) + tuple(like.shape[1:]))
-        if old:
-            new[:old].copy_(tensors[k])
-        return new
+        if capacity <= old:
+            return
+        grown = []
+        for k, out in enumerate(like):
+            new = out.new_zeros((self.halves * capacity,) + tuple(out.shape[1:]))
+            for h in range(self.halves if old else 0):
+                new[h * capacity : h * capacity + old].copy_(self.data[k][h * old : (h + 1) * old])
+            grown.append(new)
+        self.data = grown
 
     def store(self, outputs: tuple[torch.Tensor, ...], rows: StepRows) -> None:
-        for k, out in enumerate(outputs):
-            kept = out.index_select(0, rows.store_from)
-            if self.extrapolate:
-                self.previous[k].index_copy_(0, rows.store_slots, self.last[k].index_select(0, rows.store_slots))
-            self.last[k].index_copy_(0, rows.store_slots, kept)
-            if self.extrapolate and rows.first_slots is not None:  # no history yet: a hold
-                self.previous[k].index_copy_(0, rows.first_slots, out.index_select(0, rows.first_from))
+        for data, out in zip(self.data, outputs):
+            kept = out if rows.store_from is None else out.index_select(0, rows.store_from)
+            data.index_copy_(0, rows.store_rows, kept)
+            if rows.first_rows is not None:
+                data.index_copy_(0, rows.first_rows, out.index_select(0, rows.first_from))
 
-    def recall(self, rows: StepRows) -> list[torch.Tensor]:
-        values = []
-        for k, last in enumerate(self.last):
-            a1 = last.index_select(0, rows.cached_slots)
-            if rows.weights is not None:
-                a0 = self.previous[k].index_select(0, rows.cached_slots)
-                a1 = torch.lerp(a1, a0, -rows.weights.to(a1.dtype))  # a1 + (a1 - a0) * w
-            values.append(a1)
-        return values
+
+def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, fresh_index: torch.Tensor,
+                 cached_index: torch.Tensor, last_rows: torch.Tensor, previous_rows: torch.Tensor | None,
+                 weights: torch.Tensor | None) -> torch.Tensor:
+    """The full batch of one output stream: FRESH rows from `fresh`, CACHED rows from the pool
+    (held, or extrapolated `a1 + (a1 - a0) * w`). One fused kernel when compiled."""
+    cached = data.index_select(0, last_rows)
+    if weights is not None:
+        cached = (cached + (cached - data.index_select(0, previous_rows)) * weights).to(data.dtype)
+    if fresh is None:
+        return cached  # every row CACHED: positions are 0..rows-1 in order
+    full = fresh.new_empty((rows,) + tuple(fresh.shape[1:]))
+    full.index_copy_(0, fresh_index, fresh)
+    full.index_copy_(0, cached_index, cached)
+    return full
 
 
 class CachingAttnProcessor:
@@ -118,8 +123,8 @@ class CachingAttnProcessor:
     @torch.compiler.disable
     def _with_cache(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         """Gather the FRESH rows into the wrapped processor, take CACHED rows from the pool.
-        Runs outside any compiled graph; `owner.fresh_attention` may be a compiled version of
-        the wrapped processor."""
+        Runs outside the compiled block; `owner.fresh_attention` and `owner.merge` may be
+        compiled."""
         rows = self.owner.current
         inner = self.owner.fresh_attention or self.inner
         pool = self.pools.get(rows.group)
@@ -136,24 +141,19 @@ class CachingAttnProcessor:
                 )
             fresh = inner(attn, *fresh_in, attention_mask, *args, **kwargs)
             fresh = fresh if isinstance(fresh, tuple) else (fresh,)
-            if rows.store_slots is not None:
+            if rows.store_rows is not None:
                 if pool is None:
-                    pool = self.pools[rows.group] = SlotPool(self.owner.extrapolate)
+                    pool = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
                 pool.reserve(self.owner.capacity(rows.group), fresh)
                 pool.store(fresh, rows)
         if rows.cached_index is None:
             parts = list(fresh)
         else:
-            cached = pool.recall(rows)
-            if fresh is None:
-                parts = cached
-            else:
-                parts = []
-                for fresh_part, cached_part in zip(fresh, cached):
-                    full = fresh_part.new_empty((rows.rows,) + tuple(fresh_part.shape[1:]))
-                    full.index_copy_(0, rows.fresh_index, fresh_part)
-                    full.index_copy_(0, rows.cached_index, cached_part)
-                    parts.append(full)
+            parts = [
+                self.owner.merge(None if fresh is None else fresh[k], data, rows.rows, rows.fresh_index,
+                                 rows.cached_index, rows.last_rows, rows.previous_rows, rows.weights)
+                for k, data in enumerate(pool.data)
+            ]
         return tuple(parts) if len(parts) > 1 else parts[0]
 
     def drop(self, group: Group) -> None:
@@ -190,9 +190,11 @@ class AttentionCache:
         for block in getattr(transformer, "transformer_blocks", []):
             if hasattr(block, "norm1"):
                 block.norm1.register_forward_pre_hook(self._read_caching_flag)
+        self.merge = merge_cached
         if compile_fresh is not None and self.processors:
             # One compiled function for all layers: it calls the module's own wrapped processor.
             self.fresh_attention = compile_fresh(_call_inner)
+            self.merge = compile_fresh(merge_cached)
 
     def _read_caching_flag(self, module, args):
         if self.caching:
@@ -215,41 +217,48 @@ class AttentionCache:
         history = self.history.setdefault(group, {})
         fresh_pos = [i for i, f in enumerate(row_fresh) if f]
         cached_pos = [i for i, f in enumerate(row_fresh) if not f]
-        cached_slots, weights = [], []
+        cached_entries, weights = [], []
         for i in cached_pos:
             entry = history.get(keys[i])
             if entry is None:
                 raise RuntimeError(f"no cached attention for {keys[i]}: its first step must be FRESH")
-            cached_slots.append(entry.slot)
+            cached_entries.append(entry)
             if entry.previous_step is None or entry.previous_step == entry.step:
                 weights.append(0.0)
             else:
                 weights.append((row_steps[i] - entry.step) / (entry.step - entry.previous_step))
-        store_from, store_slots, first_from, first_slots = [], [], [], []
+        stored: list[tuple[int, SlotHistory, bool]] = []  # (position among FRESH rows, entry, first?)
         for j, i in enumerate(fresh_pos):
             if not row_caches[i]:
                 continue
             entry = history.get(keys[i])
-            if entry is None:
+            first = entry is None
+            if first:
                 entry = history[keys[i]] = SlotHistory(self._free_slot(group), row_steps[i])
-                first_from.append(j)
-                first_slots.append(entry.slot)
             else:
                 entry.previous_step, entry.step = entry.step, row_steps[i]
-            store_from.append(j)
-            store_slots.append(entry.slot)
+                if self.extrapolate:
+                    entry.half = 1 - entry.half  # overwrite the older refresh
+            stored.append((j, entry, first))
+        # Pool rows come after slot assignment: the capacity may just have grown.
+        capacity = self.capacity(group)
+        last_row = lambda e: e.half * capacity + e.slot  # noqa: E731
+        other_row = lambda e: (1 - e.half) * capacity + e.slot  # noqa: E731
+        firsts = [(j, e) for j, e, first in stored if first and self.extrapolate]
         extrapolating = self.extrapolate and any(w != 0.0 for w in weights)
+        store_all = [j for j, _, _ in stored] == list(range(len(fresh_pos)))
         self.current = StepRows(
             group=group,
             rows=len(keys),
             fresh_index=self._index(fresh_pos),
             cached_index=self._index(cached_pos) if cached_pos else None,
-            cached_slots=self._index(cached_slots) if cached_pos else None,
+            last_rows=self._index([last_row(e) for e in cached_entries]) if cached_pos else None,
+            previous_rows=self._index([other_row(e) for e in cached_entries]) if extrapolating else None,
             weights=self._to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)) if extrapolating else None,
-            store_from=self._index(store_from) if store_from else None,
-            store_slots=self._index(store_slots) if store_slots else None,
-            first_from=self._index(first_from) if first_from and self.extrapolate else None,
-            first_slots=self._index(first_slots) if first_slots and self.extrapolate else None,
+            store_from=None if store_all or not stored else self._index([j for j, _, _ in stored]),
+            store_rows=self._index([last_row(e) for _, e, _ in stored]) if stored else None,
+            first_from=self._index([j for j, _ in firsts]) if firsts else None,
+            first_rows=self._index([other_row(e) for _, e in firsts]) if firsts else None,
         )
 
     def _free_slot(self, group: Group) -> int:
