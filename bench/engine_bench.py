@@ -118,6 +118,8 @@ class Bench(CachingAndMemoryParts):
         keep_row = None
         if args.merge:
             def keep_row(which: str, row: dict) -> bool:  # drop only the rows this run makes again
+                if row.get("size") not in args.sizes:
+                    return True
                 if which == "caching":
                     return "caching" not in args.parts
                 return not (("e2e" in args.parts and row.get("model") == self.model)

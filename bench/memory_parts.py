@@ -19,6 +19,8 @@ class CachingAndMemoryParts:
         engine.generate(requests("warm", 2, min(a.sizes), 6, k=5, policy="step"))
         for size in a.sizes:
             for batch in a.caching_batches:
+                for mode, k, policy in modes[1:]:  # compile every plan shape before timing
+                    engine.generate(requests(f"w{mode}{k}", batch, size, 8, k=k, policy=policy))
                 t_exact = step_time_all_rows(engine, self.device, requests("ax", batch, size, a.steps), fresh=True)
                 t_cached = step_time_all_rows(engine, self.device, requests("ac", batch, size, a.steps, k=8, policy="attention"), fresh=False)
                 t_skip = step_time_all_rows(engine, self.device, requests("as", batch, size, a.steps, k=8, policy="step"), fresh=False)
