@@ -58,19 +58,22 @@ ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large
 class Results:
     """Both JSON files, rewritten after every change so a cut-off run still leaves its rows."""
 
-    def __init__(self, out_dir: Path, card: str, meta: dict, keep_row=None) -> None:
+    def __init__(self, out_dir: Path, card: str, meta: dict, parts: tuple[str, ...], keep_row=None) -> None:
         """`keep_row(which, row)`: with it, start from the files already there (a run split over
-        several device calls) and keep the rows it accepts; without it, start empty."""
+        several device calls) and keep the rows it accepts; without it, start empty. `runs`
+        lists every call that wrote a file, with its parts and configuration."""
         self.engine_path = out_dir / f"engine_{card}.json"
         self.caching_path = out_dir / f"caching_{card}.json"
-        self.engine = dict(meta, rows=[], summary={})
-        self.caching = dict(meta, rows=[], summary={})
+        this_run = dict(started=meta["started"], parts=list(parts), config=meta["config"])
+        self.engine = dict(meta, rows=[], summary={}, runs=[this_run])
+        self.caching = dict(meta, rows=[], summary={}, runs=[this_run])
         if keep_row is not None:
             for which, path in (("engine", self.engine_path), ("caching", self.caching_path)):
                 if path.exists():
                     old = json.loads(path.read_text())
                     rows = [r for r in old.get("rows", []) if keep_row(which, r)]
-                    setattr(self, which, dict(old, **meta, rows=rows, summary={}))
+                    runs = old.get("runs", []) + [this_run]
+                    setattr(self, which, dict(old, rows=rows, summary={}, runs=runs))
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, which: str, item: dict) -> None:
@@ -124,7 +127,7 @@ class Bench(CachingAndMemoryParts):
                     return "caching" not in args.parts
                 return not (("e2e" in args.parts and row.get("model") == self.model)
                             or ("large" in args.parts and row.get("model") == self.large))
-        self.results = Results(Path(args.out_dir), card, meta, keep_row)
+        self.results = Results(Path(args.out_dir), card, meta, args.parts, keep_row)
         self.pipe = None
         self.engine_fast = None
 
@@ -280,7 +283,7 @@ class Bench(CachingAndMemoryParts):
         engine.generate(requests("warm", 2, min(self.args.sizes), 4, k=3, policy="attention"))
         synchronize(self.device)
         warm["attention"] = round(time.perf_counter() - start, 2)
-        self.results.note("fast_warmup_seconds", warm)
+        self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}), **warm))
         self.results.note("host_syncs_per_step", count_host_syncs(engine, self.device, min(self.args.sizes)))
         return engine
 
