@@ -37,7 +37,7 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
         shapes = [(args.sizes[0], 2)]
     out: dict = {"shapes": [f"{s}x{s}_rows{r}" for s, r in shapes], "forward_ms": {}, "first_call_seconds": {},
                  "rel_err_vs_eager": {}, "profiles": {}}
-    args_vae_compile.on = getattr(args, "vae_compile", False)
+    args_vae_compile.on = not getattr(args, "no_vae_compile", True)
     reference = None
     chosen = [v for v in variants(fast) if not args.ablation_variants or v[0] in args.ablation_variants]
     out["applied"] = {}

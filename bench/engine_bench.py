@@ -103,7 +103,8 @@ class Bench(CachingAndMemoryParts):
         self.model = "tiny" if args.smoke else "sd3-medium"
         self.large = "tiny" if args.smoke else "sd3.5-large"
         backend = "aot_eager" if args.smoke else "inductor"
-        overrides = dict(backend=backend, vae_compile=args.vae_compile, gelu_epilogue=not args.no_gelu_epilogue)
+        overrides = dict(backend=backend, vae_compile=not args.no_vae_compile and not args.smoke,
+                         gelu_epilogue=not args.no_gelu_epilogue)
         if args.sdpa:
             overrides["sdpa"] = tuple(args.sdpa.split(","))
         self.fast = SpeedOptions.fast(**overrides)
@@ -386,7 +387,8 @@ def parse_args(argv=None):
     p.add_argument("--small-reps", type=int, default=3, help="repetitions at batch <= 2")
     p.add_argument("--sdpa", default=None, help="SDPA priority for the fast path, e.g. cudnn,flash")
     p.add_argument("--ablation-variants", default="", help="comma list of ablation variants (default: all)")
-    p.add_argument("--vae-compile", action="store_true", help="compile the VAE decoder on the fast path")
+    p.add_argument("--no-vae-compile", action="store_true", help="keep the VAE decoder eager on the fast path "
+                   "(its compile takes minutes; the ablation then skips it too)")
     p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
     args = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

@@ -12,7 +12,9 @@ eager pipeline within bf16 rounding.
 - The MLPs' first linear layer and its tanh-GELU as one cuBLASLt GEMM with a GELU epilogue
   (saves a read and a write of the 4x-wide hidden activations per block), behind a custom op
   so the compiler keeps it whole. Checked against tanh-GELU on the device before use.
-- Optional: a compiled VAE decoder, a channels-last VAE (both off by default: measured).
+- A compiled VAE decoder (dynamic shapes): GroupNorm, SiLU and the layout changes around the
+  convolutions fuse; measured 85.6 -> 45.5 ms per 1024² image on an H100. A channels-last VAE
+  is optional and off (measured slower).
 
 `apply_speed(pipe, options)` must run before the attention cache wraps the processors.
 """
@@ -43,13 +45,13 @@ class SpeedOptions:
     sdpa: tuple[str, ...] = ()  # SDPA backends in priority order; () keeps torch's default
     gelu_epilogue: bool = False
     vae_channels_last: bool = False  # measured slower on an H100 (142 vs 91 ms per 1024² decode)
-    vae_compile: bool = False
+    vae_compile: bool = False  # 1.9x faster 1024² decode on an H100; about 2.5 min of compiling once
     backend: str = "inductor"  # torch.compile backend ("aot_eager" / "eager" for tests)
     mode: str | None = None  # torch.compile mode
 
     @classmethod
     def fast(cls, **overrides) -> "SpeedOptions":
-        values = dict(compile=True, fuse_qkv=True, sdpa=FAST_SDPA, gelu_epilogue=True)
+        values = dict(compile=True, fuse_qkv=True, sdpa=FAST_SDPA, gelu_epilogue=True, vae_compile=True)
         values.update(overrides)
         return cls(**values)
 

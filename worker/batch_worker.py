@@ -150,6 +150,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
 
             log.info("loading model %s", self.config.engine.model)
             self.engine = Engine.from_config(self.config.engine)
+            self.engine.warm_up()  # compile before the first job, not inside it
         if self.storage is None:
             self.storage = storage_from_config(self.config.storage)
             try:
