@@ -181,7 +181,7 @@ class Runner:
     # -- finishing -----------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, request_ids: list[str]) -> list[Image.Image]:
-        """Decode finished requests of one size, `DECODE_CHUNK` images per VAE call (diffusers
+        """Decode finished requests of one size, up to `DECODE_PIXELS` per VAE call (diffusers
         decodes a whole batch at once, which bounds the batch by the VAE's memory, not the
         transformer's). Every chunk is queued on the device before the host waits for the first,
         so the host turns chunk i into PIL images while the device decodes chunk i + 1."""
@@ -191,7 +191,8 @@ class Runner:
         latents = torch.cat([self.states[i].latents for i in request_ids])
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         pending = []
-        for chunk in latents.split(DECODE_CHUNK):
+        chunk_size = max(1, DECODE_PIXELS // (latents.shape[-2] * latents.shape[-1] * self.pipe.vae_scale_factor**2))
+        for chunk in latents.split(chunk_size):
             images = vae.decode(chunk.to(vae.dtype), return_dict=False)[0]
             pending.append(to_host_pixels(images))
         out: list[Image.Image] = []
@@ -202,7 +203,9 @@ class Runner:
         return out
 
 
-DECODE_CHUNK = 8
+# Four 1024² images per VAE call: the decoder's largest activation stays under 2**31 elements,
+# so the compiled decoder keeps its int32 indexing and does not recompile for a larger chunk.
+DECODE_PIXELS = 4 * 1024 * 1024
 
 
 def to_host_pixels(images: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
