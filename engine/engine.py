@@ -183,9 +183,10 @@ class Engine:
             return 0.0
         start = time.perf_counter()
         size = dict(width=self.limits.default_width, height=self.limits.default_height)
-        warm = [GenerationRequest(prompt="warm-up", steps=3, seed=i, request_id=f"warm-up-{i}", **size)
+        warm = [GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", **size)
                 for i in range(3)]
-        self.generate(warm[:1])
+        self.generate([replace(warm[0], steps=2)])
+        # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
         self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])
         log.info("warm-up (compiling) took %.1f s", time.perf_counter() - start)
         return time.perf_counter() - start
