@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import logging
 import os
 import platform
@@ -38,6 +37,8 @@ from bench.shapes import forward_inputs
 from bench.flops import step_flops
 from bench.measure import GIB, card_name, event_time_ms, matmul_tflops, relative_error, synchronize
 from bench.memory_parts import CachingAndMemoryParts
+from bench.large_part import LargeModelPart
+from bench.results_file import Results
 from bench.probes import count_host_syncs, sdpa_probe
 from bench.runs import (
     capture_latents,
@@ -48,53 +49,13 @@ from bench.runs import (
     run_engine,
 )
 from bench.ablation import ablation
-from bench.summary import caching_summary, engine_summary
 from engine.speed import SpeedOptions
 
 log = logging.getLogger("bench")
 ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large")
 
 
-class Results:
-    """Both JSON files, rewritten after every change so a cut-off run still leaves its rows."""
-
-    def __init__(self, out_dir: Path, card: str, meta: dict, parts: tuple[str, ...], keep_row=None) -> None:
-        """`keep_row(which, row)`: with it, start from the files already there (a run split over
-        several device calls) and keep the rows it accepts; without it, start empty. `runs`
-        lists every call that wrote a file, with its parts and configuration."""
-        self.engine_path = out_dir / f"engine_{card}.json"
-        self.caching_path = out_dir / f"caching_{card}.json"
-        this_run = dict(started=meta["started"], parts=list(parts), config=meta["config"])
-        self.engine = dict(meta, rows=[], summary={}, runs=[this_run])
-        self.caching = dict(meta, rows=[], summary={}, runs=[this_run])
-        if keep_row is not None:
-            for which, path in (("engine", self.engine_path), ("caching", self.caching_path)):
-                if path.exists():
-                    old = json.loads(path.read_text())
-                    rows = [r for r in old.get("rows", []) if keep_row(which, r)]
-                    runs = old.get("runs", []) + [this_run]
-                    setattr(self, which, dict(old, rows=rows, summary={}, runs=runs))
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    def add(self, which: str, item: dict) -> None:
-        getattr(self, which)["rows"].append(item)
-        log.info("%s row: %s", which, json.dumps(item))
-        self.save()
-
-    def note(self, key: str, value, which: str = "engine") -> None:
-        getattr(self, which)[key] = value
-        self.save()
-
-    def save(self) -> None:
-        self.engine["summary"] = engine_summary(self.engine)
-        self.caching["summary"] = caching_summary(self.caching)
-        for path, data in ((self.engine_path, self.engine), (self.caching_path, self.caching)):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(path)
-
-
-class Bench(CachingAndMemoryParts):
+class Bench(CachingAndMemoryParts, LargeModelPart):
     def __init__(self, args) -> None:
         self.args = args
         self.device = torch.device("cpu" if args.smoke else "cuda")
@@ -328,43 +289,6 @@ class Bench(CachingAndMemoryParts):
                 fresh = run.fresh_ratios[1:-1]
                 self.results.add("engine", row("sd3serve", "attention-k3-fast", self.model, size, batch, a.steps, run,
                                                fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3)))
-
-    def large_part(self) -> None:
-        a = self.args
-        self.engine_fast = None
-        gc.collect()
-        self.pipe.vae.to(memory_format=torch.contiguous_format)  # diffusers gets the VAE as built:
-        self.pipe.vae.decoder._compiled_call_impl = None  # not the fast path's compiled decoder either
-        pipe = shapes.build_pipeline(self.large, self.device, self.dtype, shared=shapes.shared_parts(self.pipe))
-        self.note_flops(pipe, self.large)
-        for module in (self.pipe.transformer,):
-            module.to("meta")  # free the medium transformer's weights
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        size = max(a.sizes)
-        inputs = forward_inputs(pipe.transformer, size, self.device, self.dtype)
-        with torch.inference_mode():
-            ref = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
-        run_diffusers(pipe, self.device, requests("warm", 1, size, 2))
-        for batch in a.large_batches:
-            run, _ = run_diffusers(pipe, self.device, requests("dl", batch, size, a.steps))
-            self.results.add("engine", row("diffusers", "eager", self.large, size, batch, a.steps, run))
-        engine = make_engine(pipe, self.device, self.dtype_name, max(a.large_batches), self.fast)
-        start = time.perf_counter()
-        engine.generate(requests("warm", 1, size, 3))
-        synchronize(self.device)
-        self.results.note("fast_warmup_seconds", dict(self.results.engine["fast_warmup_seconds"],
-                                                      **{f"large_{size}": round(time.perf_counter() - start, 2)}))
-        with torch.inference_mode():
-            out = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
-        self.results.note("accuracy", dict(self.results.engine.get("accuracy", {}),
-                                           **{f"large_fast_vs_eager_forward_{size}": relative_error(out, ref)}))
-        for batch in a.large_batches:
-            run = run_engine(engine, self.device, requests("fl", batch, size, a.steps))
-            self.results.add("engine", row("sd3serve", "exact-fast", self.large, size, batch, a.steps, run))
-        engine.generate(requests("warm", 1, min(a.sizes), 2, k=3, policy="attention"))
-        self.results.note("cache_memory_per_request", self.cache_memory(engine, self.large))
 
 
 def parse_args(argv=None):

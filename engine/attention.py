@@ -8,9 +8,9 @@ processor, so only they pay for the Q/K/V projections and SDPA; CACHED rows get 
 outputs (image and text streams, after the output projections). Norms, modulation and MLPs
 outside the attention module run for every row with its own timestep.
 
-Storage is one tensor per layer, output stream and image size (`SlotPool`), with one slot per
-cached row: a step costs a fixed handful of `index_select` / `index_copy_` kernels per layer,
-whatever the batch, and no per-row Python. Slots and refresh steps are bookkept once per step
+Storage is one tensor per layer, output stream and image size with one slot per cached row
+(`SlotPool`, engine/slot_pool.py): a step costs a fixed handful of gather/scatter kernels per
+layer, whatever the batch, and no per-row Python. Slots and refresh steps are bookkept once per step
 by `AttentionCache.begin_step`.
 
 With `extrapolate=True` a CACHED row gets the first-order extrapolation of its last two fresh
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.slot_pool import Group, SlotPool, StepRows, merge_cached
+
 CacheKey = tuple[str, int]  # (request id, row within the request: 0 uncond / 1 cond)
-Group = tuple[int, ...]  # rows of one image size share a pool (the latent's spatial shape)
 
 
 @dataclass
@@ -32,79 +33,6 @@ class SlotHistory:
     step: int  # step of the last refresh
     previous_step: int | None = None  # step of the refresh before it
     half: int = 0  # which half of an extrapolating pool holds the last refresh
-
-
-@dataclass
-class StepRows:
-    """What every layer needs for one step, built once by `AttentionCache.begin_step`. Pool
-    indices are rows of the pool tensors (see `SlotPool`)."""
-
-    group: Group
-    rows: int
-    fresh_index: torch.Tensor  # positions of FRESH rows in the batch
-    cached_index: torch.Tensor | None  # positions of CACHED rows, None when every row is FRESH
-    last_rows: torch.Tensor | None  # pool rows of the CACHED rows' last refresh
-    previous_rows: torch.Tensor | None  # ... and of the refresh before it (extrapolation only)
-    weights: torch.Tensor | None  # (n_cached, 1, 1) extrapolation weights, None for a hold
-    store_from: torch.Tensor | None  # positions among the FRESH rows whose outputs are kept; None: all
-    store_rows: torch.Tensor | None  # pool rows they are written to
-    first_from: torch.Tensor | None  # rows cached for the first time are written to both halves
-    first_rows: torch.Tensor | None
-
-
-class SlotPool:
-    """One layer's cached outputs for one image size: per output stream k a tensor of shape
-    (capacity, seq_k, dim_k), or (2 * capacity, ...) when extrapolating. Then slot s has two
-    rows, s and capacity + s, which take turns holding the last refresh: a refresh overwrites
-    the older one in place, so keeping two refreshes costs no copy."""
-
-    def __init__(self, halves: int) -> None:
-        self.halves = halves
-        self.data: list[torch.Tensor] = []
-
-    @property
-    def capacity(self) -> int:
-        return self.data[0].shape[0] // self.halves if self.data else 0
-
-    def slot_bytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.data) * self.halves
-
-    def reserve(self, capacity: int, like: tuple[torch.Tensor, ...]) -> None:
-        """Grow to `capacity` slots, keeping what is stored. Pools are per layer, so growing
-        holds two copies of one layer's pool at most, not of the whole cache."""
-        old = self.capacity
-        if capacity <= old:
-            return
-        grown = []
-        for k, out in enumerate(like):
-            new = out.new_zeros((self.halves * capacity,) + tuple(out.shape[1:]))
-            for h in range(self.halves if old else 0):
-                new[h * capacity : h * capacity + old].copy_(self.data[k][h * old : (h + 1) * old])
-            grown.append(new)
-        self.data = grown
-
-    def store(self, outputs: tuple[torch.Tensor, ...], rows: StepRows) -> None:
-        for data, out in zip(self.data, outputs):
-            kept = out if rows.store_from is None else out.index_select(0, rows.store_from)
-            data.index_copy_(0, rows.store_rows, kept)
-            if rows.first_rows is not None:
-                data.index_copy_(0, rows.first_rows, out.index_select(0, rows.first_from))
-
-
-def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, fresh_index: torch.Tensor,
-                 cached_index: torch.Tensor, last_rows: torch.Tensor, previous_rows: torch.Tensor | None,
-                 weights: torch.Tensor | None) -> torch.Tensor:
-    """The full batch of one output stream: FRESH rows from `fresh`, CACHED rows from the pool
-    (held, or extrapolated `a1 + (a1 - a0) * w`). One fused kernel when compiled."""
-    cached = data.index_select(0, last_rows)
-    if weights is not None:
-        cached = (cached + (cached - data.index_select(0, previous_rows)) * weights).to(data.dtype)
-    if fresh is None:
-        return cached  # every row CACHED: positions are 0..rows-1 in order
-    full = fresh.new_empty((rows,) + tuple(fresh.shape[1:]))
-    full.index_copy_(0, fresh_index, fresh)
-    full.index_copy_(0, cached_index, cached)
-    return full
 
 
 class CachingAttnProcessor:
