@@ -94,3 +94,18 @@ def test_sizes_have_their_own_pools_and_rows_without_cache_keep_nothing():
                 group=(16, 16)) == [2.0, 6.0]
     with pytest.raises(RuntimeError, match="must be FRESH"):
         cache.begin_step(["x"], [False], [2], [True], (16, 16))
+
+
+def test_growing_the_pool_keeps_both_refreshes_of_every_slot():
+    """A new request grows every layer's pool; the halves move with the capacity."""
+    module = FakeAttention()
+    cache = AttentionCache(module, extrapolate=True)
+    step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 10.0])
+    step(cache, module, ["a", "b"], [True, True], [1, 1], [2.0, 20.0])  # second refreshes: a=1,2 b=10,20
+    before = cache.allocated_bytes()
+    # c arrives FRESH while a and b are CACHED: the pool grows from 2 to 3 slots mid-step
+    got = step(cache, module, ["a", "b", "c"], [False, False, True], [2, 2, 0], [0.0, 0.0, 5.0])
+    assert got == [3.0, 30.0, 5.0]  # a: 2 + (2 - 1); b: 20 + (20 - 10); c: its own output
+    assert cache.allocated_bytes() == before * 3 // 2
+    got = step(cache, module, ["a", "b", "c"], [False, False, False], [3, 3, 1], [0.0] * 3)
+    assert got == [4.0, 40.0, 5.0]  # c has one refresh: a hold
