@@ -35,6 +35,10 @@ def test_engine_bench_smoke_writes_both_result_files(tmp_path):
     modes = {(r["mode"], r["K"]) for r in caching["rows"]}
     assert modes == {("exact", 1), ("attention", 2), ("attention", 3), ("attention", 4), ("step", 5)}
     for r in caching["rows"]:
-        assert 0 < r["a"] <= 1 and r["ideal_speedup"] >= 1
+        # `a` is a ratio of two CPU timings here (noise on a shared 2-core machine): check the
+        # arithmetic built on it, not its size
+        a = r["a"]
+        assert a > 0
+        assert r["ideal_speedup"] == pytest.approx(1 / (a + (1 - a) / r["K"]), rel=1e-2, abs=2e-3)
         assert r["fraction_of_ideal"] == pytest.approx(r["speedup_vs_exact"] / r["ideal_speedup"], rel=1e-2)
     assert "fraction_of_ideal_mean" in caching["summary"]
