@@ -28,14 +28,20 @@ def plot(path: Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (model, size) in zip(axes[0], panels):
         series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        compiled = []  # runs that paid a compile inside the timing: marked, not joined to the line
         for r in data["rows"]:
             if (r["model"], r["size"]) == (model, size):
+                if r.get("timed_run_included_compile"):
+                    compiled.append((r["batch"], r["images_per_s"]))
+                    continue
                 series[(r["system"], r["mode"])][r["batch"]].append(r["images_per_s"])
         for key, points in series.items():
             label, color, marker = STYLE.get(key, (" ".join(key), None, "x"))
             batches = sorted(points)
             values = [sorted(points[b])[len(points[b]) // 2] for b in batches]
             ax.plot(batches, values, marker=marker, color=color, label=label)
+        if compiled:
+            ax.scatter(*zip(*compiled), marker="x", color="tab:red", label="timed run included a compile")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("requests per batch")
         ax.set_ylabel("images / s")
