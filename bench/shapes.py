@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from engine.tiny import build_tiny_components, byte_level_clip_tokenizer, byte_level_t5_tokenizer
+from engine.tiny import build_tiny_components, byte_level_clip_tokenizer, byte_level_t5_tokenizer, sd3_vae
 
 COMMON = dict(
     sample_size=128,
@@ -113,21 +113,8 @@ def build_text_encoders(device, dtype) -> dict:
 
 def build_vae(device, dtype) -> AutoencoderKL:
     with building(device, dtype):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            norm_num_groups=32,
-            sample_size=1024,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-        )
+        vae = sd3_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                      sample_size=1024)
     return _ready(vae, device, dtype)
 
 

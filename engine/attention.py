@@ -92,9 +92,10 @@ class AttentionCache:
     """Installs caching processors on every attention module of a transformer and keeps the
     per-step bookkeeping: which slot holds which row, and when each row was last refreshed."""
 
-    def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False, compile_fresh=None) -> None:
-        """`compile_fresh`: a function that compiles the FRESH-rows attention call (engine/speed.py
-        passes one when the blocks are compiled), or None to run it eagerly."""
+    def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False, compile_fn=None) -> None:
+        """`compile_fn`: compiles a function (engine/speed.py passes one when the blocks are
+        compiled); it is applied to the FRESH rows' attention call and to the merge of CACHED
+        rows. None runs both eagerly."""
         self.extrapolate = extrapolate
         self.device = next(transformer.parameters()).device
         self.current: StepRows | None = None
@@ -119,10 +120,10 @@ class AttentionCache:
             if hasattr(block, "norm1"):
                 block.norm1.register_forward_pre_hook(self._read_caching_flag)
         self.merge = merge_cached
-        if compile_fresh is not None and self.processors:
+        if compile_fn is not None and self.processors:
             # One compiled function for all layers: it calls the module's own wrapped processor.
-            self.fresh_attention = compile_fresh(_call_inner)
-            self.merge = compile_fresh(merge_cached)
+            self.fresh_attention = compile_fn(_call_inner)
+            self.merge = compile_fn(merge_cached)
 
     def _read_caching_flag(self, module, args):
         if self.caching:

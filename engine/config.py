@@ -4,6 +4,7 @@ Pure Python (no torch), so the API and the worker's config can share it.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,8 +84,6 @@ MODEL_DEFAULTS_FILE = "sd3serve.json"
 def read_model_defaults(model: str) -> dict[str, Any]:
     """Serving defaults a model folder ships in `sd3serve.json` (width, height, steps,
     guidance_scale, max_sequence_length); empty for hub ids and folders without the file."""
-    import json
-
     path = Path(model) / MODEL_DEFAULTS_FILE
     if not path.is_file():
         return {}
@@ -95,8 +94,6 @@ def model_max_side(model: str) -> int | None:
     """The largest image side a local SD3 model folder can take: its transformer's position
     embedding covers `pos_embed_max_size` patches of `patch_size` latents, each latent pixel
     `2 ** (len(vae.block_out_channels) - 1)` image pixels. None when the folder doesn't say."""
-    import json
-
     try:
         transformer = json.loads((Path(model) / "transformer" / "config.json").read_text())
         vae = json.loads((Path(model) / "vae" / "config.json").read_text())

@@ -60,11 +60,11 @@ class Engine:
         )
         self.limits = limits_for_model(config.limits, config.model)
         self.latent_aware = make_latent_aware(config.latent_aware)
-        compile_fresh = None
+        compile_fn = None
         if self.speed.compile:
-            compile_fresh = lambda fn: compile_function(fn, self.speed.backend, self.speed.mode)  # noqa: E731
+            compile_fn = lambda fn: compile_function(fn, self.speed.backend, self.speed.mode)  # noqa: E731
         self.attention = AttentionCache(
-            pipe.transformer, extrapolate=self.latent_aware.extrapolates, compile_fresh=compile_fresh
+            pipe.transformer, extrapolate=self.latent_aware.extrapolates, compile_fn=compile_fn
         )
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
         self.runner = Runner(pipe, prompts, self.latent_aware, self.attention)
@@ -188,8 +188,9 @@ class Engine:
         self.generate([replace(warm[0], steps=2)])
         # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
         self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])
-        log.info("warm-up (compiling) took %.1f s", time.perf_counter() - start)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        log.info("warm-up (compiling) took %.1f s", seconds)
+        return seconds
 
     def generate(self, requests: list[GenerationRequest], progress=None) -> dict[str, Image.Image]:
         """Run `requests` to completion as one step-level batch (CLI, tests, benchmarks)."""

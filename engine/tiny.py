@@ -28,6 +28,27 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 CLIP_MAX_LENGTH = 77
 
 
+def sd3_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int,
+            scaling_factor: float = 1.5305, shift_factor: float = 0.0609, **extra) -> AutoencoderKL:
+    """SD3's VAE architecture (16 latent channels; SD3's latent scaling and shift unless given)
+    at the given widths."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=16,
+        norm_num_groups=norm_num_groups,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
 def byte_level_clip_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer whose tokens are single byte-level characters (no merges)."""
     chars = list(bytes_to_unicode().values())
@@ -84,20 +105,7 @@ def build_tiny_components(with_t5: bool = True, seed: int = 0) -> dict:
         pos_embed_max_size=32,
     ).eval()
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-    ).eval()
+    vae = sd3_vae(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4).eval()
     components = dict(
         transformer=transformer,
         vae=vae,

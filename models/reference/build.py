@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from engine.tiny import sd3_vae
 from models.reference.data import CAPTION_WORDS, IMAGE_SIZE
 from models.reference.tokenizer import write_t5_tokenizer, write_tokenizer
 
@@ -61,14 +62,8 @@ def transformer(spec: ModelSpec) -> SD3Transformer2DModel:
 
 
 def vae(spec: ModelSpec, scaling_factor: float = 1.0, shift_factor: float = 0.0) -> AutoencoderKL:
-    n = len(spec.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=spec.vae_channels, layers_per_block=1, norm_num_groups=spec.vae_groups,
-        sample_size=IMAGE_SIZE, scaling_factor=scaling_factor, shift_factor=shift_factor,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
+    return sd3_vae(spec.vae_channels, layers_per_block=1, norm_num_groups=spec.vae_groups,
+                   scaling_factor=scaling_factor, shift_factor=shift_factor, sample_size=IMAGE_SIZE)
 
 
 def text_encoder(spec: ModelSpec, width: int, vocab_size: int, bos: int, eos: int) -> CLIPTextModelWithProjection:
