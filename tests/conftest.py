@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The fleet's fixtures (Redis server, moto S3, a loaded tiny engine) once per session for every
+# module, not once per module that imports them.
+pytest_plugins = ["tests.fleet_fixtures"]
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

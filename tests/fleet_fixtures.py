@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,18 +16,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.stack_processes import ROOT as REPO, free_port
 PYTHON = sys.executable
 S3_KEYS = {"s3_access_key": "testing", "s3_secret_key": "testing", "s3_region": "us-east-1"}
 # Short clocks so a dead worker's jobs come back in seconds (production: heartbeat 30 s, maintenance 15 s).
 FAST_CLOCKS = {"SD3SERVE_HEARTBEAT_TTL": "2", "SD3SERVE_HEARTBEAT_EVERY": "0.3",
                "SD3SERVE_MAINTENANCE_INTERVAL": "1", "SD3SERVE_WORKER_TTL": "20"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:

@@ -14,7 +14,7 @@ from rq import Queue
 from api.app import create_app
 from engine.request import RequestLimits
 from worker import keys
-from tests.fleet_fixtures import api_config, fleet_redis, queue_name, redis_conn  # noqa: F401  (fixtures)
+from tests.fleet_fixtures import api_config, free_port
 
 KEY = "s3cret-key"
 
@@ -58,7 +58,7 @@ def test_submit_returns_202_with_id_location_and_queue_position(make_client, red
     assert second.json()["queue_position"] == 1
     assert isinstance(second.json()["seed"], int)  # drawn at submission and returned
     assert Queue(queue_name, connection=redis_conn).count == 2
-    status = api.get(body["location"] if "location" in body else first.headers["location"])
+    status = api.get(first.headers["location"])
     assert status.status_code == 200 and status.json()["id"] == body["id"]
 
 
@@ -216,8 +216,6 @@ def test_health_readiness_and_metrics(make_client, fleet_redis, queue_name, tmp_
 
 
 def test_readiness_fails_when_redis_is_unreachable(tmp_path, queue_name):
-    from tests.fleet_fixtures import free_port
-
     with TestClient(create_app(api_config(f"redis://127.0.0.1:{free_port()}/0", queue_name,
                                           storage=_local(tmp_path)))) as api:
         ready = api.get("/readyz")

@@ -12,7 +12,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from api.app import create_app
-from tests.fleet_fixtures import api_config, fleet_redis, queue_name  # noqa: F401  (fixtures)
+from tests.fleet_fixtures import api_config
 from worker.storage import StorageConfig
 
 KEY = "fuzz-key"

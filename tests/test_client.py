@@ -7,7 +7,6 @@ from rq import Queue, Retry
 from rq.job import Job
 
 from engine.request import RequestLimits, RequestValidationError
-from tests.fleet_fixtures import fleet_redis, queue_name, redis_conn  # noqa: F401  (fixtures)
 from worker import client, keys
 
 

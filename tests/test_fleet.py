@@ -13,16 +13,12 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.results import Result
 
-from tests.fleet_fixtures import (  # noqa: F401  (fixtures)
+from tests.fleet_fixtures import (
     REPO,
     RedisServer,
     WorkerProcess,
-    fleet_redis,
     kill_hard,
     make_thread_worker,
-    queue_name,
-    redis_conn,
-    tiny_engine,
     wait_until,
     worker_env,
     worker_processes,

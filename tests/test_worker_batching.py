@@ -13,16 +13,11 @@ from rq.job import Job
 from rq.results import Result
 
 from api.app import create_app
-from tests.fleet_fixtures import (  # noqa: F401  (fixtures)
+from tests.fleet_fixtures import (
     ApiServer,
     api_config,
-    fleet_redis,
     make_thread_worker,
-    moto_s3,
-    queue_name,
-    redis_conn,
     s3_storage_config,
-    tiny_engine,
     wait_until,
 )
 from worker import client, keys

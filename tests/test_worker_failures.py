@@ -10,12 +10,8 @@ import torch
 from rq import Queue
 from rq.job import Job
 
-from tests.fleet_fixtures import (  # noqa: F401  (fixtures)
-    fleet_redis,
+from tests.fleet_fixtures import (
     make_thread_worker,
-    queue_name,
-    redis_conn,
-    tiny_engine,
     wait_until,
 )
 from worker import client
