@@ -116,9 +116,15 @@ class AttentionCache:
         # that breaks keeps only the guards traced before the break. Reading `caching` in a hook
         # on the block's first norm puts the guard there, so exact steps never take the broken
         # (cached-step) variant of a compiled block.
-        for block in getattr(transformer, "transformer_blocks", []):
-            if hasattr(block, "norm1"):
-                block.norm1.register_forward_pre_hook(self._read_caching_flag)
+        # A second engine on the same pipeline replaces the first one's hooks (which would
+        # otherwise keep it, and its cache, alive and run on every forward).
+        for handle in getattr(transformer, "_sd3serve_caching_hooks", ()):
+            handle.remove()
+        transformer._sd3serve_caching_hooks = [
+            block.norm1.register_forward_pre_hook(self._read_caching_flag)
+            for block in getattr(transformer, "transformer_blocks", [])
+            if hasattr(block, "norm1")
+        ]
         self.merge = merge_cached
         if compile_fn is not None and self.processors:
             # One compiled function for all layers: it calls the module's own wrapped processor.

@@ -125,10 +125,7 @@ class Engine:
         )
 
     def step(self) -> StepReport:
-        report = StepReport()
-        for req in self.scheduler.drop_canceled():
-            self._forget(req)
-            report.canceled.append(req.request)
+        report = StepReport(canceled=self.drop_canceled())
         plan = self.scheduler.plan()
         if plan is None:
             return report
@@ -163,13 +160,19 @@ class Engine:
             torch.cuda.empty_cache()
         victim = max(plan.requests, key=lambda r: self._admitted_at.get(r.request_id, 0.0))
         victim.canceled = True
-        for req in self.scheduler.drop_canceled():  # only the victim: step() dropped the rest already
-            self._forget(req)
+        self.drop_canceled()  # only the victim: step() dropped the rest already
         log.warning("step failed (%s); dropping request %s: %s", code, victim.request_id, exc)
         report.failed.append(
             FailedRequest(victim.request, code, f"the GPU ran out of memory with a batch of {len(plan.requests)}: {exc}")
         )
         return report
+
+    def drop_canceled(self) -> list[GenerationRequest]:
+        """Drop canceled running requests now and free their state; returns them."""
+        dropped = self.scheduler.drop_canceled()
+        for req in dropped:
+            self._forget(req)
+        return [req.request for req in dropped]
 
     def _forget(self, req: ScheduledRequest) -> None:
         self.runner.release(req.request_id)

@@ -190,8 +190,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         for request_id in self.engine.running_ids():
             if request_id not in self._entries:
                 self.engine.cancel(request_id)
-        if not self._entries and self.engine.has_work():
-            self.engine.step()  # only canceled requests are left: the step drops them and computes nothing
+        self.engine.drop_canceled()
 
     def _step_engine(self) -> None:
         if not self.engine.has_work():
