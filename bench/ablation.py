@@ -37,7 +37,6 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
         shapes = [(args.sizes[0], 2)]
     out: dict = {"shapes": [f"{s}x{s}_rows{r}" for s, r in shapes], "forward_ms": {}, "first_call_seconds": {},
                  "rel_err_vs_eager": {}, "profiles": {}}
-    args_vae_compile.on = not getattr(args, "no_vae_compile", True)
     reference = None
     chosen = [v for v in variants(fast) if not args.ablation_variants or v[0] in args.ablation_variants]
     out["applied"] = {}
@@ -120,9 +119,6 @@ def kernel_class(name: str) -> str:
     return "other elementwise / reductions"
 
 
-args_vae_compile = SimpleNamespace(on=False)  # the decoder compile takes minutes: only when asked
-
-
 def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions) -> dict:
     """Milliseconds per image of one decode at `size`², batch 1 and 4, for layouts/compile."""
     out = {}
@@ -144,7 +140,7 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions) -> dict:
                         out[f"sdpa_{names[0]}_b{batch}"] = f"unavailable: {str(exc)[:100]}"
                 if batch == 4:
                     out["profile_b4"] = kernel_profile(lambda: model.decode(latents), device, top=12)
-    if device.type == "cuda" and getattr(args_vae_compile, "on", False):
+    if device.type == "cuda" and fast.vae_compile:  # the decoder compile takes minutes: only when asked
         model.decoder.compile(backend=fast.backend, mode=fast.mode, dynamic=True)
         for batch in (1, 4):
             latents = torch.randn(batch, 16, size // 8, size // 8, device=device, dtype=dtype)

@@ -25,8 +25,7 @@ class LargeModelPart:
         self.pipe.vae.decoder._compiled_call_impl = None  # not the fast path's compiled decoder either
         pipe = shapes.build_pipeline(self.large, self.device, self.dtype, shared=shapes.shared_parts(self.pipe))
         self.note_flops(pipe, self.large)
-        for module in (self.pipe.transformer,):
-            module.to("meta")  # free the medium transformer's weights
+        self.pipe.transformer.to("meta")  # free the medium transformer's weights
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -42,7 +41,7 @@ class LargeModelPart:
         start = time.perf_counter()
         engine.generate(requests("warm", 1, size, 3))
         synchronize(self.device)
-        self.results.note("fast_warmup_seconds", dict(self.results.engine["fast_warmup_seconds"],
+        self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}),
                                                       **{f"large_{size}": round(time.perf_counter() - start, 2)}))
         with torch.inference_mode():
             out = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.measure import GIB, Run, StepClock, timed
+from bench.measure import GIB, Run, StepClock, event_time_ms, timed
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import GenerationRequest, validate_request
@@ -119,8 +119,6 @@ def row(system: str, mode: str, model: str, size: int, batch: int, steps: int, r
 def step_time_all_rows(engine: Engine, device, reqs: list[GenerationRequest], fresh: bool, repeats: int = 5) -> float:
     """Milliseconds of one runner step over `reqs` with every request FRESH or every request
     CACHED (after a first, all-FRESH step has filled the caches). Leaves the engine empty."""
-    from bench.measure import event_time_ms
-
     for r in reqs:
         engine.add(r)
     engine.step()
