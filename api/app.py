@@ -92,7 +92,7 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
     config = config or ApiConfig.from_env()
     redis = Redis.from_url(config.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
     state = ApiState(config=config, redis=redis, storage=storage_from_config(config.storage),
-                     job_request=job_request_model(config.limits))
+                     job_request=job_request_model(config.limits), queue=Queue(config.queue, connection=redis))
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if isinstance(state.storage, LocalStorage):
@@ -101,14 +101,12 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
         redis.close()
 
     app = FastAPI(title="sd3serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.sd3serve = state
     install_error_handlers(app)
     app.include_router(build_router(state))
     if STATIC_DIR.is_dir():  # the playground page at / (after the API routes, which win)
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="playground")
     metrics.instrument_app(app)
-    queue = Queue(config.queue, connection=redis)
-    metrics.register_queue_depth(lambda: queue.count, config.queue)
+    metrics.register_queue_depth(lambda: state.queue.count, config.queue)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     return app
 

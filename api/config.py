@@ -7,12 +7,11 @@ from typing import Any, Mapping
 
 from engine.config import REFERENCE_MODEL_DIR, limits_for_model, limits_from_env
 from engine.request import RequestLimits
+from engine.settings import env_values
 from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES
-from worker.env import env_values
-from worker.keys import DEFAULT_QUEUE
+from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
 from worker.storage import StorageConfig
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,7 @@ class ApiState:
     redis: Redis
     storage: Any
     job_request: type[BaseModel]
-
-    @property
-    def queue(self) -> Queue:
-        return Queue(self.config.queue, connection=self.redis)
+    queue: Queue
 
 
 def build_router(state: ApiState) -> APIRouter:

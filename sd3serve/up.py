@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Mapping
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from worker.keys import DEFAULT_REDIS_URL
 
 
 class StackError(RuntimeError):

@@ -128,7 +128,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self.last_cleaned_at = now()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        if not _is_generation(job):
+        if not keys.is_generation(job):
             super().execute_job(job, queue)
             return
         try:
@@ -292,7 +292,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             if result is None:
                 return
             job, queue = result
-            if not _is_generation(job):
+            if not keys.is_generation(job):
                 super().execute_job(job, queue)  # an ordinary RQ job: run it now, on its own
                 self.set_state(WorkerStatus.BUSY)
                 continue
@@ -330,13 +330,6 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         log.info("admitted job %s (%dx%d, %d steps), %d in batch", job.id, entry.request.width,
                  entry.request.height, entry.request.steps, len(self._entries))
         return True
-
-
-def _is_generation(job: Job) -> bool:
-    try:
-        return job.func_name == keys.JOB_FUNC
-    except Exception:  # an unreadable payload: RQ's own path fails the job with the error
-        return False
 
 
 def _as_list(queues: Any) -> list[Any]:

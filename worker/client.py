@@ -133,11 +133,7 @@ def fetch_job(connection: Redis, job_id: str) -> Job:
         job = Job.fetch(job_id, connection=connection)
     except (NoSuchJobError, ValueError):
         raise JobNotFound(job_id) from None
-    try:
-        is_ours = job.func_name == keys.JOB_FUNC
-    except Exception:  # a job whose payload cannot be read is not one of ours
-        is_ours = False
-    if not is_ours:
+    if not keys.is_generation(job):
         raise JobNotFound(job_id)
     return job
 

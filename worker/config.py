@@ -7,11 +7,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from engine.config import EngineConfig
-from worker.keys import DEFAULT_QUEUE
-from worker.env import env_values
+from engine.settings import env_values
+from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
 from worker.storage import StorageConfig
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 DEFAULT_QUEUE = "sd3serve"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 JOB_FUNC = "worker.jobs.generate"  # what jobs are enqueued as, by the API and by plain RQ users
 
 # job.meta fields written by the workers
@@ -19,6 +20,14 @@ META_ERROR = "error"  # {"code": ..., "message": ...} for a failed job
 META_STATE = "state"  # "running" or "storing" (image computed, upload under way)
 
 KEY_PREFIX = "sd3serve"
+
+
+def is_generation(job) -> bool:
+    """Whether an RQ job is an sd3serve generation (a job whose payload cannot be read is not)."""
+    try:
+        return job.func_name == JOB_FUNC
+    except Exception:
+        return False
 
 
 def idempotency_key(client_id: str, idempotency_key: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from worker.env import env_values
+from engine.settings import env_values
 
 log = logging.getLogger("sd3serve.storage")
 
