@@ -124,10 +124,9 @@ def build_router(state: ApiState) -> APIRouter:
             metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
             raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
                            headers={"Retry-After": str(state.config.retry_after)})
-        request_fields = {k: v for k, v in generation.to_dict().items() if k != "request_id"}
-        client.submit(state.redis, request_fields, queue=state.config.queue, limits=state.config.limits,
-                      job_id=job_id, retries=state.config.retries, job_timeout=state.config.job_timeout,
-                      result_ttl=state.config.result_ttl, failure_ttl=state.config.failure_ttl)
+        client.enqueue(state.queue, generation, job_id=job_id, retries=state.config.retries,
+                       job_timeout=state.config.job_timeout, result_ttl=state.config.result_ttl,
+                       failure_ttl=state.config.failure_ttl)
         metrics.JOBS_SUBMITTED.inc()
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return job_response(find(job_id), request)

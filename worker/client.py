@@ -32,7 +32,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 
-from engine.request import RequestLimits, validate_request
+from engine.request import GenerationRequest, RequestLimits, validate_request
 from worker import keys
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -110,10 +110,24 @@ def submit(
 
     Raises `engine.request.RequestValidationError` (with `.field` and `.message`) for a bad request.
     """
-    data = {**(request or {}), **fields}
-    generation = validate_request(data, limits)
+    generation = validate_request({**(request or {}), **fields}, limits)
+    return enqueue(Queue(queue, connection=connection), generation, job_id=job_id, retries=retries,
+                   job_timeout=job_timeout, result_ttl=result_ttl, failure_ttl=failure_ttl)
+
+
+def enqueue(
+    queue: Queue,
+    generation: GenerationRequest,
+    *,
+    job_id: str | None = None,
+    retries: int = DEFAULT_RETRIES,
+    job_timeout: int = DEFAULT_JOB_TIMEOUT,
+    result_ttl: int = DEFAULT_RESULT_TTL,
+    failure_ttl: int = DEFAULT_FAILURE_TTL,
+) -> str:
+    """Enqueue an already validated request. Returns the job id."""
     kwargs = {k: v for k, v in generation.to_dict().items() if k != "request_id" and v is not None}
-    job = Queue(queue, connection=connection).enqueue_call(
+    job = queue.enqueue_call(
         keys.JOB_FUNC,
         kwargs=kwargs,
         job_id=job_id,
