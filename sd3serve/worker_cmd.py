@@ -79,11 +79,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     wait_for_redis(config.redis_url, args.wait_for_redis)
 
-    import redis
-
     from worker.batch_worker import BatchWorker
 
-    worker = BatchWorker([config.queue], connection=redis.Redis.from_url(config.redis_url), config=config)
+    worker = BatchWorker(config=config)  # its queue and Redis connection come from the config
     try:
         worker.work(burst=args.burst, max_idle_time=args.max_idle_time, logging_level=config.log_level)
     except (OSError, ValueError) as exc:  # a bad model path or device, found at load time
