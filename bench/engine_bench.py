@@ -41,6 +41,7 @@ from bench.large_part import LargeModelPart
 from bench.results_file import Results
 from bench.probes import count_host_syncs, sdpa_probe
 from bench.runs import (
+    GUIDANCE,
     capture_latents,
     make_engine,
     requests,
@@ -75,7 +76,7 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
             torch=torch.__version__,
             diffusers=__import__("diffusers").__version__,
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            config=dict(steps=args.steps, sizes=args.sizes, batches=args.batches, guidance=7.0,
+            config=dict(steps=args.steps, sizes=args.sizes, batches=args.batches, guidance=GUIDANCE,
                         dtype=self.dtype_name, speed=repr(self.fast), smoke=args.smoke,
                         engine="admit_per_boundary = max_batch: requests arriving together all join at step 0"),
         )
@@ -148,7 +149,7 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
     def note_flops(self, pipe, model: str) -> None:
         flops = dict(self.results.engine.get("transformer_flops_per_row", {}))
         for size in self.args.sizes:
-            flops[f"{model}_{size}"] = step_flops(pipe.transformer.config, (size // 8, size // 8), 77 + 256).total
+            flops[f"{model}_{size}"] = step_flops(pipe.transformer.config, (size // 8, size // 8), shapes.TEXT_TOKENS).total
         self.results.note("transformer_flops_per_row", flops)
 
     def timed_note(self, key: str, fn):

@@ -26,14 +26,14 @@ from tqdm import tqdm
 
 from bench.flops import flop_fraction, step_flops
 from bench.image_metrics import psnr, ssim
-from engine.config import REFERENCE_MODEL_DIR, EngineConfig, read_model_defaults
+from engine.config import LATENT_AWARE_STRATEGIES, REFERENCE_MODEL_DIR, EngineConfig, read_model_defaults
 from engine.engine import Engine
 from engine.loader import load_pipeline
 from engine.request import GenerationRequest, validate_request
 from models.reference.data import held_out_prompts
 from models.reference.evaluate import judge_images
 
-LATENT_AWARE = ("none", "seed", "extrapolate")
+LATENT_AWARE = LATENT_AWARE_STRATEGIES
 FULL_CONFIGS = [("exact", 1, "none")] + [
     (policy, k, la) for policy in ("attention", "step") for k in (2, 3, 4) for la in LATENT_AWARE
 ]

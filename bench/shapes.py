@@ -15,7 +15,14 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from engine.tiny import build_tiny_components, byte_level_clip_tokenizer, byte_level_t5_tokenizer, sd3_vae
+from engine.engine import DEFAULT_MAX_SEQUENCE_LENGTH
+from engine.tiny import (
+    CLIP_MAX_LENGTH,
+    build_tiny_components,
+    byte_level_clip_tokenizer,
+    byte_level_t5_tokenizer,
+    sd3_vae,
+)
 
 COMMON = dict(
     sample_size=128,
@@ -33,6 +40,9 @@ TRANSFORMERS = {
 }
 CLIP_VOCAB = 49408
 T5_VOCAB = 32128
+
+# CLIP's 77 tokens + T5's at the engine's default max_sequence_length (256): SD3's joint text length
+TEXT_TOKENS = CLIP_MAX_LENGTH + DEFAULT_MAX_SEQUENCE_LENGTH
 
 
 @contextmanager
@@ -144,7 +154,7 @@ def forward_inputs(transformer, size: int, device, dtype, rows: int = 2) -> dict
     """Fixed random inputs of one transformer forward at `size`² with `rows` rows."""
     g = torch.Generator("cpu").manual_seed(size)
     cfg = transformer.config
-    text = 77 + 256  # CLIP tokens + T5 tokens at max_sequence_length 256
+    text = TEXT_TOKENS
     return dict(
         hidden_states=torch.randn(rows, cfg.in_channels, size // 8, size // 8, generator=g).to(device, dtype),
         timestep=torch.linspace(950.0, 50.0, rows, device=device),

@@ -16,11 +16,12 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from engine.config import MODEL_DEFAULTS_FILE
 from engine.tiny import sd3_vae
 from models.reference.data import CAPTION_WORDS, IMAGE_SIZE
 from models.reference.tokenizer import write_t5_tokenizer, write_tokenizer
 
-SERVE_FILE = "sd3serve.json"
+SERVE_FILE = MODEL_DEFAULTS_FILE  # the file the engine reads serving defaults from
 
 
 @dataclass(frozen=True)

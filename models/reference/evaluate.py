@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
+from engine.config import read_model_defaults
 from models.reference import data, judge
 
-SERVE_FILE = "sd3serve.json"
 
 
 _POOL: Any = None
@@ -36,13 +36,17 @@ def _pool() -> Any:
     return _POOL
 
 
-def judge_images(images: Sequence[Any], captions: Sequence[str]) -> float:
-    """Fraction of images the judge passes; in parallel where there are cores to spare."""
+def judge_oks(images: Sequence[Any], captions: Sequence[str]) -> list[bool]:
+    """The judge's verdict per image; in parallel where there are cores to spare."""
     items = [(judge.to_rgb_array(i).astype("uint8"), c) for i, c in zip(images, captions)]
     if (os.cpu_count() or 1) <= 2 or len(items) < 32:
-        oks = [judge.judge_ok(x) for x in items]
-    else:
-        oks = _pool().map(judge.judge_ok, items, chunksize=8)
+        return [judge.judge_ok(x) for x in items]
+    return list(_pool().map(judge.judge_ok, items, chunksize=8))
+
+
+def judge_images(images: Sequence[Any], captions: Sequence[str]) -> float:
+    """Fraction of images the judge passes."""
+    oks = judge_oks(images, captions)
     return sum(oks) / len(oks)
 
 
@@ -52,10 +56,6 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
     pipe = StableDiffusion3Pipeline.from_pretrained(str(path), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def serve_defaults(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / SERVE_FILE).read_text())
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
@@ -95,18 +95,18 @@ def sweep(pipe, prompts: Sequence[data.HeldOutPrompt], steps: Sequence[int], gui
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     original = pipe.scheduler
+    captions = [p.prompt for p in prompts]
+    unseen = [i for i, p in enumerate(prompts) if p.held_out_combo]
     rows = []
     try:
         for shift in shifts:
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(original.config, shift=shift)
             for n in steps:
                 for g in guidances:
-                    imgs = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], n, g,
-                                    max_sequence_length)
-                    caps = [p.prompt for p in prompts]
-                    acc = judge_images(imgs, caps)
-                    unseen = [i for i, p in enumerate(prompts) if p.held_out_combo]
-                    acc_unseen = judge_images([imgs[i] for i in unseen], [caps[i] for i in unseen]) if unseen else float("nan")
+                    imgs = generate(pipe, captions, [p.seed for p in prompts], n, g, max_sequence_length)
+                    oks = judge_oks(imgs, captions)  # judged once; both accuracies come from it
+                    acc = sum(oks) / len(oks)
+                    acc_unseen = sum(oks[i] for i in unseen) / len(unseen) if unseen else float("nan")
                     rows.append({"steps": n, "guidance": g, "shift": shift, "accuracy": acc,
                                  "held_out_combo_accuracy": acc_unseen})
     finally:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    d = serve_defaults(args.model)
+    d = read_model_defaults(args.model)
     steps = args.steps or d["steps"]
     guidance = args.guidance if args.guidance >= 0 else d["guidance_scale"]
     prompts = data.held_out_prompts()
