@@ -131,6 +131,10 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions) -> dict:
                 with torch.backends.cudnn.flags(enabled=True, benchmark=True):
                     ms = event_time_ms(device, lambda: model.decode(latents), repeats=3, warmup=2)
                 out[f"cudnn_benchmark_b{batch}"] = round(ms / batch, 2)
+                model.to(memory_format=torch.channels_last)
+                ms = event_time_ms(device, lambda: model.decode(latents), repeats=3)
+                out[f"channels_last_b{batch}"] = round(ms / batch, 2)
+                model.to(memory_format=torch.contiguous_format)
                 for names in (("efficient",), ("cudnn", "flash", "efficient", "math")):
                     try:
                         with sdpa_kernel(sdpa_priority(names)):

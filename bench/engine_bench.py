@@ -35,7 +35,7 @@ import torch
 from bench import shapes
 from bench.shapes import forward_inputs
 from bench.flops import step_flops
-from bench.measure import GIB, card_name, event_time_ms, matmul_tflops, relative_error, synchronize
+from bench.measure import GIB, card_name, matmul_tflops, relative_error, synchronize, timed
 from bench.memory_parts import CachingAndMemoryParts
 from bench.large_part import LargeModelPart
 from bench.results_file import Results
@@ -160,20 +160,11 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
         return out
 
     def probe(self) -> None:
-        """The card's matmul rate, SDPA kernels on our shapes, and the VAE's memory layout."""
+        """The card's matmul rate and SDPA kernels on our shapes (the VAE's variants are in the ablation)."""
         info: dict = {}
         if self.device.type == "cuda":
             info["matmul_tflops_bf16"] = round(matmul_tflops(self.device), 1)
             info["sdpa_ms"] = sdpa_probe(self.device, self.args.sizes)
-        vae = self.pipe.vae
-        size = max(self.args.sizes)
-        latents = torch.randn(1, 16, size // 8, size // 8, device=self.device, dtype=self.dtype)
-        with torch.inference_mode():
-            info["vae_decode_ms_nchw"] = round(event_time_ms(self.device, lambda: vae.decode(latents), repeats=3), 2)
-            vae.to(memory_format=torch.channels_last)
-            info["vae_decode_ms_channels_last"] = round(event_time_ms(self.device, lambda: vae.decode(latents), repeats=3), 2)
-            vae.to(memory_format=torch.contiguous_format)
-        info["vae_decode_size"] = size
         self.results.note("probe", info)
 
     def forward_reference(self) -> dict:
@@ -238,14 +229,12 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
         engine = make_engine(self.pipe, self.device, self.dtype_name, max(self.args.batches), self.fast)
         warm = {}
         for size in self.args.sizes:  # the first call compiles (dynamic shapes: later sizes reuse it)
-            start = time.perf_counter()
-            engine.generate(requests("warm", 2, size, 3))
-            synchronize(self.device)
-            warm[f"exact_{size}"] = round(time.perf_counter() - start, 2)
-        start = time.perf_counter()  # the first cached step compiles the graph-broken variant
-        engine.generate(requests("warm", 2, min(self.args.sizes), 4, k=3, policy="attention"))
-        synchronize(self.device)
-        warm["attention"] = round(time.perf_counter() - start, 2)
+            run = timed(self.device, lambda: engine.generate(requests("warm", 2, size, 3)))
+            warm[f"exact_{size}"] = round(run.seconds, 2)
+        # the first cached step compiles the graph-broken variant
+        run = timed(self.device, lambda: engine.generate(requests("warm", 2, min(self.args.sizes), 4, k=3,
+                                                                  policy="attention")))
+        warm["attention"] = round(run.seconds, 2)
         self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}), **warm))
         self.results.note("host_syncs_per_step", count_host_syncs(engine, self.device, min(self.args.sizes)))
         return engine

@@ -3,12 +3,11 @@ fast engine, sharing the medium pipeline's text encoders and VAE."""
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 
 from bench import shapes
-from bench.measure import relative_error, synchronize
+from bench.measure import relative_error, timed
 from bench.runs import make_engine, requests, row, run_diffusers, run_engine
 from bench.shapes import forward_inputs
 
@@ -38,11 +37,9 @@ class LargeModelPart:
             run, _ = run_diffusers(pipe, self.device, requests("dl", batch, size, a.steps))
             self.results.add("engine", row("diffusers", "eager", self.large, size, batch, a.steps, run))
         engine = make_engine(pipe, self.device, self.dtype_name, max(a.large_batches), self.fast)
-        start = time.perf_counter()
-        engine.generate(requests("warm", 1, size, 3))
-        synchronize(self.device)
+        warm = timed(self.device, lambda: engine.generate(requests("warm", 1, size, 3)))
         self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}),
-                                                      **{f"large_{size}": round(time.perf_counter() - start, 2)}))
+                                                      **{f"large_{size}": round(warm.seconds, 2)}))
         with torch.inference_mode():
             out = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
         self.results.note("accuracy", dict(self.results.engine.get("accuracy", {}),
