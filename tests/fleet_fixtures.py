@@ -8,73 +8,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from tests.stack_processes import ROOT as REPO, free_port
+from tests.stack_processes import ROOT as REPO, RedisServer, free_port, wait_until
 PYTHON = sys.executable
 S3_KEYS = {"s3_access_key": "testing", "s3_secret_key": "testing", "s3_region": "us-east-1"}
 # Short clocks so a dead worker's jobs come back in seconds (production: heartbeat 30 s, maintenance 15 s).
 FAST_CLOCKS = {"SD3SERVE_HEARTBEAT_TTL": "2", "SD3SERVE_HEARTBEAT_EVERY": "0.3",
                "SD3SERVE_MAINTENANCE_INTERVAL": "1", "SD3SERVE_WORKER_TTL": "20"}
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class RedisServer:
-    """A redis-server process owned by one test (or session); can be killed and restarted."""
-
-    def __init__(self, directory: Path, appendonly: bool = False) -> None:
-        self.directory = directory
-        self.appendonly = appendonly
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        self.directory.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-                "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        wait_until(lambda: _pings(redis.Redis(port=self.port)), 10, what=f"redis-server on {self.port}")
-        return self
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
-def _pings(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="session")
