@@ -1,6 +1,7 @@
 """Real parts for the fleet tests: test-owned redis-server processes, a moto S3 server on
 loopback, the API served by uvicorn, batching workers in a thread or as `sd3serve worker`
-processes. Test modules import the fixtures they use from here."""
+processes. tests/conftest.py registers this module as a plugin, so its fixtures exist once per
+session for every test module; modules import only its plain helpers."""
 from __future__ import annotations
 
 import os
