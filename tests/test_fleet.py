@@ -43,15 +43,25 @@ def _assert_each_succeeded_once(redis_conn, job_ids):
         assert len(successes) == 1, f"job {job_id} finished {len(successes)} times"
 
 
+
+def _start_and_submit(procs: list, env: dict, log, redis_conn, queue: str, prompt: str, steps: int,
+                      n: int) -> tuple[str, list[str]]:
+    """Start a worker process, wait until it registers, then submit `n` jobs; its name and the ids."""
+    worker = WorkerProcess(env, log)
+    procs.append(worker)
+    name = worker.wait_registered()
+    ids = [client.submit(redis_conn, prompt=f"{prompt} {i}", steps=steps, width=64, height=64, queue=queue)
+           for i in range(n)]
+    return name, ids
+
+
 def test_kill_9_mid_batch_a_second_worker_finishes_every_job_once(
         fleet_redis, redis_conn, queue_name, tiny_model_dir, tiny_engine, tmp_path):
     env = worker_env(tiny_model_dir, fleet_redis.url, queue_name, tmp_path / "data", SD3SERVE_MAX_BATCH="6")
     with worker_processes() as procs:
-        victim = WorkerProcess(env, tmp_path / "victim.log")
-        procs.append(victim)
-        victim_name = victim.wait_registered()
-        ids = [client.submit(redis_conn, prompt=f"a red circle {i}", steps=40, width=64, height=64,
-                             queue=queue_name) for i in range(10)]
+        victim_name, ids = _start_and_submit(procs, env, tmp_path / "victim.log", redis_conn, queue_name,
+                                             "a red circle", steps=40, n=10)
+        victim = procs[-1]
         # The survivor (a BatchWorker in this process) starts while the victim is mid-batch.
         survivor = make_thread_worker(tiny_engine, fleet_redis.url, queue_name,
                                       StorageConfig(data_dir=str(tmp_path / "data")),
@@ -89,14 +99,11 @@ def test_sigterm_mid_batch_finishes_the_batch_admits_nothing_more_and_loses_noth
     env = worker_env(tiny_model_dir, fleet_redis.url, queue_name, tmp_path / "data",
                      SD3SERVE_MAX_BATCH="3", SD3SERVE_SHUTDOWN_GRACE="60")
     with worker_processes() as procs:
-        worker = WorkerProcess(env, tmp_path / "worker.log")
-        procs.append(worker)
-        name = worker.wait_registered()
-        ids = [client.submit(redis_conn, prompt=f"a blue square {i}", steps=30, width=64, height=64,
-                             queue=queue_name) for i in range(7)]
-        running = wait_until(lambda: _running_on(redis_conn, ids, name) if
-                             len(_running_on(redis_conn, ids, name)) == 3 else None, 60, interval=0.1,
-                             what="a full batch running")
+        name, ids = _start_and_submit(procs, env, tmp_path / "worker.log", redis_conn, queue_name,
+                                      "a blue square", steps=30, n=7)
+        worker = procs[-1]
+        running = wait_until(lambda: r if len(r := _running_on(redis_conn, ids, name)) == 3 else None, 60,
+                             interval=0.1, what="a full batch running")
         worker.signal(signal.SIGTERM)
         assert worker.wait(60) == 0, worker.output()
     statuses = {i: Job.fetch(i, connection=redis_conn).get_status() for i in ids}
