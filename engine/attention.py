@@ -43,18 +43,25 @@ class CachingAttnProcessor:
         self.pools: dict[Group, SlotPool] = {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        # A plain bool, so a compiled block inlines the exact path and guards on nothing else.
+        # Plain bools, so a compiled block inlines the path taken and guards on nothing else.
         if not self.owner.caching:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        return self._with_cache(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if self.owner.pools_ready:
+            # Traced into a compiled block: no graph break, and the gathers, the pool writes
+            # and the merge fuse with the kernels around them.
+            return self._with_cache(False, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        return self._growing(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
     @torch.compiler.disable
-    def _with_cache(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        """Gather the FRESH rows into the wrapped processor, take CACHED rows from the pool.
-        Runs outside the compiled block; `owner.fresh_attention` and `owner.merge` may be
-        compiled."""
+    def _growing(self, *args, **kwargs):
+        """A step that creates or grows a pool (a new request took a slot past the capacity):
+        kept out of the compiled graph, which would otherwise trace the allocation."""
+        return self._with_cache(True, *args, **kwargs)
+
+    def _with_cache(self, grow: bool, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                    *args, **kwargs):
+        """Gather the FRESH rows into the wrapped processor, take CACHED rows from the pool."""
         rows = self.owner.current
-        inner = self.owner.fresh_attention or self.inner
         pool = self.pools.get(rows.group)
         if rows.cached_index is not None and pool is None:
             raise RuntimeError(f"no cached attention for group {rows.group} in layer {self.layer}")
@@ -67,19 +74,20 @@ class CachingAttnProcessor:
                     hidden_states.index_select(0, rows.fresh_index),
                     None if encoder_hidden_states is None else encoder_hidden_states.index_select(0, rows.fresh_index),
                 )
-            fresh = inner(attn, *fresh_in, attention_mask, *args, **kwargs)
+            fresh = self.inner(attn, *fresh_in, attention_mask, *args, **kwargs)
             fresh = fresh if isinstance(fresh, tuple) else (fresh,)
             if rows.store_rows is not None:
-                if pool is None:
-                    pool = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
-                pool.reserve(self.owner.capacity(rows.group), fresh)
+                if grow:
+                    if pool is None:
+                        pool = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
+                    pool.reserve(self.owner.capacity(rows.group), fresh)
                 pool.store(fresh, rows)
         if rows.cached_index is None:
             parts = list(fresh)
         else:
             parts = [
-                self.owner.merge(None if fresh is None else fresh[k], data, rows.rows, rows.fresh_index,
-                                 rows.cached_index, rows.last_rows, rows.previous_rows, rows.weights)
+                merge_cached(None if fresh is None else fresh[k], data, hidden_states.shape[0], rows.fresh_index,
+                             rows.cached_index, rows.last_rows, rows.previous_rows, rows.weights)
                 for k, data in enumerate(pool.data)
             ]
         return tuple(parts) if len(parts) > 1 else parts[0]
@@ -87,20 +95,21 @@ class CachingAttnProcessor:
     def drop(self, group: Group) -> None:
         self.pools.pop(group, None)
 
+    def ready(self, group: Group, capacity: int) -> bool:
+        pool = self.pools.get(group)
+        return pool is not None and pool.capacity >= capacity
+
 
 class AttentionCache:
     """Installs caching processors on every attention module of a transformer and keeps the
     per-step bookkeeping: which slot holds which row, and when each row was last refreshed."""
 
-    def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False, compile_fn=None) -> None:
-        """`compile_fn`: compiles a function (engine/speed.py passes one when the blocks are
-        compiled); it is applied to the FRESH rows' attention call and to the merge of CACHED
-        rows. None runs both eagerly."""
+    def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False) -> None:
         self.extrapolate = extrapolate
         self.device = next(transformer.parameters()).device
         self.current: StepRows | None = None
         self.caching = False  # does this step read or write the cache at all?
-        self.fresh_attention = None
+        self.pools_ready = False  # do this step's pools exist at the capacity it needs?
         self.history: dict[Group, dict[CacheKey, SlotHistory]] = {}
         self._capacity: dict[Group, int] = {}
         self.processors: list[CachingAttnProcessor] = []
@@ -112,10 +121,11 @@ class AttentionCache:
             proc = CachingAttnProcessor(self, layer, inner)
             module.set_processor(proc)
             self.processors.append(proc)
-        # A compiled block breaks its graph at the attention call on cached steps, and a frame
-        # that breaks keeps only the guards traced before the break. Reading `caching` in a hook
-        # on the block's first norm puts the guard there, so exact steps never take the broken
-        # (cached-step) variant of a compiled block.
+        # A compiled block breaks its graph at the attention call on steps that grow a pool, and a
+        # frame that breaks keeps only the guards traced before the break (not those of the
+        # functions it was inlining when it broke). Reading `caching` and
+        # `pools_ready` in a hook on the block's first norm puts their guards there, so no other
+        # step takes the broken (pool-growing) variant of a compiled block.
         # A second engine on the same pipeline replaces the first one's hooks (which would
         # otherwise keep it, and its cache, alive and run on every forward).
         for handle in getattr(transformer, "_sd3serve_caching_hooks", ()):
@@ -125,14 +135,9 @@ class AttentionCache:
             for block in getattr(transformer, "transformer_blocks", [])
             if hasattr(block, "norm1")
         ]
-        self.merge = merge_cached
-        if compile_fn is not None and self.processors:
-            # One compiled function for all layers: it calls the module's own wrapped processor.
-            self.fresh_attention = compile_fn(_call_inner)
-            self.merge = compile_fn(merge_cached)
 
     def _read_caching_flag(self, module, args):
-        if self.caching:
+        if self.caching and self.pools_ready:
             return None
         return None
 
@@ -179,21 +184,25 @@ class AttentionCache:
         capacity = self.capacity(group)
         last_row = lambda e: e.half * capacity + e.slot  # noqa: E731
         other_row = lambda e: (1 - e.half) * capacity + e.slot  # noqa: E731
-        firsts = [(j, e) for j, e, first in stored if first and self.extrapolate]
+        store_from: list[int] = []  # positions among the FRESH rows ...
+        store_rows: list[int] = []  # ... and the pool rows they are written to
+        for j, entry, first in stored:
+            store_from.append(j)
+            store_rows.append(last_row(entry))
+            if first and self.extrapolate:  # no earlier refresh: both halves start equal
+                store_from.append(j)
+                store_rows.append(other_row(entry))
         extrapolating = self.extrapolate and any(w != 0.0 for w in weights)
-        store_all = [j for j, _, _ in stored] == list(range(len(fresh_pos)))
+        self.pools_ready = bool(self.processors) and all(p.ready(group, capacity) for p in self.processors)
         self.current = StepRows(
             group=group,
-            rows=len(keys),
             fresh_index=self._index(fresh_pos),
             cached_index=self._index(cached_pos) if cached_pos else None,
             last_rows=self._index([last_row(e) for e in cached_entries]) if cached_pos else None,
             previous_rows=self._index([other_row(e) for e in cached_entries]) if extrapolating else None,
             weights=self._to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)) if extrapolating else None,
-            store_from=None if store_all or not stored else self._index([j for j, _, _ in stored]),
-            store_rows=self._index([last_row(e) for _, e, _ in stored]) if stored else None,
-            first_from=self._index([j for j, _ in firsts]) if firsts else None,
-            first_rows=self._index([other_row(e) for _, e in firsts]) if firsts else None,
+            store_from=self._index(store_from) if stored else None,
+            store_rows=self._index(store_rows) if stored else None,
         )
 
     def _free_slot(self, group: Group) -> int:
@@ -218,6 +227,7 @@ class AttentionCache:
     def end_step(self) -> None:
         self.current = None
         self.caching = False
+        self.pools_ready = False
 
     def release(self, request_id: str) -> None:
         for group, history in list(self.history.items()):
@@ -241,10 +251,6 @@ class AttentionCache:
         """Bytes of all pools, free slots included (at most the peak of `nbytes` since each size's
         pool was last empty)."""
         return sum(pool.slot_bytes() * pool.capacity for p in self.processors for pool in p.pools.values())
-
-
-def _call_inner(attn, *args, **kwargs):
-    return attn.processor.inner(attn, *args, **kwargs)
 
 
 def attention_cache_bytes(transformer_config, latent_hw: tuple[int, int], text_tokens: int, rows: int,

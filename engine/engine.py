@@ -15,7 +15,7 @@ from engine.loader import PromptEncoder, load_pipeline
 from engine.request import GenerationRequest
 from engine.runner import Runner
 from engine.scheduler import ScheduledRequest, Scheduler
-from engine.speed import SpeedOptions, apply_speed, compile_function, speed_options_for
+from engine.speed import SpeedOptions, apply_speed, speed_options_for
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,7 @@ class Engine:
         )
         self.limits = limits_for_model(config.limits, config.model)
         self.latent_aware = make_latent_aware(config.latent_aware)
-        compile_fn = None
-        if self.speed.compile:
-            compile_fn = lambda fn: compile_function(fn, self.speed.backend, self.speed.mode)  # noqa: E731
-        self.attention = AttentionCache(
-            pipe.transformer, extrapolate=self.latent_aware.extrapolates, compile_fn=compile_fn
-        )
+        self.attention = AttentionCache(pipe.transformer, extrapolate=self.latent_aware.extrapolates)
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
         self.runner = Runner(pipe, prompts, self.latent_aware, self.attention)
         self.scheduler = Scheduler(

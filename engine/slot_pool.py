@@ -16,16 +16,15 @@ class StepRows:
     indices are rows of the pool tensors (see `SlotPool`)."""
 
     group: Group
-    rows: int
     fresh_index: torch.Tensor  # positions of FRESH rows in the batch
     cached_index: torch.Tensor | None  # positions of CACHED rows, None when every row is FRESH
     last_rows: torch.Tensor | None  # pool rows of the CACHED rows' last refresh
     previous_rows: torch.Tensor | None  # ... and of the refresh before it (extrapolation only)
     weights: torch.Tensor | None  # (n_cached, 1, 1) extrapolation weights, None for a hold
-    store_from: torch.Tensor | None  # positions among the FRESH rows whose outputs are kept; None: all
-    store_rows: torch.Tensor | None  # pool rows they are written to
-    first_from: torch.Tensor | None  # rows cached for the first time are written to both halves
-    first_rows: torch.Tensor | None
+    # Positions among the FRESH rows whose outputs are kept, and the pool rows they are written
+    # to (a row cached for the first time is written to both halves when extrapolating).
+    store_from: torch.Tensor | None
+    store_rows: torch.Tensor | None
 
 
 class SlotPool:
@@ -61,10 +60,7 @@ class SlotPool:
 
     def store(self, outputs: tuple[torch.Tensor, ...], rows: StepRows) -> None:
         for data, out in zip(self.data, outputs):
-            kept = out if rows.store_from is None else out.index_select(0, rows.store_from)
-            data.index_copy_(0, rows.store_rows, kept)
-            if rows.first_rows is not None:
-                data.index_copy_(0, rows.first_rows, out.index_select(0, rows.first_from))
+            data[rows.store_rows] = out[rows.store_from]  # in place, also inside a compiled graph
 
 
 def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, fresh_index: torch.Tensor,

@@ -107,6 +107,27 @@ def test_fast_path_equals_eager_and_does_not_recompile_as_the_batch_grows(tiny_m
     assert counters["stats"]["unique_graphs"] == graphs, "the fast path recompiled"
 
 
+def test_cached_steps_trace_into_the_compiled_blocks_without_a_graph_break(tiny_model_dir):
+    """Only a step that grows a pool leaves the compiled graph; every other cached step (holds,
+    extrapolations, the all-FRESH last step) runs the cache inside it."""
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32", max_batch=4)
+    fast = Engine(config, load_pipeline(config), speed=FAST_CPU)
+    torch._dynamo.reset()  # earlier tests may have traced these blocks already
+    counters.clear()
+    for request in _requests(3, k=2, policy="attention", steps=6):
+        fast.add(request)
+    breaks_per_step, growing = [], []
+    while fast.has_work():
+        before = sum(counters["graph_break"].values())
+        fast.step()
+        breaks_per_step.append(sum(counters["graph_break"].values()) - before)
+    assert breaks_per_step[0] > 0, "the first step grows the pools outside the graph"
+    assert breaks_per_step[1:] == [0] * 5
+    assert counters["stats"]["unique_graphs"] > 2  # the steady cached variants were compiled
+
+
 def test_auto_compile_is_off_on_cpu(tiny_model_dir):
     engine = Engine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
     assert engine.speed == SpeedOptions() and engine.speed_applied == {}
