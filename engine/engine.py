@@ -10,6 +10,7 @@ from PIL import Image
 
 from engine.attention import AttentionCache, attention_cache_bytes
 from engine.config import EngineConfig, limits_for_model, read_model_defaults
+from engine.graphs import ForwardGraphs
 from engine.latent_aware import make_latent_aware
 from engine.loader import PromptEncoder, load_pipeline
 from engine.request import GenerationRequest
@@ -62,7 +63,10 @@ class Engine:
         self.latent_aware = make_latent_aware(config.latent_aware)
         self.attention = AttentionCache(pipe.transformer, extrapolate=self.latent_aware.extrapolates)
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
-        self.runner = Runner(pipe, prompts, self.latent_aware, self.attention)
+        graphs = None
+        if self.speed.cuda_graphs and pipe._execution_device.type == "cuda":
+            graphs = ForwardGraphs(pipe.transformer, self.speed.graph_max_tokens)
+        self.runner = Runner(pipe, prompts, self.latent_aware, self.attention, graphs)
         self.scheduler = Scheduler(
             max_batch=config.max_batch,
             admit_per_boundary=config.admit_per_boundary,

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from engine.attention import AttentionCache
+from engine.graphs import ForwardGraphs
 from engine.latent_aware import LatentAware
 from engine.loader import PromptEncoder
 from engine.scheduler import ScheduledRequest, StepPlan
@@ -48,8 +49,10 @@ class Runner:
         prompts: PromptEncoder,
         latent_aware: LatentAware,
         attention: AttentionCache | None,
+        graphs: ForwardGraphs | None = None,
     ) -> None:
         self.pipe = pipe
+        self.graphs = graphs
         self.prompts = prompts
         self.latent_aware = latent_aware
         self.attention = attention
@@ -142,14 +145,13 @@ class Runner:
             row_caches = [plan.requests[i].policy == "attention" for i, n in zip(ids, rows) for _ in range(n)]
             group = tuple(hidden.shape[-2:])  # a sub-batch holds one image size
             self.attention.begin_step(row_ids, row_fresh, row_step, row_caches, group)
+        inputs = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled)
+        caching = self.attention is not None and self.attention.caching
         try:
-            out = self.pipe.transformer(
-                hidden_states=hidden,
-                timestep=timestep,
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
+            if self.graphs is not None and not caching and self.graphs.applies(hidden):
+                out = self.graphs(**inputs)
+            else:
+                out = self.pipe.transformer(**inputs, return_dict=False)[0]
         finally:
             if self.attention is not None:
                 self.attention.end_step()

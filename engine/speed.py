@@ -13,6 +13,7 @@ eager pipeline within bf16 rounding.
 - The MLPs' first linear layer and its tanh-GELU as one cuBLASLt GEMM with a GELU epilogue
   (saves a read and a write of the 4x-wide hidden activations per block), behind a custom op
   so the compiler keeps it whole. Checked against tanh-GELU on the device before use.
+- CUDA graphs of small exact forwards (engine/graphs.py; the runner replays them), on CUDA.
 - A compiled VAE decoder (dynamic shapes): GroupNorm, SiLU and the layout changes around the
   convolutions fuse; measured 85.6 -> 45.5 ms per 1024² image on an H100. A channels-last VAE
   is optional and off (measured slower).
@@ -47,19 +48,22 @@ class SpeedOptions:
     gelu_epilogue: bool = False
     vae_channels_last: bool = False  # measured slower on an H100 (142 vs 91 ms per 1024² decode)
     vae_compile: bool = False  # 1.9x faster 1024² decode on an H100; about 2.5 min of compiling once
+    cuda_graphs: bool = False  # replay small exact forwards as CUDA graphs (engine/graphs.py)
+    graph_max_tokens: int = 8192  # ... of at most this many image tokens: 8 rows at 512², 2 at 1024²
     backend: str = "inductor"  # torch.compile backend ("aot_eager" / "eager" for tests)
     mode: str | None = None  # torch.compile mode
 
     @classmethod
     def fast(cls, **overrides) -> "SpeedOptions":
-        values = dict(compile=True, fuse_qkv=True, sdpa=FAST_SDPA, gelu_epilogue=True, vae_compile=True)
+        values = dict(compile=True, fuse_qkv=True, sdpa=FAST_SDPA, gelu_epilogue=True, vae_compile=True,
+                      cuda_graphs=True)
         values.update(overrides)
         return cls(**values)
 
     @property
     def any(self) -> bool:
         return any((self.compile, self.fuse_qkv, bool(self.sdpa), self.gelu_epilogue, self.vae_channels_last,
-                    self.vae_compile))
+                    self.vae_compile, self.cuda_graphs))
 
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:

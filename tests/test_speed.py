@@ -144,6 +144,20 @@ def test_fast_path_on_cuda_matches_eager_within_bf16(tiny_model_dir):
         assert np.abs(a - b).mean() < 2.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_equal_plain_forwards(tiny_model_dir):
+    config = EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16", compile="off")
+    graphed = Engine(config, load_pipeline(config), speed=SpeedOptions.fast(vae_compile=False))
+    plain = Engine(config, load_pipeline(config), speed=SpeedOptions.fast(vae_compile=False, cuda_graphs=False))
+    assert plain.runner.graphs is None
+    for reqs in (_requests(3), _requests(3, k=5, policy="step")):  # exact forwards of 6, 4 and 2 rows
+        for a, b in zip(_images(plain, reqs), _images(graphed, reqs)):
+            assert np.abs(a - b).max() <= 1
+    graphs = graphed.runner.graphs
+    assert not graphs.failed and len(graphs.captured) >= 2
+
+
 def test_warm_up_compiles_before_serving_and_vae_compile_keeps_images(tiny_model_dir):
     from torch._dynamo.utils import counters
 
