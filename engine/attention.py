@@ -41,6 +41,9 @@ class CachingAttnProcessor:
         self.layer = layer
         self.inner = inner
         self.pools: dict[Group, SlotPool] = {}
+        # This step's pool, set by `begin_step`: a compiled block reads it without a dict lookup
+        # keyed by image size, which would guard on the size and recompile for each new one.
+        self.active: SlotPool | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         # Plain bools, so a compiled block inlines the path taken and guards on nothing else.
@@ -62,7 +65,7 @@ class CachingAttnProcessor:
                     *args, **kwargs):
         """Gather the FRESH rows into the wrapped processor, take CACHED rows from the pool."""
         rows = self.owner.current
-        pool = self.pools.get(rows.group)
+        pool = self.active
         if rows.cached_index is not None and pool is None:
             raise RuntimeError(f"no cached attention for group {rows.group} in layer {self.layer}")
         fresh = None
@@ -79,7 +82,7 @@ class CachingAttnProcessor:
             if rows.store_rows is not None:
                 if grow:
                     if pool is None:
-                        pool = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
+                        pool = self.active = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
                     pool.reserve(self.owner.capacity(rows.group), fresh)
                 pool.store(fresh, rows)
         if rows.cached_index is None:
@@ -94,6 +97,7 @@ class CachingAttnProcessor:
 
     def drop(self, group: Group) -> None:
         self.pools.pop(group, None)
+        self.active = None
 
     def ready(self, group: Group, capacity: int) -> bool:
         pool = self.pools.get(group)
@@ -193,6 +197,8 @@ class AttentionCache:
                 store_from.append(j)
                 store_rows.append(other_row(entry))
         extrapolating = self.extrapolate and any(w != 0.0 for w in weights)
+        for proc in self.processors:
+            proc.active = proc.pools.get(group)
         self.pools_ready = bool(self.processors) and all(p.ready(group, capacity) for p in self.processors)
         self.current = StepRows(
             group=group,
@@ -225,6 +231,8 @@ class AttentionCache:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def end_step(self) -> None:
+        for proc in self.processors:
+            proc.active = None
         self.current = None
         self.caching = False
         self.pools_ready = False

@@ -46,7 +46,8 @@ def _transformer(**kw) -> SD3Transformer2DModel:
     [dict(), dict(qk_norm="rms_norm"), dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))],
     ids=["sd3", "sd3.5-qk-norm", "sd3.5-dual-attention"],
 )
-def test_fused_projections_equal_separate_ones(variant):
+@pytest.mark.parametrize("opaque", [False, True], ids=["inline-sdpa", "opaque-attention-op"])
+def test_fused_projections_equal_separate_ones(variant, opaque):
     model = _transformer(**variant)
     g = torch.Generator().manual_seed(1)
     inputs = dict(
@@ -57,7 +58,7 @@ def test_fused_projections_equal_separate_ones(variant):
     )
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
-        fused = fuse_qkv(model)
+        fused = fuse_qkv(model, opaque_attention=opaque)
         gelus = fuse_gelu(model)
         out = model(**inputs, return_dict=False)[0]
     assert gelus == len([m for m in model.modules() if isinstance(m, LinearGeluTanh)]) > 3
@@ -103,7 +104,8 @@ def test_fast_path_equals_eager_and_does_not_recompile_as_the_batch_grows(tiny_m
     for n in (1, 3, 5):  # batches of 2, 6 and 10 rows, exact and cached, after the warm-up
         _images(fast, _requests(n))
         _images(fast, _requests(n, k=2, policy="attention"))
-    _images(fast, _requests(2, size=96))  # another image size
+    _images(fast, _requests(2, size=96))  # another image size, exact and cached
+    _images(fast, _requests(2, k=2, policy="attention", size=96))
     assert counters["stats"]["unique_graphs"] == graphs, "the fast path recompiled"
 
 
