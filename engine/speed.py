@@ -9,7 +9,6 @@ eager pipeline within bf16 rounding.
   blocks share one compiled graph, and a batch that grows step by step does not recompile.
   A step that uses the attention cache traces the cache's gathers, pool writes and merge into
   the same graph (engine/attention.py); only a step that grows a pool breaks it.
-- Optionally, attention as one opaque op (`joint_attention`) that calls SDPA the eager way.
 - The MLPs' first linear layer and its tanh-GELU as one cuBLASLt GEMM with a GELU epilogue
   (saves a read and a write of the 4x-wide hidden activations per block), behind a custom op
   so the compiler keeps it whole. Checked against tanh-GELU on the device before use.
@@ -46,7 +45,6 @@ class SpeedOptions:
     fuse_qkv: bool = False
     sdpa: tuple[str, ...] = ()  # SDPA backends in priority order; () keeps torch's default
     gelu_epilogue: bool = False
-    opaque_attention: bool = False  # SDPA as an op the compiler does not see into (`joint_attention`)
     vae_channels_last: bool = False  # measured slower on an H100 (142 vs 91 ms per 1024² decode)
     vae_compile: bool = False  # 1.9x faster 1024² decode on an H100; about 2.5 min of compiling once
     cuda_graphs: bool = False  # replay small exact forwards as CUDA graphs (engine/graphs.py)
@@ -75,10 +73,7 @@ def speed_options_for(config, device: torch.device) -> SpeedOptions:
 class FusedJointProcessor:
     """Joint attention with fused projections: `to_qkv` for the image stream, `to_added_qkv`
     for the text stream. Same math as diffusers' `JointAttnProcessor2_0` (q/k norms included),
-    one GEMM per stream instead of three. `opaque`: attention through `joint_attention`."""
-
-    def __init__(self, opaque: bool = False) -> None:
-        self.opaque = opaque
+    one GEMM per stream instead of three."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, image_tokens, _ = hidden_states.shape
@@ -89,11 +84,8 @@ class FusedJointProcessor:
                 attn.to_added_qkv, encoder_hidden_states, heads, attn.norm_added_q, attn.norm_added_k
             )
             q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
-        if self.opaque:
-            out = joint_attention(q, k, v).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-            out = out.transpose(1, 2).reshape(batch, -1, heads * q.shape[-1]).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * q.shape[-1]).to(q.dtype)
         image = attn.to_out[1](attn.to_out[0](out[:, :image_tokens]))
         if encoder_hidden_states is None:
             return image
@@ -112,25 +104,6 @@ class FusedJointProcessor:
         if norm_k is not None:
             k = norm_k(k)
         return q, k, v
-
-
-@torch.library.custom_op("sd3serve::joint_attention", mutates_args=())
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA over (batch, heads, tokens, dim) with the heads merged back: (batch, tokens, heads * dim).
-
-    Opaque to the compiler, so cuDNN gets the contiguous (batch, heads, tokens, dim) tensors of
-    eager mode: traced inline, its kernel ran 7 % slower in the compiled blocks (120 vs 112 ms
-    per 16-row 1024² forward, same kernel, H100). An option (`SpeedOptions.opaque_attention`),
-    compared in bench/ablation.py."""
-    out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
-    batch, heads, tokens, dim = out.shape
-    return out.transpose(1, 2).reshape(batch, tokens, heads * dim).contiguous()
-
-
-@joint_attention.register_fake
-def _(q, k, v):
-    batch, heads, tokens, _ = q.shape
-    return q.new_empty(batch, tokens, heads * v.shape[-1])
 
 
 @torch.library.custom_op("sd3serve::linear_gelu_tanh", mutates_args=())
@@ -195,7 +168,7 @@ def _attention_modules(transformer: torch.nn.Module):
 
 
 @torch.no_grad()
-def fuse_qkv(transformer: torch.nn.Module, opaque_attention: bool = False) -> int:
+def fuse_qkv(transformer: torch.nn.Module) -> int:
     """Fuse each attention's Q/K/V weights (and the text stream's) into one linear layer, drop
     the separate ones, and install `FusedJointProcessor`. Returns the modules fused."""
     fused = 0
@@ -208,7 +181,7 @@ def fuse_qkv(transformer: torch.nn.Module, opaque_attention: bool = False) -> in
             attn.to_added_qkv = _concat_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
             del attn.add_q_proj, attn.add_k_proj, attn.add_v_proj
         attn.fused_projections = True
-        attn.set_processor(FusedJointProcessor(opaque_attention))
+        attn.set_processor(FusedJointProcessor())
         fused += 1
     return fused
 
@@ -270,8 +243,7 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
         return done
     transformer = pipe.transformer
     if options.fuse_qkv:
-        done["fused_attention_modules"] = fuse_qkv(transformer, options.opaque_attention)
-        done["opaque_attention"] = options.opaque_attention
+        done["fused_attention_modules"] = fuse_qkv(transformer)
     if options.sdpa:
         prefer_sdpa(transformer, options.sdpa)
         done["sdpa"] = list(options.sdpa)

@@ -46,8 +46,7 @@ def _transformer(**kw) -> SD3Transformer2DModel:
     [dict(), dict(qk_norm="rms_norm"), dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))],
     ids=["sd3", "sd3.5-qk-norm", "sd3.5-dual-attention"],
 )
-@pytest.mark.parametrize("opaque", [False, True], ids=["inline-sdpa", "opaque-attention-op"])
-def test_fused_projections_equal_separate_ones(variant, opaque):
+def test_fused_projections_equal_separate_ones(variant):
     model = _transformer(**variant)
     g = torch.Generator().manual_seed(1)
     inputs = dict(
@@ -58,7 +57,7 @@ def test_fused_projections_equal_separate_ones(variant, opaque):
     )
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
-        fused = fuse_qkv(model, opaque_attention=opaque)
+        fused = fuse_qkv(model)
         gelus = fuse_gelu(model)
         out = model(**inputs, return_dict=False)[0]
     assert gelus == len([m for m in model.modules() if isinstance(m, LinearGeluTanh)]) > 3
