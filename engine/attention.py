@@ -11,7 +11,8 @@ outside the attention module run for every row with its own timestep.
 Storage is one tensor per layer, output stream and image size with one slot per cached row
 (`SlotPool`, engine/slot_pool.py): a step costs a fixed handful of gather/scatter kernels per
 layer, whatever the batch, and no per-row Python. Slots and refresh steps are bookkept once per step
-by `AttentionCache.begin_step`.
+by `AttentionCache.begin_step`. With compiled blocks all of this is traced into the block's graph;
+only a step that creates or grows a pool runs it outside.
 
 With `extrapolate=True` a CACHED row gets the first-order extrapolation of its last two fresh
 outputs, `a1 + (a1 - a0) * (t - t1) / (t1 - t0)`, in step units, instead of a constant hold.
