@@ -173,4 +173,5 @@ def test_warm_up_compiles_before_serving_and_vae_compile_keeps_images(tiny_model
     reqs = _requests(3)
     for a, b in zip(_images(plain, reqs), _images(fast, reqs)):
         assert np.abs(a - b).max() <= 1
+    _images(fast, _requests(3, k=3, policy="attention", steps=8))  # cached steps: holds, extrapolations
     assert counters["stats"]["unique_graphs"] == graphs, "serving compiled something the warm-up did not"
