@@ -98,11 +98,7 @@ class CachingAttnProcessor:
 
     def drop(self, group: Group) -> None:
         self.pools.pop(group, None)
-        self.active = None
-
-    def ready(self, group: Group, capacity: int) -> bool:
-        pool = self.pools.get(group)
-        return pool is not None and pool.capacity >= capacity
+        self.active = None  # or the dropped pool's memory stays held until the next cached step
 
 
 class AttentionCache:
@@ -136,12 +132,12 @@ class AttentionCache:
         for handle in getattr(transformer, "_sd3serve_caching_hooks", ()):
             handle.remove()
         transformer._sd3serve_caching_hooks = [
-            block.norm1.register_forward_pre_hook(self._read_caching_flag)
+            block.norm1.register_forward_pre_hook(self._read_step_flags)
             for block in getattr(transformer, "transformer_blocks", [])
             if hasattr(block, "norm1")
         ]
 
-    def _read_caching_flag(self, module, args):
+    def _read_step_flags(self, module, args):
         if self.caching and self.pools_ready:
             return None
         return None
@@ -200,7 +196,9 @@ class AttentionCache:
         extrapolating = self.extrapolate and any(w != 0.0 for w in weights)
         for proc in self.processors:
             proc.active = proc.pools.get(group)
-        self.pools_ready = bool(self.processors) and all(p.ready(group, capacity) for p in self.processors)
+        self.pools_ready = bool(self.processors) and all(
+            p.active is not None and p.active.capacity >= capacity for p in self.processors
+        )
         self.current = StepRows(
             group=group,
             fresh_index=self._index(fresh_pos),
@@ -232,8 +230,6 @@ class AttentionCache:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def end_step(self) -> None:
-        for proc in self.processors:
-            proc.active = None
         self.current = None
         self.caching = False
         self.pools_ready = False

@@ -31,7 +31,7 @@ class CapturedForward:
 
 class ForwardGraphs:
     def __init__(self, transformer: torch.nn.Module, max_tokens: int) -> None:
-        """`max_tokens`: capture forwards of at most this many image tokens (rows × tokens per
+        """For a transformer on a CUDA device. `max_tokens`: capture forwards of at most this many image tokens (rows × tokens per
         row); larger forwards keep the GPU busy on their own."""
         self.transformer = transformer
         self.max_tokens = max_tokens
@@ -43,7 +43,7 @@ class ForwardGraphs:
     def applies(self, hidden: torch.Tensor) -> bool:
         rows, _, height, width = hidden.shape
         tokens = rows * (height // self.patch) * (width // self.patch)
-        return not self.failed and hidden.is_cuda and tokens <= self.max_tokens
+        return not self.failed and tokens <= self.max_tokens
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         """The transformer's output for `inputs` (hidden_states, timestep, encoder_hidden_states,
