@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 from engine.config import REFERENCE_MODEL_DIR, limits_for_model, limits_from_env
 from engine.request import RequestLimits
 from engine.settings import env_values
-from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES
+from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES, JobOptions
 from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
 from worker.storage import StorageConfig
 
@@ -35,8 +36,11 @@ class ApiConfig:
     def __post_init__(self) -> None:
         if self.max_queued < 0 or self.max_body_bytes < 1 or self.max_wait < 0:
             raise ValueError("max_queued must be >= 0, max_body_bytes >= 1 and max_wait >= 0")
-        if self.retries < 0 or self.job_timeout < 1:
-            raise ValueError("retries must be >= 0 and job_timeout >= 1")
+        _ = self.job_options  # JobOptions checks retries and job_timeout
+
+    @cached_property
+    def job_options(self) -> JobOptions:
+        return JobOptions(self.retries, self.job_timeout, self.result_ttl, self.failure_ttl)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ApiConfig":

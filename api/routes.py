@@ -124,9 +124,7 @@ def build_router(state: ApiState) -> APIRouter:
             metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
             raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
                            headers={"Retry-After": str(state.config.retry_after)})
-        client.enqueue(state.queue, generation, job_id=job_id, retries=state.config.retries,
-                       job_timeout=state.config.job_timeout, result_ttl=state.config.result_ttl,
-                       failure_ttl=state.config.failure_ttl)
+        client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options)
         metrics.JOBS_SUBMITTED.inc()
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return job_response(find(job_id), request)

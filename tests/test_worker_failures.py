@@ -66,7 +66,7 @@ def test_retries_exhausted_fail_with_the_engine_error(
         raise RuntimeError("kernel exploded (injected)")
 
     monkeypatch.setattr(tiny_engine.runner, "run", always_broken)
-    job_id = client.submit(redis_conn, prompt="doomed", steps=2, queue=queue_name, retries=1)
+    job_id = client.submit(redis_conn, prompt="doomed", steps=2, queue=queue_name, options=client.JobOptions(retries=1))
     with make_thread_worker(tiny_engine, fleet_redis.url, queue_name, StorageConfig(data_dir=str(tmp_path))):
         info = client.wait(redis_conn, job_id, timeout=60)
     assert info.status == "failed"

@@ -53,6 +53,20 @@ DEFAULT_FAILURE_TTL = 7 * 24 * 3600
 DEFAULT_RETRIES = 2  # re-runs after a worker crash or a transient failure
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """How RQ keeps a generation job: re-runs, time limit, and how long results stay."""
+
+    retries: int = DEFAULT_RETRIES
+    job_timeout: int = DEFAULT_JOB_TIMEOUT
+    result_ttl: int = DEFAULT_RESULT_TTL
+    failure_ttl: int = DEFAULT_FAILURE_TTL
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.job_timeout < 1:
+            raise ValueError("retries must be >= 0 and job_timeout >= 1")
+
+
 class JobNotFound(LookupError):
     """No sd3serve job with this id (never existed, expired, or not a generation job)."""
 
@@ -100,10 +114,7 @@ def submit(
     queue: str = keys.DEFAULT_QUEUE,
     limits: RequestLimits = RequestLimits(),
     job_id: str | None = None,
-    retries: int = DEFAULT_RETRIES,
-    job_timeout: int = DEFAULT_JOB_TIMEOUT,
-    result_ttl: int = DEFAULT_RESULT_TTL,
-    failure_ttl: int = DEFAULT_FAILURE_TTL,
+    options: JobOptions = JobOptions(),
     **fields: Any,
 ) -> str:
     """Validate a request (a dict and/or keyword fields) and enqueue it. Returns the job id.
@@ -111,30 +122,21 @@ def submit(
     Raises `engine.request.RequestValidationError` (with `.field` and `.message`) for a bad request.
     """
     generation = validate_request({**(request or {}), **fields}, limits)
-    return enqueue(Queue(queue, connection=connection), generation, job_id=job_id, retries=retries,
-                   job_timeout=job_timeout, result_ttl=result_ttl, failure_ttl=failure_ttl)
+    return enqueue(Queue(queue, connection=connection), generation, job_id=job_id, options=options)
 
 
-def enqueue(
-    queue: Queue,
-    generation: GenerationRequest,
-    *,
-    job_id: str | None = None,
-    retries: int = DEFAULT_RETRIES,
-    job_timeout: int = DEFAULT_JOB_TIMEOUT,
-    result_ttl: int = DEFAULT_RESULT_TTL,
-    failure_ttl: int = DEFAULT_FAILURE_TTL,
-) -> str:
+def enqueue(queue: Queue, generation: GenerationRequest, *, job_id: str | None = None,
+            options: JobOptions = JobOptions()) -> str:
     """Enqueue an already validated request. Returns the job id."""
     kwargs = {k: v for k, v in generation.to_dict().items() if k != "request_id" and v is not None}
     job = queue.enqueue_call(
         keys.JOB_FUNC,
         kwargs=kwargs,
         job_id=job_id,
-        timeout=job_timeout,
-        result_ttl=result_ttl,
-        failure_ttl=failure_ttl,
-        retry=Retry(max=retries) if retries > 0 else None,
+        timeout=options.job_timeout,
+        result_ttl=options.result_ttl,
+        failure_ttl=options.failure_ttl,
+        retry=Retry(max=options.retries) if options.retries > 0 else None,
         meta={keys.META_STEP: 0, keys.META_TOTAL: generation.steps, keys.META_SEED: generation.seed},
         description=f"generate {generation.width}x{generation.height}: {generation.prompt[:60]}",
     )
