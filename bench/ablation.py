@@ -9,11 +9,10 @@ import time
 from types import SimpleNamespace
 
 import torch
-from torch.nn.attention import sdpa_kernel
 
 from bench.measure import event_time_ms, relative_error, synchronize
 from bench.shapes import forward_inputs
-from engine.speed import FAST_SDPA, SpeedOptions, apply_speed, sdpa_priority
+from engine.speed import FAST_SDPA, SpeedOptions, apply_speed
 
 # (size, rows): one request (2 CFG rows) and 8 requests at 1024², 16 requests at 512²
 SHAPES = ((1024, 2), (1024, 16), (512, 32))
@@ -72,7 +71,9 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out["vae_decode_ms"] = vae_variants(pipe.vae, device, dtype, max(s for s, _ in shapes), fast)
+    vae_size = args.vae_size or max(s for s, _ in shapes)
+    compiled = tuple(v for v in args.vae_compiles.split(",") if v) if fast.vae_compile else ()
+    out["vae_decode_ms"] = vae_variants(pipe.vae, device, dtype, vae_size, fast, compiled)
     return out
 
 
@@ -118,8 +119,9 @@ def kernel_class(name: str) -> str:
     return "other elementwise / reductions"
 
 
-def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions) -> dict:
-    """Milliseconds per image of one decode at `size`², batch 1 and 4, for layouts/compile."""
+def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tuple[str, ...] = ()) -> dict:
+    """Milliseconds per image of one decode at `size`², batch 1 and 4, for layouts and kernels;
+    then each of `compiled` (`VAE_COMPILES` names) at batch 4, with its compile time and profile."""
     out = {}
     model = copy.deepcopy(vae)
     for batch in (1, 4):
@@ -134,24 +136,24 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions) -> dict:
                 ms = event_time_ms(device, lambda: model.decode(latents), repeats=3)
                 out[f"channels_last_b{batch}"] = round(ms / batch, 2)
                 model.to(memory_format=torch.contiguous_format)
-                for names in (("efficient",), ("cudnn", "flash", "efficient", "math")):
-                    try:
-                        with sdpa_kernel(sdpa_priority(names)):
-                            ms = event_time_ms(device, lambda: model.decode(latents), repeats=3)
-                        out[f"sdpa_{names[0]}_b{batch}"] = round(ms / batch, 2)
-                    except RuntimeError as exc:
-                        out[f"sdpa_{names[0]}_b{batch}"] = f"unavailable: {str(exc)[:100]}"
                 if batch == 4:
                     out["profile_b4"] = kernel_profile(lambda: model.decode(latents), device, top=12)
-    if device.type == "cuda" and fast.vae_compile:  # the decoder compile takes minutes: only when asked
-        model.decoder.compile(backend=fast.backend, mode=fast.mode, dynamic=True)
-        for batch in (1, 4):
-            latents = torch.randn(batch, 16, size // 8, size // 8, device=device, dtype=dtype)
-            with torch.inference_mode():
-                start = time.perf_counter()
-                model.decode(latents)
-                synchronize(device)
-                out[f"compiled_first_call_seconds_b{batch}"] = round(time.perf_counter() - start, 1)
-                out[f"compiled_b{batch}"] = round(event_time_ms(device, lambda: model.decode(latents), repeats=3) / batch, 2)
     del model
+    if device.type != "cuda":
+        return out
+    latents = torch.randn(4, 16, size // 8, size // 8, device=device, dtype=dtype)
+    for how in compiled:  # each compile takes a minute or more: only those asked for
+        model = copy.deepcopy(vae)
+        apply_speed(SimpleNamespace(transformer=torch.nn.Identity(), vae=model),
+                    SpeedOptions(vae_compile=True, vae_compile_how=how, backend=fast.backend, mode=fast.mode))
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.decode(latents)
+            synchronize(device)
+            out[f"compiled_{how}_first_call_seconds_b4"] = round(time.perf_counter() - start, 1)
+            out[f"compiled_{how}_b4"] = round(event_time_ms(device, lambda: model.decode(latents), repeats=3) / 4, 2)
+            out[f"compiled_{how}_profile_b4"] = kernel_profile(lambda: model.decode(latents), device, top=12)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     return out

@@ -65,7 +65,8 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
         self.large = "tiny" if args.smoke else "sd3.5-large"
         backend = "aot_eager" if args.smoke else "inductor"
         overrides = dict(backend=backend, vae_compile=not args.no_vae_compile and not args.smoke,
-                         gelu_epilogue=not args.no_gelu_epilogue, cuda_graphs=not args.no_cuda_graphs)
+                         gelu_epilogue=not args.no_gelu_epilogue, cuda_graphs=not args.no_cuda_graphs,
+                         vae_compile_how=args.vae_compile_how)
         if args.sdpa:
             overrides["sdpa"] = tuple(args.sdpa.split(","))
         self.fast = SpeedOptions.fast(**overrides)
@@ -141,7 +142,8 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
     def choose_vae_compile(self) -> None:
         """Keep `--vae-compile` only if the ablation measured the compiled decoder faster."""
         ms = self.results.engine["ablation"].get("vae_decode_ms", {})
-        if self.fast.vae_compile and not ms.get("compiled_b4", float("inf")) < ms.get("eager_b4", 0.0):
+        compiled = ms.get(f"compiled_{self.fast.vae_compile_how}_b4", float("inf"))
+        if self.fast.vae_compile and not compiled < ms.get("eager_b4", 0.0):
             self.fast = replace(self.fast, vae_compile=False)
             self.results.note("config", dict(self.results.engine["config"], speed=repr(self.fast),
                                              vae_compile="off: not faster in the ablation"))
@@ -301,6 +303,10 @@ def parse_args(argv=None):
     p.add_argument("--ablation-variants", default="", help="comma list of ablation variants (default: all)")
     p.add_argument("--no-vae-compile", action="store_true", help="keep the VAE decoder eager on the fast path "
                    "(its compile takes minutes; the ablation then skips it too)")
+    p.add_argument("--vae-size", type=int, default=None, help="image size of the ablation's VAE variants (default: the largest)")
+    p.add_argument("--vae-compiles", default="whole", help="compiled VAE variants the ablation measures "
+                   "(comma list of engine.speed.VAE_COMPILES)")
+    p.add_argument("--vae-compile-how", default="whole", help="how the fast path compiles the VAE decoder")
     p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
     p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs for small forwards on the fast path")
     args = p.parse_args(argv)

@@ -84,7 +84,8 @@ class CachingAttnProcessor:
                 if grow:
                     if pool is None:
                         pool = self.active = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
-                    pool.reserve(self.owner.capacity(rows.group), fresh)
+                    if pool.reserve(self.owner.capacity(rows.group), fresh):
+                        self.owner.generation += 1
                 pool.store(fresh, rows)
         if rows.cached_index is None:
             parts = list(fresh)
@@ -97,7 +98,8 @@ class CachingAttnProcessor:
         return tuple(parts) if len(parts) > 1 else parts[0]
 
     def drop(self, group: Group) -> None:
-        self.pools.pop(group, None)
+        if self.pools.pop(group, None) is not None:
+            self.owner.generation += 1
         self.active = None  # or the dropped pool's memory stays held until the next cached step
 
 
@@ -111,6 +113,9 @@ class AttentionCache:
         self.current: StepRows | None = None
         self.caching = False  # does this step read or write the cache at all?
         self.pools_ready = False  # do this step's pools exist at the capacity it needs?
+        # Bumped whenever a pool is created, grown or freed: a CUDA graph of a cached step
+        # (engine/graphs.py) holds the pools' addresses and is valid for one generation only.
+        self.generation = 0
         self.history: dict[Group, dict[CacheKey, SlotHistory]] = {}
         self._capacity: dict[Group, int] = {}
         self.processors: list[CachingAttnProcessor] = []
@@ -155,6 +160,7 @@ class AttentionCache:
         if not self.caching:  # exact rows only: the processors take the plain path
             self.current = None
             return
+        self._free_idle_pools(keep=group)
         history = self.history.setdefault(group, {})
         fresh_pos = [i for i, f in enumerate(row_fresh) if f]
         cached_pos = [i for i, f in enumerate(row_fresh) if not f]
@@ -217,7 +223,7 @@ class AttentionCache:
         return slot
 
     def capacity(self, group: Group) -> int:
-        """Slots a pool of `group` must have: the most rows cached at once since it was last empty."""
+        """Slots a pool of `group` must have: the most rows cached at once since it was created."""
         return self._capacity.get(group, 0)
 
     def _index(self, positions: list[int]) -> torch.Tensor:
@@ -234,15 +240,35 @@ class AttentionCache:
         self.caching = False
         self.pools_ready = False
 
+    def freeze_step(self) -> StepRows:
+        """Move this step's index tensors to buffers of their own, for a CUDA graph to read."""
+        self.current = self.current.clone()
+        return self.current
+
+    def load_step(self, frozen: StepRows) -> None:
+        """Copy this step's indices into `frozen` (a graph's buffers, same signature) and use it."""
+        if frozen.signature() != self.current.signature():
+            raise ValueError(f"step signature {self.current.signature()} is not the frozen {frozen.signature()}")
+        frozen.copy_from(self.current)
+        self.current = frozen
+
     def release(self, request_id: str) -> None:
-        for group, history in list(self.history.items()):
+        # A size whose last cached request left keeps its pools (and the CUDA graphs captured on
+        # them) for the next requests of that size; a step of another size, or `trim`, frees them.
+        for history in self.history.values():
             for key in [k for k in history if k[0] == request_id]:
                 del history[key]
-            if not history:  # the size's last cached request left: give its memory back
-                del self.history[group]
-                self._capacity.pop(group, None)
-                for proc in self.processors:
-                    proc.drop(group)
+
+    def trim(self) -> None:
+        """Free the pools of every size no running request uses."""
+        self._free_idle_pools(keep=None)
+
+    def _free_idle_pools(self, keep: Group | None) -> None:
+        for group in [g for g, history in self.history.items() if not history and g != keep]:
+            del self.history[group]
+            self._capacity.pop(group, None)
+            for proc in self.processors:
+                proc.drop(group)
 
     def nbytes(self) -> int:
         """Bytes holding the outputs of the rows cached now (what the admission budget counts)."""

@@ -65,7 +65,7 @@ class Engine:
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
         graphs = None
         if self.speed.cuda_graphs and pipe._execution_device.type == "cuda":
-            graphs = ForwardGraphs(pipe.transformer, self.speed.graph_max_tokens)
+            graphs = ForwardGraphs(pipe.transformer, self.speed.graph_max_tokens, self.attention)
         self.runner = Runner(pipe, prompts, self.latent_aware, self.attention, graphs)
         self.scheduler = Scheduler(
             max_batch=config.max_batch,
@@ -155,6 +155,9 @@ class Engine:
     def _fail_plan(self, plan, report: StepReport, code: str, exc: Exception) -> StepReport:
         """Out of memory: fail the newest request of the sub-batch so the rest can go on
         with a smaller batch (a lone request that does not fit fails with the same error)."""
+        self.attention.trim()
+        if self.runner.graphs is not None:
+            self.runner.graphs.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         victim = max(plan.requests, key=lambda r: self._admitted_at.get(r.request_id, 0.0))

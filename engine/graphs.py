@@ -3,23 +3,31 @@
 A forward of a few rows at 512² is host-bound even with compiled blocks: the GPU finishes each
 kernel before Python has launched the next (about 22 ms of host time per step on an H100, for
 about 9 ms of GPU work with two rows). Replaying a captured graph launches the whole forward at
-once. Only exact forwards are captured (no attention-cache rows: their pools and indices change
-from step to step); the `step` policy's forwards are exact ones.
+once.
 
-One graph per input shape (rows, latent size, text tokens), captured on first use after a
-warm-up run of the same shape. All graphs share one memory pool, which is safe because they
-replay one at a time on one stream and each output is copied out before the next replay.
+Exact forwards are keyed by their input shapes. A forward with attention-cache rows is keyed
+also by its step's index shapes (`StepRows.signature`): the graph reads the indices from buffers
+of its own, which each replay refills (`AttentionCache.load_step`), and it holds the addresses of
+the cache's pools, so it is valid for one pool generation only (pools are created, grown and freed
+outside graphs; the runner replays only steps whose pools are ready).
+
+Each graph is captured on first use after a warm-up run of the same forward (which also computes
+that step's result; the replay repeats it, writing the same values to the same pool rows). All
+graphs share one memory pool, which is safe because they replay one at a time on one stream and
+each output is copied out before the next replay.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 
-log = logging.getLogger(__name__)
+from engine.attention import AttentionCache
+from engine.slot_pool import StepRows
 
-Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (latents, text embeddings)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,43 +35,71 @@ class CapturedForward:
     graph: "torch.cuda.CUDAGraph"
     inputs: dict[str, torch.Tensor]  # static input buffers the graph reads
     output: torch.Tensor  # static output buffer the graph writes
+    rows: StepRows | None = None  # static attention-cache indices the graph reads (cached steps)
 
 
 class ForwardGraphs:
-    def __init__(self, transformer: torch.nn.Module, max_tokens: int) -> None:
-        """For a transformer on a CUDA device. `max_tokens`: capture forwards of at most this many image tokens (rows × tokens per
-        row); larger forwards keep the GPU busy on their own."""
+    def __init__(self, transformer: torch.nn.Module, max_tokens: int, attention: AttentionCache | None = None) -> None:
+        """For a transformer on a CUDA device. `max_tokens`: capture forwards of at most this many
+        image tokens (rows × tokens per row); larger forwards keep the GPU busy on their own.
+        `attention`: the cache whose cached steps may be captured too."""
         self.transformer = transformer
         self.max_tokens = max_tokens
+        self.attention = attention
         self.patch = transformer.config.patch_size
-        self.captured: dict[Shape, CapturedForward] = {}
+        self.captured: dict[Hashable, CapturedForward] = {}
         self.failed = False  # a capture failed once: run everything without graphs
         self._pool = None
+        self._generation: int | None = None  # the pool generation of the cached-step graphs held
 
     def applies(self, hidden: torch.Tensor) -> bool:
+        """Whether a forward of `hidden` runs as a graph. With attention-cache rows only once
+        the step's pools exist at the size it needs."""
         rows, _, height, width = hidden.shape
         tokens = rows * (height // self.patch) * (width // self.patch)
+        cache = self.attention
+        if cache is not None and cache.caching and not cache.pools_ready:
+            return False
         return not self.failed and tokens <= self.max_tokens
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         """The transformer's output for `inputs` (hidden_states, timestep, encoder_hidden_states,
         pooled_projections), by graph replay."""
-        shape = (tuple(inputs["hidden_states"].shape), tuple(inputs["encoder_hidden_states"].shape))
-        entry = self.captured.get(shape)
+        key: Hashable = (tuple(inputs["hidden_states"].shape), tuple(inputs["encoder_hidden_states"].shape))
+        cache = self.attention
+        caching = cache is not None and cache.caching
+        if caching:
+            if cache.generation != self._generation:
+                self._drop_cached_steps()
+                self._generation = cache.generation
+            key = (key, cache.current.signature())
+        entry = self.captured.get(key)
         if entry is None:
-            entry = self._capture(shape, inputs)
+            entry = self._capture(key, inputs, caching)
             if entry is None:
                 return self._forward(inputs)
+        elif entry.rows is not None:
+            cache.load_step(entry.rows)
         for name, value in inputs.items():
             entry.inputs[name].copy_(value)
         entry.graph.replay()
         return entry.output.clone()
 
+    def clear(self) -> None:
+        """Free every graph (and, once nothing else holds it, the memory they share)."""
+        self.captured.clear()
+        self._pool = None
+
+    def _drop_cached_steps(self) -> None:
+        for key in [k for k, entry in self.captured.items() if entry.rows is not None]:
+            del self.captured[key]
+
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.transformer(**inputs, return_dict=False)[0]
 
-    def _capture(self, shape: Shape, inputs: dict[str, torch.Tensor]) -> CapturedForward | None:
+    def _capture(self, key: Hashable, inputs: dict[str, torch.Tensor], caching: bool) -> CapturedForward | None:
         static = {name: value.clone() for name, value in inputs.items()}
+        rows = self.attention.freeze_step() if caching else None
         try:
             # Warm-up on a side stream (as torch.cuda.graphs asks): lazy cuBLAS/cuDNN set-up
             # and any first-shape work happen outside the capture.
@@ -78,10 +114,10 @@ class ForwardGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 output = self._forward(static)
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: no graphs, same results
-            log.warning("CUDA graph capture failed for %s; forwards run without graphs: %s", shape, exc)
+            log.warning("CUDA graph capture failed for %s; forwards run without graphs: %s", key, exc)
             self.failed = True
-            self.captured.clear()
+            self.clear()
             return None
-        log.info("captured a CUDA graph of the transformer forward for %s", shape)
-        entry = self.captured[shape] = CapturedForward(graph, static, output)
+        log.info("captured a CUDA graph of the transformer forward for %s", key)
+        entry = self.captured[key] = CapturedForward(graph, static, output, rows)
         return entry

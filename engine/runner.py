@@ -146,9 +146,8 @@ class Runner:
             group = tuple(hidden.shape[-2:])  # a sub-batch holds one image size
             self.attention.begin_step(row_ids, row_fresh, row_step, row_caches, group)
         inputs = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled)
-        caching = self.attention is not None and self.attention.caching
         try:
-            if self.graphs is not None and not caching and self.graphs.applies(hidden):
+            if self.graphs is not None and self.graphs.applies(hidden):
                 out = self.graphs(**inputs)
             else:
                 out = self.pipe.transformer(**inputs, return_dict=False)[0]

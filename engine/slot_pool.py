@@ -3,7 +3,7 @@ slot per cached row (`SlotPool`), the per-step index set every layer uses (`Step
 gather/extrapolate/merge of CACHED rows (`merge_cached`, traced into the compiled blocks)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -26,6 +26,22 @@ class StepRows:
     store_from: torch.Tensor | None
     store_rows: torch.Tensor | None
 
+    def _tensors(self) -> list[tuple[str, torch.Tensor | None]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name != "group"]
+
+    def signature(self) -> tuple:
+        """Everything but the tensors' values: what a CUDA graph of the step is specific to."""
+        return (self.group,) + tuple(None if t is None else tuple(t.shape) for _, t in self._tensors())
+
+    def clone(self) -> "StepRows":
+        return replace(self, **{name: None if t is None else t.clone() for name, t in self._tensors()})
+
+    def copy_from(self, other: "StepRows") -> None:
+        """Take `other`'s values (same signature) into these tensors, in place."""
+        for name, t in self._tensors():
+            if t is not None:
+                t.copy_(getattr(other, name), non_blocking=True)
+
 
 class SlotPool:
     """One layer's cached outputs for one image size: per output stream k a tensor of shape
@@ -44,12 +60,12 @@ class SlotPool:
     def slot_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.data) * self.halves
 
-    def reserve(self, capacity: int, like: tuple[torch.Tensor, ...]) -> None:
-        """Grow to `capacity` slots, keeping what is stored. Pools are per layer, so growing
-        holds two copies of one layer's pool at most, not of the whole cache."""
+    def reserve(self, capacity: int, like: tuple[torch.Tensor, ...]) -> bool:
+        """Grow to `capacity` slots, keeping what is stored; returns whether it grew. Pools are
+        per layer, so growing holds two copies of one layer's pool at most, not of the whole cache."""
         old = self.capacity
         if capacity <= old:
-            return
+            return False
         grown = []
         for k, out in enumerate(like):
             new = out.new_zeros((self.halves * capacity,) + tuple(out.shape[1:]))
@@ -57,6 +73,7 @@ class SlotPool:
                 new[h * capacity : h * capacity + old].copy_(self.data[k][h * old : (h + 1) * old])
             grown.append(new)
         self.data = grown
+        return True
 
     def store(self, outputs: tuple[torch.Tensor, ...], rows: StepRows) -> None:
         for data, out in zip(self.data, outputs):

@@ -37,9 +37,15 @@ def count_rows(module: FakeAttention) -> None:
     module.processor.inner = counting
 
 
-def step(cache, module, ids, fresh, steps, values, caches=None, group=(8, 8)):
-    """Rows hold `values` (one number per row); returns what the attention gives each row."""
+def step(cache, module, ids, fresh, steps, values, caches=None, group=(8, 8), frozen=None):
+    """Rows hold `values` (one number per row); returns what the attention gives each row.
+    `frozen`: a list holding the index buffers to run the step on (as a CUDA graph replay does),
+    or an empty one to freeze this step's and keep them there (as a capture does)."""
     cache.begin_step(ids, fresh, steps, caches or [True] * len(ids), group)
+    if frozen == []:
+        frozen.append(cache.freeze_step())
+    elif frozen is not None:
+        cache.load_step(frozen[0])
     hidden = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).expand(-1, 3, 2).contiguous()
     text = hidden[:, :2] * 10
     try:
@@ -66,7 +72,7 @@ def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
     assert module.calls == [2, 1, 1]  # only FRESH rows entered attention; none on the last step
 
 
-def test_slots_are_reused_and_memory_returns_on_release():
+def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
     module = FakeAttention()
     cache = AttentionCache(module, extrapolate=True)
     step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
@@ -81,7 +87,40 @@ def test_slots_are_reused_and_memory_returns_on_release():
     assert step(cache, module, ["a", "d", "c"], [False, False, False], [2, 1, 2], [9.0] * 3) == [1.0, 4.0, 3.0]
     for rid in ("a", "c", "d"):
         cache.release(rid)
+    # Idle, the size keeps its pools (the CUDA graphs of its cached steps hold their addresses) ...
+    generation = cache.generation
+    assert cache.nbytes() == 0 and cache.allocated_bytes() == 3 * per_row
+    assert step(cache, module, ["e"], [True], [0], [5.0]) == [5.0]
+    assert cache.generation == generation and cache.allocated_bytes() == 3 * per_row  # reused, not regrown
+    cache.release("e")
+    # ... until a cached step of another size frees them, or `trim` does.
+    step(cache, module, ["f"], [True], [0], [6.0], group=(4, 4))
+    assert cache.generation > generation and cache.allocated_bytes() == per_row
+    cache.release("f")
+    cache.trim()
     assert cache.nbytes() == 0 and cache.allocated_bytes() == 0
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_outputs(extrapolate):
+    """What a CUDA graph of a cached step relies on: the indices live in buffers of their own,
+    `load_step` refills them for a step of the same signature, and the outputs follow."""
+    plain, graphed = FakeAttention(), FakeAttention()
+    caches = AttentionCache(plain, extrapolate=extrapolate), AttentionCache(graphed, extrapolate=extrapolate)
+    for cache, module in zip(caches, (plain, graphed)):
+        step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
+        step(cache, module, ["a", "b", "c"], [True, False, False], [1] * 3, [4.0, 0.0, 0.0])
+    plan = [([False, True, False], [2] * 3, [0.0, 5.0, 0.0]), ([False, False, True], [3] * 3, [0.0, 0.0, 6.0]),
+            ([True, False, False], [4] * 3, [7.0, 0.0, 0.0])]
+    frozen: list = []
+    for fresh, steps, values in plan:  # one FRESH row of three: the same signature each time
+        want = step(caches[0], plain, ["a", "b", "c"], fresh, steps, values)
+        assert step(caches[1], graphed, ["a", "b", "c"], fresh, steps, values, frozen=frozen) == want
+        assert caches[1].current is None and caches[0].current is None
+    mismatched = ["a", "b", "c"], [True, True, False], [5] * 3, [0.0] * 3
+    with pytest.raises(ValueError, match="signature"):
+        step(caches[1], graphed, *mismatched, frozen=frozen)
+    assert caches[1].generation == caches[0].generation  # no pool was created or grown after the first step
 
 
 def test_sizes_have_their_own_pools_and_rows_without_cache_keep_nothing():

@@ -157,6 +157,16 @@ def test_cuda_graph_replays_equal_plain_forwards(tiny_model_dir):
             assert np.abs(a - b).max() <= 1
     graphs = graphed.runner.graphs
     assert not graphs.failed and len(graphs.captured) >= 2
+    # Cached steps: their index buffers are refilled on each replay. Twice, so the second run
+    # replays graphs captured in the first (the pools are kept while idle).
+    captured = []
+    for _ in range(2):
+        reqs = _requests(3, k=3, policy="attention", steps=8)
+        for a, b in zip(_images(plain, reqs), _images(graphed, reqs)):
+            assert np.abs(a - b).max() <= 1
+        captured.append({id(e) for e in graphs.captured.values() if e.rows is not None})
+    assert not graphs.failed and len(captured[0]) >= 2
+    assert captured[1] == captured[0]  # nothing new captured the second time
 
 
 def test_warm_up_compiles_before_serving_and_vae_compile_keeps_images(tiny_model_dir):
