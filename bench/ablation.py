@@ -121,7 +121,8 @@ def kernel_class(name: str) -> str:
 
 def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tuple[str, ...] = ()) -> dict:
     """Milliseconds per image of one decode at `size`², batch 1 and 4, for layouts and kernels;
-    then each of `compiled` (`VAE_COMPILES` names) at batch 4, with its compile time and profile."""
+    then each of `compiled` (`VAE_COMPILES` names, `+group_norm` for our GroupNorm kernel) at
+    batch 4, with its compile time, profile and difference to the eager decode."""
     out = {}
     model = copy.deepcopy(vae)
     for batch in (1, 4):
@@ -142,10 +143,14 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tu
     if device.type != "cuda":
         return out
     latents = torch.randn(4, 16, size // 8, size // 8, device=device, dtype=dtype)
+    with torch.inference_mode():
+        reference = vae.decode(latents, return_dict=False)[0].float() if compiled else None
     for how in compiled:  # each compile takes a minute or more: only those asked for
         model = copy.deepcopy(vae)
+        layout, _, extra = how.partition("+")  # e.g. "whole+group_norm": with our GroupNorm kernel
         apply_speed(SimpleNamespace(transformer=torch.nn.Identity(), vae=model),
-                    SpeedOptions(vae_compile=True, vae_compile_how=how, backend=fast.backend, mode=fast.mode))
+                    SpeedOptions(vae_compile=True, vae_compile_how=layout, vae_group_norm=extra == "group_norm",
+                                 backend=fast.backend, mode=fast.mode))
         with torch.inference_mode():
             start = time.perf_counter()
             model.decode(latents)
@@ -153,6 +158,8 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tu
             out[f"compiled_{how}_first_call_seconds_b4"] = round(time.perf_counter() - start, 1)
             out[f"compiled_{how}_b4"] = round(event_time_ms(device, lambda: model.decode(latents), repeats=3) / 4, 2)
             out[f"compiled_{how}_profile_b4"] = kernel_profile(lambda: model.decode(latents), device, top=12)
+            decoded = model.decode(latents, return_dict=False)[0].float()
+            out[f"compiled_{how}_rel_err_vs_eager"] = round(relative_error(decoded, reference), 5)
         del model
         gc.collect()
         torch.cuda.empty_cache()

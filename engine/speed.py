@@ -51,6 +51,7 @@ class SpeedOptions:
     vae_channels_last: bool = False  # measured slower on an H100 (142 vs 91 ms per 1024² decode)
     vae_compile: bool = False  # 1.9x faster 1024² decode on an H100; about 2.5 min of compiling once
     vae_compile_how: str = "whole"  # one of VAE_COMPILES
+    vae_group_norm: bool = False  # the decoder's GroupNorm statistics from our kernel (engine/group_norm.py)
     cuda_graphs: bool = False  # replay small exact forwards as CUDA graphs (engine/graphs.py)
     graph_max_tokens: int = 8192  # ... of at most this many image tokens: 8 rows at 512², 2 at 1024²
     backend: str = "inductor"  # torch.compile backend ("aot_eager" / "eager" for tests)
@@ -66,7 +67,7 @@ class SpeedOptions:
     @property
     def any(self) -> bool:
         return any((self.compile, self.fuse_qkv, bool(self.sdpa), self.gelu_epilogue, self.vae_channels_last,
-                    self.vae_compile, self.cuda_graphs))
+                    self.vae_compile, self.cuda_graphs, self.vae_group_norm))
 
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:
@@ -280,6 +281,10 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
     if options.vae_channels_last and pipe.vae is not None:
         pipe.vae.to(memory_format=torch.channels_last)
         done["vae_channels_last"] = True
+    if options.vae_group_norm and pipe.vae is not None:
+        from engine.group_norm import fuse_vae_group_norms
+
+        done["vae_group_norms"] = fuse_vae_group_norms(pipe.vae)
     if options.vae_compile and pipe.vae is not None:
         compile_vae(pipe.vae, options.vae_compile_how, options.backend, options.mode)
         done["vae_compiled"] = options.vae_compile_how
