@@ -157,16 +157,19 @@ def test_cuda_graph_replays_equal_plain_forwards(tiny_model_dir):
             assert np.abs(a - b).max() <= 1
     graphs = graphed.runner.graphs
     assert not graphs.failed and len(graphs.captured) >= 2
-    # Cached steps: their index buffers are refilled on each replay. Twice, so the second run
-    # replays graphs captured in the first (the pools are kept while idle).
-    captured = []
-    for _ in range(2):
+    # Cached steps: their index buffers are refilled on each replay. The first run's first step
+    # creates the pools (no graph); the second's is graphed (the pools are kept while idle); the
+    # third replays only graphs captured before.
+    captured, generations = [], []
+    for _ in range(3):
         reqs = _requests(3, k=3, policy="attention", steps=8)
         for a, b in zip(_images(plain, reqs), _images(graphed, reqs)):
             assert np.abs(a - b).max() <= 1
         captured.append({id(e) for e in graphs.captured.values() if e.rows is not None})
+        generations.append(graphed.attention.generation)
     assert not graphs.failed and len(captured[0]) >= 2
-    assert captured[1] == captured[0]  # nothing new captured the second time
+    assert generations[0] == generations[1] == generations[2]
+    assert captured[0] < captured[1] == captured[2]
 
 
 def test_warm_up_compiles_before_serving_and_vae_compile_keeps_images(tiny_model_dir):
