@@ -76,6 +76,6 @@ def test_triton_moments_match_torch_on_cuda(shape, channels_last):
     exact = torch.nn.GroupNorm(32, shape[1], eps=norm.eps).double()
     exact.load_state_dict({k: v.double() for k, v in norm.state_dict().items()})
     want = F.silu(exact(x.double())).float()
-    # within two bf16 roundings of the float64 result, as torch's own bf16 GroupNorm + SiLU is
-    torch.testing.assert_close(F.silu(norm(x)).float(), want, rtol=2**-6, atol=2**-6)
-    torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6)
+    # as close to the float64 result as torch's own bf16 GroupNorm + SiLU (bf16 roundings apart)
+    ours, torchs = (got - want).abs(), (F.silu(norm(x)).float() - want).abs()
+    assert ours.max() <= 1.5 * torchs.max() and ours.mean() <= 1.5 * torchs.mean()
