@@ -73,7 +73,7 @@ def test_triton_moments_match_torch_on_cuda(shape, channels_last):
     torch.testing.assert_close(var, ref_var, rtol=1e-3, atol=1e-5)
     norm = _norm(shape[1], 32).to("cuda", torch.bfloat16)
     got = GroupNormSiLU(norm, silu=True)(x).float()
-    exact = torch.nn.GroupNorm(32, shape[1], eps=norm.eps).double()
+    exact = torch.nn.GroupNorm(32, shape[1], eps=norm.eps).to("cuda", torch.float64)
     exact.load_state_dict({k: v.double() for k, v in norm.state_dict().items()})
     want = F.silu(exact(x.double())).float()
     # as close to the float64 result as torch's own bf16 GroupNorm + SiLU (bf16 roundings apart)
