@@ -27,6 +27,8 @@ def variants(fast: SpeedOptions) -> list[tuple[str, SpeedOptions]]:
         ("compile+cudnn_sdpa+fused_qkv", SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True, **backend)),
         ("compile+cudnn_sdpa+fused_qkv+gelu_epilogue", SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True,
                                                                      gelu_epilogue=True, **backend)),
+        ("compile+cudnn_sdpa+fused_qkv+gelu_epilogue+split_queries",
+         SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True, gelu_epilogue=True, split_queries=True, **backend)),
     ]
 
 
@@ -61,7 +63,7 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
                 out["rel_err_vs_eager"][name] = round(relative_error(result, reference), 5)
         out["forward_ms"][name] = times
         out["first_call_seconds"][name] = first
-        if name in ("eager", "compile+cudnn_sdpa+fused_qkv+gelu_epilogue") and device.type == "cuda":
+        if (name == "eager" or name.startswith("compile+cudnn_sdpa+fused_qkv+gelu_epilogue")) and device.type == "cuda":
             size, rows = shapes[min(1, len(shapes) - 1)]
             inputs = forward_inputs(model, size, device, dtype, rows)
             out["profiles"][f"{name}_{size}_rows{rows}"] = kernel_profile(

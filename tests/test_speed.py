@@ -46,7 +46,8 @@ def _transformer(**kw) -> SD3Transformer2DModel:
     [dict(), dict(qk_norm="rms_norm"), dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))],
     ids=["sd3", "sd3.5-qk-norm", "sd3.5-dual-attention"],
 )
-def test_fused_projections_equal_separate_ones(variant):
+@pytest.mark.parametrize("split_queries", [False, True], ids=["joint-queries", "split-queries"])
+def test_fused_projections_equal_separate_ones(variant, split_queries):
     model = _transformer(**variant)
     g = torch.Generator().manual_seed(1)
     inputs = dict(
@@ -57,7 +58,7 @@ def test_fused_projections_equal_separate_ones(variant):
     )
     with torch.no_grad():
         ref = model(**inputs, return_dict=False)[0]
-        fused = fuse_qkv(model)
+        fused = fuse_qkv(model, split_queries)
         gelus = fuse_gelu(model)
         out = model(**inputs, return_dict=False)[0]
     assert gelus == len([m for m in model.modules() if isinstance(m, LinearGeluTanh)]) > 3
