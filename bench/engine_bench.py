@@ -67,7 +67,7 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
         overrides = dict(backend=backend, vae_compile=not args.no_vae_compile and not args.smoke,
                          gelu_epilogue=not args.no_gelu_epilogue, cuda_graphs=not args.no_cuda_graphs,
                          vae_compile_how=args.vae_compile_how, vae_group_norm=not args.no_vae_group_norm,
-                         split_queries=args.split_queries)
+                         split_queries=not args.joint_queries)
         if args.sdpa:
             overrides["sdpa"] = tuple(args.sdpa.split(","))
         self.fast = SpeedOptions.fast(**overrides)
@@ -312,7 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-compiles", default="whole", help="compiled VAE variants the ablation measures "
                    "(comma list of engine.speed.VAE_COMPILES)")
     p.add_argument("--vae-compile-how", default="whole", help="how the fast path compiles the VAE decoder")
-    p.add_argument("--split-queries", action="store_true", help="image and text queries in two SDPA calls on the fast path")
+    p.add_argument("--joint-queries", action="store_true", help="one SDPA call over concatenated image and text "
+                   "queries on the fast path (the default splits them)")
     p.add_argument("--no-vae-group-norm", action="store_true", help="the fast path's VAE keeps torch's GroupNorm")
     p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
     p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs for small forwards on the fast path")
