@@ -107,7 +107,12 @@ class Engine:
         return [r.request_id for r in self.scheduler.running_requests()]
 
     def cache_bytes(self) -> int:
+        """Attention-cache bytes of the running requests (what admission counts)."""
         return self.attention.nbytes()
+
+    def cache_allocated_bytes(self) -> int:
+        """Bytes of the attention cache's pools, free slots and idle sizes included."""
+        return self.attention.allocated_bytes()
 
     def request_cache_bytes(self, request: GenerationRequest, policy: str) -> int:
         if policy != "attention":

@@ -14,7 +14,8 @@ outside graphs; the runner replays only steps whose pools are ready).
 Each graph is captured on first use after a warm-up run of the same forward (which also computes
 that step's result; the replay repeats it, writing the same values to the same pool rows). All
 graphs share one memory pool, which is safe because they replay one at a time on one stream and
-each output is copied out before the next replay.
+each output is copied out before the next replay. At most `max_graphs` are held (each keeps its
+own input and output buffers); a new shape past that runs without a graph.
 """
 from __future__ import annotations
 
@@ -39,13 +40,15 @@ class CapturedForward:
 
 
 class ForwardGraphs:
-    def __init__(self, transformer: torch.nn.Module, max_tokens: int, attention: AttentionCache | None = None) -> None:
+    def __init__(self, transformer: torch.nn.Module, max_tokens: int, attention: AttentionCache | None = None,
+                 max_graphs: int = 64) -> None:
         """For a transformer on a CUDA device. `max_tokens`: capture forwards of at most this many
         image tokens (rows × tokens per row); larger forwards keep the GPU busy on their own.
         `attention`: the cache whose cached steps may be captured too."""
         self.transformer = transformer
         self.max_tokens = max_tokens
         self.attention = attention
+        self.max_graphs = max_graphs
         self.patch = transformer.config.patch_size
         self.captured: dict[Hashable, CapturedForward] = {}
         self.failed = False  # a capture failed once: run everything without graphs
@@ -75,6 +78,8 @@ class ForwardGraphs:
             key = (key, cache.current.signature())
         entry = self.captured.get(key)
         if entry is None:
+            if len(self.captured) >= self.max_graphs:
+                return self._forward(inputs)
             entry = self._capture(key, inputs, caching)
             if entry is None:
                 return self._forward(inputs)

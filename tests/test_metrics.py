@@ -137,6 +137,7 @@ def test_worker_metrics_server_serves_the_worker_metrics() -> None:
                 if s.name == "sd3serve_batch_size_bucket" and s.labels["le"] == "8.0"]
     assert bucket_8 and bucket_8[0] >= 1
     for name in ("sd3serve_running_requests", "sd3serve_attention_fresh_ratio", "sd3serve_attention_cache_bytes",
+                 "sd3serve_attention_cache_allocated_bytes",
                  "sd3serve_gpu_memory_bytes", "sd3serve_step_duration_seconds", "sd3serve_queue_wait_seconds",
                  "sd3serve_job_latency_seconds", "sd3serve_images_generated"):
         assert name in families, name

@@ -146,6 +146,23 @@ def test_fast_path_on_cuda_matches_eager_within_bf16(tiny_model_dir):
         assert np.abs(a - b).mean() < 2.0
 
 
+def test_graphs_past_their_limit_run_plain_forwards():
+    """A new shape when `max_graphs` graphs are held runs as a plain forward (no capture, so no
+    CUDA needed here)."""
+    from engine.graphs import ForwardGraphs
+
+    model = _transformer()
+    graphs = ForwardGraphs(model, max_tokens=10**6, max_graphs=0)
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(hidden_states=torch.randn(2, 16, 8, 8, generator=g), timestep=torch.tensor([900.0, 10.0]),
+                  encoder_hidden_states=torch.randn(2, 10, 32, generator=g), pooled_projections=torch.randn(2, 32, generator=g))
+    with torch.no_grad():
+        want = model(**inputs, return_dict=False)[0]
+        assert graphs.applies(inputs["hidden_states"])
+        torch.testing.assert_close(graphs(**inputs), want)
+    assert not graphs.captured and not graphs.failed
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replays_equal_plain_forwards(tiny_model_dir):

@@ -276,6 +276,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         if time.monotonic() >= self._next_gpu_sample:
             self._next_gpu_sample = time.monotonic() + 1.0
             metrics.CACHE_BYTES.set(self.engine.cache_bytes())
+            metrics.CACHE_ALLOCATED_BYTES.set(self.engine.cache_allocated_bytes())
             if self.config.engine.device != "cpu":
                 try:
                     metrics.sample_gpu_memory()

@@ -61,6 +61,10 @@ CACHE_BYTES = Gauge(
     "sd3serve_attention_cache_bytes",
     "Memory held by the attention cache of the running requests.",
 )
+CACHE_ALLOCATED_BYTES = Gauge(
+    "sd3serve_attention_cache_allocated_bytes",
+    "Memory of the attention cache's pools: free slots and idle image sizes (kept for their CUDA graphs) included.",
+)
 GPU_MEMORY = Gauge(
     "sd3serve_gpu_memory_bytes",
     "GPU memory allocated by torch on this worker's device (0 on CPU).",

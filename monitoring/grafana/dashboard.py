@@ -79,6 +79,7 @@ def panels() -> list[dict]:
         _panel(11, "GPU memory", "timeseries", (0, 29, 12, 8), [
             ("sd3serve_gpu_memory_bytes", "allocated {{instance}}"),
             ("sd3serve_attention_cache_bytes", "attention cache {{instance}}"),
+            ("sd3serve_attention_cache_allocated_bytes", "attention cache pools {{instance}}"),
         ], unit="bytes"),
         _panel(12, "API latency p95 by route", "timeseries", (12, 29, 12, 8),
                [(_quantile(0.95, "sd3serve_http_request_duration_seconds", "le, route"), "{{route}}")], unit="s"),
