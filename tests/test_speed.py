@@ -15,7 +15,8 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader import load_pipeline
 from engine.request import validate_request
-from engine.speed import FusedJointProcessor, LinearGeluTanh, SpeedOptions, fuse_gelu, fuse_qkv
+from engine.fused_qkv import FusedJointProcessor, fuse_qkv
+from engine.speed import LinearGeluTanh, SpeedOptions, fuse_gelu
 
 
 def test_compile_setting_accepts_auto_on_off_and_booleans():
@@ -120,7 +121,7 @@ def test_cached_steps_trace_into_the_compiled_blocks_without_a_graph_break(tiny_
     counters.clear()
     for request in _requests(3, k=2, policy="attention", steps=6):
         fast.add(request)
-    breaks_per_step, growing = [], []
+    breaks_per_step = []
     while fast.has_work():
         before = sum(counters["graph_break"].values())
         fast.step()
