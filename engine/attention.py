@@ -156,11 +156,12 @@ class AttentionCache:
         for rid in row_ids:
             keys.append((rid, seen.get(rid, 0)))
             seen[rid] = seen.get(rid, 0) + 1
+        # An idle size's pools (kept for its CUDA graphs) go as soon as another size runs.
+        self._free_idle_pools(keep=group)
         self.caching = any(row_caches) or not all(row_fresh)
         if not self.caching:  # exact rows only: the processors take the plain path
             self.current = None
             return
-        self._free_idle_pools(keep=group)
         history = self.history.setdefault(group, {})
         fresh_pos = [i for i, f in enumerate(row_fresh) if f]
         cached_pos = [i for i, f in enumerate(row_fresh) if not f]

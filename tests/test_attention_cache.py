@@ -93,12 +93,19 @@ def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
     assert step(cache, module, ["e"], [True], [0], [5.0]) == [5.0]
     assert cache.generation == generation and cache.allocated_bytes() == 3 * per_row  # reused, not regrown
     cache.release("e")
-    # ... until a cached step of another size frees them, or `trim` does.
+    # ... until a step of another size frees them (even one without cached rows), or `trim` does.
     step(cache, module, ["f"], [True], [0], [6.0], group=(4, 4))
     assert cache.generation > generation and cache.allocated_bytes() == per_row
     cache.release("f")
-    cache.trim()
+    step(cache, module, ["f"], [True], [0], [6.0], group=(4, 4))  # its own size: kept
+    assert cache.allocated_bytes() == per_row
+    cache.release("f")
+    step(cache, module, ["x"], [True], [0], [7.0], caches=[False], group=(2, 2))  # an exact row elsewhere
     assert cache.nbytes() == 0 and cache.allocated_bytes() == 0
+    step(cache, module, ["g"], [True], [0], [8.0], group=(4, 4))
+    cache.release("g")
+    cache.trim()
+    assert cache.allocated_bytes() == 0
 
 
 @pytest.mark.parametrize("extrapolate", [False, True])
