@@ -276,7 +276,8 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
                                                    peak_steps_gb=round(run.peak_steps_bytes / GIB, 3)))
         for size in a.sizes:
             for batch in a.batches:
-                if self.fast.cuda_graphs and 2 * batch * (size // 16) ** 2 <= self.fast.graph_max_tokens:
+                graphs = engine.runner.graphs
+                if graphs is not None and graphs.fits(2 * batch, size // 8, size // 8):
                     # graphed cached steps: capture this batch's step shapes before timing (a
                     # worker does so on its first such batch; the caching part shows the steady state)
                     engine.generate(requests("w3", batch, size, 8, k=3, policy="attention"))

@@ -55,15 +55,18 @@ class ForwardGraphs:
         self._pool = None
         self._generation: int | None = None  # the pool generation of the cached-step graphs held
 
+    def fits(self, rows: int, height: int, width: int) -> bool:
+        """Whether forwards of `rows` latents of `height` × `width` are small enough to graph."""
+        return not self.failed and rows * (height // self.patch) * (width // self.patch) <= self.max_tokens
+
     def applies(self, hidden: torch.Tensor) -> bool:
         """Whether a forward of `hidden` runs as a graph. With attention-cache rows only once
         the step's pools exist at the size it needs."""
-        rows, _, height, width = hidden.shape
-        tokens = rows * (height // self.patch) * (width // self.patch)
         cache = self.attention
         if cache is not None and cache.caching and not cache.pools_ready:
             return False
-        return not self.failed and tokens <= self.max_tokens
+        rows, _, height, width = hidden.shape
+        return self.fits(rows, height, width)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         """The transformer's output for `inputs` (hidden_states, timestep, encoder_hidden_states,

@@ -3,10 +3,9 @@ eager pipeline within bf16 rounding.
 
 - Fused Q/K/V (engine/fused_qkv.py): one projection for the image stream and one for the text
   stream of each joint attention (our own processor; diffusers' fused processor skips the q/k
-  norms of SD3.5), and
-  image and text queries attending to the joint keys in two SDPA calls, which saves the copies
-  that join the queries and transpose the output (and lets the compiler drop the last block's
-  unused text attention).
+  norms of SD3.5), and image and text queries attending to the joint keys in two SDPA calls,
+  which saves the copies that join the queries and transpose the output (and lets the compiler
+  drop the last block's unused text attention).
 - SDPA kernel priority: cuDNN's fused attention first where the GPU has it (faster than the
   default FlashAttention-2 for head dim 64 on Hopper), applied only inside the transformer.
 - Regional `torch.compile` of each transformer block with dynamic batch and sequence sizes: the
@@ -20,7 +19,7 @@ eager pipeline within bf16 rounding.
 - A compiled VAE decoder (dynamic shapes) whose GroupNorm statistics come from our own split
   reduction (engine/group_norm.py; the compiler fuses the normalisation, SiLU and layout changes
   around it): 85.6 ms eager -> 45.9 compiled -> 28.2 ms with the kernel per 1024² image on an
-  H100. A channels-last VAE is optional and off (not faster once compiled).
+  H100. A channels-last VAE (`vae_compile_how`) is not faster, eager or compiled.
 
 `apply_speed(pipe, options)` must run before the attention cache wraps the processors.
 """
@@ -58,13 +57,12 @@ class SpeedOptions:
     split_queries: bool = False
     sdpa: tuple[str, ...] = ()  # SDPA backends in priority order; () keeps torch's default
     gelu_epilogue: bool = False
-    vae_channels_last: bool = False  # measured slower on an H100 (142 vs 91 ms per 1024² decode)
-    vae_compile: bool = False  # 1.9x faster 1024² decode on an H100; about 2.5 min of compiling once
-    vae_compile_how: str = "whole"  # one of VAE_COMPILES
+    vae_compile: bool = False  # 1.9x faster 1024² decode on an H100; about a minute of compiling once
+    vae_compile_how: str = "whole"  # one of VAE_COMPILES (its channels-last variant: slower eagerly, even compiled)
     # The decoder's GroupNorm statistics from our kernel (engine/group_norm.py): with the compiled
     # decoder, 45.9 -> 28.2 ms per 1024² image on an H100 (batch 4).
     vae_group_norm: bool = False
-    cuda_graphs: bool = False  # replay small exact forwards as CUDA graphs (engine/graphs.py)
+    cuda_graphs: bool = False  # replay small forwards, exact and cached, as CUDA graphs (engine/graphs.py)
     graph_max_tokens: int = 8192  # ... of at most this many image tokens: 8 rows at 512², 2 at 1024²
     backend: str = "inductor"  # torch.compile backend ("aot_eager" / "eager" for tests)
     mode: str | None = None  # torch.compile mode
@@ -78,8 +76,8 @@ class SpeedOptions:
 
     @property
     def any(self) -> bool:
-        return any((self.compile, self.fuse_qkv, bool(self.sdpa), self.gelu_epilogue, self.vae_channels_last,
-                    self.vae_compile, self.cuda_graphs, self.vae_group_norm))
+        return any((self.compile, self.fuse_qkv, bool(self.sdpa), self.gelu_epilogue, self.vae_compile,
+                    self.cuda_graphs, self.vae_group_norm))
 
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:
@@ -217,9 +215,6 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
     if options.compile:
         done["compiled_blocks"] = compile_blocks(transformer, options.backend, options.mode)
         transformer._sd3serve_compile = (options.backend, options.mode)
-    if options.vae_channels_last and pipe.vae is not None:
-        pipe.vae.to(memory_format=torch.channels_last)
-        done["vae_channels_last"] = True
     if options.vae_group_norm and pipe.vae is not None:
         from engine.group_norm import fuse_vae_group_norms
 
