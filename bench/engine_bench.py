@@ -39,7 +39,7 @@ from bench.measure import GIB, card_name, matmul_tflops, relative_error, synchro
 from bench.memory_parts import CachingAndMemoryParts
 from bench.large_part import LargeModelPart
 from bench.results_file import Results
-from bench.probes import count_host_syncs, sdpa_probe
+from bench.probes import count_host_syncs, first_step_probe, sdpa_probe
 from bench.runs import (
     GUIDANCE,
     capture_latents,
@@ -52,7 +52,7 @@ from bench.runs import (
 from bench.ablation import ablation
 from engine.speed import SpeedOptions
 
-ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large")
+ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large", "firststep")
 
 
 class Bench(CachingAndMemoryParts, LargeModelPart):
@@ -111,10 +111,12 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
         if "e2e" in parts or "accuracy" in parts:
             self.diffusers_part("e2e" in parts, "accuracy" in parts)
             self.eager_part("e2e" in parts, "accuracy" in parts)
-        if {"accuracy", "e2e", "caching", "memory"} & set(parts):
+        if {"accuracy", "e2e", "caching", "memory", "firststep"} & set(parts):
             self.engine_fast = self.fast_engine()
         if "accuracy" in parts:
             self.fast_accuracy(refs)
+        if "firststep" in parts:
+            self.first_step_part()
         if "e2e" in parts:
             self.fast_part()
         if "caching" in parts:
@@ -240,6 +242,7 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
         warm["attention"] = round(run.seconds, 2)
         self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}), **warm))
         self.results.note("host_syncs_per_step", count_host_syncs(engine, self.device, min(self.args.sizes)))
+        engine.freeze_heap()  # as the worker's warm-up does
         return engine
 
     def fast_accuracy(self, refs: dict) -> None:
@@ -265,6 +268,17 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
             acc[f"fast_vs_diffusers_latents_{size}"] = relative_error(fast, self.diffusers_latents[size])
             del self.engine_fast.runner.decode
         self.results.note("accuracy", acc)
+
+    def first_step_part(self) -> None:
+        """Where the first step of 16 requests arriving together goes (prompt encoding, the step)."""
+        found = {}
+        for size in self.args.sizes:
+            probe = first_step_probe(self.engine_fast, self.device, size, max(self.args.batches),
+                                     compile_text=self.args.probe_text_compile and size == max(self.args.sizes))
+            for key in ("top_cpu", "top_cuda"):
+                logging.getLogger("bench").info("first step %d %s:\n%s", size, key, probe.pop(key))
+            found[str(size)] = probe
+        self.results.note("first_step", found)
 
     def fast_part(self) -> None:
         a, engine = self.args, self.engine_fast
@@ -317,6 +331,8 @@ def parse_args(argv=None):
                    "queries on the fast path (the default splits them)")
     p.add_argument("--no-vae-group-norm", action="store_true", help="the fast path's VAE keeps torch's GroupNorm")
     p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
+    p.add_argument("--probe-text-compile", action="store_true",
+                   help="the firststep part also times prompt encoding with compiled text encoders (then keeps them)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs for small forwards on the fast path")
     args = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

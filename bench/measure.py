@@ -1,6 +1,7 @@
 """Timing and memory helpers for the GPU benchmark (they degrade to wall-clock on the CPU)."""
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,13 +18,18 @@ def synchronize(device: torch.device) -> None:
 
 class StepClock:
     """Marks the end of each denoising step without synchronising: CUDA events on the GPU,
-    host time on the CPU. `ms_per_step()` is the mean over the steady steps: from the end of
-    the first step (prompt encoding, admission) to the end of the second-to-last one (the last
-    may include the VAE decode)."""
+    host time on the CPU. `timed` marks the start too, so the first interval is the first step
+    (prompt encoding, admission, allocations) and the last one the last step (with the VAE
+    decode, where it runs inside the step). `ms_per_step()` is the mean over the steady steps
+    between them."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.marks: list = []
+
+    def start(self) -> None:
+        self.marks = []
+        self.mark()
 
     def mark(self, *_args, **_kwargs):
         if self.cuda:
@@ -40,8 +46,31 @@ class StepClock:
         return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
 
     def ms_per_step(self) -> float | None:
-        steady = self.intervals_ms()[:-1]
+        steady = self.intervals_ms()[1:-1]
         return sum(steady) / len(steady) if steady else None
+
+
+class GcPauses:
+    """Time the cyclic garbage collector ran inside a `with` block, and its full collections."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self.full_collections = 0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.ms += (time.perf_counter() - self._started) * 1000
+        self.full_collections += info["generation"] == 2
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 @dataclass
@@ -50,6 +79,7 @@ class Run:
     ms_per_step: float | None
     peak_bytes: int
     step_ms: list[float] = field(default_factory=list)
+    gc_ms: float = 0.0
 
 
 def timed(device: torch.device, fn, clock: StepClock | None = None) -> Run:
@@ -58,12 +88,15 @@ def timed(device: torch.device, fn, clock: StepClock | None = None) -> Run:
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
     start = time.perf_counter()
-    fn()
-    synchronize(device)
+    if clock is not None:
+        clock.start()
+    with GcPauses() as pauses:
+        fn()
+        synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     step_ms = clock.intervals_ms() if clock else []
-    return Run(seconds, clock.ms_per_step() if clock else None, peak, step_ms)
+    return Run(seconds, clock.ms_per_step() if clock else None, peak, step_ms, round(pauses.ms, 1))
 
 
 def median(values: list[float]) -> float:

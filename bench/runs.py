@@ -81,7 +81,7 @@ def run_engine(engine: Engine, device, reqs: list[GenerationRequest]) -> EngineR
             peaks.append(torch.cuda.max_memory_allocated(device))  # host-side counter: no sync
 
     run = timed(device, lambda: engine.generate(reqs, progress=progress), clock)
-    return EngineRun(run.seconds, run.ms_per_step, run.peak_bytes, run.step_ms, fresh,
+    return EngineRun(run.seconds, run.ms_per_step, run.peak_bytes, run.step_ms, run.gc_ms, fresh,
                      peaks[-2] if len(peaks) > 1 else run.peak_bytes)
 
 
@@ -112,6 +112,9 @@ def row(system: str, mode: str, model: str, size: int, batch: int, steps: int, r
         seconds_per_image_latency=round(run.seconds, 4),
         ms_per_step=None if run.ms_per_step is None else round(run.ms_per_step, 2),
         peak_mem_gb=round(run.peak_bytes / GIB, 3),
+        first_step_ms=round(run.step_ms[0], 1) if run.step_ms else None,
+        last_step_ms=round(run.step_ms[-1], 1) if len(run.step_ms) > 1 else None,
+        gc_ms=run.gc_ms,
         **extra,
     )
 

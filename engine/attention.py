@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.slot_pool import Group, SlotPool, StepRows, merge_cached
+from engine.transfers import to_device
 
 CacheKey = tuple[str, int]  # (request id, row within the request: 0 uncond / 1 cond)
 
@@ -75,8 +76,8 @@ class CachingAttnProcessor:
                 fresh_in = (hidden_states, encoder_hidden_states)
             else:
                 fresh_in = (
-                    hidden_states.index_select(0, rows.fresh_index),
-                    None if encoder_hidden_states is None else encoder_hidden_states.index_select(0, rows.fresh_index),
+                    rows.fresh_rows(hidden_states),
+                    None if encoder_hidden_states is None else rows.fresh_rows(encoder_hidden_states),
                 )
             fresh = self.inner(attn, *fresh_in, attention_mask, *args, **kwargs)
             fresh = fresh if isinstance(fresh, tuple) else (fresh,)
@@ -91,8 +92,7 @@ class CachingAttnProcessor:
             parts = list(fresh)
         else:
             parts = [
-                merge_cached(None if fresh is None else fresh[k], data, hidden_states.shape[0], rows.fresh_index,
-                             rows.cached_index, rows.last_rows, rows.previous_rows, rows.weights)
+                merge_cached(None if fresh is None else fresh[k], data, hidden_states.shape[0], rows)
                 for k, data in enumerate(pool.data)
             ]
         return tuple(parts) if len(parts) > 1 else parts[0]
@@ -215,6 +215,7 @@ class AttentionCache:
             weights=self._to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)) if extrapolating else None,
             store_from=self._index(store_from) if stored else None,
             store_rows=self._index(store_rows) if stored else None,
+            fresh_first=fresh_pos == list(range(len(fresh_pos))),
         )
 
     def _free_slot(self, group: Group) -> int:
@@ -231,10 +232,7 @@ class AttentionCache:
         return self._to_device(torch.tensor(positions, dtype=torch.long))
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Pinned, asynchronous copy: no host synchronisation inside the step loop."""
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return to_device(tensor, self.device)  # no host synchronisation inside the step loop
 
     def end_step(self) -> None:
         self.current = None

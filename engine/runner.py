@@ -7,6 +7,8 @@ float32 Euler arithmetic, just with rows of different requests (and timesteps) s
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from engine.graphs import ForwardGraphs
 from engine.latent_aware import LatentAware
 from engine.loader import PromptEncoder
 from engine.scheduler import ScheduledRequest, StepPlan
+from engine.transfers import to_device, to_host_pixels
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Runner:
         self.dtype = pipe.transformer.dtype
         self.states: dict[str, RequestState] = {}
         self._schedules: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Host threads for the initial noise (torch's CPU sampling runs outside the GIL).
+        self._noise_threads = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="sd3serve-noise")
 
     # -- admission -----------------------------------------------------------------------------
     def sigma_schedule(self, steps: int, latent_h: int, latent_w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +91,20 @@ class Runner:
         new = [r for r in reqs if r.request_id not in self.states]
         if not new:
             return
+        # The encoders' work is queued on the device when `encode` returns; the pipeline's noise
+        # (a CPU generator per request, as `randn_tensor` draws it) is sampled meanwhile on host
+        # threads and copied without a synchronisation.
         embeddings = self.prompts.encode([(r.request.prompt, r.request.negative_prompt) for r in new])
         scale = self.pipe.vae_scale_factor
         channels = self.pipe.transformer.config.in_channels
-        for req, emb in zip(new, embeddings):
+        shapes = [(1, channels, r.request.height // scale, r.request.width // scale) for r in new]
+        noise = [
+            self._noise_threads.submit(host_noise, shape, r.request.seed, emb.prompt.dtype)
+            for r, shape, emb in zip(new, shapes, embeddings)
+        ]
+        for req, emb, shape, sampled in zip(new, embeddings, shapes, noise):
             request = req.request
-            shape = (1, channels, request.height // scale, request.width // scale)
-            generator = torch.Generator("cpu").manual_seed(request.seed)
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=emb.prompt.dtype)
+            latents = to_device(sampled.result(), self.device)
             timesteps, sigmas = self.sigma_schedule(request.steps, shape[2], shape[3])
             if request.uses_cfg:
                 embeds = torch.cat([emb.negative, emb.prompt])
@@ -118,7 +129,10 @@ class Runner:
             fresh or req.policy != "step" for req, fresh in zip(plan.requests, plan.fresh)
         ]
         velocities: list[torch.Tensor | None] = [None] * len(states)
-        forward_ids = [i for i, used in enumerate(in_forward) if used]
+        # FRESH requests first: the attention cache then slices their rows and concatenates the
+        # cached ones after them (engine/slot_pool.py) instead of gathering and scattering.
+        forward_ids = sorted((i for i, used in enumerate(in_forward) if used),
+                             key=lambda i: not (plan.fresh[i] or plan.requests[i].policy != "attention"))
         if forward_ids:
             outputs = self._forward(plan, states, forward_ids)
             for i, v in zip(forward_ids, outputs):
@@ -204,21 +218,11 @@ class Runner:
         return out
 
 
+def host_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The pipeline's initial latents for `seed`: `randn_tensor` with a CPU generator, on the host."""
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"), dtype=dtype)
+
+
 # Four 1024² images per VAE call: the decoder's largest activation stays under 2**31 elements,
 # so the compiled decoder keeps its int32 indexing and does not recompile for a larger chunk.
 DECODE_PIXELS = 4 * 1024 * 1024
-
-
-def to_host_pixels(images: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
-    """`VaeImageProcessor.postprocess(images, "pil")`'s arithmetic, with the uint8 conversion on
-    the device (a quarter of the bytes cross to the host, and the host does no float work).
-    Returns (N, H, W, 3) uint8 host pixels and, on CUDA, the event after which they are valid."""
-    images = (images * 0.5 + 0.5).clamp(0, 1)  # the processor's denormalize, in the model dtype
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    if pixels.device.type != "cuda":
-        return pixels.contiguous(), None
-    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-    host.copy_(pixels, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready

@@ -25,13 +25,23 @@ class StepRows:
     # to (a row cached for the first time is written to both halves when extrapolating).
     store_from: torch.Tensor | None
     store_rows: torch.Tensor | None
+    # FRESH rows come first in the batch (the runner orders them so): they are a slice of the
+    # input, and the merge is a concatenation the compiler fuses into the residual that reads it.
+    fresh_first: bool = False
 
     def _tensors(self) -> list[tuple[str, torch.Tensor | None]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name != "group"]
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name not in ("group", "fresh_first")]
 
     def signature(self) -> tuple:
         """Everything but the tensors' values: what a CUDA graph of the step is specific to."""
-        return (self.group,) + tuple(None if t is None else tuple(t.shape) for _, t in self._tensors())
+        shapes = tuple(None if t is None else tuple(t.shape) for _, t in self._tensors())
+        return (self.group, self.fresh_first) + shapes
+
+    def fresh_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """The FRESH rows of a batch-first tensor."""
+        if self.fresh_first:
+            return batch[: self.fresh_index.shape[0]]
+        return batch.index_select(0, self.fresh_index)
 
     def clone(self) -> "StepRows":
         return replace(self, **{name: None if t is None else t.clone() for name, t in self._tensors()})
@@ -80,17 +90,18 @@ class SlotPool:
             data[rows.store_rows] = out[rows.store_from]  # in place, also inside a compiled graph
 
 
-def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, fresh_index: torch.Tensor,
-                 cached_index: torch.Tensor, last_rows: torch.Tensor, previous_rows: torch.Tensor | None,
-                 weights: torch.Tensor | None) -> torch.Tensor:
+def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, step: StepRows) -> torch.Tensor:
     """The full batch of one output stream: FRESH rows from `fresh`, CACHED rows from the pool
-    (held, or extrapolated `a1 + (a1 - a0) * w`). One fused kernel when compiled."""
-    cached = data.index_select(0, last_rows)
-    if weights is not None:
-        cached = (cached + (cached - data.index_select(0, previous_rows)) * weights).to(data.dtype)
+    (held, or extrapolated `a1 + (a1 - a0) * w`). When compiled, one fused kernel, or none of
+    its own with FRESH rows first (the concatenation is read where the output is used)."""
+    cached = data.index_select(0, step.last_rows)
+    if step.weights is not None:
+        cached = (cached + (cached - data.index_select(0, step.previous_rows)) * step.weights).to(data.dtype)
     if fresh is None:
         return cached  # every row CACHED: positions are 0..rows-1 in order
+    if step.fresh_first:
+        return torch.cat([fresh, cached])
     full = fresh.new_empty((rows,) + tuple(fresh.shape[1:]))
-    full.index_copy_(0, fresh_index, fresh)
-    full.index_copy_(0, cached_index, cached)
+    full.index_copy_(0, step.fresh_index, fresh)
+    full.index_copy_(0, step.cached_index, cached)
     return full

@@ -15,6 +15,8 @@ eager pipeline within bf16 rounding.
 - The MLPs' first linear layer and its tanh-GELU as one cuBLASLt GEMM with a GELU epilogue
   (saves a read and a write of the 4x-wide hidden activations per block), behind a custom op
   so the compiler keeps it whole. Checked against tanh-GELU on the device before use.
+- Regional compile of the text encoders' layers (engine/text_speed.py): T5-XXL encodes 16
+  prompts in 79 ms instead of 134 on an H100; new requests wait for it in their first step.
 - CUDA graphs of small forwards, exact and cached steps (engine/graphs.py; the runner replays them), on CUDA.
 - A compiled VAE decoder (dynamic shapes) whose GroupNorm statistics come from our own split
   reduction (engine/group_norm.py; the compiler fuses the normalisation, SiLU and layout changes
@@ -62,6 +64,7 @@ class SpeedOptions:
     # The decoder's GroupNorm statistics from our kernel (engine/group_norm.py): with the compiled
     # decoder, 45.9 -> 28.2 ms per 1024² image on an H100 (batch 4).
     vae_group_norm: bool = False
+    text_compile: bool = False  # regional compile of the text encoders (engine/text_speed.py)
     cuda_graphs: bool = False  # replay small forwards, exact and cached, as CUDA graphs (engine/graphs.py)
     graph_max_tokens: int = 8192  # ... of at most this many image tokens: 8 rows at 512², 2 at 1024²
     backend: str = "inductor"  # torch.compile backend ("aot_eager" / "eager" for tests)
@@ -70,14 +73,14 @@ class SpeedOptions:
     @classmethod
     def fast(cls, **overrides) -> "SpeedOptions":
         values = dict(compile=True, fuse_qkv=True, split_queries=True, sdpa=FAST_SDPA, gelu_epilogue=True,
-                      vae_compile=True, vae_group_norm=True, cuda_graphs=True)
+                      vae_compile=True, vae_group_norm=True, text_compile=True, cuda_graphs=True)
         values.update(overrides)
         return cls(**values)
 
     @property
     def any(self) -> bool:
         return any((self.compile, self.fuse_qkv, bool(self.sdpa), self.gelu_epilogue, self.vae_compile,
-                    self.cuda_graphs, self.vae_group_norm))
+                    self.cuda_graphs, self.vae_group_norm, self.text_compile))
 
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:
@@ -215,6 +218,10 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
     if options.compile:
         done["compiled_blocks"] = compile_blocks(transformer, options.backend, options.mode)
         transformer._sd3serve_compile = (options.backend, options.mode)
+    if options.text_compile:
+        from engine.text_speed import compile_text_encoders
+
+        done["text_compiled_layers"] = compile_text_encoders(pipe, options.backend, options.mode)
     if options.vae_group_norm and pipe.vae is not None:
         from engine.group_norm import fuse_vae_group_norms
 

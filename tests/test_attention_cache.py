@@ -108,8 +108,21 @@ def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
     assert cache.allocated_bytes() == 0
 
 
+FROZEN_PLANS = {
+    # one FRESH row of three, anywhere: the merge gathers and scatters
+    "scattered": [(["a", "b", "c"], [False, True, False], [0.0, 5.0, 0.0]),
+                  (["a", "b", "c"], [False, False, True], [0.0, 0.0, 6.0]),
+                  (["a", "b", "c"], [False, True, False], [0.0, 7.0, 0.0])],
+    # the FRESH request first, as the runner orders a batch: the merge is a concatenation
+    "fresh_first": [(["b", "a", "c"], [True, False, False], [5.0, 0.0, 0.0]),
+                    (["c", "a", "b"], [True, False, False], [6.0, 0.0, 0.0]),
+                    (["a", "b", "c"], [True, False, False], [7.0, 0.0, 0.0])],
+}
+
+
+@pytest.mark.parametrize("order", sorted(FROZEN_PLANS))
 @pytest.mark.parametrize("extrapolate", [False, True])
-def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_outputs(extrapolate):
+def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_outputs(extrapolate, order):
     """What a CUDA graph of a cached step relies on: the indices live in buffers of their own,
     `load_step` refills them for a step of the same signature, and the outputs follow."""
     plain, graphed = FakeAttention(), FakeAttention()
@@ -117,13 +130,18 @@ def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_output
     for cache, module in zip(caches, (plain, graphed)):
         step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
         step(cache, module, ["a", "b", "c"], [True, False, False], [1] * 3, [4.0, 0.0, 0.0])
-    plan = [([False, True, False], [2] * 3, [0.0, 5.0, 0.0]), ([False, False, True], [3] * 3, [0.0, 0.0, 6.0]),
-            ([True, False, False], [4] * 3, [7.0, 0.0, 0.0])]
     frozen: list = []
-    for fresh, steps, values in plan:  # one FRESH row of three: the same signature each time
-        want = step(caches[0], plain, ["a", "b", "c"], fresh, steps, values)
-        assert step(caches[1], graphed, ["a", "b", "c"], fresh, steps, values, frozen=frozen) == want
+    outputs = []
+    for n, (ids, fresh, values) in enumerate(FROZEN_PLANS[order]):
+        want = step(caches[0], plain, ids, fresh, [2 + n] * 3, values)
+        assert step(caches[1], graphed, ids, fresh, [2 + n] * 3, values, frozen=frozen) == want
         assert caches[1].current is None and caches[0].current is None
+        outputs.append(dict(zip(ids, want)))
+    assert frozen[0].fresh_first == (order == "fresh_first")
+    # Whatever the order, each request gets its own values: a refreshed at steps 0 (1.0) and 1
+    # (4.0), b at 0 (2.0) and 2 (5.0), c at 0 (3.0) and 3 (6.0).
+    assert outputs[0] == {"a": 7.0 if extrapolate else 4.0, "b": 5.0, "c": 3.0}
+    assert outputs[1] == {"a": 10.0 if extrapolate else 4.0, "b": 6.5 if extrapolate else 5.0, "c": 6.0}
     mismatched = ["a", "b", "c"], [True, True, False], [5] * 3, [0.0] * 3
     with pytest.raises(ValueError, match="signature"):
         step(caches[1], graphed, *mismatched, frozen=frozen)
