@@ -101,6 +101,9 @@ def test_fast_path_equals_eager_and_does_not_recompile_as_the_batch_grows(tiny_m
     for a, b in zip(_images(eager, cached), _images(fast, cached)):
         assert np.abs(a - b).max() <= 1
 
+    assert fast.speed_applied["text_compiled_layers"] > 0
+    fast.runner.prompts.encode([("a single text", "")])  # the text encoders at one text, as warm_up does
+
     graphs = counters["stats"]["unique_graphs"]
     for n in (1, 3, 5):  # batches of 2, 6 and 10 rows, exact and cached, after the warm-up
         _images(fast, _requests(n))
