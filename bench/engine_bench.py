@@ -35,27 +35,20 @@ import torch
 from bench import shapes
 from bench.shapes import forward_inputs
 from bench.flops import step_flops
-from bench.measure import GIB, card_name, matmul_tflops, relative_error, synchronize, timed
+from bench.measure import card_name, matmul_tflops, relative_error, synchronize, timed
+from bench.e2e_parts import EndToEndParts
 from bench.memory_parts import CachingAndMemoryParts
 from bench.large_part import LargeModelPart
 from bench.results_file import Results
-from bench.probes import count_host_syncs, first_step_probe, sdpa_probe
-from bench.runs import (
-    GUIDANCE,
-    capture_latents,
-    make_engine,
-    requests,
-    row,
-    run_diffusers,
-    run_engine,
-)
+from bench.probes import count_host_syncs, sdpa_probe
+from bench.runs import GUIDANCE, capture_latents, make_engine, requests
 from bench.ablation import ablation
 from engine.speed import SpeedOptions
 
 ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large", "firststep")
 
 
-class Bench(CachingAndMemoryParts, LargeModelPart):
+class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
     def __init__(self, args) -> None:
         self.args = args
         self.device = torch.device("cpu" if args.smoke else "cuda")
@@ -192,44 +185,6 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
             torch.cuda.empty_cache()
         return refs
 
-    def diffusers_part(self, e2e: bool, accuracy: bool) -> None:
-        a = self.args
-        for size in a.sizes:
-            run_diffusers(self.pipe, self.device, requests("warm", 1, size, 2))
-            if e2e:
-                for batch in a.batches:
-                    for rep in range(self.reps(batch)):
-                        run, _ = run_diffusers(self.pipe, self.device, requests(f"d{rep}", batch, size, a.steps))
-                        self.results.add("engine", row("diffusers", "eager", self.model, size, batch, a.steps, run, rep=rep))
-            if accuracy:
-                _, out = run_diffusers(self.pipe, self.device, self.accuracy_requests(size), output_type="latent")
-                self.diffusers_latents = getattr(self, "diffusers_latents", {})
-                self.diffusers_latents[size] = out.images.float().cpu()
-
-    def accuracy_requests(self, size: int):
-        return requests("accuracy", 2, size, self.args.steps, seed=7, unique=False)
-
-    def eager_part(self, e2e: bool, accuracy: bool) -> None:
-        a = self.args
-        engine = make_engine(self.pipe, self.device, self.dtype_name, max(a.batches), SpeedOptions())
-        for size in a.sizes:
-            engine.generate(requests("warm", 1, size, 2))
-            if accuracy:
-                latents = capture_latents(engine)
-                reqs = self.accuracy_requests(size)
-                engine.generate(reqs)
-                self.eager_latents = getattr(self, "eager_latents", {})
-                self.eager_latents[size] = torch.cat([latents[r.request_id] for r in reqs])
-                err = relative_error(self.eager_latents[size], self.diffusers_latents[size])
-                self.results.note("accuracy", dict(self.results.engine.get("accuracy", {}),
-                                                   **{f"eager_engine_vs_diffusers_latents_{size}": err}))
-                del engine.runner.decode
-            if e2e:
-                for batch in a.eager_batches or a.batches:
-                    for rep in range(self.reps(batch)):
-                        run = run_engine(engine, self.device, requests(f"e{rep}", batch, size, a.steps))
-                        self.results.add("engine", row("sd3serve", "exact-eager", self.model, size, batch, a.steps, run, rep=rep))
-
     def fast_engine(self):
         engine = make_engine(self.pipe, self.device, self.dtype_name, max(self.args.batches), self.fast)
         warm = {}
@@ -270,38 +225,6 @@ class Bench(CachingAndMemoryParts, LargeModelPart):
             acc[f"fast_vs_diffusers_latents_{size}"] = relative_error(fast, self.diffusers_latents[size])
             del self.engine_fast.runner.decode
         self.results.note("accuracy", acc)
-
-    def first_step_part(self) -> None:
-        """Where the first step of 16 requests arriving together goes (prompt encoding, the step)."""
-        found = {}
-        for size in self.args.sizes:
-            probe = first_step_probe(self.engine_fast, self.device, size, max(self.args.batches),
-                                     compile_text=self.args.probe_text_compile and size == max(self.args.sizes))
-            for key in ("top_cpu", "top_cuda"):
-                logging.getLogger("bench").info("first step %d %s:\n%s", size, key, probe.pop(key))
-            found[str(size)] = probe
-        self.results.note("first_step", found)
-
-    def fast_part(self) -> None:
-        a, engine = self.args, self.engine_fast
-        for size in a.sizes:
-            for batch in a.batches:
-                for rep in range(self.reps(batch)):
-                    run = run_engine(engine, self.device, requests(f"f{rep}", batch, size, a.steps))
-                    self.results.add("engine", row("sd3serve", "exact-fast", self.model, size, batch, a.steps, run, rep=rep,
-                                                   peak_steps_gb=round(run.peak_steps_bytes / GIB, 3)))
-        for size in a.sizes:
-            for batch in a.batches:
-                graphs = engine.runner.graphs
-                if graphs is not None and graphs.fits(2 * batch, size // 8, size // 8):
-                    # graphed cached steps: capture this batch's step shapes before timing (a
-                    # worker does so on its first such batch; the caching part shows the steady state)
-                    engine.generate(requests("w3", batch, size, 8, k=3, policy="attention"))
-                run = run_engine(engine, self.device, requests("k3", batch, size, a.steps, k=3, policy="attention"))
-                fresh = run.fresh_ratios[1:-1]
-                self.results.add("engine", row("sd3serve", "attention-k3-fast", self.model, size, batch, a.steps, run,
-                                               fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3)))
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
