@@ -58,8 +58,7 @@ class EndToEndParts:
         """Where the first step of 16 requests arriving together goes (prompt encoding, the step)."""
         found = {}
         for size in self.args.sizes:
-            probe = first_step_probe(self.engine_fast, self.device, size, max(self.args.batches),
-                                     compile_text=self.args.probe_text_compile and size == max(self.args.sizes))
+            probe = first_step_probe(self.engine_fast, self.device, size, max(self.args.batches))
             for key in ("top_cpu", "top_cuda"):
                 logging.getLogger("bench").info("first step %d %s:\n%s", size, key, probe.pop(key))
             found[str(size)] = probe

@@ -195,11 +195,10 @@ class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
         run = timed(self.device, lambda: engine.generate(requests("warm", 2, min(self.args.sizes), 6, k=2,
                                                                   policy="attention")))
         warm["attention"] = round(run.seconds, 2)
-        self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}), **warm))
         self.results.note("host_syncs_per_step", count_host_syncs(engine, self.device, min(self.args.sizes)))
         # The worker's own warm-up (batch-1 shapes of the VAE and the text encoders; freezes the heap)
         warm["engine_warm_up"] = round(engine.warm_up(), 2)
-        self.results.note("fast_warmup_seconds", dict(self.results.engine["fast_warmup_seconds"], **warm))
+        self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}), **warm))
         return engine
 
     def fast_accuracy(self, refs: dict) -> None:
@@ -256,8 +255,6 @@ def parse_args(argv=None):
                    "queries on the fast path (the default splits them)")
     p.add_argument("--no-vae-group-norm", action="store_true", help="the fast path's VAE keeps torch's GroupNorm")
     p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
-    p.add_argument("--probe-text-compile", action="store_true",
-                   help="the firststep part also times prompt encoding with compiled text encoders (then keeps them)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs for small forwards on the fast path")
     args = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

@@ -51,11 +51,10 @@ class StepClock:
 
 
 class GcPauses:
-    """Time the cyclic garbage collector ran inside a `with` block, and its full collections."""
+    """Time the cyclic garbage collector ran inside a `with` block."""
 
     def __init__(self) -> None:
         self.ms = 0.0
-        self.full_collections = 0
         self._started = 0.0
 
     def _callback(self, phase: str, info: dict) -> None:
@@ -63,7 +62,6 @@ class GcPauses:
             self._started = time.perf_counter()
             return
         self.ms += (time.perf_counter() - self._started) * 1000
-        self.full_collections += info["generation"] == 2
 
     def __enter__(self) -> "GcPauses":
         gc.callbacks.append(self._callback)

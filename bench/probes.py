@@ -1,11 +1,13 @@
-"""Device probes for bench/engine_bench.py: SDPA backends, host synchronisations per step."""
+"""Device probes for bench/engine_bench.py: SDPA backends, host synchronisations per step, the first step."""
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from bench.measure import event_time_ms, relative_error
+from bench.measure import event_time_ms, relative_error, timed
 from bench.runs import requests
 
 
@@ -64,65 +66,38 @@ def count_host_syncs(engine, device, size: int) -> dict:
     return counts
 
 
-def first_step_probe(engine, device, size: int, batch: int, compile_text: bool = False) -> dict:
+def first_step_probe(engine, device, size: int, batch: int) -> dict:
     """Where the first step of `batch` requests arriving together goes: prompt encoding (each
-    text encoder's forward, tokenisation on the host) and the step, with the profiler's top
-    ops. Milliseconds, synchronised."""
-    import time
-
-    from bench.measure import synchronize
-
+    text encoder's forward as the engine has it, tokenisation on the host) and the step, with the
+    profiler's top ops. Milliseconds, synchronised."""
     pipe = engine.pipe
     out: dict = {}
 
     def wall_ms(fn) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        return round((time.perf_counter() - start) * 1000, 1)
+        return round(timed(device, fn).seconds * 1000, 1)
+
+    def encode_ms(texts: list[str], tag: str) -> list[float]:
+        return [wall_ms(lambda: engine.runner.prompts.encode([(t + tag + str(rep), "") for t in texts]))
+                for rep in range(3)]
 
     texts = [r.prompt for r in requests("probe-enc", batch, size, 2)]
+    encoders = (("clip_l", pipe.tokenizer, 77, pipe.text_encoder),
+                ("clip_g", pipe.tokenizer_2, 77, pipe.text_encoder_2),
+                ("t5", pipe.tokenizer_3, engine.max_sequence_length, pipe.text_encoder_3))
     with torch.inference_mode():
-        out["encode_prompt_ms"] = [
-            wall_ms(lambda: engine.runner.prompts.encode([(t + str(rep), "") for t in texts])) for rep in range(3)
-        ]
-        out["encode_prompt_b1_ms"] = [
-            wall_ms(lambda: engine.runner.prompts.encode([(texts[0] + "a" + str(rep), "")])) for rep in range(3)
-        ]
-        ids = {}
+        out["encode_prompt_ms"] = encode_ms(texts, "")
+        out["encode_prompt_b1_ms"] = encode_ms(texts[:1], "a")
         start = time.perf_counter()
-        for name, tok, length in (("clip_l", pipe.tokenizer, 77), ("clip_g", pipe.tokenizer_2, 77),
-                                  ("t5", pipe.tokenizer_3, engine.max_sequence_length)):
-            ids[name] = tok(texts, padding="max_length", max_length=length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+        ids = {name: tok(texts, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+               for name, tok, length, _ in encoders}
         out["tokenize_ms"] = round((time.perf_counter() - start) * 1000, 1)
-        for name, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2), ("t5", pipe.text_encoder_3)):
+        for name, _, _, encoder in encoders:
             kwargs = {} if name == "t5" else dict(output_hidden_states=True)
             out[f"{name}_forward_ms"] = round(event_time_ms(device, lambda: encoder(ids[name], **kwargs), repeats=3), 1)
             out[f"{name}_forward_wall_ms"] = wall_ms(lambda: encoder(ids[name], **kwargs))
-    if compile_text:
-        from engine.text_speed import compile_text_encoders
-
-        compile_text_encoders(pipe)
-        out["text_compile_warm_ms"] = wall_ms(lambda: engine.runner.prompts.encode([("warm text", "")]))
-        out["text_compile_warm2_ms"] = wall_ms(lambda: engine.runner.prompts.encode([(t + "w", "") for t in texts]))
-        with torch.inference_mode():
-            out["compiled_encode_prompt_ms"] = [
-                wall_ms(lambda: engine.runner.prompts.encode([(t + "c" + str(rep), "") for t in texts]))
-                for rep in range(3)
-            ]
-            out["compiled_encode_prompt_b1_ms"] = [
-                wall_ms(lambda: engine.runner.prompts.encode([(texts[0] + "b" + str(rep), "")])) for rep in range(3)
-            ]
-            for name, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2), ("t5", pipe.text_encoder_3)):
-                kwargs = {} if name == "t5" else dict(output_hidden_states=True)
-                out[f"compiled_{name}_forward_ms"] = round(event_time_ms(device, lambda: encoder(ids[name], **kwargs), repeats=3), 1)
-    reqs = requests("probe-first", batch, size, 3)
-    for r in reqs:
+    for r in requests("probe-first", batch, size, 3):
         engine.add(r)
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out["first_step_ms"] = wall_ms(engine.step)
     out["second_step_ms"] = wall_ms(engine.step)

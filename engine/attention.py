@@ -212,7 +212,7 @@ class AttentionCache:
             cached_index=self._index(cached_pos) if cached_pos else None,
             last_rows=self._index([last_row(e) for e in cached_entries]) if cached_pos else None,
             previous_rows=self._index([other_row(e) for e in cached_entries]) if extrapolating else None,
-            weights=self._to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)) if extrapolating else None,
+            weights=to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1), self.device) if extrapolating else None,
             store_from=self._index(store_from) if stored else None,
             store_rows=self._index(store_rows) if stored else None,
             fresh_first=fresh_pos == list(range(len(fresh_pos))),
@@ -229,10 +229,7 @@ class AttentionCache:
         return self._capacity.get(group, 0)
 
     def _index(self, positions: list[int]) -> torch.Tensor:
-        return self._to_device(torch.tensor(positions, dtype=torch.long))
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return to_device(tensor, self.device)  # no host synchronisation inside the step loop
+        return to_device(torch.tensor(positions, dtype=torch.long), self.device)  # no host sync in the step loop
 
     def end_step(self) -> None:
         self.current = None

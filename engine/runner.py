@@ -132,7 +132,7 @@ class Runner:
         # FRESH requests first: the attention cache then slices their rows and concatenates the
         # cached ones after them (engine/slot_pool.py) instead of gathering and scattering.
         forward_ids = sorted((i for i, used in enumerate(in_forward) if used),
-                             key=lambda i: not (plan.fresh[i] or plan.requests[i].policy != "attention"))
+                             key=lambda i: not computes_attention(plan, i))
         if forward_ids:
             outputs = self._forward(plan, states, forward_ids)
             for i, v in zip(forward_ids, outputs):
@@ -154,7 +154,7 @@ class Runner:
         pooled = torch.cat([states[i].pooled for i in ids])
         if self.attention is not None:
             row_ids = [plan.requests[i].request_id for i, n in zip(ids, rows) for _ in range(n)]
-            row_fresh = [plan.fresh[i] or plan.requests[i].policy != "attention" for i, n in zip(ids, rows) for _ in range(n)]
+            row_fresh = [computes_attention(plan, i) for i, n in zip(ids, rows) for _ in range(n)]
             row_step = [plan.requests[i].step for i, n in zip(ids, rows) for _ in range(n)]
             row_caches = [plan.requests[i].policy == "attention" for i, n in zip(ids, rows) for _ in range(n)]
             group = tuple(hidden.shape[-2:])  # a sub-batch holds one image size
@@ -216,6 +216,12 @@ class Runner:
                 ready.synchronize()
             out.extend(Image.fromarray(p) for p in pixels.numpy())
         return out
+
+
+def computes_attention(plan: StepPlan, i: int) -> bool:
+    """Whether request `i` of `plan` computes attention this step (its rows are FRESH for the
+    attention cache): a FRESH step, or a policy that does not cache attention."""
+    return plan.fresh[i] or plan.requests[i].policy != "attention"
 
 
 def host_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
