@@ -12,6 +12,7 @@ from engine.settings import env_values
 from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES, JobOptions
 from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
 from worker.storage import StorageConfig
+from worker.webhook_config import WebhookConfig
 
 
 
@@ -32,6 +33,8 @@ class ApiConfig:
     public_url: str = ""  # base of URLs handed out; empty: the URL the request came in on
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)  # SD3SERVE_WEBHOOK_*: submit-time checks
+    event_heartbeat: float = 15.0  # seconds between comment lines on an idle event stream
 
     def __post_init__(self) -> None:
         if self.max_queued < 0 or self.max_body_bytes < 1 or self.max_wait < 0:
@@ -45,8 +48,9 @@ class ApiConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ApiConfig":
         env = os.environ if env is None else env
-        values = env_values(cls, env, skip=("storage", "limits"))
+        values = env_values(cls, env, skip=("storage", "limits", "webhook"))
         values["storage"] = StorageConfig.from_env(env)
+        values["webhook"] = WebhookConfig.from_env(env)
         # Defaults (size, steps) follow the served model's sd3serve.json when its folder is here.
         values["limits"] = limits_for_model(limits_from_env(env), env.get("SD3SERVE_MODEL", str(REFERENCE_MODEL_DIR)))
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -23,9 +23,11 @@ from api.config import ApiConfig
 from api.errors import ApiError
 from api.schemas import ErrorResponse, Health, JobResponse
 from engine.request import RequestValidationError, validate_request
-from worker import client, keys
+from worker import client, job_view, keys
 from worker.client import JobInfo, JobNotCancelable, JobNotFound
 from worker.storage import LocalStorage, StorageError
+from worker.webhook_subscription import subscribe
+from api.events import add_event_routes
 
 MAX_IDEMPOTENCY_KEY = 255
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429)}
@@ -60,24 +62,8 @@ def build_router(state: ApiState) -> APIRouter:
         return hashlib.sha256(given).hexdigest()[:16]
 
     def job_response(info: JobInfo, request: Request) -> dict[str, Any]:
-        image_url = None
-        if info.status == "succeeded" and info.result:
-            image_url = image_url_for(info, request)
-        body = {
-            "id": info.id,
-            "status": info.status,
-            "queue_position": info.queue_position,
-            "progress": info.progress,
-            "created_at": info.created_at,
-            "started_at": info.started_at,
-            "finished_at": info.finished_at,
-            "seed": info.seed,
-            "request": info.request,
-            "image_url": image_url,
-            "images": [image_url] if image_url else [],
-            "timings": (info.result or {}).get("timings"),
-            "error": info.error,
-        }
+        image_url = image_url_for(info, request) if info.status == "succeeded" and info.result else None
+        body = job_view.status_body(info, image_url)
         return JobResponse.model_validate(body).model_dump(mode="json")
 
     def image_url_for(info: JobInfo, request: Request) -> str:
@@ -103,8 +89,13 @@ def build_router(state: ApiState) -> APIRouter:
                                                 description="Retrying with the same key returns the same job."),
     ) -> Any:
         fields = body.model_dump(exclude_none=True)
+        request_fields = {k: v for k, v in fields.items() if k not in ("webhook", "webhook_events_filter")}
         try:
-            generation = validate_request(fields, state.config.limits)
+            generation = validate_request(request_fields, state.config.limits)
+            subscription = None
+            if "webhook" in fields or "webhook_events_filter" in fields:
+                subscription = subscribe(fields.get("webhook"), fields.get("webhook_events_filter"),
+                                         state.config.webhook)
         except RequestValidationError as exc:
             metrics.JOBS_REJECTED.labels(reason="validation").inc()
             raise ApiError(422, "invalid_request", str(exc), field=exc.field) from None
@@ -124,7 +115,7 @@ def build_router(state: ApiState) -> APIRouter:
             metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
             raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
                            headers={"Retry-After": str(state.config.retry_after)})
-        client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options)
+        client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options, webhook=subscription)
         metrics.JOBS_SUBMITTED.inc()
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return job_response(find(job_id), request)
@@ -193,6 +184,8 @@ def build_router(state: ApiState) -> APIRouter:
             except StorageError as exc:
                 raise ApiError(404, "image_missing", str(exc)) from None
         return RedirectResponse(state.storage.url(key), status_code=302)
+
+    add_event_routes(router, state, authenticate, find, job_response)
 
     @router.get("/healthz", response_model=Health, tags=["health"], summary="The process is up")
     def healthz() -> Any:

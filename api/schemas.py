@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
+from worker.webhook_config import EVENTS
+from worker.webhook_urls import MAX_URL_CHARS
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -37,12 +39,28 @@ def job_request_model(limits: RequestLimits) -> type[BaseModel]:
                                                "cached attention for up to K-1 steps (faster).")),
         cache_policy=(Optional[Literal[CACHE_POLICIES]], Field(  # type: ignore[valid-type]
             None, description="How a cache_interval > 1 saves work; absent: the worker's default.")),
+        webhook=(Optional[str], Field(None, max_length=MAX_URL_CHARS,
+                                      description="An http(s) URL POSTed the job's status (signed, Standard "
+                                                  "Webhooks) on the events of webhook_events_filter.")),
+        webhook_events_filter=(Optional[list[Literal[EVENTS]]], Field(  # type: ignore[valid-type]
+            None, min_length=1, description="Events that call the webhook: start, completed (succeeded, failed "
+                                            "or canceled). Default: completed.")),
     )
 
 
 class Progress(BaseModel):
     step: int
     total: int
+
+
+class WebhookStatus(BaseModel):
+    event: Optional[str] = Field(None, description="The event of the latest delivery (start or completed).")
+    attempts: int
+    last_status: Optional[int | str] = Field(None, description="HTTP status of the last attempt, or "
+                                             "timeout / connection_error / blocked.")
+    delivered: bool
+    gave_up: bool = False
+    last_error: Optional[str] = None
 
 
 class ErrorDetail(BaseModel):
@@ -69,6 +87,7 @@ class JobResponse(BaseModel):
     images: list[str] = Field(default_factory=list)
     timings: Optional[dict[str, float]] = None
     error: Optional[ErrorDetail] = None
+    webhook: Optional[WebhookStatus] = Field(None, description="Delivery state, when the job has a webhook.")
 
 
 class Health(BaseModel):

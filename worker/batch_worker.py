@@ -32,7 +32,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from engine.request import RequestValidationError
-from worker import keys, metrics
+from worker import keys, metrics, webhook_queue
 from worker.batch import BatchEntry, Phase
 from worker.bookkeeping import BatchBookkeeping
 from worker.config import WorkerConfig
@@ -72,6 +72,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self._next_gpu_sample = 0.0
         self._stop_deadline: float | None = None
         self.metrics_server: metrics.MetricsServer | None = None
+        self.deliverer: Any = None  # webhook deliveries, in threads of their own (worker.webhook_deliverer)
 
     # -- RQ hooks -------------------------------------------------------------------------------
     @property
@@ -111,6 +112,9 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         if self._uploads is not None:
             self._uploads.shutdown(wait=False, cancel_futures=True)
             self._uploads = None
+        if self.deliverer is not None:
+            self.deliverer.stop()
+            self.deliverer = None
         super().teardown()
 
     def clean_registries(self) -> None:
@@ -159,6 +163,11 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 log.warning("storage not ready yet (uploads will retry): %s", exc)
         if self._uploads is None:
             self._uploads = ThreadPoolExecutor(self.config.upload_threads, thread_name_prefix="sd3serve-upload")
+        if self.config.webhook.enabled and self.config.webhook.threads and self.deliverer is None:
+            from worker.webhook_deliverer import start_for_worker
+
+            self.deliverer = start_for_worker(self.connection, self.config.queue, self.config.webhook,
+                                              self.storage)
         if self.config.metrics_port and self.metrics_server is None:
             self.metrics_server = metrics.start_metrics_server(self.config.metrics_port)
             log.info("metrics on port %d", self.metrics_server.port)
@@ -328,6 +337,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: entry.request.steps,
                          keys.META_SEED: entry.request.seed, keys.META_STATE: Phase.RUNNING.value})
         job.save_meta()
+        webhook_queue.notify(self.connection, job, "start")
         log.info("admitted job %s (%dx%d, %d steps), %d in batch", job.id, entry.request.width,
                  entry.request.height, entry.request.steps, len(self._entries))
         return True

@@ -14,7 +14,7 @@ import redis
 from rq.job import JobStatus
 from rq.utils import as_text, now
 
-from worker import keys, metrics
+from worker import keys, metrics, webhook_queue
 from worker.batch import BatchEntry, Phase
 
 log = logging.getLogger("sd3serve.worker")
@@ -69,6 +69,7 @@ class BatchBookkeeping:
                 pipe.execute()
             self._entries.pop(entry.job_id, None)
             if status == JobStatus.CANCELED or status is None:
+                webhook_queue.notify(self.connection, entry.job, "completed")  # queued once, whoever canceled
                 metrics.JOBS_COMPLETED.labels(status="canceled").inc()
                 log.info("job %s canceled; it left the batch", entry.job_id)
             else:
@@ -123,6 +124,7 @@ class BatchBookkeeping:
         entry.finalizing = True
         self._finalize_success(entry.job, entry.queue, entry.execution, entry.result)
         self._entries.pop(entry.job_id, None)
+        webhook_queue.notify(self.connection, entry.job, "completed")
         metrics.JOBS_COMPLETED.labels(status="succeeded").inc()
         metrics.IMAGES_GENERATED.inc()
         if entry.job.created_at:
@@ -143,6 +145,8 @@ class BatchBookkeeping:
             self._finalize_failure(entry.job, entry.queue, entry.execution, sys.exc_info())
         self._entries.pop(entry.job_id, None)
         will_retry = failure.retry and (entry.job.retries_left or 0) > 0
+        if entry.job.get_status(refresh=True) == JobStatus.FAILED:  # for good, not rescheduled
+            webhook_queue.notify(self.connection, entry.job, "completed")
         metrics.JOBS_COMPLETED.labels(status="retried" if will_retry else "failed").inc()
 
     # -- giving jobs back -----------------------------------------------------------------------

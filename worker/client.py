@@ -33,7 +33,8 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 
 from engine.request import GenerationRequest, RequestLimits, validate_request
-from worker import keys
+from worker import keys, webhook_queue
+from worker.webhook_subscription import Subscription, subscribe
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 _STATUS = {
@@ -94,6 +95,7 @@ class JobInfo:
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    webhook: dict[str, Any] | None = None  # delivery state, when the job has a webhook
 
     @property
     def done(self) -> bool:
@@ -115,20 +117,29 @@ def submit(
     limits: RequestLimits = RequestLimits(),
     job_id: str | None = None,
     options: JobOptions = JobOptions(),
+    webhook: str | None = None,
+    webhook_events_filter: Any = None,
     **fields: Any,
 ) -> str:
     """Validate a request (a dict and/or keyword fields) and enqueue it. Returns the job id.
 
+    `webhook` (an http(s) URL) is called, signed, on the events in `webhook_events_filter`
+    (`start`, `completed`; default `completed`); the settings are SD3SERVE_WEBHOOK_*.
     Raises `engine.request.RequestValidationError` (with `.field` and `.message`) for a bad request.
     """
     generation = validate_request({**(request or {}), **fields}, limits)
-    return enqueue(Queue(queue, connection=connection), generation, job_id=job_id, options=options)
+    subscription = subscribe(webhook, webhook_events_filter) if webhook is not None or webhook_events_filter else None
+    return enqueue(Queue(queue, connection=connection), generation, job_id=job_id, options=options,
+                   webhook=subscription)
 
 
 def enqueue(queue: Queue, generation: GenerationRequest, *, job_id: str | None = None,
-            options: JobOptions = JobOptions()) -> str:
+            options: JobOptions = JobOptions(), webhook: "Subscription | None" = None) -> str:
     """Enqueue an already validated request. Returns the job id."""
     kwargs = {k: v for k, v in generation.to_dict().items() if k != "request_id" and v is not None}
+    meta = {keys.META_STEP: 0, keys.META_TOTAL: generation.steps, keys.META_SEED: generation.seed}
+    if webhook is not None:
+        meta[webhook_queue.META_WEBHOOK] = webhook.to_meta()
     job = queue.enqueue_call(
         keys.JOB_FUNC,
         kwargs=kwargs,
@@ -137,7 +148,7 @@ def enqueue(queue: Queue, generation: GenerationRequest, *, job_id: str | None =
         result_ttl=options.result_ttl,
         failure_ttl=options.failure_ttl,
         retry=Retry(max=options.retries) if options.retries > 0 else None,
-        meta={keys.META_STEP: 0, keys.META_TOTAL: generation.steps, keys.META_SEED: generation.seed},
+        meta=meta,
         description=f"generate {generation.width}x{generation.height}: {generation.prompt[:60]}",
     )
     return job.id
@@ -192,6 +203,8 @@ def job_info(job: Job) -> JobInfo:
         result=result,
         error=error,
         meta=dict(meta),
+        webhook=(webhook_queue.status_of(job.connection, job.id)
+                 if webhook_queue.subscription(meta) is not None else None),
     )
 
 
@@ -239,4 +252,6 @@ def cancel(connection: Redis, job_id: str) -> JobInfo:
     except InvalidJobOperation:
         pass  # canceled meanwhile
     job.refresh()
+    if job.get_status(refresh=False) == JobStatus.CANCELED:
+        webhook_queue.notify(connection, job, "completed")
     return job_info(job)

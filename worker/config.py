@@ -10,6 +10,7 @@ from engine.config import EngineConfig
 from engine.settings import env_values
 from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
 from worker.storage import StorageConfig
+from worker.webhook_config import WebhookConfig
 
 
 
@@ -34,6 +35,7 @@ class WorkerConfig:
     log_level: str = "INFO"
     engine: EngineConfig = field(default_factory=EngineConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)  # SD3SERVE_WEBHOOK_*: deliveries
 
     def __post_init__(self) -> None:
         if self.heartbeat_ttl < 2:
@@ -60,11 +62,12 @@ class WorkerConfig:
         """`SD3SERVE_<FIELD>` for this class's fields (SD3SERVE_QUEUE, SD3SERVE_HEARTBEAT_TTL, ...),
         plus the engine's and the storage's variables. Overrides that are None are ignored."""
         env = os.environ if env is None else env
-        values = env_values(cls, env, skip=("engine", "storage"))
+        values = env_values(cls, env, skip=("engine", "storage", "webhook"))
         engine_overrides = overrides.pop("engine_overrides", None) or {}
         storage_overrides = overrides.pop("storage_overrides", None) or {}
         values["engine"] = EngineConfig.from_env(env, **engine_overrides)
         values["storage"] = StorageConfig.from_env(env, **storage_overrides)
+        values["webhook"] = WebhookConfig.from_env(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
