@@ -35,10 +35,13 @@ class ApiConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)  # SD3SERVE_WEBHOOK_*: submit-time checks
     event_heartbeat: float = 15.0  # seconds between comment lines on an idle event stream
+    event_poll: float = 0.25  # seconds between an event stream's looks at its job
 
     def __post_init__(self) -> None:
         if self.max_queued < 0 or self.max_body_bytes < 1 or self.max_wait < 0:
             raise ValueError("max_queued must be >= 0, max_body_bytes >= 1 and max_wait >= 0")
+        if self.event_heartbeat <= 0 or self.event_poll <= 0:
+            raise ValueError("event_heartbeat and event_poll must be > 0")
         _ = self.job_options  # JobOptions checks retries and job_timeout
 
     @cached_property

@@ -18,7 +18,6 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.errors import ApiError
 from api.schemas import ErrorResponse
 
-POLL_SECONDS = 0.25
 STREAMS_OPEN = Gauge("sd3serve_event_streams_open", "Server-sent event streams of jobs being served now.")
 
 
@@ -41,9 +40,7 @@ def add_event_routes(router: APIRouter, state: Any, authenticate: Callable[..., 
                 if current != last:
                     last = current
                     yield ServerSentEvent(event=current[0], data=json.dumps(current[1]))
-                await anyio.sleep(POLL_SECONDS)
-                if await request.is_disconnected():
-                    return
+                await anyio.sleep(state.config.event_poll)  # a client that left cancels us here (sse-starlette)
                 try:
                     info = await anyio.to_thread.run_sync(find, info.id)
                 except ApiError:  # deleted or expired while we watched
