@@ -32,6 +32,7 @@ class Receiver:
         self.answers = list(answers or [])
         self.then = then
         self.received: list[Received] = []
+        self.release = threading.Event()  # set on exit: held calls are answered at once
         self._lock = threading.Lock()
         receiver = self
 
@@ -47,7 +48,7 @@ class Receiver:
                                       time.time())
                     receiver.received.append(record)
                 if status < 0:
-                    time.sleep(-status)
+                    receiver.release.wait(-status)
                     status = 200
                 try:
                     self.send_response(status)
@@ -71,6 +72,7 @@ class Receiver:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
