@@ -33,7 +33,8 @@ def test_static_files_are_plain_and_reference_each_other() -> None:
     html = (STATIC / "index.html").read_text()
     assert 'src="app.js"' in html and 'href="style.css"' in html
     js = (STATIC / "app.js").read_text()
-    for route in ("v1/jobs", "/cancel", "?wait=", "Authorization", "localStorage", "openapi.json"):
+    for route in ("v1/jobs", "/events", "text/event-stream", "/cancel", "?wait=", "Authorization", "localStorage",
+                  "openapi.json"):
         assert route in js, route
     assert re.search(r"^\s*(import|export)\s", js, flags=re.M) is None, "plain script: no modules, no build step"
     assert 'type="module"' not in html
@@ -55,6 +56,8 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             page = browser.new_page(viewport={"width": 1100, "height": 820})
             page_errors: list[str] = []
             page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             response = page.goto(f"{stack.api}/")
             assert response is not None and response.ok, f"the API does not serve the playground at /: {response}"
             assert page.title() == "sd3serve playground"
@@ -75,6 +78,9 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
                                    " return i.complete && i.naturalWidth > 0; })()")
             assert page.eval_on_selector("#result-image", "i => [i.naturalWidth, i.naturalHeight]") == [side, side]
             assert "seed 7" in page.inner_text("#status")
+            # The page followed the job over its event stream, not by polling.
+            assert any(url.endswith("/events") for url in requested), requested
+            assert not any("?wait=" in url for url in requested), requested
             job_id = page.get_attribute("#current", "data-job-id")
             assert page.get_attribute("#result-image", "data-job-id") == job_id
 

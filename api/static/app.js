@@ -134,19 +134,71 @@ async function showResult(job) {
   $("result").hidden = false;
 }
 
+// Follow a job through its server-sent event stream (GET v1/jobs/{id}/events). fetch, not
+// EventSource, so the API key can go in a header. Calls onJob with the job as it changes and
+// returns the final job; throws if the stream breaks before the job ends.
+async function streamJob(job, token, onJob) {
+  const response = await fetch(`v1/jobs/${encodeURIComponent(job.id)}/events`, {
+    headers: { Accept: "text/event-stream", ...authHeaders() },
+  });
+  if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    while (token === currentToken) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).trim());
+        } // lines starting with ":" are heartbeats
+        if (!data.length) continue;
+        const payload = JSON.parse(data.join("\n"));
+        if (name === "queued") job = { ...job, status: "queued", queue_position: payload.queue_position };
+        else if (name === "running") job = { ...job, status: "running", progress: { step: payload.step, total: payload.total } };
+        else if (TERMINAL.has(name)) job = payload;
+        else continue;
+        onJob(job);
+        if (TERMINAL.has(job.status)) return job;
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+  if (token === currentToken) throw new Error("the event stream ended early");
+  return job;
+}
+
 async function follow(job, token) {
   currentJobId = job.id;
   $("current").dataset.jobId = job.id;
   $("cancel").hidden = false;
+  const show = (j) => {
+    setStatus(describe(j), j.status);
+    showProgress(j);
+  };
   while (token === currentToken) {
-    setStatus(describe(job), job.status);
-    showProgress(job);
+    show(job);
     if (TERMINAL.has(job.status)) break;
     try {
-      job = await api(`v1/jobs/${encodeURIComponent(job.id)}?wait=1`);
+      job = await streamJob(job, token, show);
     } catch (err) {
       if (err.status && err.status < 500) throw err;
-      await new Promise((resolve) => setTimeout(resolve, 1000)); // server busy or restarting: keep polling
+      // The stream broke (server restarting, a proxy gave up): look once (?wait= long poll), then stream again.
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      try {
+        job = await api(`v1/jobs/${encodeURIComponent(job.id)}?wait=1`);
+      } catch (again) {
+        if (again.status && again.status < 500) throw again;
+      }
     }
   }
   if (token !== currentToken) return;
