@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "generate": ("sd3serve.generate", "generate images from prompts on this machine"),
     "worker": ("sd3serve.worker_cmd", "run a batching GPU worker on the Redis queue"),
     "up": ("sd3serve.up", "start the embedded stack: Redis, the API and one worker"),
+    "webhooks": ("sd3serve.webhooks_cmd", "deliver webhooks from the Redis queue (a worker also does)"),
 }
 
 

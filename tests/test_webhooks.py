@@ -190,3 +190,37 @@ def test_python_client_submits_a_webhook_and_a_killed_worker_s_delivery_arrives_
     assert [c for c in calls if c.answered == 200] and len({c.headers["webhook-id"] for c in calls}) == 1
     assert Webhook(secret).verify(calls[1].body, calls[1].headers)["status"] == "succeeded"
     assert client.status(redis_conn, job_id).webhook["attempts"] == 2
+
+
+def test_sd3serve_webhooks_delivers_on_its_own_and_stops_on_sigterm(fleet_redis, redis_conn, queue_name, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from engine.request import validate_request
+    from rq import Queue
+    from tests.stack_processes import ROOT, base_env
+    from worker.webhook_subscription import subscribe
+
+    secret = new_secret()
+    env = base_env(SD3SERVE_REDIS_URL=fleet_redis.url, SD3SERVE_QUEUE=queue_name, SD3SERVE_WEBHOOK_SECRET=secret,
+                   SD3SERVE_WEBHOOK_ALLOW_LOOPBACK="1", SD3SERVE_DATA_DIR=str(tmp_path))
+    with Receiver() as receiver:
+        sub = subscribe(receiver.url, None, webhook_config(secret))
+        job_id = client.enqueue(Queue(queue_name, connection=redis_conn), validate_request({"prompt": PROMPT}),
+                                webhook=sub)
+        assert webhook_queue.notify(redis_conn, client.fetch_job(redis_conn, job_id), "completed")
+        log = open(tmp_path / "webhooks.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "sd3serve.cli", "webhooks"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: receiver.requests(), 60, interval=0.1, what="the delivery")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    payload = Webhook(secret).verify(receiver.requests()[0].body, receiver.requests()[0].headers)
+    assert payload["id"] == job_id and payload["status"] == "queued"
+    assert webhook_queue.status_of(redis_conn, job_id)["delivered"]
