@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import redis
+from prometheus_client import Counter
 from redis import Redis
 from standardwebhooks.webhooks import Webhook
 from tenacity import RetryCallState, wait_exponential, wait_random
@@ -27,6 +28,9 @@ from worker.webhook_delivery import encode_body, message_id, post, signed_header
 from worker.webhook_urls import WebhookURLError, check_url
 
 log = logging.getLogger("sd3serve.webhooks")
+ATTEMPTS = Counter("sd3serve_webhook_attempts_total",
+                   "Webhook delivery attempts by outcome: delivered, retry, gave_up, blocked, job_expired.",
+                   ["outcome"])
 BodyFor = Callable[[str], Any]
 
 
@@ -133,6 +137,7 @@ class Deliverer:
         return float(self._wait(state))
 
     def _give_up(self, job_id: str, event: str, status: str, error: str) -> None:
+        ATTEMPTS.labels(outcome=status).inc()
         webhook_queue.record_outcome(self.connection, self.queue, job_id, event, status, error)
 
     def attempt(self, job_id: str, event: str) -> None:
@@ -157,6 +162,7 @@ class Deliverer:
             log.info("webhook %s of job %s delivered (attempt %d, %s)", event, job_id, number, outcome.status)
             webhook_queue.record_outcome(self.connection, self.queue, job_id, event, outcome.status, None,
                                          delivered=True)
+            ATTEMPTS.labels(outcome="delivered").inc()
             return
         retry_at = None
         if outcome.retryable and number < self.config.attempts:
@@ -167,6 +173,7 @@ class Deliverer:
                     "; retrying" if retry_at else "; giving up")
         webhook_queue.record_outcome(self.connection, self.queue, job_id, event, outcome.status, outcome.error,
                                      retry_at=retry_at)
+        ATTEMPTS.labels(outcome="retry" if retry_at else "gave_up").inc()
 
 
 def start_for_worker(connection: Redis, queue: str, config: WebhookConfig, storage: Any) -> Deliverer:
