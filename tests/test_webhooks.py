@@ -84,7 +84,7 @@ def test_one_signed_completed_call_per_job_with_image_urls(stack):
         # The status endpoint's JSON (the webhook state moves on after the call, so it is left out).
         assert {k: v for k, v in payload.items() if k != "webhook"} == {k: v for k, v in final.items() if k != "webhook"}
         assert final["webhook"] == {"event": "completed", "attempts": 1, "last_status": 200, "delivered": True,
-                                    "gave_up": False, "last_error": ""}
+                                    "gave_up": False, "last_error": None}
         tampered = call.body.replace(b'"succeeded"', b'"failed"')
         assert tampered != call.body
         with pytest.raises(WebhookVerificationError):

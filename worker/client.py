@@ -128,7 +128,9 @@ def submit(
     Raises `engine.request.RequestValidationError` (with `.field` and `.message`) for a bad request.
     """
     generation = validate_request({**(request or {}), **fields}, limits)
-    subscription = subscribe(webhook, webhook_events_filter) if webhook is not None or webhook_events_filter else None
+    subscription = None
+    if webhook is not None or webhook_events_filter is not None:
+        subscription = subscribe(webhook, webhook_events_filter)
     return enqueue(Queue(queue, connection=connection), generation, job_id=job_id, options=options,
                    webhook=subscription)
 

@@ -108,7 +108,7 @@ def status_from_record(record: Mapping[str, str]) -> dict[str, Any]:
         "last_status": int(last) if last and last.isdigit() else last,
         "delivered": record.get(f"{event}:delivered") == "1",
         "gave_up": record.get(f"{event}:gave_up") == "1",
-        "last_error": record.get(f"{event}:last_error"),
+        "last_error": record.get(f"{event}:last_error") or None,
     }
 
 
