@@ -224,3 +224,22 @@ def test_sd3serve_webhooks_delivers_on_its_own_and_stops_on_sigterm(fleet_redis,
     payload = Webhook(secret).verify(receiver.requests()[0].body, receiver.requests()[0].headers)
     assert payload["id"] == job_id and payload["status"] == "queued"
     assert webhook_queue.status_of(redis_conn, job_id)["delivered"]
+
+
+def test_the_readme_s_verification_snippet_accepts_our_signature_and_rejects_a_tampered_body(capsys):
+    import re
+    from pathlib import Path
+
+    from worker.webhook_delivery import encode_body, signed_headers
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Webhooks and event streams"):]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    secret = new_secret()
+    namespace: dict = {}
+    exec(snippet.replace('"whsec_..."', repr(secret)), namespace)
+    payload = encode_body({"id": "j1", "status": "succeeded", "images": ["http://x/1.png"]})
+    headers = signed_headers(Webhook(secret), "msg_j1_completed", payload)
+    namespace["handle"](payload.encode(), headers)
+    namespace["handle"](payload.replace("j1", "j2").encode(), headers)  # tampered: returns quietly
+    assert capsys.readouterr().out == "j1 succeeded ['http://x/1.png']\n"
