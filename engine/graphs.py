@@ -7,7 +7,8 @@ once.
 
 Exact forwards are keyed by their input shapes. A forward with attention-cache rows is keyed
 also by its step's index shapes (`StepRows.signature`): the graph reads the indices from buffers
-of its own, which each replay refills (`AttentionCache.load_step`), and it holds the addresses of
+of its own, which each replay refills (`AttentionCache.load_step`; the step's context, a
+`CacheStep`, is passed in by the runner), and it holds the addresses of
 the cache's pools, so it is valid for one pool generation only (pools are created, grown and freed
 outside graphs; the runner replays only steps whose pools are ready).
 
@@ -25,7 +26,7 @@ from typing import Hashable
 
 import torch
 
-from engine.attention import AttentionCache
+from engine.attention import AttentionCache, CacheStep
 from engine.slot_pool import StepRows
 
 log = logging.getLogger(__name__)
@@ -59,35 +60,34 @@ class ForwardGraphs:
         """Whether forwards of `rows` latents of `height` × `width` are small enough to graph."""
         return not self.failed and rows * (height // self.patch) * (width // self.patch) <= self.max_tokens
 
-    def applies(self, hidden: torch.Tensor) -> bool:
-        """Whether a forward of `hidden` runs as a graph. With attention-cache rows only once
-        the step's pools exist at the size it needs."""
-        cache = self.attention
-        if cache is not None and cache.caching and not cache.pools_ready:
+    def applies(self, hidden: torch.Tensor, step: CacheStep | None = None) -> bool:
+        """Whether a forward of `hidden` runs as a graph. With attention-cache rows (`step`) only
+        once the step's pools exist at the size it needs."""
+        if step is not None and step.caching and not step.pools_ready:
             return False
         rows, _, height, width = hidden.shape
         return self.fits(rows, height, width)
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, step: CacheStep | None = None, **inputs: torch.Tensor) -> torch.Tensor:
         """The transformer's output for `inputs` (hidden_states, timestep, encoder_hidden_states,
-        pooled_projections), by graph replay."""
+        pooled_projections), by graph replay; `step`: this forward's attention-cache context."""
         key: Hashable = (tuple(inputs["hidden_states"].shape), tuple(inputs["encoder_hidden_states"].shape))
         cache = self.attention
-        caching = cache is not None and cache.caching
+        caching = cache is not None and step is not None and step.caching
         if caching:
             if cache.generation != self._generation:
                 self._drop_cached_steps()
                 self._generation = cache.generation
-            key = (key, cache.current.signature())
+            key = (key, step.rows.signature())
         entry = self.captured.get(key)
         if entry is None:
             if len(self.captured) >= self.max_graphs:
                 return self._forward(inputs)
-            entry = self._capture(key, inputs, caching)
+            entry = self._capture(key, inputs, step if caching else None)
             if entry is None:
                 return self._forward(inputs)
         elif entry.rows is not None:
-            cache.load_step(entry.rows)
+            cache.load_step(step, entry.rows)
         for name, value in inputs.items():
             entry.inputs[name].copy_(value)
         entry.graph.replay()
@@ -105,9 +105,9 @@ class ForwardGraphs:
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.transformer(**inputs, return_dict=False)[0]
 
-    def _capture(self, key: Hashable, inputs: dict[str, torch.Tensor], caching: bool) -> CapturedForward | None:
+    def _capture(self, key: Hashable, inputs: dict[str, torch.Tensor], step: CacheStep | None) -> CapturedForward | None:
         static = {name: value.clone() for name, value in inputs.items()}
-        rows = self.attention.freeze_step() if caching else None
+        rows = AttentionCache.freeze_step(step) if step is not None else None
         try:
             # Warm-up on a side stream (as torch.cuda.graphs asks): lazy cuBLAS/cuDNN set-up
             # and any first-shape work happen outside the capture.

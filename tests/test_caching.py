@@ -98,8 +98,9 @@ def test_cache_is_released_and_accounted(tiny_model_dir):
     assert engine.cache_bytes() == 0
     # the pools stay for the next requests of this size (their CUDA graphs hold them) ...
     assert engine.cache_allocated_bytes() == predicted
-    engine.attention.trim()  # ... until trimmed (an out-of-memory step does this)
-    assert engine.cache_allocated_bytes() == 0
+    assert engine.attention.allocated_bytes() == predicted  # the planned figure is the pools' real size
+    engine.trim_cache()  # ... until trimmed (an out-of-memory step does this)
+    assert engine.cache_allocated_bytes() == 0 and engine.attention.allocated_bytes() == 0
 
 
 @pytest.mark.parametrize("policy", ["attention", "step"])
