@@ -10,6 +10,7 @@ vocabulary sizes (49408 CLIP, 32128 T5). `tiny=True` gives the tiny test pipelin
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -34,7 +35,7 @@ COMMON = dict(
     pooled_projection_dim=2048,
     pos_embed_max_size=192,
 )
-TRANSFORMERS = {
+TRANSFORMERS: dict[str, dict[str, Any]] = {
     "sd3-medium": dict(COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536),
     "sd3.5-large": dict(COMMON, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"),
 }

@@ -21,7 +21,7 @@ outputs, `a1 + (a1 - a0) * (t - t1) / (t1 - t0)`, in step units, instead of a co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -76,6 +76,7 @@ class CachingAttnProcessor:
                     attention_mask=None, *args, **kwargs):
         """Gather the FRESH rows into the wrapped processor, take CACHED rows from the pool."""
         rows = step.rows
+        assert rows is not None  # a caching step always has its rows
         pool = self.active
         if rows.cached_index is not None and pool is None:
             raise RuntimeError(f"no cached attention for group {rows.group} in layer {self.layer}")
@@ -96,10 +97,13 @@ class CachingAttnProcessor:
                         pool = self.active = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
                     if pool.reserve(step.capacity, fresh):
                         self.owner.generation += 1
+                assert pool is not None
                 pool.store(fresh, rows)
         if rows.cached_index is None:
+            assert fresh is not None
             parts = list(fresh)
         else:
+            assert pool is not None
             parts = [
                 merge_cached(None if fresh is None else fresh[k], data, hidden_states.shape[0], rows)
                 for k, data in enumerate(pool.data)
@@ -117,7 +121,7 @@ class AttentionCache:
     step's plan (slots, FRESH/CACHED, extrapolation weights: engine/scheduler.py) into the index
     tensors every layer uses. It keeps no bookkeeping of its own beyond the pools' tensors."""
 
-    def __init__(self, transformer: torch.nn.Module, extrapolate: bool = False) -> None:
+    def __init__(self, transformer: Any, extrapolate: bool = False) -> None:
         self.extrapolate = extrapolate
         self.device = next(transformer.parameters()).device
         self.step: CacheStep | None = None  # set between `begin_step` and `end_step` only
@@ -225,12 +229,14 @@ class AttentionCache:
     @staticmethod
     def freeze_step(step: CacheStep) -> StepRows:
         """Move `step`'s index tensors to buffers of their own, for a CUDA graph to read."""
+        assert step.rows is not None
         step.rows = step.rows.clone()
         return step.rows
 
     @staticmethod
     def load_step(step: CacheStep, frozen: StepRows) -> None:
         """Copy `step`'s indices into `frozen` (a graph's buffers, same signature) and use it."""
+        assert step.rows is not None
         if frozen.signature() != step.rows.signature():
             raise ValueError(f"step signature {step.rows.signature()} is not the frozen {frozen.signature()}")
         frozen.copy_from(step.rows)

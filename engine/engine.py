@@ -5,6 +5,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -37,6 +38,16 @@ class FailedRequest:
     request: GenerationRequest
     code: str
     message: str
+
+
+class RequestFailed(RuntimeError):
+    """A request the engine could not generate (`code`: machine-readable, e.g. out_of_memory)."""
+
+    def __init__(self, failed: list[FailedRequest]) -> None:
+        super().__init__("; ".join(f.message for f in failed))
+        self.failed = failed
+        self.code = failed[0].code
+        self.message = failed[0].message
 
 
 @dataclass
@@ -197,8 +208,8 @@ class Engine:
             self.freeze_heap()
             return 0.0
         start = time.perf_counter()
-        size = dict(width=self.limits.default_width, height=self.limits.default_height)
-        warm = [GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", **size)
+        width, height = self.limits.default_width, self.limits.default_height
+        warm = [GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", width=width, height=height)
                 for i in range(3)]
         self.generate([replace(warm[0], steps=2)])
         # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
@@ -219,18 +230,26 @@ class Engine:
         gc.collect()
         gc.freeze()
 
-    def generate(self, requests: list[GenerationRequest], progress=None) -> dict[str, Image.Image]:
-        """Run `requests` to completion as one step-level batch (CLI, tests, benchmarks)."""
+    def run(self, requests: list[GenerationRequest],
+            progress: Callable[[StepReport], None] | None = None) -> list[FinishedRequest]:
+        """The one loop that drives the engine to completion (the CLI, the stock-RQ job function,
+        tests and the bench; the batching worker calls `step` itself): admit `requests` as slots
+        open, step until all are done, call `progress` after every step. Returns the finished
+        requests in the order they finished; raises `RequestFailed` on the first failure."""
         pending = list(requests)
-        images: dict[str, Image.Image] = {}
+        finished: list[FinishedRequest] = []
         while pending or self.has_work():
             for _ in range(min(self.admission_slots(), len(pending))):
                 self.add(pending.pop(0))
             report = self.step()
-            for item in report.finished:
-                images[item.request.request_id] = item.image
+            finished.extend(report.finished)
             if progress is not None:
                 progress(report)
             if report.failed:
-                raise RuntimeError("; ".join(f.message for f in report.failed))
-        return images
+                raise RequestFailed(report.failed)
+        return finished
+
+    def generate(self, requests: list[GenerationRequest],
+                 progress: Callable[[StepReport], None] | None = None) -> dict[str, Image.Image]:
+        """Run `requests` to completion as one step-level batch; images by request id."""
+        return {item.request.request_id: item.image for item in self.run(requests, progress)}

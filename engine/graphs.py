@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Any, Hashable
 
 import torch
 
@@ -41,7 +41,7 @@ class CapturedForward:
 
 
 class ForwardGraphs:
-    def __init__(self, transformer: torch.nn.Module, max_tokens: int, attention: AttentionCache | None = None,
+    def __init__(self, transformer: Any, max_tokens: int, attention: AttentionCache | None = None,
                  max_graphs: int = 64) -> None:
         """For a transformer on a CUDA device. `max_tokens`: capture forwards of at most this many
         image tokens (rows × tokens per row); larger forwards keep the GPU busy on their own.
@@ -50,10 +50,10 @@ class ForwardGraphs:
         self.max_tokens = max_tokens
         self.attention = attention
         self.max_graphs = max_graphs
-        self.patch = transformer.config.patch_size
+        self.patch: int = transformer.config.patch_size
         self.captured: dict[Hashable, CapturedForward] = {}
         self.failed = False  # a capture failed once: run everything without graphs
-        self._pool = None
+        self._pool: Any = None
         self._generation: int | None = None  # the pool generation of the cached-step graphs held
 
     def fits(self, rows: int, height: int, width: int) -> bool:
@@ -75,6 +75,7 @@ class ForwardGraphs:
         cache = self.attention
         caching = cache is not None and step is not None and step.caching
         if caching:
+            assert cache is not None and step is not None and step.rows is not None
             if cache.generation != self._generation:
                 self._drop_cached_steps()
                 self._generation = cache.generation
@@ -87,7 +88,8 @@ class ForwardGraphs:
             if entry is None:
                 return self._forward(inputs)
         elif entry.rows is not None:
-            cache.load_step(step, entry.rows)
+            assert step is not None
+            AttentionCache.load_step(step, entry.rows)
         for name, value in inputs.items():
             entry.inputs[name].copy_(value)
         entry.graph.replay()

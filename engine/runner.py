@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -142,7 +143,7 @@ class Runner:
                 velocities[i] = self.latent_aware.reuse_velocity(state, plan.weights[i])
             elif req.policy == "step":
                 state.previous_velocity, state.velocity = state.velocity, velocities[i]
-        self._euler(plan, states, velocities)
+        self._euler(plan, states, cast(list[torch.Tensor], velocities))  # every one is set now
 
     def _forward(self, plan: StepPlan, states: list[RequestState], ids: list[int]) -> list[torch.Tensor]:
         rows = [states[i].rows for i in ids]

@@ -223,9 +223,9 @@ class Scheduler:
         return admitted
 
     def drop_canceled(self) -> list[ScheduledRequest]:
-        dropped = []
+        dropped: list[ScheduledRequest] = []
         for key in list(self.running):
-            keep = []
+            keep: list[ScheduledRequest] = []
             for req in self.running[key]:
                 (dropped if req.canceled else keep).append(req)
             self.running[key] = keep

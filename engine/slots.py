@@ -13,13 +13,13 @@ the worker's metrics report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Callable, Generic, Hashable, TypeVar
 
-Key = Hashable  # the scheduler's batch key, (height, width)
+Key = TypeVar("Key", bound=Hashable)  # the scheduler's batch key, (height, width)
 
 
 @dataclass
-class SlotTable:
+class SlotTable(Generic[Key]):
     slot_bytes_of: Callable[[Key], int] = lambda key: 0
     _used: dict[Key, set[int]] = field(default_factory=dict)
     _capacity: dict[Key, int] = field(default_factory=dict)
@@ -27,7 +27,7 @@ class SlotTable:
     def allocate(self, key: Key, count: int) -> tuple[int, ...]:
         """`count` free slots of `key`, lowest first."""
         used = self._used.setdefault(key, set())
-        slots = []
+        slots: list[int] = []
         candidate = 0
         while len(slots) < count:
             if candidate not in used:

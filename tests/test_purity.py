@@ -20,7 +20,8 @@ sys.meta_path.insert(0, Block())
 def test_scheduler_tests_pass_without_torch():
     code = BLOCK_TORCH + (
         "import pytest\n"
-        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_scheduler.py', 'tests/test_slots.py', 'tests/test_validation.py']))\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_scheduler.py', 'tests/test_slots.py',\n"
+        "                      'tests/test_validation.py']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

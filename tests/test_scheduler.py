@@ -86,7 +86,7 @@ def test_one_fresh_per_step_when_n_le_k():
     s = Scheduler(max_batch=4, admit_per_boundary=1, warmup_steps=1)
     arrivals = {0: [req(i, steps=40, k=4) for i in range(4)]}
     counts = []
-    for it, plan, forced in drain(s, arrivals):
+    for _, plan, _ in drain(s, arrivals):
         settled = all(0 < r.step < r.total - 1 for r in plan.requests)
         if len(plan.requests) == 4 and settled:
             counts.append(sum(plan.fresh))
