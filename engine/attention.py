@@ -35,13 +35,19 @@ if TYPE_CHECKING:
 @dataclass
 class CacheStep:
     """One forward's attention-cache context, made by `AttentionCache.begin_step` from the plan
-    and handed to whoever runs the forward (the runner, engine/graphs.py). The processors read it
-    through their cache for the length of that forward only; outside a step there is none."""
+    and passed down explicitly: the runner hands it to engine/graphs.py and to the transformer
+    (`joint_attention_kwargs=step.forward_kwargs()`), whose blocks pass it to every attention
+    processor. A forward without one takes the plain path."""
 
     caching: bool  # does this step read or write the cache at all?
     pools_ready: bool = False  # do this step's pools exist at the capacity it needs?
     rows: StepRows | None = None  # this step's index tensors (None when not caching)
     capacity: int = 0  # rows each pool of this size must have (the scheduler's slot table)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """The transformer's `joint_attention_kwargs` for this step (none for a plain step, so an
+        exact forward is exactly diffusers' own)."""
+        return {"cache_step": self} if self.caching else {}
 
 
 class CachingAttnProcessor:
@@ -54,9 +60,10 @@ class CachingAttnProcessor:
         # keyed by image size, which would guard on the size and recompile for each new one.
         self.active: SlotPool | None = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args,
+                 cache_step: CacheStep | None = None, **kwargs):
         # Plain bools, so a compiled block inlines the path taken and guards on nothing else.
-        step = self.owner.step
+        step = cache_step
         if step is None or not step.caching:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if step.pools_ready:
@@ -124,7 +131,6 @@ class AttentionCache:
     def __init__(self, transformer: Any, extrapolate: bool = False) -> None:
         self.extrapolate = extrapolate
         self.device = next(transformer.parameters()).device
-        self.step: CacheStep | None = None  # set between `begin_step` and `end_step` only
         # Bumped whenever a pool is created, grown or freed: a CUDA graph of a cached step
         # (engine/graphs.py) holds the pools' addresses and is valid for one generation only.
         self.generation = 0
@@ -140,31 +146,23 @@ class AttentionCache:
         # A compiled block breaks its graph at the attention call on steps that grow a pool, and a
         # frame that breaks keeps only the guards traced before the break (not those of the
         # functions it was inlining when it broke). Reading the step's `caching` and
-        # `pools_ready` in a hook on the block's first norm puts their guards there, so no other
-        # step takes the broken (pool-growing) variant of a compiled block.
+        # `pools_ready` in a pre-hook of the block puts their guards there, so no other step
+        # takes the broken (pool-growing) variant of a compiled block.
         # A second engine on the same pipeline replaces the first one's hooks (which would
         # otherwise keep it, and its cache, alive and run on every forward).
         for handle in getattr(transformer, "_sd3serve_caching_hooks", ()):
             handle.remove()
         transformer._sd3serve_caching_hooks = [
-            block.norm1.register_forward_pre_hook(self._read_step_flags)
+            block.register_forward_pre_hook(_read_step_flags, with_kwargs=True)
             for block in getattr(transformer, "transformer_blocks", [])
-            if hasattr(block, "norm1")
         ]
-
-    def _read_step_flags(self, module, args):
-        step = self.step
-        if step is not None and step.caching and step.pools_ready:
-            return None
-        return None
 
     def begin_step(self, plan: StepPlan, order: list[int]) -> CacheStep:
         """The cache context of one forward of `plan`'s sub-batch, its requests in `order` (indices
         into `plan.requests`, each request's rows side by side)."""
         caching = any(plan.caches(i) for i in order) or not all(plan.computes_attention(i) for i in order)
         if not caching:  # exact rows only: the processors take the plain path
-            self.step = CacheStep(caching=False)
-            return self.step
+            return CacheStep(caching=False)
         group: Group = plan.key
         capacity = plan.capacity
         halves = 2 if self.extrapolate else 1
@@ -217,14 +215,10 @@ class AttentionCache:
             store_rows=self._index(store_rows) if store_from else None,
             fresh_first=fresh_pos == list(range(len(fresh_pos))),
         )
-        self.step = CacheStep(caching=True, pools_ready=pools_ready, rows=rows, capacity=capacity)
-        return self.step
+        return CacheStep(caching=True, pools_ready=pools_ready, rows=rows, capacity=capacity)
 
     def _index(self, positions: list[int]) -> torch.Tensor:
         return to_device(torch.tensor(positions, dtype=torch.long), self.device)  # no host sync in the step loop
-
-    def end_step(self) -> None:
-        self.step = None
 
     @staticmethod
     def freeze_step(step: CacheStep) -> StepRows:
@@ -252,6 +246,14 @@ class AttentionCache:
         """Bytes of all pools as allocated, free slots included (the scheduler's
         `cache_allocated_bytes` once each pool has grown to its capacity)."""
         return sum(pool.slot_bytes() * pool.capacity for p in self.processors for pool in p.pools.values())
+
+
+def _read_step_flags(block, args, kwargs):
+    """A transformer block's pre-hook: reads the step's flags (see `AttentionCache.__init__`)."""
+    step = (kwargs.get("joint_attention_kwargs") or {}).get("cache_step")
+    if step is not None and step.caching and step.pools_ready:
+        return None
+    return None
 
 
 def attention_cache_bytes(transformer_config, latent_hw: tuple[int, int], text_tokens: int, rows: int,

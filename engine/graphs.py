@@ -83,10 +83,10 @@ class ForwardGraphs:
         entry = self.captured.get(key)
         if entry is None:
             if len(self.captured) >= self.max_graphs:
-                return self._forward(inputs)
+                return self._forward(inputs, step)
             entry = self._capture(key, inputs, step if caching else None)
             if entry is None:
-                return self._forward(inputs)
+                return self._forward(inputs, step)
         elif entry.rows is not None:
             assert step is not None
             AttentionCache.load_step(step, entry.rows)
@@ -104,7 +104,10 @@ class ForwardGraphs:
         for key in [k for k, entry in self.captured.items() if entry.rows is not None]:
             del self.captured[key]
 
-    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, inputs: dict[str, torch.Tensor], step: CacheStep | None = None) -> torch.Tensor:
+        extra = {} if step is None else step.forward_kwargs()
+        if extra:
+            return self.transformer(**inputs, joint_attention_kwargs=extra, return_dict=False)[0]
         return self.transformer(**inputs, return_dict=False)[0]
 
     def _capture(self, key: Hashable, inputs: dict[str, torch.Tensor], step: CacheStep | None) -> CapturedForward | None:
@@ -116,13 +119,13 @@ class ForwardGraphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._forward(static)
+                self._forward(static, step)
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                output = self._forward(static)
+                output = self._forward(static, step)
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: no graphs, same results
             log.warning("CUDA graph capture failed for %s; forwards run without graphs: %s", key, exc)
             self.failed = True

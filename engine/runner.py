@@ -153,14 +153,12 @@ class Runner:
         pooled = torch.cat([states[i].pooled for i in ids])
         step = None if self.attention is None else self.attention.begin_step(plan, ids)
         inputs = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled)
-        try:
-            if self.graphs is not None and self.graphs.applies(hidden, step):
-                out = self.graphs(step, **inputs)
-            else:
-                out = self.pipe.transformer(**inputs, return_dict=False)[0]
-        finally:
-            if self.attention is not None:
-                self.attention.end_step()
+        if self.graphs is not None and self.graphs.applies(hidden, step):
+            out = self.graphs(step, **inputs)
+        else:
+            extra = {} if step is None else step.forward_kwargs()
+            out = self.pipe.transformer(**inputs, **({"joint_attention_kwargs": extra} if extra else {}),
+                                        return_dict=False)[0]
         velocities = []
         for i, chunk in zip(ids, out.split(rows)):
             if states[i].rows == 2:
