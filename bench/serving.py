@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -61,33 +62,43 @@ def run_system(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="sd3serve-serving-"))
     offline_out = work / "offline.json"
     env = {"SD3SERVE_MODEL": args.model, "SD3SERVE_MAX_BATCH": str(args.max_batch)}
-    with Stack(work, env, redis_server=args.redis_server, api_workers=args.api_workers) as stack:
-        started = time.monotonic()
-        stack.start_worker(worker_command(args, offline_out), name=args.system)
-        stack.wait_for_worker(timeout=args.ready_timeout)
-        ready_seconds = time.monotonic() - started
-        base = LoadConfig(url=stack.api_url, duration_s=args.duration, max_seconds=args.max_seconds,
-                          sizes=tuple(args.size), steps=args.steps, guidance_scale=args.guidance,
-                          seed=args.seed, redis_url=stack.redis_url, concurrency=1)
-        warm = replace(base, concurrency=2, duration_s=0.5, max_requests=2 * len(args.size), max_seconds=900)
-        run_load(warm)  # first jobs through the whole path (graph captures, allocator growth)
-        offline = json.loads(offline_out.read_text()) if offline_out.exists() else None
-        info = dict(system=args.system, model=args.model, ready_seconds=round(ready_seconds, 1), offline=offline,
-                    max_batch=args.max_batch, api_workers=args.api_workers, call=args.call)
-        for system, k in modes:
-            saturated = None
-            if args.saturate:
-                sat = replace(base, concurrency=args.saturate, cache_interval=k, duration_s=args.sat_duration)
-                since = time.time()
-                row = row_of(run_load(sat), system, args.call, size_label)
-                row["mean_batch"] = stack.mean_batch_size(since) if args.system == "sd3serve" else 1.0
-                save_rows(args.out, [row], info, card_name())
-                saturated = row["images_per_min"] / 60.0
-                log.info("%s saturated: %.3f images/s", system, saturated)
-            rates = list(args.rates) + [round(f * saturated, 3) for f in args.rate_fractions if saturated]
-            for rate in rates:
-                config = replace(base, concurrency=0, rate=rate, cache_interval=k)
-                save_rows(args.out, [row_of(run_load(config), system, args.call, size_label)], info, card_name())
+    try:
+        with Stack(work, env, redis_server=args.redis_server, api_workers=args.api_workers) as stack:
+            _serve(args, stack, modes, size_label, offline_out)
+    finally:
+        if args.logs_dir:  # the stack's logs, for the record (worker compile times, errors)
+            args.logs_dir.mkdir(parents=True, exist_ok=True)
+            for path in work.glob("*.log"):
+                shutil.copy(path, args.logs_dir / f"{args.system}-{args.call}-{path.name}")
+
+
+def _serve(args: argparse.Namespace, stack: Stack, modes: list, size_label: str, offline_out: Path) -> None:
+    started = time.monotonic()
+    stack.start_worker(worker_command(args, offline_out), name=args.system)
+    stack.wait_for_worker(timeout=args.ready_timeout)
+    ready_seconds = time.monotonic() - started
+    base = LoadConfig(url=stack.api_url, duration_s=args.duration, max_seconds=args.max_seconds,
+                      sizes=tuple(args.size), steps=args.steps, guidance_scale=args.guidance,
+                      seed=args.seed, redis_url=stack.redis_url, concurrency=1)
+    warm = replace(base, concurrency=2, duration_s=0.5, max_requests=2 * len(args.size), max_seconds=900)
+    run_load(warm)  # first jobs through the whole path (graph captures, allocator growth)
+    offline = json.loads(offline_out.read_text()) if offline_out.exists() else None
+    info = dict(system=args.system, model=args.model, ready_seconds=round(ready_seconds, 1), offline=offline,
+                max_batch=args.max_batch, api_workers=args.api_workers, call=args.call)
+    for system, k in modes:
+        saturated = None
+        if args.saturate:
+            sat = replace(base, concurrency=args.saturate, cache_interval=k, duration_s=args.sat_duration)
+            since = time.time()
+            row = row_of(run_load(sat), system, args.call, size_label)
+            row["mean_batch"] = stack.mean_batch_size(since) if args.system == "sd3serve" else 1.0
+            save_rows(args.out, [row], info, card_name())
+            saturated = row["images_per_min"] / 60.0
+            log.info("%s saturated: %.3f images/s", system, saturated)
+        rates = list(args.rates) + [round(f * saturated, 3) for f in args.rate_fractions if saturated]
+        for rate in rates:
+            config = replace(base, concurrency=0, rate=rate, cache_interval=k)
+            save_rows(args.out, [row_of(run_load(config), system, args.call, size_label)], info, card_name())
 
 
 def floats(text: str) -> list[float]:
@@ -117,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--call", default="", help="label of this device call, kept in every row")
+    p.add_argument("--logs-dir", type=Path, help="copy the stack's logs here at the end")
     args = p.parse_args(argv)
     args.size = args.size or [1024]
     return args
