@@ -184,16 +184,16 @@ class AttentionCache:
                     # first refresh goes to both (there is no older one).
                     half = req.fresh_steps % halves
                     targets = range(halves) if req.fresh_steps == 0 else (half,)
-                    for row, slot in enumerate(req.slots):
+                    for row, slot in enumerate(plan.slots[i]):
                         for h in targets:
                             store_from.append(len(fresh_pos) + row)
                             store_rows.append(h * capacity + slot)
                 fresh_pos.extend(positions)
                 continue
-            if not req.refreshes or not req.slots:
+            if not req.refreshes or not plan.slots[i]:
                 raise RuntimeError(f"no cached attention for {req.request_id}: its first step must be FRESH")
             last = (req.fresh_steps - 1) % halves
-            for slot in req.slots:
+            for slot in plan.slots[i]:
                 last_rows.append(last * capacity + slot)
                 previous_rows.append((halves - 1 - last) * capacity + slot)
                 weights.append(plan.weights[i])

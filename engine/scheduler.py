@@ -78,14 +78,16 @@ class ScheduledRequest:
 @dataclass(frozen=True)
 class StepPlan:
     """One forward: the sub-batch `key`, its requests in row order, which compute attention, and
-    for the attention cache each CACHED request's extrapolation weight (0.0: a hold), the rows its
-    pools need (`capacity`) and the idle keys whose pools go now (`free_pools`)."""
+    for the attention cache each request's slots (one per CFG row; none without a cache), each
+    CACHED request's extrapolation weight (0.0: a hold), the rows its pools need (`capacity`) and
+    the idle keys whose pools go now (`free_pools`)."""
 
     key: BatchKey
     requests: tuple[ScheduledRequest, ...]
     fresh: tuple[bool, ...]
     admitted: tuple[ScheduledRequest, ...]
     weights: tuple[float, ...] = ()
+    slots: tuple[tuple[int, ...], ...] = ()
     capacity: int = 0
     free_pools: tuple[BatchKey, ...] = ()
 
@@ -110,7 +112,8 @@ def make_plan(key: BatchKey, requests: list[ScheduledRequest] | tuple[ScheduledR
     keys' slots (their pools go before this step runs)."""
     weights = tuple(0.0 if f else extrapolation_weight(r.step, r.refreshes) for r, f in zip(requests, fresh))
     return StepPlan(key=key, requests=tuple(requests), fresh=tuple(fresh), admitted=admitted, weights=weights,
-                    capacity=slots.capacity(key), free_pools=slots.release_idle(keep=key))
+                    slots=tuple(r.slots for r in requests), capacity=slots.capacity(key),
+                    free_pools=slots.release_idle(keep=key))
 
 
 @dataclass

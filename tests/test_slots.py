@@ -108,7 +108,8 @@ def test_planned_slots_and_refresh_history(specs, max_batch, cancel_every):
             s.add(pending.pop(0))
         plan = s.plan()
         if plan is not None:
-            held = [slot for r in plan.requests for slot in r.slots]
+            assert plan.slots == tuple(r.slots for r in plan.requests)
+            held = [slot for slots in plan.slots for slot in slots]
             assert len(held) == len(set(held)) and all(slot < plan.capacity for slot in held)
             for r, fresh, weight in zip(plan.requests, plan.fresh, plan.weights):
                 rows = 2 if r.request.uses_cfg else 1
