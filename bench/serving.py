@@ -52,7 +52,20 @@ def row_of(result: dict, system: str, call: str, size_label: str) -> dict:
                 submitted=s["submitted"], rejected=s["rejected"], completed=s["completed"], failed=s["failed"],
                 lost=s["lost"], duplicates=s["duplicates"], p50_s=s["p50_s"], p95_s=s["p95_s"], p99_s=s["p99_s"],
                 queue_wait_s=s["queue_wait_s"], images_per_min=s["images_per_min"], gpu_busy=s["gpu_busy"],
-                by_size=s["by_size"], call=call, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                by_size=s["by_size"], call=call, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                jobs=compact_jobs(result["jobs"]))
+
+
+def compact_jobs(jobs: list[dict]) -> list[list]:
+    """[size, submitted, started, finished] per job, seconds after the run's first submission."""
+    if not jobs:
+        return []
+    t0 = min(j["submit"] for j in jobs)
+
+    def rel(value: float | None) -> float | None:
+        return None if value is None else round(value - t0, 3)
+
+    return [[j["size"], rel(j["submit"]), rel(j["started"]), rel(j["finished"])] for j in jobs]
 
 
 def run_system(args: argparse.Namespace) -> None:
