@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 REDIS_PORT ?= 6379
 
-.PHONY: venv demo test test-fast system-deps redis screenshot clean
+.PHONY: venv demo lint test test-fast system-deps redis screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ redis:
 	  for i in $$(seq 50); do redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.1; done; \
 	fi
 
-test: venv system-deps redis
+# ruff (lint only, no formatting) and mypy, configured in pyproject.toml.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: venv system-deps redis lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: venv redis

@@ -7,6 +7,7 @@ import copy
 import gc
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ SHAPES = ((1024, 2), (1024, 16), (512, 32))
 
 
 def variants(fast: SpeedOptions) -> list[tuple[str, SpeedOptions]]:
-    backend = dict(backend=fast.backend, mode=fast.mode)
+    backend: dict[str, Any] = dict(backend=fast.backend, mode=fast.mode)
     return [
         ("eager", SpeedOptions()),
         ("eager+cudnn_sdpa", SpeedOptions(sdpa=FAST_SDPA)),
@@ -69,7 +70,7 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
             out["profiles"][f"{name}_{size}_rows{rows}"] = kernel_profile(
                 lambda: model(**inputs, return_dict=False), device
             )
-        del model
+        model = None  # freed before the next variant (a `del` would unbind it for the closures above)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -93,7 +94,7 @@ def kernel_profile(fn, device, top: int = 15) -> dict:
     for event in prof.key_averages():
         if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
-        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        us = float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0) or 0)
         if us > 0:
             kernels.append((event.key, us / 1000, event.count))
     total = sum(ms for _, ms, _ in kernels) or 1.0
@@ -125,7 +126,7 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tu
     """Milliseconds per image of one decode at `size`², batch 1 and 4, for layouts and kernels;
     then each of `compiled` (`VAE_COMPILES` names, `+group_norm` for our GroupNorm kernel) at
     batch 4, with its compile time, profile and difference to the eager decode."""
-    out = {}
+    out: dict[str, Any] = {}
     model = copy.deepcopy(vae)
     for batch in (1, 4):
         latents = torch.randn(batch, 16, size // 8, size // 8, device=device, dtype=dtype)
@@ -141,7 +142,7 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tu
                 model.to(memory_format=torch.contiguous_format)
                 if batch == 4:
                     out["profile_b4"] = kernel_profile(lambda: model.decode(latents), device, top=12)
-    del model
+    model = None  # freed before the compiled variants
     if device.type != "cuda":
         return out
     latents = torch.randn(4, 16, size // 8, size // 8, device=device, dtype=dtype)
@@ -161,8 +162,9 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tu
             out[f"compiled_{how}_b4"] = round(event_time_ms(device, lambda: model.decode(latents), repeats=3) / 4, 2)
             out[f"compiled_{how}_profile_b4"] = kernel_profile(lambda: model.decode(latents), device, top=12)
             decoded = model.decode(latents, return_dict=False)[0].float()
+            assert reference is not None  # decoded above when anything is compiled
             out[f"compiled_{how}_rel_err_vs_eager"] = round(relative_error(decoded, reference), 5)
-        del model
+        model = None  # freed before the next variant (a `del` would unbind it for the closures above)
         gc.collect()
         torch.cuda.empty_cache()
     return out

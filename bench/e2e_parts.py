@@ -8,11 +8,12 @@ import torch
 
 from bench.measure import GIB, relative_error
 from bench.probes import first_step_probe
+from bench.parts_base import BenchParts
 from bench.runs import capture_latents, make_engine, requests, row, run_diffusers, run_engine
 from engine.speed import SpeedOptions
 
 
-class EndToEndParts:
+class EndToEndParts(BenchParts):
     """Mixed into `Bench`: uses its `args`, `device`, `dtype_name`, `model`, `pipe`,
     `engine_fast`, `reps` and `results`."""
 

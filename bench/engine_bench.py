@@ -107,6 +107,7 @@ class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
         if {"accuracy", "e2e", "caching", "memory", "firststep"} & set(parts):
             self.engine_fast = self.fast_engine()
         if "accuracy" in parts:
+            assert refs is not None
             self.fast_accuracy(refs)
         if "firststep" in parts:
             self.first_step_part()

@@ -9,10 +9,11 @@ import torch
 from bench import shapes
 from bench.measure import relative_error, timed
 from bench.runs import make_engine, requests, row, run_diffusers, run_engine
+from bench.parts_base import BenchParts
 from bench.shapes import forward_inputs
 
 
-class LargeModelPart:
+class LargeModelPart(BenchParts):
     """Mixin for `Bench`: needs `args`, `pipe`, `large`, `device`, `dtype`, `dtype_name`, `fast`,
     `results` and `note_flops`."""
 

@@ -6,10 +6,11 @@ import gc
 import torch
 
 from bench.measure import GIB, synchronize
+from bench.parts_base import BenchParts
 from bench.runs import clear, requests, run_engine, step_time_all_rows
 
 
-class CachingAndMemoryParts:
+class CachingAndMemoryParts(BenchParts):
     """Mixed into `Bench`: uses its `args`, `device`, `model`, `engine_fast` and `results`."""
 
     def caching_part(self) -> None:
@@ -22,8 +23,10 @@ class CachingAndMemoryParts:
                 for mode, k, policy in modes[1:]:  # compile every plan shape before timing
                     engine.generate(requests(f"w{mode}{k}", batch, size, 8, k=k, policy=policy))
                 t_exact = step_time_all_rows(engine, self.device, requests("ax", batch, size, a.steps), fresh=True)
-                t_cached = step_time_all_rows(engine, self.device, requests("ac", batch, size, a.steps, k=8, policy="attention"), fresh=False)
-                t_skip = step_time_all_rows(engine, self.device, requests("as", batch, size, a.steps, k=8, policy="step"), fresh=False)
+                cached = requests("ac", batch, size, a.steps, k=8, policy="attention")
+                t_cached = step_time_all_rows(engine, self.device, cached, fresh=False)
+                skipping = requests("as", batch, size, a.steps, k=8, policy="step")
+                t_skip = step_time_all_rows(engine, self.device, skipping, fresh=False)
                 shares = dict(attention=t_cached / t_exact, step=t_skip / t_exact)
                 exact_ms = None
                 for mode, k, policy in modes:
@@ -34,6 +37,7 @@ class CachingAndMemoryParts:
                     share = shares.get(mode, 1.0)
                     ideal = 1 / (share + (1 - share) / k)
                     ideal_plan = 1 / (share + (1 - share) * f)
+                    assert exact_ms is not None and run.ms_per_step is not None  # timed runs have steps
                     speedup = exact_ms / run.ms_per_step
                     self.results.add("caching", dict(
                         mode=mode, K=k, size=size, batch=batch, ms_per_step=round(run.ms_per_step, 2),

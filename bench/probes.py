@@ -1,8 +1,10 @@
 """Device probes for bench/engine_bench.py: SDPA backends, host synchronisations per step, the first step."""
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -17,7 +19,7 @@ def sdpa_probe(device, sizes) -> dict:
 
     from engine.speed import sdpa_priority
 
-    out = {}
+    out: dict[str, Any] = {}
     for rows, heads, size in [(32, 24, 1024), (2, 24, 1024), (32, 24, 512), (2, 38, 1024)]:
         if size not in sizes:
             continue
@@ -29,7 +31,8 @@ def sdpa_probe(device, sizes) -> dict:
         for name in ("flash", "cudnn", "efficient"):
             try:
                 with sdpa_kernel(sdpa_priority((name,))):
-                    ms = event_time_ms(device, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats=5)
+                    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
+                    ms = event_time_ms(device, sdpa, repeats=5)
                     res = torch.nn.functional.scaled_dot_product_attention(q, k, v)
                 ref = res if ref is None else ref
                 out[key][name] = dict(ms=round(ms, 3), tflops=round(4 * rows * heads * tokens * tokens * 64 / ms / 1e9, 1),
@@ -45,7 +48,7 @@ def count_host_syncs(engine, device, size: int) -> dict:
     before any request finishes."""
     if device.type != "cuda":
         return {}
-    counts = {}
+    counts: dict[str, Any] = {}
     for label, k, policy in (("exact", 1, None), ("attention_k3", 3, "attention")):
         for r in requests(f"sync{label}", 2, size, 8, k=k, policy=policy):
             engine.add(r)

@@ -10,7 +10,7 @@ from bench.measure import GIB, Run, StepClock, event_time_ms, timed
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import GenerationRequest, validate_request
-from engine.scheduler import StepPlan
+from engine.scheduler import make_plan
 from engine.speed import SpeedOptions
 
 GUIDANCE = 7.0  # StableDiffusion3Pipeline's default
@@ -96,7 +96,7 @@ def capture_latents(engine: Engine) -> dict[str, torch.Tensor]:
             captured[i] = engine.runner.states[i].latents.float().cpu()
         return decode(ids)
 
-    engine.runner.decode = decode_and_keep
+    setattr(engine.runner, "decode", decode_and_keep)  # noqa: B010 - an instance attribute over the method
     return captured
 
 
@@ -126,7 +126,7 @@ def step_time_all_rows(engine: Engine, device, reqs: list[GenerationRequest], fr
         engine.add(r)
     engine.step()
     running = tuple(engine.scheduler.running_requests())
-    plan = StepPlan(key=running[0].key, requests=running, fresh=(fresh,) * len(running), admitted=())
+    plan = make_plan(running[0].key, running, (fresh,) * len(running), engine.scheduler.slots)
     ms = event_time_ms(device, lambda: engine.runner.run(plan), repeats=repeats, warmup=1)
     clear(engine)
     return ms

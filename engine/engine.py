@@ -5,6 +5,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -37,6 +38,16 @@ class FailedRequest:
     request: GenerationRequest
     code: str
     message: str
+
+
+class RequestFailed(RuntimeError):
+    """A request the engine could not generate (`code`: machine-readable, e.g. out_of_memory)."""
+
+    def __init__(self, failed: list[FailedRequest]) -> None:
+        super().__init__("; ".join(f.message for f in failed))
+        self.failed = failed
+        self.code = failed[0].code
+        self.message = failed[0].message
 
 
 @dataclass
@@ -74,9 +85,8 @@ class Engine:
             warmup_steps=config.warmup_steps,
             default_policy=config.cache_policy,
             cache_budget_bytes=config.cache_budget_mb * 2**20,
-            cache_bytes_of=self.request_cache_bytes,
+            slot_bytes_of=self.slot_bytes,
         )
-        self._admitted_at: dict[str, float] = {}
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -108,23 +118,29 @@ class Engine:
         return [r.request_id for r in self.scheduler.running_requests()]
 
     def cache_bytes(self) -> int:
-        """Attention-cache bytes of the running requests (what admission counts)."""
-        return self.attention.nbytes()
+        """Attention-cache bytes of the running requests' slots (what admission counts)."""
+        return self.scheduler.cache_bytes()
 
     def cache_allocated_bytes(self) -> int:
         """Bytes of the attention cache's pools, free slots and idle sizes included."""
-        return self.attention.allocated_bytes()
+        return self.scheduler.cache_allocated_bytes()
+
+    def trim_cache(self) -> None:
+        """Free the attention-cache pools of every size no running request uses."""
+        self.attention.drop_pools(self.scheduler.trim())
 
     def request_cache_bytes(self, request: GenerationRequest, policy: str) -> int:
-        if policy != "attention":
-            return 0
+        return self.scheduler.cache_bytes_of(request, policy)
+
+    def slot_bytes(self, key: tuple[int, int]) -> int:
+        """Bytes of one attention-cache slot (one CFG row, every layer) at image size `key`."""
+        height, width = key
         scale = self.pipe.vae_scale_factor
-        text_tokens = self.pipe.tokenizer_max_length + self.max_sequence_length
         return attention_cache_bytes(
             self.pipe.transformer.config,
-            (request.height // scale, request.width // scale),
-            text_tokens,
-            rows=2 if request.uses_cfg else 1,
+            (height // scale, width // scale),
+            self.pipe.tokenizer_max_length + self.max_sequence_length,
+            rows=1,
             element_size=self.pipe.transformer.dtype.itemsize,
             extrapolate=self.latent_aware.extrapolates,
         )
@@ -135,8 +151,6 @@ class Engine:
         if plan is None:
             return report
         now = time.monotonic()
-        for req in plan.admitted:
-            self._admitted_at[req.request_id] = now
         try:
             self.runner.run(plan)
         except torch.OutOfMemoryError as exc:
@@ -154,19 +168,19 @@ class Engine:
         images = self.runner.decode(ids)
         done = time.monotonic()
         for req, image in zip(finished, images):
-            seconds = done - self._admitted_at.get(req.request_id, done)
+            seconds = done - req.admitted_at
             report.finished.append(FinishedRequest(req.request, image, seconds, req.fresh_steps))
             self._forget(req)
 
     def _fail_plan(self, plan, report: StepReport, code: str, exc: Exception) -> StepReport:
         """Out of memory: fail the newest request of the sub-batch so the rest can go on
         with a smaller batch (a lone request that does not fit fails with the same error)."""
-        self.attention.trim()
+        self.trim_cache()
         if self.runner.graphs is not None:
             self.runner.graphs.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        victim = max(plan.requests, key=lambda r: self._admitted_at.get(r.request_id, 0.0))
+        victim = max(plan.requests, key=lambda r: r.admitted_at)
         victim.canceled = True
         self.drop_canceled()  # only the victim: step() dropped the rest already
         log.warning("step failed (%s); dropping request %s: %s", code, victim.request_id, exc)
@@ -184,7 +198,6 @@ class Engine:
 
     def _forget(self, req: ScheduledRequest) -> None:
         self.runner.release(req.request_id)
-        self._admitted_at.pop(req.request_id, None)
 
     def warm_up(self) -> float:
         """Compile before serving: the first forward, a cached step, the VAE decoder at one and two
@@ -195,8 +208,8 @@ class Engine:
             self.freeze_heap()
             return 0.0
         start = time.perf_counter()
-        size = dict(width=self.limits.default_width, height=self.limits.default_height)
-        warm = [GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", **size)
+        width, height = self.limits.default_width, self.limits.default_height
+        warm = [GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", width=width, height=height)
                 for i in range(3)]
         self.generate([replace(warm[0], steps=2)])
         # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
@@ -217,18 +230,26 @@ class Engine:
         gc.collect()
         gc.freeze()
 
-    def generate(self, requests: list[GenerationRequest], progress=None) -> dict[str, Image.Image]:
-        """Run `requests` to completion as one step-level batch (CLI, tests, benchmarks)."""
+    def run(self, requests: list[GenerationRequest],
+            progress: Callable[[StepReport], None] | None = None) -> list[FinishedRequest]:
+        """The one loop that drives the engine to completion (the CLI, the stock-RQ job function,
+        tests and the bench; the batching worker calls `step` itself): admit `requests` as slots
+        open, step until all are done, call `progress` after every step. Returns the finished
+        requests in the order they finished; raises `RequestFailed` on the first failure."""
         pending = list(requests)
-        images: dict[str, Image.Image] = {}
+        finished: list[FinishedRequest] = []
         while pending or self.has_work():
             for _ in range(min(self.admission_slots(), len(pending))):
                 self.add(pending.pop(0))
             report = self.step()
-            for item in report.finished:
-                images[item.request.request_id] = item.image
+            finished.extend(report.finished)
             if progress is not None:
                 progress(report)
             if report.failed:
-                raise RuntimeError("; ".join(f.message for f in report.failed))
-        return images
+                raise RequestFailed(report.failed)
+        return finished
+
+    def generate(self, requests: list[GenerationRequest],
+                 progress: Callable[[StepReport], None] | None = None) -> dict[str, Image.Image]:
+        """Run `requests` to completion as one step-level batch; images by request id."""
+        return {item.request.request_id: item.image for item in self.run(requests, progress)}

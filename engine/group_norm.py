@@ -11,6 +11,8 @@ cancellation), then the module's dtype.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -157,7 +159,7 @@ class GroupNormSiLU(torch.nn.Module):
         return F.silu(y) if self.silu else y
 
 
-def fuse_vae_group_norms(vae: torch.nn.Module) -> int:
+def fuse_vae_group_norms(vae: Any) -> int:
     """Replace the decoder's GroupNorm + SiLU pairs (in each resnet and before `conv_out`) by
     `GroupNormSiLU`. Returns the norms replaced."""
     from diffusers.models.resnet import ResnetBlock2D

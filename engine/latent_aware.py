@@ -42,9 +42,9 @@ class LatentAware:
     def update(self, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         return x + (sigma_next - sigma) * v
 
-    def reuse_velocity(self, state) -> torch.Tensor:
-        """The velocity a `step`-policy request uses on a CACHED step."""
-        state.velocity_age += 1
+    def reuse_velocity(self, state, weight: float) -> torch.Tensor:
+        """The velocity a `step`-policy request uses on a CACHED step; `weight`: the plan's
+        extrapolation weight from its last two FRESH steps (engine/slots.py)."""
         return state.velocity
 
 
@@ -63,14 +63,10 @@ class Extrapolate(LatentAware):
     name = "extrapolate"
     extrapolates = True
 
-    def reuse_velocity(self, state) -> torch.Tensor:
-        state.velocity_age += 1
+    def reuse_velocity(self, state, weight: float) -> torch.Tensor:
         if state.previous_velocity is None:
             return state.velocity
-        # Fresh velocities of the step policy are K steps apart at most; use the gap we know:
-        # the age at which the last fresh velocity replaced the previous one.
-        gap = max(state.fresh_gap, 1)
-        return state.velocity + (state.velocity - state.previous_velocity) * (state.velocity_age / gap)
+        return state.velocity + (state.velocity - state.previous_velocity) * weight
 
 
 STRATEGIES = {cls.name: cls for cls in (LatentAware, SeedRule, Extrapolate)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -35,10 +36,10 @@ class RequestState:
     embeds: torch.Tensor  # (rows, seq, dim): [negative, prompt] with CFG, else [prompt]
     pooled: torch.Tensor  # (rows, dim)
     guidance: float
-    velocity: torch.Tensor | None = None  # last guided velocity (the `step` policy reuses it)
+    # The `step` policy's last two guided velocities (when they were computed: the request's
+    # `refreshes` in the scheduler).
+    velocity: torch.Tensor | None = None
     previous_velocity: torch.Tensor | None = None
-    velocity_age: int = 0  # steps since `velocity` was computed
-    fresh_gap: int = 1  # steps between the last two computed velocities
 
     @property
     def rows(self) -> int:
@@ -115,13 +116,13 @@ class Runner:
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)
-        if self.attention is not None:
-            self.attention.release(request_id)
 
     # -- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> None:
         """Advance every request of `plan` by one denoising step."""
+        if self.attention is not None:
+            self.attention.drop_pools(plan.free_pools)
         self.prepare(list(plan.requests))
         states = [self.states[r.request_id] for r in plan.requests]
         # `step`-policy requests on a CACHED step skip the transformer and reuse their velocity.
@@ -132,19 +133,17 @@ class Runner:
         # FRESH requests first: the attention cache then slices their rows and concatenates the
         # cached ones after them (engine/slot_pool.py) instead of gathering and scattering.
         forward_ids = sorted((i for i, used in enumerate(in_forward) if used),
-                             key=lambda i: not computes_attention(plan, i))
+                             key=lambda i: not plan.computes_attention(i))
         if forward_ids:
             outputs = self._forward(plan, states, forward_ids)
             for i, v in zip(forward_ids, outputs):
                 velocities[i] = v
-        for i, (req, fresh, state) in enumerate(zip(plan.requests, plan.fresh, states)):
+        for i, (req, state) in enumerate(zip(plan.requests, states)):
             if velocities[i] is None:
-                velocities[i] = self.latent_aware.reuse_velocity(state)
+                velocities[i] = self.latent_aware.reuse_velocity(state, plan.weights[i])
             elif req.policy == "step":
-                if state.velocity is not None:
-                    state.fresh_gap = state.velocity_age + 1
-                state.previous_velocity, state.velocity, state.velocity_age = state.velocity, velocities[i], 0
-        self._euler(plan, states, velocities)
+                state.previous_velocity, state.velocity = state.velocity, velocities[i]
+        self._euler(plan, states, cast(list[torch.Tensor], velocities))  # every one is set now
 
     def _forward(self, plan: StepPlan, states: list[RequestState], ids: list[int]) -> list[torch.Tensor]:
         rows = [states[i].rows for i in ids]
@@ -152,22 +151,14 @@ class Runner:
         timestep = torch.cat([states[i].timesteps[plan.requests[i].step].expand(states[i].rows) for i in ids])
         embeds = torch.cat([states[i].embeds for i in ids])
         pooled = torch.cat([states[i].pooled for i in ids])
-        if self.attention is not None:
-            row_ids = [plan.requests[i].request_id for i, n in zip(ids, rows) for _ in range(n)]
-            row_fresh = [computes_attention(plan, i) for i, n in zip(ids, rows) for _ in range(n)]
-            row_step = [plan.requests[i].step for i, n in zip(ids, rows) for _ in range(n)]
-            row_caches = [plan.requests[i].policy == "attention" for i, n in zip(ids, rows) for _ in range(n)]
-            group = tuple(hidden.shape[-2:])  # a sub-batch holds one image size
-            self.attention.begin_step(row_ids, row_fresh, row_step, row_caches, group)
+        step = None if self.attention is None else self.attention.begin_step(plan, ids)
         inputs = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled)
-        try:
-            if self.graphs is not None and self.graphs.applies(hidden):
-                out = self.graphs(**inputs)
-            else:
-                out = self.pipe.transformer(**inputs, return_dict=False)[0]
-        finally:
-            if self.attention is not None:
-                self.attention.end_step()
+        if self.graphs is not None and self.graphs.applies(hidden, step):
+            out = self.graphs(step, **inputs)
+        else:
+            extra = {} if step is None else step.forward_kwargs()
+            out = self.pipe.transformer(**inputs, **({"joint_attention_kwargs": extra} if extra else {}),
+                                        return_dict=False)[0]
         velocities = []
         for i, chunk in zip(ids, out.split(rows)):
             if states[i].rows == 2:
@@ -216,12 +207,6 @@ class Runner:
                 ready.synchronize()
             out.extend(Image.fromarray(p) for p in pixels.numpy())
         return out
-
-
-def computes_attention(plan: StepPlan, i: int) -> bool:
-    """Whether request `i` of `plan` computes attention this step (its rows are FRESH for the
-    attention cache): a FRESH step, or a policy that does not cache attention."""
-    return plan.fresh[i] or plan.requests[i].policy != "attention"
 
 
 def host_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -11,27 +11,35 @@ requests' cache-refresh phases evenly and lets the batch grow step by step.
 """
 from __future__ import annotations
 
-import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from engine.fresh_plan import forced_fresh, fresh_budget, fresh_share, plan_fresh
 from engine.request import GenerationRequest
+from engine.slots import SlotTable, extrapolation_weight
+
+__all__ = ["BatchKey", "ScheduledRequest", "StepPlan", "Scheduler", "make_plan",
+           "forced_fresh", "fresh_budget", "fresh_share", "plan_fresh"]
 
 BatchKey = tuple[int, int]
 
 
 @dataclass
 class ScheduledRequest:
-    """A running request's progress as the scheduler sees it."""
+    """A running request's progress as the scheduler sees it: the one owner of its step count,
+    its attention-cache slots and when it was last FRESH."""
 
     request: GenerationRequest
     policy: str  # "exact", "attention" or "step"
     interval: int  # K: at most K-1 consecutive CACHED steps
     step: int = 0  # denoising steps done
-    steps_since_fresh: int = 0  # consecutive CACHED steps just before now
     fresh_steps: int = 0
     canceled: bool = False
+    slots: tuple[int, ...] = ()  # attention-cache slot of each CFG row (the `attention` policy)
+    refreshes: tuple[int, ...] = ()  # the steps of its last two FRESH steps, oldest first
+    admitted_at: float = 0.0  # scheduler clock (time.monotonic) at admission
 
     @property
     def request_id(self) -> str:
@@ -49,67 +57,63 @@ class ScheduledRequest:
     def done(self) -> bool:
         return self.step >= self.total
 
+    @property
+    def rows(self) -> int:
+        """Rows of the transformer batch: uncond and cond with CFG, else one."""
+        return 2 if self.request.uses_cfg else 1
+
+    @property
+    def steps_since_fresh(self) -> int:
+        """Consecutive CACHED steps just before now."""
+        return self.step - self.refreshes[-1] - 1 if self.refreshes else self.step
+
+    def record_step(self, fresh: bool) -> None:
+        """This request ran one step, FRESH or CACHED."""
+        if fresh:
+            self.fresh_steps += 1
+            self.refreshes = self.refreshes[-1:] + (self.step,)
+        self.step += 1
+
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One forward: the sub-batch `key`, its requests in row order, and which compute attention."""
+    """One forward: the sub-batch `key`, its requests in row order, which compute attention, and
+    for the attention cache each request's slots (one per CFG row; none without a cache), each
+    CACHED request's extrapolation weight (0.0: a hold), the rows its pools need (`capacity`) and
+    the idle keys whose pools go now (`free_pools`)."""
 
     key: BatchKey
     requests: tuple[ScheduledRequest, ...]
     fresh: tuple[bool, ...]
     admitted: tuple[ScheduledRequest, ...]
+    weights: tuple[float, ...] = ()
+    slots: tuple[tuple[int, ...], ...] = ()
+    capacity: int = 0
+    free_pools: tuple[BatchKey, ...] = ()
 
     @property
     def fresh_ratio(self) -> float:
         return sum(self.fresh) / len(self.fresh) if self.fresh else 0.0
 
+    def computes_attention(self, i: int) -> bool:
+        """Whether request `i` computes attention this step (its rows are FRESH for the attention
+        cache): a FRESH step, or a policy that does not cache attention."""
+        return self.fresh[i] or self.requests[i].policy != "attention"
 
-def forced_fresh(req: ScheduledRequest, warmup_steps: int) -> bool:
-    """Steps where a request must compute attention whatever the budget."""
-    return (
-        req.policy == "exact"
-        or req.interval <= 1
-        or req.step < max(warmup_steps, 1)  # new requests and the warm-up
-        or req.step == req.total - 1  # the last step
-        or req.steps_since_fresh >= req.interval - 1  # staleness bound
-    )
+    def caches(self, i: int) -> bool:
+        """Whether request `i` keeps an attention cache."""
+        return self.requests[i].policy == "attention"
 
 
-def fresh_share(requests: list[ScheduledRequest]) -> float:
-    """sum 1/K_i: the FRESH requests one step owes on average (N/K for N requests of interval K)."""
-    return sum(1.0 / max(r.interval, 1) for r in requests)
-
-
-def fresh_budget(requests: list[ScheduledRequest], credit: float | None = None) -> int:
-    """FRESH requests allowed this step. Without `credit`: ceil(sum 1/K_i). With it (the share
-    accrued and not yet spent, see `plan_fresh`): floor(credit), so that over steps the average is
-    sum 1/K_i itself, not its ceiling; never above the ceiling, and at least one."""
-    ceiling = math.ceil(fresh_share(requests) - 1e-9)
-    if credit is None:
-        return ceiling
-    return max(1, min(ceiling, math.floor(credit + 1e-9)))
-
-
-def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int,
-               credit: float | None = None) -> tuple[list[bool], float]:
-    """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first.
-
-    `credit` is the FRESH share carried from the sub-batch's previous step (None: the plain
-    ceil(N/K) budget). Returns the plan and the credit to carry: this step's share is added, the
-    FRESH requests are paid from it, and a debt is not carried (forced refreshes of new requests
-    would otherwise starve the steps after them and bunch refreshes together)."""
-    fresh = [forced_fresh(r, warmup_steps) for r in requests]
-    accrued = None if credit is None else credit + fresh_share(requests)
-    spare = fresh_budget(requests, accrued) - sum(fresh)
-    if spare > 0:
-        candidates = sorted(
-            (i for i, f in enumerate(fresh) if not f),
-            key=lambda i: -requests[i].steps_since_fresh,
-        )
-        for i in candidates[:spare]:
-            fresh[i] = True
-    carried = 0.0 if accrued is None else max(0.0, accrued - sum(fresh))
-    return fresh, carried
+def make_plan(key: BatchKey, requests: list[ScheduledRequest] | tuple[ScheduledRequest, ...],
+              fresh: list[bool] | tuple[bool, ...], slots: SlotTable,
+              admitted: tuple[ScheduledRequest, ...] = ()) -> StepPlan:
+    """The plan of one forward of `key` with this FRESH/CACHED choice; hands back other idle
+    keys' slots (their pools go before this step runs)."""
+    weights = tuple(0.0 if f else extrapolation_weight(r.step, r.refreshes) for r, f in zip(requests, fresh))
+    return StepPlan(key=key, requests=tuple(requests), fresh=tuple(fresh), admitted=admitted, weights=weights,
+                    slots=tuple(r.slots for r in requests), capacity=slots.capacity(key),
+                    free_pools=slots.release_idle(keep=key))
 
 
 @dataclass
@@ -119,13 +123,18 @@ class Scheduler:
     warmup_steps: int = 1
     default_policy: str = "attention"  # for requests with cache_interval > 1 and no policy
     cache_budget_bytes: int = 0  # 0: unlimited
-    cache_bytes_of: Callable[[GenerationRequest, str], int] = lambda request, policy: 0
+    slot_bytes_of: Callable[[BatchKey], int] = lambda key: 0  # one cache slot (one row) of a key
+    clock: Callable[[], float] = time.monotonic
     fractional_budget: bool = True  # average sum 1/K FRESH per step instead of its ceiling
     waiting: deque[GenerationRequest] = field(default_factory=deque)
     running: dict[BatchKey, list[ScheduledRequest]] = field(default_factory=dict)
     key_steps: dict[BatchKey, int] = field(default_factory=dict)
     fresh_credit: dict[BatchKey, float] = field(default_factory=dict)
     _key_order: deque[BatchKey] = field(default_factory=deque)
+    slots: SlotTable = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slots = SlotTable(self.slot_bytes_of)
 
     # -- queries -------------------------------------------------------------------------------
     def num_running(self) -> int:
@@ -138,7 +147,20 @@ class Scheduler:
         return [r for reqs in self.running.values() for r in reqs]
 
     def cache_bytes(self) -> int:
-        return sum(self.cache_bytes_of(r.request, r.policy) for r in self.running_requests())
+        """Attention-cache bytes of the slots in use (what admission counts)."""
+        return self.slots.used_bytes()
+
+    def cache_allocated_bytes(self) -> int:
+        """Bytes of every cache pool, free slots and idle sizes included."""
+        return self.slots.allocated_bytes()
+
+    def cache_bytes_of(self, request: GenerationRequest, policy: str) -> int:
+        """Attention-cache bytes `request` would hold under `policy`."""
+        return self.slots.cost(request.size, self.cache_rows(request, policy))
+
+    @staticmethod
+    def cache_rows(request: GenerationRequest, policy: str) -> int:
+        return (2 if request.uses_cfg else 1) if policy == "attention" else 0
 
     def at_boundary(self, key: BatchKey) -> bool:
         reqs = self.running.get(key)
@@ -192,7 +214,9 @@ class Scheduler:
             if self.cache_budget_bytes and self.cache_bytes() + cost > self.cache_budget_bytes:
                 continue  # stays waiting until running requests free cache memory
             self.waiting.remove(request)
-            req = ScheduledRequest(request, policy, 1 if policy == "exact" else request.cache_interval)
+            req = ScheduledRequest(request, policy, 1 if policy == "exact" else request.cache_interval,
+                                   slots=self.slots.allocate(key, self.cache_rows(request, policy)),
+                                   admitted_at=self.clock())
             if key not in self.running:
                 self.running[key] = []
                 self._key_order.append(key)
@@ -202,14 +226,24 @@ class Scheduler:
         return admitted
 
     def drop_canceled(self) -> list[ScheduledRequest]:
-        dropped = []
+        dropped: list[ScheduledRequest] = []
         for key in list(self.running):
-            keep = []
+            keep: list[ScheduledRequest] = []
             for req in self.running[key]:
                 (dropped if req.canceled else keep).append(req)
             self.running[key] = keep
+            for req in dropped:
+                self._release(req)
             self._forget_if_empty(key)
         return dropped
+
+    def _release(self, req: ScheduledRequest) -> None:
+        self.slots.free(req.key, req.slots)
+        req.slots = ()
+
+    def trim(self) -> tuple[BatchKey, ...]:
+        """Hand back the slots of every size no running request uses; returns those sizes."""
+        return self.slots.release_idle(keep=None)
 
     def _forget_if_empty(self, key: BatchKey) -> None:
         if not self.running.get(key):
@@ -231,25 +265,18 @@ class Scheduler:
         fresh, carried = plan_fresh(requests, self.warmup_steps, credit)
         if self.fractional_budget:
             self.fresh_credit[key] = carried
-        return StepPlan(
-            key=key,
-            requests=tuple(requests),
-            fresh=tuple(fresh),
-            admitted=tuple(r for r in admitted if r.key == key),
-        ) if requests else None
+        if not requests:
+            return None
+        return make_plan(key, requests, fresh, self.slots, tuple(r for r in admitted if r.key == key))
 
     def complete(self, plan: StepPlan) -> list[ScheduledRequest]:
         """Record that `plan` ran; return the requests that have finished."""
         finished = []
         for req, was_fresh in zip(plan.requests, plan.fresh):
-            req.step += 1
-            if was_fresh:
-                req.fresh_steps += 1
-                req.steps_since_fresh = 0
-            else:
-                req.steps_since_fresh += 1
+            req.record_step(was_fresh)
             if req.done:
                 finished.append(req)
+                self._release(req)
         self.key_steps[plan.key] = self.key_steps.get(plan.key, 0) + 1
         if finished:
             self.running[plan.key] = [r for r in self.running[plan.key] if not r.done]

@@ -4,6 +4,7 @@ gather/extrapolate/merge of CACHED rows (`merge_cached`, traced into the compile
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -44,7 +45,8 @@ class StepRows:
         return batch.index_select(0, self.fresh_index)
 
     def clone(self) -> "StepRows":
-        return replace(self, **{name: None if t is None else t.clone() for name, t in self._tensors()})
+        clones: dict[str, Any] = {name: None if t is None else t.clone() for name, t in self._tensors()}
+        return replace(self, **clones)
 
     def copy_from(self, other: "StepRows") -> None:
         """Take `other`'s values (same signature) into these tensors, in place."""
@@ -94,8 +96,10 @@ def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, step
     """The full batch of one output stream: FRESH rows from `fresh`, CACHED rows from the pool
     (held, or extrapolated `a1 + (a1 - a0) * w`). When compiled, one fused kernel, or none of
     its own with FRESH rows first (the concatenation is read where the output is used)."""
+    assert step.last_rows is not None  # a step with CACHED rows
     cached = data.index_select(0, step.last_rows)
     if step.weights is not None:
+        assert step.previous_rows is not None
         cached = (cached + (cached - data.index_select(0, step.previous_rows)) * step.weights).to(data.dtype)
     if fresh is None:
         return cached  # every row CACHED: positions are 0..rows-1 in order
@@ -103,5 +107,6 @@ def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, step
         return torch.cat([fresh, cached])
     full = fresh.new_empty((rows,) + tuple(fresh.shape[1:]))
     full.index_copy_(0, step.fresh_index, fresh)
+    assert step.cached_index is not None
     full.index_copy_(0, step.cached_index, cached)
     return full

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ class SpeedOptions:
 
     @classmethod
     def fast(cls, **overrides) -> "SpeedOptions":
-        values = dict(compile=True, fuse_qkv=True, split_queries=True, sdpa=FAST_SDPA, gelu_epilogue=True,
+        values: dict[str, Any] = dict(compile=True, fuse_qkv=True, split_queries=True, sdpa=FAST_SDPA, gelu_epilogue=True,
                       vae_compile=True, vae_group_norm=True, text_compile=True, cuda_graphs=True)
         values.update(overrides)
         return cls(**values)
@@ -180,7 +181,7 @@ def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode
     return len(blocks)
 
 
-def compile_vae(vae: torch.nn.Module, how: str, backend: str = "inductor", mode: str | None = None) -> None:
+def compile_vae(vae: Any, how: str, backend: str = "inductor", mode: str | None = None) -> None:
     """Compile the VAE decoder (dynamic shapes: chunks of 1..4 images and every size share it)."""
     if how not in VAE_COMPILES:
         raise ValueError(f"unknown VAE compile {how!r}; choose from {', '.join(VAE_COMPILES)}")

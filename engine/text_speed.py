@@ -3,6 +3,8 @@ dynamic shapes, as the transformer's blocks are. Prompt encoding of new requests
 critical path of their first step; eagerly it is launch-bound at small batches."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -10,7 +12,7 @@ def encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The repeated layers of a transformers text encoder: CLIP's `text_model.encoder.layers`,
     T5's `encoder.block`; None for anything else."""
     for path in ("text_model.encoder.layers", "encoder.block"):
-        module = encoder
+        module: Any = encoder
         for name in path.split("."):
             module = getattr(module, name, None)
             if module is None:

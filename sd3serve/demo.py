@@ -31,7 +31,7 @@ def run_demo(url: str, prompts: list[str], out: Path, steps: int | None, timeout
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with httpx.Client(base_url=url, headers=headers, timeout=60, follow_redirects=True) as http:
-        submitted = []
+        submitted: list[tuple[str, str, float]] = []
         for prompt in prompts:
             body: dict = {"prompt": prompt, "seed": len(submitted)}
             if steps:

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from engine.attention import AttentionCache
+from engine.request import GenerationRequest
+from engine.scheduler import ScheduledRequest, StepPlan, make_plan
+from engine.slots import SlotTable
 
 
 class Identity:
@@ -23,8 +26,8 @@ class FakeAttention(torch.nn.Module):
     def set_processor(self, processor) -> None:
         self.processor = processor
 
-    def forward(self, hidden, text):
-        return self.processor(self, hidden, text)
+    def forward(self, hidden, text, cache_step=None):
+        return self.processor(self, hidden, text, cache_step=cache_step)
 
 
 def count_rows(module: FakeAttention) -> None:
@@ -37,21 +40,65 @@ def count_rows(module: FakeAttention) -> None:
     module.processor.inner = counting
 
 
-def step(cache, module, ids, fresh, steps, values, caches=None, group=(8, 8), frozen=None):
+class Planned:
+    """An `AttentionCache` driven the way the engine drives it: the scheduler's slot table and
+    requests (engine/slots.py, engine/scheduler.py) plan each step; the cache only indexes."""
+
+    def __init__(self, module: FakeAttention, extrapolate: bool = False) -> None:
+        self.attention = AttentionCache(module, extrapolate=extrapolate)
+        halves = 2 if extrapolate else 1
+        self.slots = SlotTable(lambda key: halves * (3 * 2 + 2 * 2) * 4)  # image (3x2) + text (2x2), float32
+        self.requests: dict[str, ScheduledRequest] = {}
+
+    def plan(self, ids, fresh, steps, caches, group) -> StepPlan:
+        reqs = []
+        for rid, keeps, at in zip(ids, caches, steps):
+            req = self.requests.get(rid)
+            if req is None:
+                request = GenerationRequest(prompt=rid, request_id=rid, height=group[0], width=group[1],
+                                            steps=100, guidance_scale=1.0)  # one row per request
+                req = self.requests[rid] = ScheduledRequest(request, "attention", 2)
+                req.slots = self.slots.allocate(group, 1) if keeps else ()
+            req.policy = "attention" if keeps else "exact"
+            assert req.step == at, "the steps given must follow on"
+            reqs.append(req)
+        return make_plan(group, reqs, fresh, self.slots)
+
+    def release(self, rid: str) -> None:
+        req = self.requests.pop(rid)
+        self.slots.free(req.key, req.slots)
+
+    def trim(self) -> None:
+        self.attention.drop_pools(self.slots.release_idle())
+
+    def nbytes(self) -> int:
+        return self.slots.used_bytes()
+
+    def allocated_bytes(self) -> int:
+        assert self.attention.allocated_bytes() == self.slots.allocated_bytes()  # one figure
+        return self.attention.allocated_bytes()
+
+    @property
+    def generation(self) -> int:
+        return self.attention.generation
+
+
+def step(cache: Planned, module, ids, fresh, steps, values, caches=None, group=(8, 8), frozen=None):
     """Rows hold `values` (one number per row); returns what the attention gives each row.
     `frozen`: a list holding the index buffers to run the step on (as a CUDA graph replay does),
     or an empty one to freeze this step's and keep them there (as a capture does)."""
-    cache.begin_step(ids, fresh, steps, caches or [True] * len(ids), group)
+    plan = cache.plan(ids, fresh, steps, caches or [True] * len(ids), group)
+    cache.attention.drop_pools(plan.free_pools)
+    context = cache.attention.begin_step(plan, list(range(len(ids))))
     if frozen == []:
-        frozen.append(cache.freeze_step())
+        frozen.append(AttentionCache.freeze_step(context))
     elif frozen is not None:
-        cache.load_step(frozen[0])
+        AttentionCache.load_step(context, frozen[0])
     hidden = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).expand(-1, 3, 2).contiguous()
     text = hidden[:, :2] * 10
-    try:
-        image_out, text_out = module(hidden, text)
-    finally:
-        cache.end_step()
+    image_out, text_out = module(hidden, text, cache_step=context)
+    for req, was_fresh in zip(plan.requests, plan.fresh):
+        req.record_step(was_fresh)
     assert torch.equal(text_out, image_out[:, :2] * 10)  # both streams cached alike
     return image_out[:, 0, 0].tolist()
 
@@ -59,7 +106,7 @@ def step(cache, module, ids, fresh, steps, values, caches=None, group=(8, 8), fr
 @pytest.mark.parametrize("extrapolate", [False, True])
 def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
     module = FakeAttention()
-    cache = AttentionCache(module, extrapolate=extrapolate)
+    cache = Planned(module, extrapolate=extrapolate)
     count_rows(module)
     assert step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 5.0]) == [1.0, 5.0]
     # b is CACHED with one refresh so far: a hold, whatever the strategy
@@ -74,9 +121,10 @@ def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
 
 def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
     module = FakeAttention()
-    cache = AttentionCache(module, extrapolate=True)
+    cache = Planned(module, extrapolate=True)
     step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
-    per_row = cache.nbytes() // 3
+    per_row = cache.allocated_bytes() // 3
+    assert cache.nbytes() == 3 * per_row
     assert per_row == 2 * (3 * 2 + 2 * 2) * 4  # last + previous, image (3x2) + text (2x2), float32
     cache.release("b")
     assert cache.nbytes() == 2 * per_row
@@ -126,7 +174,7 @@ def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_output
     """What a CUDA graph of a cached step relies on: the indices live in buffers of their own,
     `load_step` refills them for a step of the same signature, and the outputs follow."""
     plain, graphed = FakeAttention(), FakeAttention()
-    caches = AttentionCache(plain, extrapolate=extrapolate), AttentionCache(graphed, extrapolate=extrapolate)
+    caches = Planned(plain, extrapolate=extrapolate), Planned(graphed, extrapolate=extrapolate)
     for cache, module in zip(caches, (plain, graphed)):
         step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
         step(cache, module, ["a", "b", "c"], [True, False, False], [1] * 3, [4.0, 0.0, 0.0])
@@ -135,7 +183,6 @@ def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_output
     for n, (ids, fresh, values) in enumerate(FROZEN_PLANS[order]):
         want = step(caches[0], plain, ids, fresh, [2 + n] * 3, values)
         assert step(caches[1], graphed, ids, fresh, [2 + n] * 3, values, frozen=frozen) == want
-        assert caches[1].current is None and caches[0].current is None
         outputs.append(dict(zip(ids, want)))
     assert frozen[0].fresh_first == (order == "fresh_first")
     # Whatever the order, each request gets its own values: a refreshed at steps 0 (1.0) and 1
@@ -150,20 +197,20 @@ def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_output
 
 def test_sizes_have_their_own_pools_and_rows_without_cache_keep_nothing():
     module = FakeAttention()
-    cache = AttentionCache(module)
+    cache = Planned(module)
     step(cache, module, ["a"], [True], [0], [1.0], group=(8, 8))
     step(cache, module, ["b", "x"], [True, True], [0, 0], [2.0, 3.0], caches=[True, False], group=(16, 16))
     assert cache.nbytes() == 2 * ((3 * 2 + 2 * 2) * 4)  # a and b; the exact row x keeps nothing
     assert step(cache, module, ["b", "x"], [False, True], [1, 1], [0.0, 6.0], caches=[True, False],
                 group=(16, 16)) == [2.0, 6.0]
     with pytest.raises(RuntimeError, match="must be FRESH"):
-        cache.begin_step(["x"], [False], [2], [True], (16, 16))
+        step(cache, module, ["x"], [False], [2], [0.0], group=(16, 16))
 
 
 def test_growing_the_pool_keeps_both_refreshes_of_every_slot():
     """A new request grows every layer's pool; the halves move with the capacity."""
     module = FakeAttention()
-    cache = AttentionCache(module, extrapolate=True)
+    cache = Planned(module, extrapolate=True)
     step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 10.0])
     step(cache, module, ["a", "b"], [True, True], [1, 1], [2.0, 20.0])  # second refreshes: a=1,2 b=10,20
     before = cache.allocated_bytes()

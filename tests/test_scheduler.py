@@ -86,7 +86,7 @@ def test_one_fresh_per_step_when_n_le_k():
     s = Scheduler(max_batch=4, admit_per_boundary=1, warmup_steps=1)
     arrivals = {0: [req(i, steps=40, k=4) for i in range(4)]}
     counts = []
-    for it, plan, forced in drain(s, arrivals):
+    for _, plan, _ in drain(s, arrivals):
         settled = all(0 < r.step < r.total - 1 for r in plan.requests)
         if len(plan.requests) == 4 and settled:
             counts.append(sum(plan.fresh))
@@ -161,14 +161,14 @@ def test_cancel_waiting_and_running():
 
 def test_cache_budget_limits_admission():
     s = Scheduler(max_batch=8, admit_per_boundary=8, cache_budget_bytes=250,
-                  cache_bytes_of=lambda r, policy: 100 if policy == "attention" else 0)
+                  slot_bytes_of=lambda key: 50)  # a CFG request of the `attention` policy: two slots
     for i in range(3):
         s.add(req(i, k=2))
     s.add(req(9, k=1))  # exact: needs no cache
     plan = s.plan()
     assert {r.request_id for r in plan.requests} == {"r0", "r1", "r9"}
     assert len(s.waiting) == 1
-    too_big = Scheduler(cache_budget_bytes=50, cache_bytes_of=lambda r, p: 100)
+    too_big = Scheduler(cache_budget_bytes=50, slot_bytes_of=lambda key: 50)
     try:
         too_big.add(req(5, k=2))
     except ValueError as exc:

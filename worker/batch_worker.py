@@ -23,16 +23,14 @@ from typing import Any
 import redis
 from rq.defaults import DEFAULT_MAINTENANCE_TASK_INTERVAL, DEFAULT_WORKER_TTL
 from rq.exceptions import StopRequested
-from rq import worker_registration
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import clean_registries
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from engine.request import RequestValidationError
-from worker import keys, metrics, webhook_queue
+from worker import keys, metrics, rq_adapter, webhook_queue
 from worker.batch import BatchEntry, Phase
 from worker.bookkeeping import BatchBookkeeping
 from worker.config import WorkerConfig
@@ -62,6 +60,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         if not kwargs.get("name"):
             kwargs["name"] = self.config.worker_name
         super().__init__(queues, *args, **kwargs)
+        rq_adapter.require_contract(self)
         self.engine = engine
         self.storage = storage
         self._entries: dict[str, BatchEntry] = {}
@@ -87,7 +86,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
         idle_since = time.monotonic()
         while True:
-            if self._stop_requested:
+            if rq_adapter.stop_requested(self):
                 raise StopRequested()
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=timeout)
             if result is not None:
@@ -123,12 +122,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         lock_seconds = max(int(self.maintenance_interval) * 2, 5)
         for queue in self.queues:
             if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_seconds):
-                try:
-                    clean_registries(queue, self._exc_handlers)
-                    worker_registration.clean_worker_registry(queue)
-                    queue.intermediate_queue.cleanup(self, queue)
-                finally:
-                    queue.release_maintenance_lock()
+                rq_adapter.clean_queue(self, queue)
         self.last_cleaned_at = now()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -274,7 +268,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 self._finish_failure(entry)
         self._write_progress()
         self._flush_step_log()
-        if self._stop_requested and self._stop_deadline is None:
+        if rq_adapter.stop_requested(self) and self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + self.config.shutdown_grace
             log.info("stop requested: finishing %d jobs (grace %.0fs), admitting no more",
                      len(self._entries), self.config.shutdown_grace)
@@ -296,9 +290,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
     def _admit_more(self) -> None:
         slots = self.engine.admission_slots()
         while slots > 0:
-            result = self.queue_class.dequeue_any(
-                self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
-                serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+            result = rq_adapter.dequeue_now(self)
             if result is None:
                 return
             job, queue = result
@@ -311,8 +303,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
 
     def _admit(self, job: Job, queue: Queue) -> bool:
         """Register `job` with RQ as started and hand its request to the engine."""
-        execution = self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+        execution = rq_adapter.start_execution(self, job)
         job.started_at = now()
         if job.retries_left is None and self.config.abandoned_retries:
             # A job enqueued without a Retry would be marked failed if this worker died; give it

@@ -14,7 +14,7 @@ import redis
 from rq.job import JobStatus
 from rq.utils import as_text, now
 
-from worker import keys, metrics, webhook_queue
+from worker import keys, metrics, rq_adapter, webhook_queue
 from worker.batch import BatchEntry, Phase
 
 log = logging.getLogger("sd3serve.worker")
@@ -122,7 +122,7 @@ class BatchBookkeeping:
                                keys.META_STATE: "stored"})
         entry.job.save_meta()
         entry.finalizing = True
-        self._finalize_success(entry.job, entry.queue, entry.execution, entry.result)
+        rq_adapter.finalize_success(self, entry.job, entry.queue, entry.execution, entry.result)
         self._entries.pop(entry.job_id, None)
         webhook_queue.notify(self.connection, entry.job, "completed")
         metrics.JOBS_COMPLETED.labels(status="succeeded").inc()
@@ -142,7 +142,7 @@ class BatchBookkeeping:
         try:
             raise GenerationError(failure.code, failure.message)
         except GenerationError:
-            self._finalize_failure(entry.job, entry.queue, entry.execution, sys.exc_info())
+            rq_adapter.finalize_failure(self, entry.job, entry.queue, entry.execution, sys.exc_info())
         self._entries.pop(entry.job_id, None)
         will_retry = failure.retry and (entry.job.retries_left or 0) > 0
         if entry.job.get_status(refresh=True) == JobStatus.FAILED:  # for good, not rescheduled

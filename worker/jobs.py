@@ -150,21 +150,26 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
                          keys.META_BATCH_SIZE: 1})
         job.save_meta()
     engine = runtime.engine
-    engine.add(req)
     steps = 0
-    while engine.has_work():
-        report = engine.step()
+
+    def report_progress(report: Any) -> None:
+        nonlocal steps
         steps += 1
-        for failed in report.failed:
-            raise GenerationFailed(failed.code, failed.message)
-        for finished in report.finished:
-            stored = store_image(runtime.storage, runtime.key_prefix, job_id, finished.image, runtime.retry)
-            enqueued = job.enqueued_at if job is not None else started_at
-            return build_result(req, stored, finished.seconds, enqueued, started_at, now(),
-                                job.worker_name if job is not None else "")
         if job is not None and steps % runtime.progress_every == 0:
             progress = engine.progress(req.request_id)
             if progress:
                 job.meta[keys.META_STEP] = progress[0]
                 job.save_meta()
+
+    from engine.engine import RequestFailed
+
+    try:
+        finished = engine.run([req], progress=report_progress)
+    except RequestFailed as exc:
+        raise GenerationFailed(exc.code, exc.message) from None
+    for item in finished:
+        stored = store_image(runtime.storage, runtime.key_prefix, job_id, item.image, runtime.retry)
+        enqueued = job.enqueued_at if job is not None else started_at
+        return build_result(req, stored, item.seconds, enqueued, started_at, now(),
+                            job.worker_name if job is not None else "")
     raise GenerationFailed("engine_error", "the engine stopped without finishing the request")

@@ -1,0 +1,57 @@
+"""Which requests compute attention (FRESH) in one step of a sub-batch: the staleness bounds,
+the budget of about sum 1/K_i refreshes per step, and the most stale first. Pure Python."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.scheduler import ScheduledRequest
+
+
+def forced_fresh(req: ScheduledRequest, warmup_steps: int) -> bool:
+    """Steps where a request must compute attention whatever the budget."""
+    return (
+        req.policy == "exact"
+        or req.interval <= 1
+        or req.step < max(warmup_steps, 1)  # new requests and the warm-up
+        or req.step == req.total - 1  # the last step
+        or req.steps_since_fresh >= req.interval - 1  # staleness bound
+    )
+
+
+def fresh_share(requests: list[ScheduledRequest]) -> float:
+    """sum 1/K_i: the FRESH requests one step owes on average (N/K for N requests of interval K)."""
+    return sum(1.0 / max(r.interval, 1) for r in requests)
+
+
+def fresh_budget(requests: list[ScheduledRequest], credit: float | None = None) -> int:
+    """FRESH requests allowed this step. Without `credit`: ceil(sum 1/K_i). With it (the share
+    accrued and not yet spent, see `plan_fresh`): floor(credit), so that over steps the average is
+    sum 1/K_i itself, not its ceiling; never above the ceiling, and at least one."""
+    ceiling = math.ceil(fresh_share(requests) - 1e-9)
+    if credit is None:
+        return ceiling
+    return max(1, min(ceiling, math.floor(credit + 1e-9)))
+
+
+def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int,
+               credit: float | None = None) -> tuple[list[bool], float]:
+    """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first.
+
+    `credit` is the FRESH share carried from the sub-batch's previous step (None: the plain
+    ceil(N/K) budget). Returns the plan and the credit to carry: this step's share is added, the
+    FRESH requests are paid from it, and a debt is not carried (forced refreshes of new requests
+    would otherwise starve the steps after them and bunch refreshes together)."""
+    fresh = [forced_fresh(r, warmup_steps) for r in requests]
+    accrued = None if credit is None else credit + fresh_share(requests)
+    spare = fresh_budget(requests, accrued) - sum(fresh)
+    if spare > 0:
+        candidates = sorted(
+            (i for i, f in enumerate(fresh) if not f),
+            key=lambda i: -requests[i].steps_since_fresh,
+        )
+        for i in candidates[:spare]:
+            fresh[i] = True
+    carried = 0.0 if accrued is None else max(0.0, accrued - sum(fresh))
+    return fresh, carried

@@ -1,0 +1,126 @@
+"""bench/load_test.py: the arrival plan, the numbers it reports, the serving summary, and a short
+smoke run against `sd3serve up` on the reference model (CPU) in which nothing may be lost."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bench.load_stats import JobRecord, percentile, summarize
+from bench.load_test import LoadConfig, arrival_plan, main
+from bench.serving_summary import summarize as serving_summary
+from tests.stack_processes import ROOT, base_env, free_port, wait_until
+
+
+def test_arrival_plan_is_seeded_poisson_and_capped():
+    config = LoadConfig(rate=5.0, duration_s=200.0, max_seconds=300.0, seed=1)
+    plan = arrival_plan(config)
+    assert plan == arrival_plan(config)  # every system sees the same arrivals and prompts
+    assert plan != arrival_plan(LoadConfig(rate=5.0, duration_s=200.0, max_seconds=300.0, seed=2))
+    assert 900 < len(plan) < 1100  # ~rate x duration
+    gaps = [b[0] - a[0] for a, b in zip(plan, plan[1:])]
+    assert abs(sum(gaps) / len(gaps) - 0.2) < 0.02  # exponential gaps with mean 1/rate
+    assert all(0 < t < 200 for t, *_ in plan)
+    capped = arrival_plan(LoadConfig(rate=5.0, duration_s=200.0, max_seconds=300.0, max_requests=7))
+    assert len(capped) == 7
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rate=1.0, concurrency=2), "either a rate"),
+    (dict(), "either a rate"),
+    (dict(rate=1.0, duration_s=60, max_seconds=30), "max_seconds"),
+    (dict(rate=1.0, sizes=(100,)), "multiples of 16"),
+])
+def test_load_config_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoadConfig(**kwargs)
+
+
+def test_cli_reports_bad_settings_as_an_error(capsys):
+    assert main(["--rate", "1", "--concurrency", "2"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def _record(submit: float, status: str, finished: float | None = None, image: int = 100, size: int = 64) -> JobRecord:
+    return JobRecord(size=size, submit=submit, job_id=f"j{submit}", status=status, created=submit,
+                     started=submit + 0.5 if finished else None, finished=finished, image_bytes=image)
+
+
+def test_summary_counts_lost_jobs_and_percentiles():
+    records = [_record(float(i), "succeeded", i + 2.0) for i in range(10)]
+    records += [_record(20.0, "succeeded", 22.0, image=0),  # succeeded without an image: lost
+                _record(21.0, "unfinished"), _record(22.0, "failed", 23.0)]
+    s = summarize(records, rejected=1, duration_s=30, mode="open", t0=0.0)
+    assert (s["submitted"], s["completed"], s["lost"], s["failed"], s["rejected"]) == (13, 10, 2, 1, 1)
+    assert s["p50_s"] == 2.0 and s["queue_wait_s"] == 0.5
+    assert s["images_per_min"] == pytest.approx(60 * 10 / 11, abs=1e-3)  # first submit at 0, last image at 11
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 100) == 4 and percentile([], 50) is None
+
+
+def test_closed_loop_throughput_leaves_out_the_start_up_fill_and_the_drain():
+    # waves of 4 images at 10, 20, 30 and 40 s, sending stops at 45 s: the first wave (the fill) and
+    # images after the window don't count, so 12 images over the 35 s from the first finish
+    records = [_record(0.0, "succeeded", t) for t in (10.0, 20.0, 30.0, 40.0, 50.0) for _ in range(4)]
+    s = summarize(records, rejected=0, duration_s=45.0, mode="closed", t0=0.0)
+    assert s["images_per_min"] == pytest.approx(60 * 12 / 35, abs=1e-3)
+
+
+def _row(system, mode, rate, per_min, p95, lost=0, size="1024"):
+    return dict(system=system, size=size, mode=mode, rate_per_s=rate, images_per_min=per_min, p95_s=p95,
+                lost=lost, duplicates=0, by_size={}, completed=1)
+
+
+def test_serving_summary_ratios():
+    rows = [_row("rq-diffusers-compiled", "closed", None, 40.0, 3.0),
+            _row("rq-diffusers-compiled", "open", 0.5, 29.0, 5.0),  # 97 % of 30/min: sustained
+            _row("rq-diffusers-compiled", "open", 0.6, 33.0, 9.0),  # 92 % of 36/min: not sustained
+            _row("sd3serve-exact", "closed", None, 60.0, 9.0),
+            _row("sd3serve-k3", "closed", None, 80.0, 9.0),
+            _row("sd3serve-k3", "open", 0.5, 30.0, 1.5)]
+    data = dict(rows=rows, systems={"sd3serve@x": dict(offline=dict(runs=[
+        dict(size=1024, cache_interval=1, images_per_s=1.0, batch=16)]))})
+    s = serving_summary(data)
+    assert s["throughput_ratio_exact_1024"] == 1.5 and s["throughput_ratio_cached_1024"] == 2.0
+    assert s["baseline_sustained_rate_1024"] == 0.5 and s["p95_ratio_at_baseline_capacity"] == 0.3
+    assert s["worker_efficiency"] == 1.0 and s["lost_total"] == 0
+
+
+@pytest.mark.slow
+def test_load_test_against_sd3serve_up_on_the_reference_model_loses_nothing(tmp_path):
+    log_path = tmp_path / "up.log"
+    redis_port = free_port()  # nothing answers here, so `up` starts its own redis-server
+    with open(log_path, "w+") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "sd3serve.cli", "up", "--port", "0", "--data-dir", str(tmp_path / "data"),
+             "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--device", "cpu", "--quiet"],
+            cwd=ROOT, env=base_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def url() -> str | None:
+                assert up.poll() is None, log_path.read_text()
+                found = re.search(r"sd3serve is up: (http://\S+)", log_path.read_text())
+                return found.group(1) if found else None
+
+            base = wait_until(url, 180, interval=0.2, what="`sd3serve up` to report its URL")
+            redis_url = re.search(r"Redis (redis://127.0.0.1:\d+/\d+)", log_path.read_text()).group(1)
+            common = ["--url", base, "--size", "64", "--steps", "4", "--guidance", "3", "--max-seconds", "120",
+                      "--redis-url", redis_url]
+            for name, mode in (("open", ["--rate", "2", "--duration", "3"]),
+                               ("closed", ["--concurrency", "2", "--duration", "3"])):
+                out = tmp_path / f"{name}.json"
+                assert main([*common, *mode, "--out", str(out)]) == 0, log_path.read_text()[-3000:]
+                result = json.loads(out.read_text())
+                s = result["summary"]
+                assert s["submitted"] >= 2 and s["completed"] == s["submitted"], s
+                assert s["lost"] == 0 and s["duplicates"] == 0 and s["failed"] == 0 and s["rejected"] == 0, s
+                assert all(job["image_bytes"] > 0 and job["finished"] >= job["submit"] for job in result["jobs"])
+                assert s["p95_s"] >= s["p50_s"] > 0 and s["images_per_min"] > 0
+        finally:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
