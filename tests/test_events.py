@@ -87,7 +87,7 @@ def test_a_canceled_job_s_stream_ends_with_canceled(api_server):
 def test_heartbeat_comments_and_a_clean_close_when_the_client_goes_away(api_server):
     def streams_open() -> float:
         text = httpx.get(f"{api_server.url}/metrics").text
-        line = next(l for l in text.splitlines() if l.startswith("sd3serve_event_streams_open"))
+        line = next(row for row in text.splitlines() if row.startswith("sd3serve_event_streams_open"))
         return float(line.split()[-1])
 
     with httpx.Client(base_url=api_server.url, timeout=30) as http:

@@ -6,7 +6,6 @@ also measures what its threads cost the step loop under the GIL."""
 from __future__ import annotations
 
 import statistics
-import time
 
 from rq import Queue
 
@@ -31,7 +30,8 @@ def step_times(redis_conn, worker_name: str, queue, since: str) -> tuple[list[fl
         ids = [client.enqueue(queue, validate_request(
             {"prompt": PROMPT, "steps": STEPS, "seed": i, "width": SIZE, "height": SIZE}))
                for i in range(JOBS)]
-        wait_until(lambda: all(client.status(redis_conn, i).done for i in ids), 300, interval=0.1, what="batch")
+        wait_until(lambda ids=ids: all(client.status(redis_conn, i).done for i in ids), 300, interval=0.1,
+                   what="batch")
     entries = redis_conn.xrange(keys.step_log_key(worker_name), min=f"({since}")
     seconds = [float(fields[b"step_seconds"]) for _, fields in entries if int(fields[b"batch_size"]) > 0]
     return seconds, entries[-1][0].decode() if entries else since
@@ -53,7 +53,7 @@ def test_step_time_unchanged_while_50_deliveries_to_a_slow_receiver_are_pending(
 
         # 50 deliveries of jobs that will never run, to a receiver that holds every call for 2 min.
         sub = subscribe(slow.url, None, hooks)
-        for i in range(50):
+        for _ in range(50):
             job = client.fetch_job(redis_conn, client.enqueue(side_queue, validate_request({"prompt": PROMPT}),
                                                               webhook=sub))
             assert webhook_queue.notify(redis_conn, job, "completed")

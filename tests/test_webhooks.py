@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from api.app import create_app
-from tests.fleet_fixtures import (ApiServer, WorkerProcess, api_config, kill_hard, make_thread_worker,
+from tests.fleet_fixtures import (WorkerProcess, api_config, kill_hard, make_thread_worker,
                                   worker_env, worker_processes)
 from tests.stack_processes import wait_until
 from tests.webhook_receiver import Receiver, new_secret
