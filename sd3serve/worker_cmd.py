@@ -58,7 +58,9 @@ def build_config(args: argparse.Namespace):
 def wait_for_redis(url: str, seconds: float) -> None:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    from worker.redis_conn import connect
+
+    client = connect(url, socket_connect_timeout=2)
     deadline = time.monotonic() + seconds
     while True:
         try:

@@ -37,6 +37,7 @@ from worker.batch import BatchEntry, Phase
 from worker.bookkeeping import BatchBookkeeping
 from worker.config import WorkerConfig
 from worker.jobs import build_result, request_from_job, store_image
+from worker.redis_conn import connect
 from worker.storage import StorageError, storage_from_config
 
 log = logging.getLogger("sd3serve.worker")
@@ -51,7 +52,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self.config = config or WorkerConfig.from_env()
         queues = queues or [self.config.queue]
         if kwargs.get("connection") is None and all(isinstance(q, str) for q in _as_list(queues)):
-            kwargs["connection"] = redis.Redis.from_url(self.config.redis_url)
+            kwargs["connection"] = connect(self.config.redis_url)
         # The RQ CLI always passes its defaults (10-minute maintenance, 7-minute TTL): take the
         # shorter of those and ours, so a dead worker's jobs come back within a minute.
         kwargs["maintenance_interval"] = min(
