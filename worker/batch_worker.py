@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 import redis
@@ -36,7 +36,8 @@ from worker import keys, metrics
 from worker.batch import BatchEntry, Phase
 from worker.bookkeeping import BatchBookkeeping
 from worker.config import WorkerConfig
-from worker.jobs import build_result, request_from_job, store_image
+from worker.durable_upload import DurableUploader, StoreFailed
+from worker.jobs import build_result, request_from_job
 from worker.redis_conn import connect
 from worker.storage import StorageError, storage_from_config
 
@@ -66,7 +67,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self.engine = engine
         self.storage = storage
         self._entries: dict[str, BatchEntry] = {}
-        self._uploads: ThreadPoolExecutor | None = None
+        self._uploads: DurableUploader | None = None
         self._steps = 0
         self._step_records: list[dict[str, Any]] = []
         self._next_heartbeat = 0.0
@@ -110,7 +111,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
 
     def teardown(self) -> None:
         if self._uploads is not None:
-            self._uploads.shutdown(wait=False, cancel_futures=True)
+            self._uploads.shutdown()
             self._uploads = None
         super().teardown()
 
@@ -159,7 +160,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             except StorageError as exc:
                 log.warning("storage not ready yet (uploads will retry): %s", exc)
         if self._uploads is None:
-            self._uploads = ThreadPoolExecutor(self.config.upload_threads, thread_name_prefix="sd3serve-upload")
+            self._uploads = DurableUploader(self.storage, self.config.storage, self.config.upload_threads)
         if self.config.metrics_port and self.metrics_server is None:
             self.metrics_server = metrics.start_metrics_server(self.config.metrics_port)
             log.info("metrics on port %d", self.metrics_server.port)
@@ -223,9 +224,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 continue
             entry.phase = Phase.STORING
             entry.generate_seconds = finished.seconds
-            entry.upload = self._uploads.submit(
-                store_image, self.storage, self.config.storage.key_prefix, entry.job_id, finished.image,
-                self.config.storage.retry)
+            entry.upload = self._uploads.submit(entry.job_id, finished.image)
         if report.batch_size:
             metrics.STEP_DURATION.observe(report.step_seconds)
             metrics.BATCH_SIZE.observe(report.batch_size)
@@ -244,11 +243,12 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 continue
             try:
                 stored = entry.upload.result()
-            except StorageError as exc:
-                entry.fail("storage_unavailable", f"the image could not be stored: {exc}", retry=False)
+            except StoreFailed as exc:  # past the storage deadline: RQ's retry path, if retries remain
+                entry.fail(exc.code, exc.message, retry=exc.retry)
                 continue
-            except Exception as exc:
-                entry.fail("storage_error", f"the image could not be stored: {exc}", retry=False)
+            except Exception:
+                log.exception("storing the image of job %s failed", entry.job_id)
+                entry.fail("storage_error", "the image could not be stored (see the worker log)", retry=True)
                 continue
             entry.result = build_result(entry.request, stored, entry.generate_seconds, entry.job.enqueued_at,
                                         entry.job.started_at, now(), self.name)
@@ -286,6 +286,8 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
 
     # -- admission ------------------------------------------------------------------------------
     def _admit_more(self) -> None:
+        if self._uploads is not None and self._uploads.spool_full:
+            return  # storage is down and the spool is full: no new work until held images are stored
         slots = self.engine.admission_slots()
         while slots > 0:
             result = self.queue_class.dequeue_any(
