@@ -126,19 +126,24 @@ def build_router(state: ApiState) -> APIRouter:
                 if replayed is not None:
                     return replayed
         try:  # the cap check and the enqueue are one atomic step (worker/admission.py)
-            client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options)
+            with state.queue.keeping_unreplicated(idem_key is not None):
+                client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options)
         except (QueueFull, NotReplicated) as exc:
+            if isinstance(exc, NotReplicated):  # with an Idempotency-Key the job stays: a retry gets it
+                raise unconfirmed() from None
             if idem_key:
                 state.redis.delete(idem_key)
-            if isinstance(exc, NotReplicated):
-                raise ApiError(503, "unavailable", "the job queue could not confirm the job; retry shortly",
-                               headers={"Retry-After": str(state.config.retry_after)}) from None
             metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
             raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
                            headers={"Retry-After": str(state.config.retry_after)}) from None
         metrics.JOBS_SUBMITTED.inc()
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return job_response(find(job_id), request)
+
+    def unconfirmed() -> ApiError:
+        return ApiError(503, "unavailable", "the job queue could not confirm the job on a replica; retry "
+                        "(with the same Idempotency-Key to get the same job)",
+                        headers={"Retry-After": str(state.config.retry_after)})
 
     def replay(idem_key: str, fingerprint: str, request: Request, response: Response) -> Any:
         """The job an earlier request with this key created; None if that job has expired."""
@@ -159,6 +164,8 @@ def build_router(state: ApiState) -> APIRouter:
                     raise ApiError(409, "idempotency_conflict",
                                    "a request with this Idempotency-Key is still being processed") from None
                 time.sleep(0.05)
+        if not state.queue.replicated():  # the job may still be only on the master
+            raise unconfirmed()
         response.headers["Location"] = f"/v1/jobs/{info.id}"
         response.headers["Idempotent-Replayed"] = "true"
         return job_response(info, request)

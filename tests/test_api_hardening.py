@@ -158,3 +158,17 @@ def test_the_schema_lists_503_and_no_400(make_client):
                 assert {"422", "503"} <= codes, (method, path)
     job_id = next(p for p in spec["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"] if p["name"] == "job_id")
     assert ":" not in job_id["schema"]["pattern"] and job_id["schema"]["pattern"].startswith("^")
+
+
+def test_wait_for_a_replica_that_is_not_there_is_503_and_the_job_never_runs(make_client, redis_conn, queue_name):
+    """A single Redis has no replica: with SD3SERVE_REDIS_WAIT_REPLICAS=1 nothing gets a 202. A job
+    sent without an Idempotency-Key is taken back; with one it stays, and the retry gets it."""
+    api = make_client(redis_wait_replicas=1, redis_wait_timeout_ms=50)
+    plain = api.post("/v1/jobs", json={"prompt": "x"})
+    assert plain.status_code == 503 and plain.headers["retry-after"]
+    assert plain.json()["error"]["code"] == "unavailable"
+    assert Queue(queue_name, connection=redis_conn).count == 0
+    keyed = api.post("/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "k1"})
+    again = api.post("/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "k1"})
+    assert keyed.status_code == again.status_code == 503
+    assert Queue(queue_name, connection=redis_conn).count == 1  # one job, kept for the retry

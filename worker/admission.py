@@ -9,7 +9,9 @@ connection then runs `WAIT`, and a job that no replica acknowledged in time is t
 from __future__ import annotations
 
 import logging
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from rq import Queue
 from rq.job import Job
@@ -34,12 +36,29 @@ return 1
 """
 
 
+# Take a job back only if no worker has taken it yet: then it never runs.
+TAKE_BACK_SCRIPT = """
+if redis.call('LREM', KEYS[1], 0, ARGV[1]) > 0 then
+    redis.call('DEL', KEYS[2])
+    return 1
+end
+return 0
+"""
+PROBE_KEY = "sd3serve:replication-probe"
+
+
 class QueueFull(RuntimeError):
     """The queue already holds `max_queued` jobs; nothing was enqueued."""
 
 
 class NotReplicated(RuntimeError):
-    """No replica acknowledged the enqueue within the wait; the job was taken back out."""
+    """Fewer replicas than required acknowledged the enqueue in time. The job stays queued when
+    `keep` was asked for (a retry with the same Idempotency-Key finds it); otherwise it was taken
+    back if no worker had it yet (`taken_back`)."""
+
+    def __init__(self, message: str, taken_back: bool) -> None:
+        super().__init__(message)
+        self.taken_back = taken_back
 
 
 class CappedQueue(Queue):
@@ -50,6 +69,18 @@ class CappedQueue(Queue):
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self._admit = self.connection.register_script(ADMIT_SCRIPT)
+        self._take_back_script = self.connection.register_script(TAKE_BACK_SCRIPT)
+        self._calls = threading.local()  # API handlers enqueue from many threads at once
+
+    @contextmanager
+    def keeping_unreplicated(self, keep: bool) -> Iterator[None]:
+        """Inside: a job no replica acknowledged stays queued instead of being taken back (for
+        requests with an Idempotency-Key, whose retry finds it)."""
+        self._calls.keep = keep
+        try:
+            yield
+        finally:
+            self._calls.keep = False
 
     def enqueue_job(self, job: Job, pipeline: Any = None, at_front: bool = False, unique: bool = False) -> Job:
         if pipeline is not None or at_front or unique or job._dependency_ids or job.has_rate_limit:
@@ -68,14 +99,20 @@ class CappedQueue(Queue):
         if not results[0]:
             raise QueueFull(f"the queue holds {self.max_queued} jobs")
         if self.wait_replicas and int(results[1]) < self.wait_replicas:
-            self._take_back(job)
-            raise NotReplicated(f"{results[1]} of {self.wait_replicas} replicas acknowledged job {job.id} "
-                                f"within {self.wait_timeout_ms} ms")
+            taken_back = not getattr(self._calls, "keep", False) and bool(
+                self._take_back_script(keys=[self.key, job.key], args=[job.id]))
+            log.warning("job %s not on %d replicas within %d ms (%s)", job.id, self.wait_replicas,
+                        self.wait_timeout_ms, "taken back" if taken_back else "left queued")
+            raise NotReplicated(f"{results[1]} of {self.wait_replicas} replicas acknowledged job {job.id}",
+                                taken_back=taken_back)
         return job
 
-    def _take_back(self, job: Job) -> None:
-        with self.connection.pipeline() as pipe:
-            pipe.lrem(self.key, 0, job.id)
-            pipe.delete(job.key)
-            pipe.execute()
-        log.warning("job %s taken back: not replicated in time", job.id)
+    def replicated(self) -> bool:
+        """Whether everything written to the master so far is on `wait_replicas` replicas: a write on
+        this connection, then WAIT (the replication stream is ordered, so earlier writes came first)."""
+        if not self.wait_replicas:
+            return True
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.incr(PROBE_KEY)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            return int(pipe.execute()[1]) >= self.wait_replicas
