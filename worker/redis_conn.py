@@ -66,10 +66,11 @@ def sentinel_url(sentinels: str, service: str = DEFAULT_MASTER, db: int = 0) -> 
 def redis_url_from_env(env: Mapping[str, str]) -> str | None:
     """SD3SERVE_REDIS_SENTINELS (+ _MASTER, _DB) as a Sentinel URL; None when it is not set."""
     sentinels = env.get("SD3SERVE_REDIS_SENTINELS", "").strip()
+    service = env.get("SD3SERVE_REDIS_MASTER", DEFAULT_MASTER) or DEFAULT_MASTER
+    db = env.get("SD3SERVE_REDIS_DB", "0") or "0"
     if not sentinels:
         return None
-    return sentinel_url(sentinels, env.get("SD3SERVE_REDIS_MASTER", DEFAULT_MASTER),
-                        int(env.get("SD3SERVE_REDIS_DB", "0")))
+    return sentinel_url(sentinels, service, int(db))
 
 
 def connect(url: str, **options: Any) -> Redis:
