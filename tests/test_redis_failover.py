@@ -45,6 +45,10 @@ def test_a_master_killed_mid_run_loses_no_accepted_job(tmp_path, queue_name, tin
                 blind = [code for start, end, code in outcome["attempts"]
                          if start > outcome["killed_at"] and end < outcome["elected_at"]]
                 assert blind and set(blind) == {503}, blind
+                codes = [code for _, _, code in outcome["attempts"]]
+                print(f"failover: elected {outcome['elected_at'] - outcome['killed_at']:.2f} s after the kill; "
+                      f"{len(codes)} attempts: {codes.count(202)} x 202, {codes.count(503)} x 503, "
+                      f"{codes.count(409)} x 409, {len(blind)} of them (all 503) while no master was elected")
                 with httpx.Client(base_url=api.url, timeout=40) as http:
                     deadline = time.monotonic() + 90
                     finals = {}

@@ -128,6 +128,8 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 finally:
                     queue.release_maintenance_lock()
         self.last_cleaned_at = now()
+        if self._uploads is not None:
+            self._uploads.restore_bucket()  # /readyz checks the bucket: do not wait for an upload
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         if not keys.is_generation(job):

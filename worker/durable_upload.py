@@ -264,8 +264,17 @@ class DurableUploader:
         else:
             held.future.set_result(result)
 
+    def restore_bucket(self) -> None:
+        """Create the bucket again if it was deleted (the worker calls this every maintenance pass)."""
+        if self.config.backend != "s3" or not self.config.s3_create_bucket:
+            return
+        try:
+            self.storage.ensure_ready()
+        except StorageError as exc:
+            log.warning("storage not ready: %s", exc)
+
     def _recreate_bucket(self, exc: StorageError) -> bool:
-        if not getattr(self.config, "s3_create_bucket", False):
+        if not self.config.s3_create_bucket:
             return False
         log.warning("the bucket is gone (%s); creating it again", exc)
         try:
