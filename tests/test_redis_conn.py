@@ -34,3 +34,14 @@ def test_a_sentinel_connection_follows_the_master(tmp_path):
         client.set("k", "v")
         assert client.connection_pool.get_master_address()[1] == cluster.ports["a"]
         assert display_url("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
+
+
+def test_failure_texts_shown_to_clients_carry_no_address():
+    from worker.client import scrub
+
+    raw = ('redis.exceptions.ConnectionError: Error 111 connecting to 10.1.2.3:6379. Connection refused. '
+           'Could not connect to the endpoint URL: "http://minio:9000/bucket/images/x.png"')
+    clean = scrub(raw)
+    assert "10.1.2.3" not in clean and "6379" not in clean and "minio" not in clean and "http" not in clean
+    assert clean.startswith("redis.exceptions.ConnectionError: Error 111 connecting to <internal>")
+    assert scrub("width: must be a multiple of 16, got 100") == "width: must be a multiple of 16, got 100"

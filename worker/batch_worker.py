@@ -203,7 +203,8 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                     entry.fail("engine_error", "the engine dropped the request without a result", retry=True)
             uploads = [e.upload for e in self._entries.values() if e.phase is Phase.STORING and e.upload]
             if uploads:
-                wait(uploads, timeout=0.05, return_when=FIRST_COMPLETED)
+                held = self._uploads is not None and self._uploads.waiting  # storage is down: poll slower
+                wait(uploads, timeout=0.5 if held else 0.05, return_when=FIRST_COMPLETED)
             self._collect_uploads()
             return
         try:
