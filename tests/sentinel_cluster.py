@@ -48,7 +48,7 @@ class SentinelCluster:
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.ports['a']} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                f"sentinel down-after-milliseconds {SERVICE} 2000\n"
                 f"sentinel failover-timeout {SERVICE} 10000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n")
             self.processes[f"sentinel{index}"] = subprocess.Popen(
@@ -78,8 +78,12 @@ class SentinelCluster:
                 continue
         return None
 
-    def name_of(self, port: int) -> str:
-        return next(name for name, p in self.ports.items() if p == port)
+    def logs(self, chars: int = 1500) -> str:
+        """The tail of every process's log, for a failing test's message."""
+        parts = []
+        for log in sorted(self.directory.glob("*/log")):
+            parts.append(f"--- {log.parent.name} ---\n{log.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
 
     def kill(self, name: str) -> None:
         self.processes[name].kill()  # SIGKILL: no shutdown, no final sync

@@ -49,17 +49,10 @@ def test_a_master_killed_mid_run_loses_no_accepted_job(tmp_path, queue_name, tin
                 print(f"failover: elected {outcome['elected_at'] - outcome['killed_at']:.2f} s after the kill; "
                       f"{len(codes)} attempts: {codes.count(202)} x 202, {codes.count(503)} x 503, "
                       f"{codes.count(409)} x 409, {len(blind)} of them (all 503) while no master was elected")
-                with httpx.Client(base_url=api.url, timeout=40) as http:
-                    deadline = time.monotonic() + 90
-                    finals = {}
-                    for job_id in ids:
-                        while time.monotonic() < deadline:
-                            body = http.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
-                            if body.get("status") in ("succeeded", "failed", "canceled"):
-                                break
-                        finals[job_id] = body.get("status")
+                finals = _final_statuses(api, ids, timeout=150)
                 assert set(finals.values()) == {"succeeded"}, (
-                    {s: sum(v == s for v in finals.values()) for s in set(finals.values())}, worker.output())
+                    {s: sum(v == s for v in finals.values()) for s in set(finals.values())},
+                    worker.output(), cluster.logs())
                 queue = Queue(queue_name, connection=redis)
                 assert sorted(queue.finished_job_registry.get_job_ids()) == sorted(ids)
                 assert queue.failed_job_registry.count == 0 and queue.count == 0
@@ -70,6 +63,25 @@ def test_a_master_killed_mid_run_loses_no_accepted_job(tmp_path, queue_name, tin
                 assert cluster.master_port() == cluster.ports["b"]
         finally:
             worker.close()
+
+
+def _final_statuses(api: ApiServer, ids: list[str], timeout: float) -> dict[str, str]:
+    """Each job's end status (or the last answer about it, if it had not ended by the deadline)."""
+    deadline = time.monotonic() + timeout
+    finals: dict[str, str] = {}
+    with httpx.Client(base_url=api.url, timeout=40) as http:
+        for job_id in ids:
+            last = "no answer"
+            while time.monotonic() < deadline:
+                response = http.get(f"/v1/jobs/{job_id}", params={"wait": 20})
+                body = response.json()
+                last = body.get("status") or f"{response.status_code} {body.get('error', {}).get('message')}"
+                if last in ("succeeded", "failed", "canceled"):
+                    break
+                if response.status_code != 200:
+                    time.sleep(0.3)  # Redis unavailable for a moment: ask again
+            finals[job_id] = last
+    return finals
 
 
 def _submit_while_killing_the_master(api: ApiServer, cluster) -> dict:
