@@ -9,15 +9,16 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from redis import Redis
-from rq import Queue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.config import ApiConfig
 from api.errors import error_body, install_error_handlers
+from api.health import build_health_router
 from api.routes import ApiState, build_router
 from api.schemas import job_request_model
+from worker.admission import CappedQueue
+from worker.redis_conn import connect
 from worker.storage import LocalStorage, storage_from_config
 
 log = logging.getLogger("sd3serve.api")
@@ -90,9 +91,11 @@ async def _no_receive() -> Message:
 
 def create_app(config: ApiConfig | None = None) -> FastAPI:
     config = config or ApiConfig.from_env()
-    redis = Redis.from_url(config.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+    redis = connect(config.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+    queue = CappedQueue(config.queue, connection=redis, max_queued=config.max_queued,
+                        wait_replicas=config.redis_wait_replicas, wait_timeout_ms=config.redis_wait_timeout_ms)
     state = ApiState(config=config, redis=redis, storage=storage_from_config(config.storage),
-                     job_request=job_request_model(config.limits), queue=Queue(config.queue, connection=redis))
+                     job_request=job_request_model(config.limits), queue=queue)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if isinstance(state.storage, LocalStorage):
@@ -100,9 +103,11 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
         yield
         redis.close()
 
-    app = FastAPI(title="sd3serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    docs = {} if config.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="sd3serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, **docs)
     install_error_handlers(app)
     app.include_router(build_router(state))
+    app.include_router(build_health_router(state))
     if STATIC_DIR.is_dir():  # the playground page at / (after the API routes, which win)
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="playground")
     metrics.instrument_app(app)

@@ -11,6 +11,7 @@ from engine.request import RequestLimits
 from engine.settings import env_values
 from worker.client import DEFAULT_FAILURE_TTL, DEFAULT_JOB_TIMEOUT, DEFAULT_RESULT_TTL, DEFAULT_RETRIES, JobOptions
 from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
+from worker.redis_conn import redis_url_from_env
 from worker.storage import StorageConfig
 from worker.webhook_config import WebhookConfig
 
@@ -21,6 +22,12 @@ class ApiConfig:
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = DEFAULT_QUEUE
     api_keys: tuple[str, ...] = ()  # SD3SERVE_API_KEYS=key1,key2; empty: no authentication
+    # With API keys set: keys for /metrics and /v1/admin/readiness (empty: those answer 401/403 to all).
+    admin_keys: tuple[str, ...] = ()
+    docs: str = "auto"  # /docs and /openapi.json: public | off | auto (public unless API keys are set)
+    # After enqueueing, wait until this many replicas have the job before answering 202 (0: off).
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     max_queued: int = 1000  # queued jobs past which POST /v1/jobs answers 429
     retry_after: int = 5  # seconds, in the Retry-After header of a 429
     max_body_bytes: int = 64 * 1024  # larger request bodies get 413
@@ -42,7 +49,15 @@ class ApiConfig:
             raise ValueError("max_queued must be >= 0, max_body_bytes >= 1 and max_wait >= 0")
         if self.event_heartbeat <= 0 or self.event_poll <= 0:
             raise ValueError("event_heartbeat and event_poll must be > 0")
+        if self.docs not in ("public", "off", "auto"):
+            raise ValueError(f"SD3SERVE_DOCS must be public, off or auto, got {self.docs!r}")
+        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
+            raise ValueError("redis_wait_replicas must be >= 0 and redis_wait_timeout_ms >= 1")
         _ = self.job_options  # JobOptions checks retries and job_timeout
+
+    @property
+    def public_docs(self) -> bool:
+        return self.docs == "public" or (self.docs == "auto" and not self.api_keys)
 
     @cached_property
     def job_options(self) -> JobOptions:
@@ -52,6 +67,9 @@ class ApiConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ApiConfig":
         env = os.environ if env is None else env
         values = env_values(cls, env, skip=("storage", "limits", "webhook"))
+        sentinel_url = redis_url_from_env(env)
+        if sentinel_url:
+            values["redis_url"] = sentinel_url
         values["storage"] = StorageConfig.from_env(env)
         values["webhook"] = WebhookConfig.from_env(env)
         # Defaults (size, steps) follow the served model's sd3serve.json when its folder is here.

@@ -62,6 +62,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's only 400: a body it could not parse (invalid UTF-8, JSON nested too deeply).
+            # Every body error is a documented 422.
+            return JSONResponse(error_body("invalid_request", "body: the body is not valid JSON (invalid UTF-8 "
+                                           "or nested too deeply)", "body"), status_code=422)
         code = _HTTP_CODES.get(exc.status_code, "error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

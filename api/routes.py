@@ -5,14 +5,15 @@ job request model is built per app from its limits (a local name, not a module g
 """
 import hashlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from redis import Redis
@@ -21,16 +22,21 @@ from rq import Queue
 from api import metrics
 from api.config import ApiConfig
 from api.errors import ApiError
-from api.schemas import ErrorResponse, Health, JobResponse
+from api.schemas import ErrorResponse, JobResponse
 from engine.request import RequestValidationError, validate_request
 from worker import client, job_view, keys
+from worker.admission import NotReplicated, QueueFull
 from worker.client import JobInfo, JobNotCancelable, JobNotFound
 from worker.storage import LocalStorage, StorageError
 from worker.webhook_subscription import subscribe
 from api.events import add_event_routes
 
+log = logging.getLogger("sd3serve.api")
 MAX_IDEMPOTENCY_KEY = 255
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429, 503)}
+# RQ ids (uuid4, with or without dashes) and ids given to `client.submit`; no ':' (RQ reads
+# '<job>:<execution>' as an execution of <job>, which would give a job aliases).
+JobId = Annotated[str, Path(pattern=keys.JOB_ID_PATTERN, description="A job id as POST /v1/jobs returned it.")]
 
 
 @dataclass
@@ -85,7 +91,8 @@ def build_router(state: ApiState) -> APIRouter:
         request: Request,
         response: Response,
         caller: str = Depends(authenticate),
-        idempotency_key: Optional[str] = Header(None, alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
+        idempotency_key: Optional[str] = Header(None, alias="Idempotency-Key", min_length=1,
+                                                max_length=MAX_IDEMPOTENCY_KEY,
                                                 description="Retrying with the same key returns the same job."),
     ) -> Any:
         fields = body.model_dump(exclude_none=True)
@@ -109,16 +116,26 @@ def build_router(state: ApiState) -> APIRouter:
                 replayed = replay(idem_key, fingerprint, request, response)
                 if replayed is not None:
                     return replayed
-        if state.queue.count >= state.config.max_queued:
+        try:  # the cap check and the enqueue are one atomic step (worker/admission.py)
+            with state.queue.keeping_unreplicated(idem_key is not None):
+                client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options,
+                               webhook=subscription)
+        except (QueueFull, NotReplicated) as exc:
+            if isinstance(exc, NotReplicated):  # with an Idempotency-Key the job stays: a retry gets it
+                raise unconfirmed() from None
             if idem_key:
                 state.redis.delete(idem_key)
             metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
             raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
-                           headers={"Retry-After": str(state.config.retry_after)})
-        client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options, webhook=subscription)
+                           headers={"Retry-After": str(state.config.retry_after)}) from None
         metrics.JOBS_SUBMITTED.inc()
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return job_response(find(job_id), request)
+
+    def unconfirmed() -> ApiError:
+        return ApiError(503, "unavailable", "the job queue could not confirm the job on a replica; retry "
+                        "(with the same Idempotency-Key to get the same job)",
+                        headers={"Retry-After": str(state.config.retry_after)})
 
     def replay(idem_key: str, fingerprint: str, request: Request, response: Response) -> Any:
         """The job an earlier request with this key created; None if that job has expired."""
@@ -139,6 +156,8 @@ def build_router(state: ApiState) -> APIRouter:
                     raise ApiError(409, "idempotency_conflict",
                                    "a request with this Idempotency-Key is still being processed") from None
                 time.sleep(0.05)
+        if not state.queue.replicated():  # the job may still be only on the master
+            raise unconfirmed()
         response.headers["Location"] = f"/v1/jobs/{info.id}"
         response.headers["Idempotent-Replayed"] = "true"
         return job_response(info, request)
@@ -146,7 +165,7 @@ def build_router(state: ApiState) -> APIRouter:
     @router.get("/v1/jobs/{job_id}", response_model=JobResponse, tags=["jobs"], summary="A job's status",
                 responses=ERRORS)
     async def get_job(
-        job_id: str,
+        job_id: JobId,
         request: Request,
         caller: str = Depends(authenticate),
         wait: float = Query(0, ge=0, le=state.config.max_wait, allow_inf_nan=False,
@@ -161,7 +180,7 @@ def build_router(state: ApiState) -> APIRouter:
 
     @router.post("/v1/jobs/{job_id}/cancel", response_model=JobResponse, tags=["jobs"], summary="Cancel a job",
                  responses=ERRORS)
-    def cancel_job(job_id: str, request: Request, caller: str = Depends(authenticate)) -> Any:
+    def cancel_job(job_id: JobId, request: Request, caller: str = Depends(authenticate)) -> Any:
         try:
             info = client.cancel(state.redis, job_id)
         except JobNotFound:
@@ -173,7 +192,7 @@ def build_router(state: ApiState) -> APIRouter:
     @router.get("/v1/jobs/{job_id}/image", tags=["jobs"], summary="The job's PNG",
                 responses={200: {"content": {"image/png": {}}}, 302: {"description": "Redirect to the image"},
                            **ERRORS})
-    def get_image(job_id: str, caller: str = Depends(authenticate)) -> Response:
+    def get_image(job_id: JobId, caller: str = Depends(authenticate)) -> Response:
         info = find(job_id)
         if info.status != "succeeded" or not info.result:
             raise ApiError(409, "not_ready", f"job {job_id} is {info.status}; its image exists once it succeeded")
@@ -182,36 +201,11 @@ def build_router(state: ApiState) -> APIRouter:
             try:
                 return Response(state.storage.get(key), media_type="image/png")
             except StorageError as exc:
-                raise ApiError(404, "image_missing", str(exc)) from None
+                log.error("image of job %s missing from storage: %s", job_id, exc)
+                raise ApiError(404, "image_missing", f"the image of job {job_id} is missing from storage") from None
         return RedirectResponse(state.storage.url(key), status_code=302)
 
     add_event_routes(router, state, authenticate, find, job_response)
-
-    @router.get("/healthz", response_model=Health, tags=["health"], summary="The process is up")
-    def healthz() -> Any:
-        return {"status": "ok", "checks": {}}
-
-    @router.get("/readyz", response_model=Health, tags=["health"], summary="Redis and storage are reachable",
-                responses={503: {"model": Health}})
-    def readyz() -> Any:
-        checks = {}
-        try:
-            state.redis.ping()
-            checks["redis"] = "ok"
-        except Exception as exc:
-            checks["redis"] = f"unreachable: {exc}"
-        try:
-            state.storage.check()
-            checks["storage"] = "ok"
-        except Exception as exc:
-            checks["storage"] = f"unreachable: {exc}"
-        ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
-
-    @router.get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=False)
-    def metrics_endpoint() -> Response:
-        body, content_type = metrics.render_metrics()
-        return Response(body, media_type=content_type)
 
     return router
 

@@ -19,22 +19,26 @@ JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 
 def job_request_model(limits: RequestLimits) -> type[BaseModel]:
-    side = dict(ge=limits.min_side, le=limits.max_side, multiple_of=limits.size_multiple)
+    # Strict: a string or a boolean is not a number (pydantic would take "64" and true), the same
+    # rule as engine.request.validate_request. A float field still takes an integer.
+    side = dict(ge=limits.min_side, le=limits.max_side, multiple_of=limits.size_multiple, strict=True)
     return create_model(
         "JobRequest",
         __config__=ConfigDict(extra="forbid", json_schema_extra={
             "example": {"prompt": "a red circle on a blue background", "steps": 20, "seed": 7}}),
-        prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars, pattern=r"\S",
+        prompt=(str, Field(min_length=1, strict=True, max_length=limits.max_prompt_chars, pattern=r"\S",
                            description="What to draw.")),
-        negative_prompt=(str, Field("", max_length=limits.max_prompt_chars, description="What to avoid.")),
+        negative_prompt=(str, Field("", max_length=limits.max_prompt_chars, strict=True, description="What to avoid.")),
         width=(int, Field(limits.default_width, **side, description="Pixels.")),
         height=(int, Field(limits.default_height, **side, description="Pixels.")),
-        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="Denoising steps.")),
+        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, strict=True,
+                          description="Denoising steps.")),
         guidance_scale=(float, Field(limits.default_guidance, ge=0, le=limits.max_guidance,
-                                     allow_inf_nan=False, description="Classifier-free guidance scale.")),
-        seed=(Optional[int], Field(None, ge=0, le=MAX_SEED,
+                                     allow_inf_nan=False, strict=True,
+                                     description="Classifier-free guidance scale.")),
+        seed=(Optional[int], Field(None, ge=0, le=MAX_SEED, strict=True,
                                    description="Random seed; drawn at random when absent, always returned.")),
-        cache_interval=(int, Field(limits.default_cache_interval, ge=1, le=limits.max_cache_interval,
+        cache_interval=(int, Field(limits.default_cache_interval, ge=1, le=limits.max_cache_interval, strict=True,
                                    description="Quality knob: 1 computes every step exactly; K > 1 reuses "
                                                "cached attention for up to K-1 steps (faster).")),
         cache_policy=(Optional[Literal[CACHE_POLICIES]], Field(  # type: ignore[valid-type]

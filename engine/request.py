@@ -76,9 +76,7 @@ def _int(data: Mapping[str, Any], name: str, default: int) -> int:
     value = data.get(name, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):  # strict, as the API: not 64.0, "64" or true
         raise RequestValidationError(name, f"must be an integer, got {value!r}")
     return value
 

@@ -58,7 +58,9 @@ def build_config(args: argparse.Namespace):
 def wait_for_redis(url: str, seconds: float) -> None:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    from worker.redis_conn import connect, display_url
+
+    client = connect(url, socket_connect_timeout=2)
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -66,7 +68,7 @@ def wait_for_redis(url: str, seconds: float) -> None:
             return
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if time.monotonic() >= deadline:
-                raise SystemExit(f"error: Redis at {url} is not reachable: {exc}") from None
+                raise SystemExit(f"error: Redis at {display_url(url)} is not reachable: {exc}") from None
             time.sleep(0.5)
 
 

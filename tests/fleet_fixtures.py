@@ -78,13 +78,17 @@ def moto_s3() -> Iterator[MotoS3]:
     s3.stop()
 
 
-def s3_storage_config(s3: MotoS3, bucket: str | None = None, **retry: Any):
+def s3_storage_config(s3: MotoS3, bucket: str | None = None, outage: dict[str, Any] | None = None, **retry: Any):
+    """`outage`: StorageConfig fields for outages (storage_deadline, spool_dir, spool_max_bytes, ...)."""
+    import tempfile
+
     from worker.storage import RetryPolicy, StorageConfig
 
+    outage = {"spool_dir": tempfile.mkdtemp(prefix="sd3serve-spool-"), **(outage or {})}
     return StorageConfig(backend="s3", s3_endpoint_url=s3.endpoint, s3_public_url=s3.endpoint,
                          s3_bucket=bucket or f"b-{uuid.uuid4().hex[:10]}",
                          retry=RetryPolicy(**retry) if retry else RetryPolicy(attempts=8, backoff=0.2, max_backoff=1.0),
-                         **S3_KEYS)
+                         **S3_KEYS, **outage)
 
 
 # -- the API -----------------------------------------------------------------------------------

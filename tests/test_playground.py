@@ -47,7 +47,8 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
     if os.environ.get("SD3SERVE_UPDATE_SCREENSHOT") and (REFERENCE_MODEL / "model_index.json").exists():
         model, side, steps = REFERENCE_MODEL, 128, 20
     # The API's defaults (read by the page from /openapi.json) fit the model.
-    api_env = {"SD3SERVE_API_KEYS": API_KEY, "SD3SERVE_DEFAULT_WIDTH": str(side),
+    # With keys set the schema is hidden unless SD3SERVE_DOCS=public (the page then uses the server's defaults).
+    api_env = {"SD3SERVE_API_KEYS": API_KEY, "SD3SERVE_DOCS": "public", "SD3SERVE_DEFAULT_WIDTH": str(side),
                "SD3SERVE_DEFAULT_HEIGHT": str(side), "SD3SERVE_DEFAULT_STEPS": str(steps)}
     with sp.running_stack(tmp_path, model, api_env_extra=api_env) as stack, \
             playwright_api.sync_playwright() as p:

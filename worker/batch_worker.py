@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 import redis
@@ -34,7 +34,9 @@ from worker import keys, metrics, rq_adapter, webhook_queue
 from worker.batch import BatchEntry, Phase
 from worker.bookkeeping import BatchBookkeeping
 from worker.config import WorkerConfig
-from worker.jobs import build_result, request_from_job, store_image
+from worker.durable_upload import DurableUploader, StoreFailed
+from worker.jobs import build_result, request_from_job
+from worker.redis_conn import connect
 from worker.storage import StorageError, storage_from_config
 
 log = logging.getLogger("sd3serve.worker")
@@ -49,7 +51,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self.config = config or WorkerConfig.from_env()
         queues = queues or [self.config.queue]
         if kwargs.get("connection") is None and all(isinstance(q, str) for q in _as_list(queues)):
-            kwargs["connection"] = redis.Redis.from_url(self.config.redis_url)
+            kwargs["connection"] = connect(self.config.redis_url)
         # The RQ CLI always passes its defaults (10-minute maintenance, 7-minute TTL): take the
         # shorter of those and ours, so a dead worker's jobs come back within a minute.
         kwargs["maintenance_interval"] = min(
@@ -64,7 +66,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self.engine = engine
         self.storage = storage
         self._entries: dict[str, BatchEntry] = {}
-        self._uploads: ThreadPoolExecutor | None = None
+        self._uploads: DurableUploader | None = None
         self._steps = 0
         self._step_records: list[dict[str, Any]] = []
         self._next_heartbeat = 0.0
@@ -109,7 +111,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
 
     def teardown(self) -> None:
         if self._uploads is not None:
-            self._uploads.shutdown(wait=False, cancel_futures=True)
+            self._uploads.shutdown()
             self._uploads = None
         if self.deliverer is not None:
             self.deliverer.stop()
@@ -124,6 +126,8 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_seconds):
                 rq_adapter.clean_queue(self, queue)
         self.last_cleaned_at = now()
+        if self._uploads is not None:
+            self._uploads.restore_bucket()  # /readyz checks the bucket: do not wait for an upload
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         if not keys.is_generation(job):
@@ -156,7 +160,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             except StorageError as exc:
                 log.warning("storage not ready yet (uploads will retry): %s", exc)
         if self._uploads is None:
-            self._uploads = ThreadPoolExecutor(self.config.upload_threads, thread_name_prefix="sd3serve-upload")
+            self._uploads = DurableUploader(self.storage, self.config.storage, self.config.upload_threads)
         if self.config.webhook.enabled and self.config.webhook.threads and self.deliverer is None:
             from worker.webhook_deliverer import start_for_worker
 
@@ -202,7 +206,8 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                     entry.fail("engine_error", "the engine dropped the request without a result", retry=True)
             uploads = [e.upload for e in self._entries.values() if e.phase is Phase.STORING and e.upload]
             if uploads:
-                wait(uploads, timeout=0.05, return_when=FIRST_COMPLETED)
+                held = self._uploads is not None and self._uploads.waiting  # storage is down: poll slower
+                wait(uploads, timeout=0.5 if held else 0.05, return_when=FIRST_COMPLETED)
             self._collect_uploads()
             return
         try:
@@ -225,9 +230,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 continue
             entry.phase = Phase.STORING
             entry.generate_seconds = finished.seconds
-            entry.upload = self._uploads.submit(
-                store_image, self.storage, self.config.storage.key_prefix, entry.job_id, finished.image,
-                self.config.storage.retry)
+            entry.upload = self._uploads.submit(entry.job_id, finished.image)
         if report.batch_size:
             metrics.STEP_DURATION.observe(report.step_seconds)
             metrics.BATCH_SIZE.observe(report.batch_size)
@@ -246,11 +249,12 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 continue
             try:
                 stored = entry.upload.result()
-            except StorageError as exc:
-                entry.fail("storage_unavailable", f"the image could not be stored: {exc}", retry=False)
+            except StoreFailed as exc:  # past the storage deadline: RQ's retry path, if retries remain
+                entry.fail(exc.code, exc.message, retry=exc.retry)
                 continue
-            except Exception as exc:
-                entry.fail("storage_error", f"the image could not be stored: {exc}", retry=False)
+            except Exception:
+                log.exception("storing the image of job %s failed", entry.job_id)
+                entry.fail("storage_error", "the image could not be stored (see the worker log)", retry=True)
                 continue
             entry.result = build_result(entry.request, stored, entry.generate_seconds, entry.job.enqueued_at,
                                         entry.job.started_at, now(), self.name)
@@ -288,6 +292,8 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
 
     # -- admission ------------------------------------------------------------------------------
     def _admit_more(self) -> None:
+        if self._uploads is not None and self._uploads.spool_full:
+            return  # storage is down and the spool is full: no new work until held images are stored
         slots = self.engine.admission_slots()
         while slots > 0:
             result = rq_adapter.dequeue_now(self)

@@ -21,6 +21,7 @@ Requests are validated here, before anything is enqueued, with the same rules as
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -223,7 +224,15 @@ def _error_of(job: Job, meta: Mapping[str, Any]) -> dict[str, str]:
     if "JobTimeoutException" in text:
         return {"code": "timeout", "message": "the job ran longer than its timeout"}
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return {"code": "worker_error", "message": lines[-1] if lines else "the job failed"}
+    return {"code": "worker_error", "message": scrub(lines[-1]) if lines else "the job failed"}
+
+
+_INTERNAL = re.compile(r"[a-z][a-z0-9+.-]*://\S+|\b[\w.-]+:\d{2,5}\b|\[[0-9a-f:]+\](:\d+)?", re.IGNORECASE)
+
+
+def scrub(message: str) -> str:
+    """An exception text fit for clients: URLs and host:port pairs replaced (the worker log has them)."""
+    return _INTERNAL.sub("<internal>", message)
 
 
 def wait(connection: Redis, job_id: str, timeout: float | None = None, poll: float = 0.25) -> JobInfo:

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from engine.config import EngineConfig
 from engine.settings import env_values
 from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
+from worker.redis_conn import redis_url_from_env
 from worker.storage import StorageConfig
 from worker.webhook_config import WebhookConfig
 
@@ -63,6 +64,9 @@ class WorkerConfig:
         plus the engine's and the storage's variables. Overrides that are None are ignored."""
         env = os.environ if env is None else env
         values = env_values(cls, env, skip=("engine", "storage", "webhook"))
+        sentinel_url = redis_url_from_env(env)
+        if sentinel_url:
+            values["redis_url"] = sentinel_url
         engine_overrides = overrides.pop("engine_overrides", None) or {}
         storage_overrides = overrides.pop("storage_overrides", None) or {}
         values["engine"] = EngineConfig.from_env(env, **engine_overrides)

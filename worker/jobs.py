@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.request import GenerationRequest, RequestLimits, RequestValidationError, validate_request
 from worker import keys
-from worker.storage import RetryPolicy, Storage, store_with_retries
+from worker.storage import RetryPolicy, Storage
 
 log = logging.getLogger("sd3serve.worker")
 
@@ -50,14 +50,6 @@ class StoredImage:
     url: str
     tries: int
     seconds: float
-
-
-def store_image(storage: Storage, key_prefix: str, job_id: str, image: Any, policy: RetryPolicy) -> StoredImage:
-    """Encode and store one image, retrying transient storage errors (raises StorageError)."""
-    start = time.monotonic()
-    key = keys.image_key(key_prefix, job_id)
-    tries = store_with_retries(storage, key, encode_png(image), policy)
-    return StoredImage(key=key, url=storage.url(key), tries=tries, seconds=time.monotonic() - start)
 
 
 def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
@@ -107,6 +99,7 @@ class _Runtime:
     key_prefix: str
     retry: RetryPolicy
     progress_every: int
+    uploader: Any = None  # a DurableUploader (worker.durable_upload)
 
 
 def _get_runtime() -> _Runtime:
@@ -115,6 +108,8 @@ def _get_runtime() -> _Runtime:
         from engine.engine import Engine
         from worker.config import WorkerConfig
         from worker.storage import storage_from_config
+
+        from worker.durable_upload import DurableUploader
 
         config = WorkerConfig.from_env()
         storage = storage_from_config(config.storage)
@@ -125,6 +120,7 @@ def _get_runtime() -> _Runtime:
             key_prefix=config.storage.key_prefix,
             retry=config.storage.retry,
             progress_every=config.progress_every,
+            uploader=DurableUploader(storage, config.storage, threads=1),
         )
     return _runtime
 
@@ -167,8 +163,13 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
         finished = engine.run([req], progress=report_progress)
     except RequestFailed as exc:
         raise GenerationFailed(exc.code, exc.message) from None
+    from worker.durable_upload import StoreFailed
+
     for item in finished:
-        stored = store_image(runtime.storage, runtime.key_prefix, job_id, item.image, runtime.retry)
+        try:  # held on disk and retried while storage is down; the job reads running meanwhile
+            stored = runtime.uploader.store(job_id, item.image, time.monotonic())
+        except StoreFailed as exc:
+            raise GenerationFailed(exc.code, exc.message) from None
         enqueued = job.enqueued_at if job is not None else started_at
         return build_result(req, stored, item.seconds, enqueued, started_at, now(),
                             job.worker_name if job is not None else "")

@@ -20,6 +20,9 @@ META_ERROR = "error"  # {"code": ..., "message": ...} for a failed job
 META_STATE = "state"  # "running" or "storing" (image computed, upload under way)
 
 KEY_PREFIX = "sd3serve"
+# What the API accepts as a job id: RQ's ids (uuid4, with or without dashes) and ids given to
+# client.submit. No ':' (RQ reads "<job>:<execution>" as an execution of <job>).
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
 
 def is_generation(job) -> bool:

@@ -29,9 +29,14 @@ TRANSIENT_S3_CODES = frozenset(
 class StorageError(RuntimeError):
     """Storing or reading an image failed for good. `transient` says whether retrying might help."""
 
-    def __init__(self, message: str, transient: bool = False) -> None:
+    def __init__(self, message: str, transient: bool = False, code: str = "") -> None:
         super().__init__(message)
         self.transient = transient
+        self.code = code  # the S3 error code, when there is one (NoSuchBucket, AccessDenied, ...)
+
+    @property
+    def missing_bucket(self) -> bool:
+        return self.code == "NoSuchBucket"
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,12 @@ class StorageConfig:
     s3_access_key: str = ""  # empty: boto3's usual lookup (AWS_* variables, profiles, roles)
     s3_secret_key: str = ""
     s3_url_ttl: int = 3600  # seconds a presigned URL stays valid
-    s3_create_bucket: bool = True  # workers create the bucket when it is missing
+    s3_create_bucket: bool = True  # workers create the bucket when it is missing (also while running)
+    # An image that cannot be stored is kept on the worker's disk (at most spool_max_bytes in all)
+    # and its upload retried until storage_deadline seconds after it was made; then the job fails.
+    storage_deadline: float = 900.0
+    spool_dir: str = ""  # empty: <data_dir>/spool
+    spool_max_bytes: int = 512 * 1024 * 1024
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
@@ -68,10 +78,16 @@ class StorageConfig:
             raise ValueError("S3 storage needs a bucket (SD3SERVE_S3_BUCKET)")
         if self.retry.attempts < 1 or self.retry.backoff < 0:
             raise ValueError("storage retries must be >= 1 and backoff >= 0")
+        if self.storage_deadline < 0 or self.spool_max_bytes < 0:
+            raise ValueError("SD3SERVE_STORAGE_DEADLINE and SD3SERVE_SPOOL_MAX_BYTES must be >= 0")
 
     @property
     def image_dir(self) -> Path:
         return Path(self.data_dir) / "images"
+
+    @property
+    def spool_path(self) -> Path:
+        return Path(self.spool_dir) if self.spool_dir else Path(self.data_dir) / "spool"
 
     @property
     def key_prefix(self) -> str:
@@ -206,7 +222,7 @@ class S3Storage:
             transient = status >= 500 or code in TRANSIENT_S3_CODES
             raise StorageError(
                 f"S3 {what} failed for {self.bucket}/{key}: {code or status} {error.get('Message', '')}".rstrip(),
-                transient=transient,
+                transient=transient, code=code,
             ) from exc
         except BotoCoreError as exc:  # connection refused, timeouts, closed connections
             raise StorageError(f"S3 {what} failed for {self.bucket}/{key}: {exc}", transient=True) from exc
