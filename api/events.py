@@ -16,7 +16,7 @@ from prometheus_client import Gauge
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import ApiError
-from api.schemas import ErrorResponse
+from api.schemas import ERRORS, JobId
 
 STREAMS_OPEN = Gauge("sd3serve_event_streams_open", "Server-sent event streams of jobs being served now.")
 
@@ -56,9 +56,8 @@ def add_event_routes(router: APIRouter, state: Any, authenticate: Callable[..., 
                 response_class=EventSourceResponse,
                 responses={200: {"content": {"text/event-stream": {}},
                                  "description": "queued / running events, then the final status; ends with the job"},
-                           401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
-                           404: {"model": ErrorResponse}})
-    async def job_events(job_id: str, request: Request, caller: str = Depends(authenticate)) -> EventSourceResponse:
+                           **{code: ERRORS[code] for code in (401, 403, 404, 422, 503)}})
+    async def job_events(job_id: JobId, request: Request, caller: str = Depends(authenticate)) -> EventSourceResponse:
         info = await anyio.to_thread.run_sync(find, job_id)  # 404 before the stream starts
         return EventSourceResponse(stream(info, request), ping=state.config.event_heartbeat, send_timeout=30,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -9,10 +9,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
@@ -22,7 +22,7 @@ from rq import Queue
 from api import metrics
 from api.config import ApiConfig
 from api.errors import ApiError
-from api.schemas import ErrorResponse, JobResponse
+from api.schemas import ERRORS, JobResponse, JobId
 from engine.request import RequestValidationError, validate_request
 from worker import client, job_view, keys
 from worker.admission import NotReplicated, QueueFull
@@ -33,10 +33,6 @@ from api.events import add_event_routes
 
 log = logging.getLogger("sd3serve.api")
 MAX_IDEMPOTENCY_KEY = 255
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429, 503)}
-# RQ ids (uuid4, with or without dashes) and ids given to `client.submit`; no ':' (RQ reads
-# '<job>:<execution>' as an execution of <job>, which would give a job aliases).
-JobId = Annotated[str, Path(pattern=keys.JOB_ID_PATTERN, description="A job id as POST /v1/jobs returned it.")]
 
 
 @dataclass

@@ -7,11 +7,13 @@ pydantic as the single source of truth for what a request means.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
+from worker.keys import JOB_ID_PATTERN
 from worker.webhook_config import EVENTS
 from worker.webhook_urls import MAX_URL_CHARS
 
@@ -97,3 +99,10 @@ class JobResponse(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429, 503)}
+# RQ ids (uuid4, with or without dashes) and ids given to `client.submit`; no ':' (RQ reads
+# '<job>:<execution>' as an execution of <job>, which would give a job aliases).
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="A job id as POST /v1/jobs returned it.")]
