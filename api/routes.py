@@ -7,90 +7,37 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
-from redis import Redis
-from rq import Queue
 
-from api import metrics
-from api.config import ApiConfig
+from api import job_views, metrics, submission
+from api.auth import caller_dependency
 from api.errors import ApiError
 from api.schemas import ErrorResponse, Health, JobResponse
-from engine.request import RequestValidationError, validate_request
+from api.state import ApiState
+from engine.request import RequestValidationError
 from worker import client, keys
 from worker.client import JobInfo, JobNotCancelable, JobNotFound
+from worker.job_spec import CONTENT_TYPES, validate_job
 from worker.storage import LocalStorage, StorageError
 
 MAX_IDEMPOTENCY_KEY = 255
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429)}
 
 
-@dataclass
-class ApiState:
-    config: ApiConfig
-    redis: Redis
-    storage: Any
-    job_request: type[BaseModel]
-    queue: Queue
-
-
 def build_router(state: ApiState) -> APIRouter:
     router = APIRouter()
-    bearer = HTTPBearer(auto_error=False, description="An API key, when the server has SD3SERVE_API_KEYS set.")
     JobRequest = state.job_request
-
-    def authenticate(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> str:
-        """The caller's identity: a digest of its API key ('anonymous' when keys are off)."""
-        if not state.config.api_keys:
-            return "anonymous"
-        if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-            metrics.JOBS_REJECTED.labels(reason="unauthorized").inc()
-            raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"})
-        given = credentials.credentials.encode()
-        if not any(_same(given, key.encode()) for key in state.config.api_keys):
-            metrics.JOBS_REJECTED.labels(reason="forbidden").inc()
-            raise ApiError(403, "forbidden", "this API key is not valid")
-        return hashlib.sha256(given).hexdigest()[:16]
+    authenticate = caller_dependency(state.config)
 
     def job_response(info: JobInfo, request: Request) -> dict[str, Any]:
-        image_url = None
-        if info.status == "succeeded" and info.result:
-            image_url = image_url_for(info, request)
-        body = {
-            "id": info.id,
-            "status": info.status,
-            "queue_position": info.queue_position,
-            "progress": info.progress,
-            "created_at": info.created_at,
-            "started_at": info.started_at,
-            "finished_at": info.finished_at,
-            "seed": info.seed,
-            "request": info.request,
-            "image_url": image_url,
-            "images": [image_url] if image_url else [],
-            "timings": (info.result or {}).get("timings"),
-            "error": info.error,
-        }
-        return JobResponse.model_validate(body).model_dump(mode="json")
+        return job_views.job_response(state, info, request)
 
-    def image_url_for(info: JobInfo, request: Request) -> str:
-        if isinstance(state.storage, LocalStorage):
-            base = state.config.public_url.rstrip("/") or str(request.base_url).rstrip("/")
-            return f"{base}/v1/jobs/{info.id}/image"
-        return state.storage.url(info.result["image_key"])  # a fresh presigned URL each time
-
-    def find(job_id: str) -> JobInfo:
-        try:
-            return client.status(state.redis, job_id)
-        except JobNotFound:
-            raise ApiError(404, "not_found", f"no job with id {job_id!r}") from None
+    def find(job_id: str, caller: str) -> JobInfo:
+        return job_views.find(state, job_id, caller)
 
     @router.post("/v1/jobs", status_code=202, response_model=JobResponse, tags=["jobs"],
                  summary="Submit an image generation job", responses=ERRORS)
@@ -104,7 +51,7 @@ def build_router(state: ApiState) -> APIRouter:
     ) -> Any:
         fields = body.model_dump(exclude_none=True)
         try:
-            generation = validate_request(fields, state.config.limits)
+            spec = validate_job(fields, state.config.limits)
         except RequestValidationError as exc:
             metrics.JOBS_REJECTED.labels(reason="validation").inc()
             raise ApiError(422, "invalid_request", str(exc), field=exc.field) from None
@@ -118,16 +65,14 @@ def build_router(state: ApiState) -> APIRouter:
                 replayed = replay(idem_key, fingerprint, request, response)
                 if replayed is not None:
                     return replayed
-        if state.queue.count >= state.config.max_queued:
+        try:
+            submission.submit(state, spec, caller, job_id)  # per-key limits, queue cap, enqueue
+        except ApiError:
             if idem_key:
                 state.redis.delete(idem_key)
-            metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
-            raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
-                           headers={"Retry-After": str(state.config.retry_after)})
-        client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options)
-        metrics.JOBS_SUBMITTED.inc()
+            raise
         response.headers["Location"] = f"/v1/jobs/{job_id}"
-        return job_response(find(job_id), request)
+        return job_response(find(job_id, caller), request)
 
     def replay(idem_key: str, fingerprint: str, request: Request, response: Response) -> Any:
         """The job an earlier request with this key created; None if that job has expired."""
@@ -163,7 +108,7 @@ def build_router(state: ApiState) -> APIRouter:
     ) -> Any:
         deadline = time.monotonic() + wait
         while True:
-            info = await anyio.to_thread.run_sync(find, job_id)
+            info = await anyio.to_thread.run_sync(find, job_id, caller)
             if info.done or time.monotonic() >= deadline:
                 return await anyio.to_thread.run_sync(job_response, info, request)
             await anyio.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
@@ -171,6 +116,7 @@ def build_router(state: ApiState) -> APIRouter:
     @router.post("/v1/jobs/{job_id}/cancel", response_model=JobResponse, tags=["jobs"], summary="Cancel a job",
                  responses=ERRORS)
     def cancel_job(job_id: str, request: Request, caller: str = Depends(authenticate)) -> Any:
+        find(job_id, caller)  # another key's job is not found
         try:
             info = client.cancel(state.redis, job_id)
         except JobNotFound:
@@ -179,17 +125,22 @@ def build_router(state: ApiState) -> APIRouter:
             raise ApiError(409, "already_finished", f"job {job_id} already {exc.info.status}") from None
         return job_response(info, request)
 
-    @router.get("/v1/jobs/{job_id}/image", tags=["jobs"], summary="The job's PNG",
-                responses={200: {"content": {"image/png": {}}}, 302: {"description": "Redirect to the image"},
-                           **ERRORS})
-    def get_image(job_id: str, caller: str = Depends(authenticate)) -> Response:
-        info = find(job_id)
+    @router.get("/v1/jobs/{job_id}/image", tags=["jobs"], summary="One of the job's images",
+                responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+                           302: {"description": "Redirect to the image"}, **ERRORS})
+    def get_image(job_id: str, caller: str = Depends(authenticate),
+                  index: int = Query(0, ge=0, le=99, description="Which image: 0 to n-1.")) -> Response:
+        info = find(job_id, caller)
         if info.status != "succeeded" or not info.result:
             raise ApiError(409, "not_ready", f"job {job_id} is {info.status}; its image exists once it succeeded")
-        key = info.result["image_key"]
+        image_keys = info.image_keys
+        if index >= len(image_keys):
+            raise ApiError(404, "not_found", f"job {job_id} has {len(image_keys)} images (index 0 to "
+                           f"{len(image_keys) - 1})", field="index")
+        key = image_keys[index]
         if isinstance(state.storage, LocalStorage):
             try:
-                return Response(state.storage.get(key), media_type="image/png")
+                return Response(state.storage.get(key), media_type=info.result.get("content_type", "image/png"))
             except StorageError as exc:
                 raise ApiError(404, "image_missing", str(exc)) from None
         return RedirectResponse(state.storage.url(key), status_code=302)
@@ -222,8 +173,3 @@ def build_router(state: ApiState) -> APIRouter:
 
     return router
 
-
-def _same(a: bytes, b: bytes) -> bool:
-    import hmac
-
-    return hmac.compare_digest(a, b)

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
+from worker.job_spec import MAX_IMAGES, OUTPUT_FORMATS
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -37,6 +38,10 @@ def job_request_model(limits: RequestLimits) -> type[BaseModel]:
                                                "cached attention for up to K-1 steps (faster).")),
         cache_policy=(Optional[Literal[CACHE_POLICIES]], Field(  # type: ignore[valid-type]
             None, description="How a cache_interval > 1 saves work; absent: the worker's default.")),
+        n=(int, Field(1, ge=1, le=MAX_IMAGES, description="Images to make; image i uses seed + i.")),
+        output_format=(Literal[OUTPUT_FORMATS], Field("png", description="Image encoding.")),  # type: ignore[valid-type]
+        output_compression=(Optional[int], Field(None, ge=0, le=100,
+                                                 description="jpeg/webp quality, 0-100 (default 100).")),
     )
 
 
@@ -63,12 +68,19 @@ class JobResponse(BaseModel):
     created_at: Optional[datetime] = None
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, description="The first image's seed; image i used seed + i.")
+    n: int = Field(1, description="Images the job makes.")
+    output_format: str = "png"
     request: dict[str, Any]
-    image_url: Optional[str] = Field(None, description="Where the PNG can be fetched, once succeeded.")
-    images: list[str] = Field(default_factory=list)
+    image_url: Optional[str] = Field(None, description="Where the first image can be fetched, once succeeded.")
+    images: list[str] = Field(default_factory=list, description="Every image's URL, in seed order.")
     timings: Optional[dict[str, float]] = None
     error: Optional[ErrorDetail] = None
+
+
+class JobList(BaseModel):
+    data: list[JobResponse]
+    next_cursor: Optional[str] = Field(None, description="Pass as ?cursor= for the next (older) page; null: no more.")
 
 
 class Health(BaseModel):

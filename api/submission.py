@@ -1,0 +1,26 @@
+"""Admitting a validated job: the caller's limits, the queue cap, then the queue, owned by the caller."""
+from __future__ import annotations
+
+from api import metrics
+from api.errors import ApiError
+from api.state import ApiState
+from worker import client, keys
+from worker.job_spec import ImageJob
+
+
+def submit(state: ApiState, spec: ImageJob, caller: str, job_id: str, user: str | None = None) -> None:
+    """Enqueue `spec` as `job_id`, owned by `caller`, or raise a 429 ApiError (nothing enqueued)."""
+    state.key_limits.count_request(caller)
+    if state.queue.count >= state.config.max_queued:
+        metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
+        raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
+                       headers={"Retry-After": str(state.config.retry_after)})
+    state.key_limits.reserve(caller, job_id)
+    try:
+        client.enqueue(state.queue, spec, job_id=job_id, options=state.config.job_options, owner=caller,
+                       meta={keys.META_USER: user} if user else None)
+    except BaseException:
+        state.key_limits.release(caller, job_id)
+        raise
+    state.jobs.add(caller, job_id)
+    metrics.JOBS_SUBMITTED.inc()
