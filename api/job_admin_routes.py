@@ -74,7 +74,8 @@ def build_job_admin_router(state: ApiState) -> APIRouter:
     @router.get("/v1/files/{key:path}", tags=["jobs"], summary="A local image, through its signed URL",
                 responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}, 403: {"model": ErrorResponse},
                            404: {"model": ErrorResponse}})
-    def get_file(key: str, expires: int = Query(..., ge=0, le=2**40), signature: str = Query(..., max_length=64)) -> Response:
+    def get_file(key: str, expires: int = Query(..., ge=0, le=2**40),
+                 signature: str = Query(..., max_length=64, pattern="^[0-9a-f]{0,64}$")) -> Response:
         if not isinstance(state.storage, LocalStorage):
             raise ApiError(404, "not_found", "images are served by the object store (presigned URLs)")
         state.urls.verify(key, expires, signature)

@@ -32,7 +32,8 @@ class UrlSigner:
         return self._secret
 
     def signature(self, key: str, expires: int) -> str:
-        return hmac.new(self.secret(), f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+        message = f"{key}\n{expires}".encode("utf-8", "surrogatepass")  # any path text, never an error
+        return hmac.new(self.secret(), message, hashlib.sha256).hexdigest()
 
     def url(self, base: str, key: str, now: float | None = None) -> str:
         expires = int(now if now is not None else time.time()) + self.ttl
@@ -40,7 +41,8 @@ class UrlSigner:
 
     def verify(self, key: str, expires: int, signature: str) -> None:
         """Raise a 403 ApiError unless `signature` signs `key` until `expires`, and it has not passed."""
-        if not hmac.compare_digest(self.signature(key, expires), signature):
+        given = signature.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(self.signature(key, expires).encode(), given):
             raise ApiError(403, "bad_signature", "this image URL is not valid; ask the job's status for a fresh one")
         if expires < time.time():
             raise ApiError(403, "url_expired", "this image URL has expired; ask the job's status for a fresh one")
