@@ -69,10 +69,16 @@ class BodySizeLimit:
     async def _reject(self, scope: Scope, send: Send) -> None:
         from fastapi.responses import JSONResponse
 
-        if scope.get("path") == "/v1/jobs":
+        from api.openai_errors import OPENAI_PATHS, openai_error
+
+        path = scope.get("path", "")
+        if path in ("/v1/jobs", "/v1/images/generations"):
             metrics.JOBS_REJECTED.labels(reason="too_large").inc()
-        response = JSONResponse(error_body("too_large", f"the request body exceeds {self.max_bytes} bytes"),
-                                status_code=413)
+        message = f"the request body exceeds {self.max_bytes} bytes"
+        if path.startswith(OPENAI_PATHS):
+            response = openai_error(413, message, code="too_large")
+        else:
+            response = JSONResponse(error_body("too_large", message), status_code=413)
         await response(scope, _no_receive, send)
 
 

@@ -2,8 +2,10 @@
 routes: a route class that turns every error raised in them (validation, auth, limits) into it."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
+import redis
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -11,8 +13,12 @@ from fastapi.routing import APIRoute
 
 from api.errors import ApiError
 
+log = logging.getLogger("sd3serve.api")
+OPENAI_PATHS = ("/v1/images/", "/v1/models")
+
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-          404: "invalid_request_error", 409: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
+          404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 504: "timeout_error"}
 _CODES = {"unauthorized": "invalid_api_key", "forbidden": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
 
 
@@ -45,5 +51,9 @@ class OpenAIRoute(APIRoute):
             except ApiError as exc:
                 status = 400 if exc.status == 422 else exc.status
                 return openai_error(status, exc.message, exc.field, _CODES.get(exc.code, exc.code), exc.headers)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.error("Redis unreachable: %s", exc)
+                return openai_error(503, "the job queue (Redis) is unreachable; retry shortly", code="unavailable",
+                                    headers={"Retry-After": "5"})
 
         return openai_handler

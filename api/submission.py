@@ -10,12 +10,20 @@ from worker.job_spec import ImageJob
 
 def submit(state: ApiState, spec: ImageJob, caller: str, job_id: str, user: str | None = None) -> None:
     """Enqueue `spec` as `job_id`, owned by `caller`, or raise a 429 ApiError (nothing enqueued)."""
-    state.key_limits.count_request(caller)
+    try:
+        state.key_limits.count_request(caller)
+    except ApiError:
+        metrics.JOBS_REJECTED.labels(reason="rate_limited").inc()
+        raise
     if state.queue.count >= state.config.max_queued:
         metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
         raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
                        headers={"Retry-After": str(state.config.retry_after)})
-    state.key_limits.reserve(caller, job_id)
+    try:
+        state.key_limits.reserve(caller, job_id)
+    except ApiError:
+        metrics.JOBS_REJECTED.labels(reason="too_many_jobs").inc()
+        raise
     try:
         client.enqueue(state.queue, spec, job_id=job_id, options=state.config.job_options, owner=caller,
                        meta={keys.META_USER: user} if user else None)

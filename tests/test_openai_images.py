@@ -122,6 +122,17 @@ def test_wrong_key_gets_openai_401_shape(stack):
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_oversized_and_malformed_bodies_get_openai_errors(stack):
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    huge = httpx.post(f"{stack.url}/v1/images/generations", content=b'{"prompt": "' + b"x" * 100_000 + b'"}',
+                      headers=headers)
+    assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
+    broken = httpx.post(f"{stack.url}/v1/images/generations", content=b'{"prompt": ', headers=headers)
+    assert broken.status_code == 400 and broken.json()["error"]["message"] == "the body is not valid JSON"
+    extra = httpx.post(f"{stack.url}/v1/images/generations", json={"prompt": "x", "colour": "red"}, headers=headers)
+    assert extra.status_code == 400 and extra.json()["error"]["param"] == "colour"
+
+
 def test_no_worker_in_time_gives_504_with_the_job_id_and_the_job_goes_on(fleet_redis, tmp_path):
     queue = f"sd3serve-noworker-{uuid.uuid4().hex[:8]}"
     app = create_app(api_config(fleet_redis.url, queue, storage=StorageConfig(data_dir=str(tmp_path)),

@@ -86,6 +86,9 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             page.wait_for_selector("#result:not([hidden])")
 
             # Two images in WebP: the second (seed 8) shows beside the first.
+            page.fill("#prompt", "a red circle on a blue background")  # the reload emptied the form
+            page.click("summary:has-text('Settings')")
+            page.fill("#seed", "7")
             page.fill("#n", "2")
             page.select_option("#output_format", "webp")
             page.click("#submit")
