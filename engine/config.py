@@ -16,6 +16,16 @@ from engine.settings import env_values
 REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sd3-shapes"
 LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate")
 DTYPES = ("float32", "bfloat16", "float16")
+# `--model random:<name>`: random weights at a real model's shapes, built in the worker process,
+# for load tests on machines without the real weights (engine/random_model.py). Benchmark use only:
+# the images are noise. Serving defaults are the real models' (SD3: 1024², 28 steps, CFG 7).
+RANDOM_MODEL_PREFIX = "random:"
+RANDOM_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"width": 64, "height": 64, "steps": 4, "guidance_scale": 4.0, "max_sequence_length": 16},
+    "sd3-medium": {"width": 1024, "height": 1024, "steps": 28, "guidance_scale": 7.0},
+    "sd3.5-large": {"width": 1024, "height": 1024, "steps": 28, "guidance_scale": 3.5},
+}
+RANDOM_MODELS = tuple(RANDOM_MODEL_DEFAULTS)
 COMPILE_SETTINGS = {"auto": "auto", "on": "on", "off": "off", "true": "on", "false": "off", "1": "on", "0": "off",
                     "yes": "on", "no": "off"}
 
@@ -58,6 +68,7 @@ class EngineConfig:
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
         object.__setattr__(self, "compile", normalize_compile(self.compile))
+        random_model_name(self.model)  # an unknown random:<name> fails here, before any loading
 
     def compile_enabled(self, device_type: str) -> bool:
         """Whether the speed work is on for a device of this type ("cuda", "cpu", ...)."""
@@ -81,9 +92,24 @@ def limits_from_env(env: Mapping[str, str] | None = None) -> RequestLimits:
 MODEL_DEFAULTS_FILE = "sd3serve.json"
 
 
+def random_model_name(model: str) -> str | None:
+    """The shape name of a `random:<name>` model spec, None for any other model."""
+    if not model.startswith(RANDOM_MODEL_PREFIX):
+        return None
+    name = model[len(RANDOM_MODEL_PREFIX):]
+    if name not in RANDOM_MODEL_DEFAULTS:
+        raise ValueError(f"model {model!r}: random weights come in {', '.join(RANDOM_MODELS)} "
+                         f"(e.g. {RANDOM_MODEL_PREFIX}sd3-medium)")
+    return name
+
+
 def read_model_defaults(model: str) -> dict[str, Any]:
     """Serving defaults a model folder ships in `sd3serve.json` (width, height, steps,
-    guidance_scale, max_sequence_length); empty for hub ids and folders without the file."""
+    guidance_scale, max_sequence_length); empty for hub ids and folders without the file.
+    A `random:<name>` spec has the real model's defaults."""
+    name = random_model_name(model)
+    if name is not None:
+        return dict(RANDOM_MODEL_DEFAULTS[name])
     path = Path(model) / MODEL_DEFAULTS_FILE
     if not path.is_file():
         return {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, random_model_name
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ def load_pipeline(config: EngineConfig) -> StableDiffusion3Pipeline:
     """Load any SD3-family pipeline from a local folder or a hub id; T5 is optional."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    random_name = random_model_name(config.model)
+    if random_name is not None:
+        from engine.random_model import build_pipeline
+
+        log.warning("model %s: RANDOM weights at the real shapes (benchmarks only; images are noise)", config.model)
+        return _ready(build_pipeline(random_name, device, dtype))
     path = Path(config.model)
     kwargs: dict = {}
     if path.is_dir():
@@ -44,6 +50,10 @@ def load_pipeline(config: EngineConfig) -> StableDiffusion3Pipeline:
         raise FileNotFoundError(f"model folder {path} does not exist")
     pipe = StableDiffusion3Pipeline.from_pretrained(config.model, dtype=dtype, **kwargs)
     pipe.to(device)
+    return _ready(pipe)
+
+
+def _ready(pipe: StableDiffusion3Pipeline) -> StableDiffusion3Pipeline:
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:

@@ -1,0 +1,102 @@
+"""serving_<card>.json: the rows of every serving run (merged across device calls) and the
+summary the serving-under-load issue asks for, recomputed from the rows on every save."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BASELINE = "rq-diffusers-compiled"
+EAGER = "rq-diffusers-eager"
+SUSTAINED = 0.95  # an open-loop rate is sustained when at least this share of it comes out
+
+
+def save_rows(path: Path, rows: list[dict], info: dict, card: str) -> dict:
+    """Add `rows` (and the system's `info`, keyed by system and call) to the file and rewrite it."""
+    data = json.loads(path.read_text()) if path.exists() else dict(card=card, rows=[], systems={})
+    data["card"] = card
+    data["rows"].extend(rows)
+    data.setdefault("systems", {})[f"{info['system']}@{info['call']}"] = info
+    data["summary"] = summarize(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return data
+
+
+def saturated(rows: list[dict], system: str, size: str) -> float | None:
+    """The latest closed-loop images/min of `system` at `size`."""
+    found = [r for r in rows if r["system"] == system and r["size"] == size and r["mode"] == "closed"]
+    return found[-1]["images_per_min"] if found else None
+
+
+def sustained_rate(rows: list[dict], system: str, size: str) -> float | None:
+    """The highest open-loop rate `system` kept up with (images out >= 95 % of jobs in, none lost)."""
+    ok = [r["rate_per_s"] for r in rows if r["system"] == system and r["size"] == size and r["mode"] == "open"
+          and r["lost"] == 0 and r["images_per_min"] >= SUSTAINED * 60 * r["rate_per_s"]]
+    return max(ok) if ok else None
+
+
+def open_row(rows: list[dict], system: str, size: str, rate: float) -> dict | None:
+    found = [r for r in rows if r["system"] == system and r["size"] == size and r["mode"] == "open"
+             and abs(r["rate_per_s"] - rate) <= 0.01 * rate]
+    return found[-1] if found else None
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    return round(a / b, digits) if a and b else None
+
+
+def offline_images_per_s(data: dict, size: int, cache_interval: int) -> tuple[float | None, int | None]:
+    for info in data.get("systems", {}).values():
+        for run in (info.get("offline") or {}).get("runs", []):
+            if run["size"] == size and run["cache_interval"] == cache_interval:
+                return run["images_per_s"], run["batch"]
+    return None, None
+
+
+def summarize(data: dict) -> dict:
+    rows = data["rows"]
+    summary: dict = dict(
+        lost_total=sum(r["lost"] for r in rows),
+        duplicates_total=sum(r["duplicates"] or 0 for r in rows),
+        duplicates_audited_rows=sum(r["duplicates"] is not None for r in rows),
+        rows=len(rows),
+    )
+    for baseline, suffix in ((BASELINE, ""), (EAGER, "_vs_eager")):
+        summary[f"throughput_ratio_exact_1024{suffix}"] = _ratio(saturated(rows, "sd3serve-exact", "1024"),
+                                                                 saturated(rows, baseline, "1024"))
+        summary[f"throughput_ratio_cached_1024{suffix}"] = _ratio(saturated(rows, "sd3serve-k3", "1024"),
+                                                                  saturated(rows, baseline, "1024"))
+        summary[f"throughput_ratio_exact_512{suffix}"] = _ratio(saturated(rows, "sd3serve-exact", "512"),
+                                                                saturated(rows, baseline, "512"))
+        rate = sustained_rate(rows, baseline, "1024")
+        ours = open_row(rows, "sd3serve-k3", "1024", rate) if rate else None
+        theirs = open_row(rows, baseline, "1024", rate) if rate else None
+        summary[f"baseline_sustained_rate_1024{suffix}"] = rate
+        summary[f"p95_ratio_at_baseline_capacity{suffix}"] = (
+            _ratio(ours["p95_s"], theirs["p95_s"]) if ours and theirs else None)
+    for name, system, k in (("worker_efficiency", "sd3serve-exact", 1), ("worker_efficiency_cached", "sd3serve-k3", 3)):
+        offline, batch = offline_images_per_s(data, 1024, k)
+        sat = saturated(rows, system, "1024")
+        summary[name] = _ratio(sat / 60.0 if sat else None, offline)
+        summary[f"{name}_offline_batch"] = batch
+    summary.update(mixed_size_summary(rows))
+    return summary
+
+
+def mixed_size_summary(rows: list[dict]) -> dict:
+    """Each size's p95 in the mixed (512+1024) sd3serve runs against its single-size run at the
+    same arrival rate of that size's jobs, or the nearest rate above."""
+    out: dict = {}
+    for r in rows:
+        if r["size"] != "512+1024" or r["mode"] != "open":
+            continue
+        for size, stats in r["by_size"].items():
+            share = stats["completed"] / max(r["completed"], 1)
+            singles = [s for s in rows if s["system"] == r["system"] and s["size"] == size and s["mode"] == "open"
+                       and s["rate_per_s"] >= share * r["rate_per_s"] * 0.99]
+            single = min(singles, key=lambda s: s["rate_per_s"]) if singles else None
+            key = f"mixed_p95_vs_single_{r['system']}_{size}_at_{r['rate_per_s']}"
+            out[key] = _ratio(stats["p95_s"], single["p95_s"]) if single else None
+    return out
