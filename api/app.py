@@ -2,6 +2,7 @@
 `create_app(ApiConfig(...))`. Importing this module never imports torch."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +16,9 @@ from api import metrics
 from api.config import ApiConfig
 from api.errors import error_body, install_error_handlers
 from api.health import build_health_router
+from api.image_sweeper import sweep_forever
+from api.job_admin_routes import build_job_admin_router
+from api.openai_routes import build_openai_router
 from api.routes import ApiState, build_router
 from api.schemas import job_request_model
 from worker.admission import CappedQueue
@@ -27,8 +31,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 DESCRIPTION = """Generate images with Stable Diffusion 3 models on a fleet of batching GPU workers.
 
 Submit a job with `POST /v1/jobs`, follow it with `GET /v1/jobs/{id}` (add `?wait=30` to
-long-poll), fetch the PNG from `image_url`. Errors always look like
-`{"error": {"code": ..., "message": ..., "field": ...}}`.
+long-poll), fetch the images from `images`. Errors always look like
+`{"error": {"code": ..., "message": ..., "field": ...}}`. OpenAI's SDK works against
+`POST /v1/images/generations` and `GET /v1/models`, with OpenAI's error shape there.
 """
 
 
@@ -65,10 +70,16 @@ class BodySizeLimit:
     async def _reject(self, scope: Scope, send: Send) -> None:
         from fastapi.responses import JSONResponse
 
-        if scope.get("path") == "/v1/jobs":
+        from api.openai_errors import OPENAI_PATHS, openai_error
+
+        path = scope.get("path", "")
+        if path in ("/v1/jobs", "/v1/images/generations"):
             metrics.JOBS_REJECTED.labels(reason="too_large").inc()
-        response = JSONResponse(error_body("too_large", f"the request body exceeds {self.max_bytes} bytes"),
-                                status_code=413)
+        message = f"the request body exceeds {self.max_bytes} bytes"
+        if path.startswith(OPENAI_PATHS):
+            response = openai_error(413, message, code="too_large")
+        else:
+            response = JSONResponse(error_body("too_large", message), status_code=413)
         await response(scope, _no_receive, send)
 
 
@@ -98,9 +109,14 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
                      job_request=job_request_model(config.limits), queue=queue)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = None
         if isinstance(state.storage, LocalStorage):
             state.storage.ensure_ready()  # the local image folder; S3 buckets are the workers' job
+            if config.sweep_interval:
+                sweeper = asyncio.create_task(sweep_forever(state.storage, config.result_ttl, config.sweep_interval))
         yield
+        if sweeper is not None:
+            sweeper.cancel()
         redis.close()
 
     docs = {} if config.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -108,6 +124,8 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(build_router(state))
     app.include_router(build_health_router(state))
+    app.include_router(build_job_admin_router(state))
+    app.include_router(build_openai_router(state))
     if STATIC_DIR.is_dir():  # the playground page at / (after the API routes, which win)
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="playground")
     metrics.instrument_app(app)

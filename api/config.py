@@ -38,6 +38,13 @@ class ApiConfig:
     retries: int = DEFAULT_RETRIES
     idempotency_ttl: int = 24 * 3600  # how long an Idempotency-Key is remembered
     public_url: str = ""  # base of URLs handed out; empty: the URL the request came in on
+    requests_per_minute: int = 0  # per API key, submissions (POST /v1/jobs, /v1/images/generations); 0: no limit
+    max_jobs_in_flight: int = 0  # per API key, jobs queued or running at once; 0: no limit
+    url_signing_key: str = ""  # HMAC secret of local image URLs; empty: one drawn once and kept in Redis
+    image_url_ttl: int = 3600  # seconds a signed local image URL stays valid
+    sweep_interval: float = 300.0  # seconds between sweeps of expired local images; 0: no sweeper
+    model_name: str = ""  # the served model's name in /v1/models; empty: the model folder's name
+    images_timeout: float = 300.0  # POST /v1/images/generations waits this long, then 504 with the job id
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)  # SD3SERVE_WEBHOOK_*: submit-time checks
@@ -53,6 +60,11 @@ class ApiConfig:
             raise ValueError(f"SD3SERVE_DOCS must be public, off or auto, got {self.docs!r}")
         if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
             raise ValueError("redis_wait_replicas must be >= 0 and redis_wait_timeout_ms >= 1")
+        if min(self.requests_per_minute, self.max_jobs_in_flight, self.sweep_interval) < 0 or self.image_url_ttl < 1:
+            raise ValueError("requests_per_minute, max_jobs_in_flight and sweep_interval must be >= 0, "
+                             "image_url_ttl >= 1")
+        if self.images_timeout <= 0:
+            raise ValueError("images_timeout must be > 0")
         _ = self.job_options  # JobOptions checks retries and job_timeout
 
     @property
@@ -74,5 +86,17 @@ class ApiConfig:
         values["webhook"] = WebhookConfig.from_env(env)
         # Defaults (size, steps) follow the served model's sd3serve.json when its folder is here.
         values["limits"] = limits_for_model(limits_from_env(env), env.get("SD3SERVE_MODEL", str(REFERENCE_MODEL_DIR)))
+        if not values.get("model_name"):
+            values["model_name"] = served_model_name(env.get("SD3SERVE_MODEL", str(REFERENCE_MODEL_DIR)))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def served_model(self) -> str:
+        return self.model_name or served_model_name(str(REFERENCE_MODEL_DIR))
+
+
+def served_model_name(model: str) -> str:
+    """A model's name for clients: a folder's last part, or the hub id as given."""
+    path = model.rstrip("/")
+    return path.rsplit("/", 1)[-1] if path.startswith(("/", ".")) else path

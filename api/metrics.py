@@ -25,7 +25,8 @@ JOBS_SUBMITTED = Counter(
 )
 JOBS_REJECTED = Counter(
     "sd3serve_jobs_rejected_total",
-    "Job submissions refused by the API, by reason (validation, queue_full, too_large, unauthorized, forbidden).",
+    "Job submissions refused by the API, by reason (validation, queue_full, too_large, unauthorized, forbidden, "
+    "rate_limited, too_many_jobs).",
     ["reason"],
 )
 REQUEST_LATENCY = Histogram(

@@ -8,25 +8,22 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
-from redis import Redis
-from rq import Queue
 
-from api import metrics
-from api.config import ApiConfig
+from api import job_views, metrics, submission
+from api.auth import caller_dependency
 from api.errors import ApiError
-from api.schemas import ERRORS, JobResponse, JobId
-from engine.request import RequestValidationError, validate_request
-from worker import client, job_view, keys
-from worker.admission import NotReplicated, QueueFull
+from api.schemas import ERRORS, JobId, JobResponse
+from api.state import ApiState
+from engine.request import RequestValidationError
+from worker import client, keys
+from worker.admission import NotReplicated
 from worker.client import JobInfo, JobNotCancelable, JobNotFound
+from worker.job_spec import CONTENT_TYPES, validate_job
 from worker.storage import LocalStorage, StorageError
 from worker.webhook_subscription import subscribe
 from api.events import add_event_routes
@@ -35,50 +32,16 @@ log = logging.getLogger("sd3serve.api")
 MAX_IDEMPOTENCY_KEY = 255
 
 
-@dataclass
-class ApiState:
-    config: ApiConfig
-    redis: Redis
-    storage: Any
-    job_request: type[BaseModel]
-    queue: Queue
-
-
 def build_router(state: ApiState) -> APIRouter:
     router = APIRouter()
-    bearer = HTTPBearer(auto_error=False, description="An API key, when the server has SD3SERVE_API_KEYS set.")
     JobRequest = state.job_request
-
-    def authenticate(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> str:
-        """The caller's identity: a digest of its API key ('anonymous' when keys are off)."""
-        if not state.config.api_keys:
-            return "anonymous"
-        if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-            metrics.JOBS_REJECTED.labels(reason="unauthorized").inc()
-            raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"})
-        given = credentials.credentials.encode()
-        if not any(_same(given, key.encode()) for key in state.config.api_keys):
-            metrics.JOBS_REJECTED.labels(reason="forbidden").inc()
-            raise ApiError(403, "forbidden", "this API key is not valid")
-        return hashlib.sha256(given).hexdigest()[:16]
+    authenticate = caller_dependency(state.config)
 
     def job_response(info: JobInfo, request: Request) -> dict[str, Any]:
-        image_url = image_url_for(info, request) if info.status == "succeeded" and info.result else None
-        body = job_view.status_body(info, image_url)
-        return JobResponse.model_validate(body).model_dump(mode="json")
+        return job_views.job_response(state, info, request)
 
-    def image_url_for(info: JobInfo, request: Request) -> str:
-        if isinstance(state.storage, LocalStorage):
-            base = state.config.public_url.rstrip("/") or str(request.base_url).rstrip("/")
-            return f"{base}/v1/jobs/{info.id}/image"
-        return state.storage.url(info.result["image_key"])  # a fresh presigned URL each time
-
-    def find(job_id: str) -> JobInfo:
-        try:
-            return client.status(state.redis, job_id)
-        except JobNotFound:
-            raise ApiError(404, "not_found", f"no job with id {job_id!r}") from None
+    def find(job_id: str, caller: str) -> JobInfo:
+        return job_views.find(state, job_id, caller)
 
     @router.post("/v1/jobs", status_code=202, response_model=JobResponse, tags=["jobs"],
                  summary="Submit an image generation job", responses=ERRORS)
@@ -94,7 +57,7 @@ def build_router(state: ApiState) -> APIRouter:
         fields = body.model_dump(exclude_none=True)
         request_fields = {k: v for k, v in fields.items() if k not in ("webhook", "webhook_events_filter")}
         try:
-            generation = validate_request(request_fields, state.config.limits)
+            spec = validate_job(request_fields, state.config.limits)
             subscription = None
             if "webhook" in fields or "webhook_events_filter" in fields:
                 subscription = subscribe(fields.get("webhook"), fields.get("webhook_events_filter"),
@@ -112,21 +75,17 @@ def build_router(state: ApiState) -> APIRouter:
                 replayed = replay(idem_key, fingerprint, request, response)
                 if replayed is not None:
                     return replayed
-        try:  # the cap check and the enqueue are one atomic step (worker/admission.py)
+        try:  # per-key limits, then the cap check and the enqueue as one atomic step (worker/admission.py)
             with state.queue.keeping_unreplicated(idem_key is not None):
-                client.enqueue(state.queue, generation, job_id=job_id, options=state.config.job_options,
-                               webhook=subscription)
-        except (QueueFull, NotReplicated) as exc:
-            if isinstance(exc, NotReplicated):  # with an Idempotency-Key the job stays: a retry gets it
-                raise unconfirmed() from None
+                submission.submit(state, spec, caller, job_id, webhook=subscription)
+        except NotReplicated:  # with an Idempotency-Key the job stays: a retry gets it
+            raise unconfirmed() from None
+        except ApiError:
             if idem_key:
                 state.redis.delete(idem_key)
-            metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
-            raise ApiError(429, "queue_full", f"the queue holds {state.config.max_queued} jobs; retry later",
-                           headers={"Retry-After": str(state.config.retry_after)}) from None
-        metrics.JOBS_SUBMITTED.inc()
+            raise
         response.headers["Location"] = f"/v1/jobs/{job_id}"
-        return job_response(find(job_id), request)
+        return job_response(find(job_id, caller), request)
 
     def unconfirmed() -> ApiError:
         return ApiError(503, "unavailable", "the job queue could not confirm the job on a replica; retry "
@@ -169,7 +128,7 @@ def build_router(state: ApiState) -> APIRouter:
     ) -> Any:
         deadline = time.monotonic() + wait
         while True:
-            info = await anyio.to_thread.run_sync(find, job_id)
+            info = await anyio.to_thread.run_sync(find, job_id, caller)
             if info.done or time.monotonic() >= deadline:
                 return await anyio.to_thread.run_sync(job_response, info, request)
             await anyio.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
@@ -177,6 +136,7 @@ def build_router(state: ApiState) -> APIRouter:
     @router.post("/v1/jobs/{job_id}/cancel", response_model=JobResponse, tags=["jobs"], summary="Cancel a job",
                  responses=ERRORS)
     def cancel_job(job_id: JobId, request: Request, caller: str = Depends(authenticate)) -> Any:
+        find(job_id, caller)  # another key's job is not found
         try:
             info = client.cancel(state.redis, job_id)
         except JobNotFound:
@@ -185,17 +145,22 @@ def build_router(state: ApiState) -> APIRouter:
             raise ApiError(409, "already_finished", f"job {job_id} already {exc.info.status}") from None
         return job_response(info, request)
 
-    @router.get("/v1/jobs/{job_id}/image", tags=["jobs"], summary="The job's PNG",
-                responses={200: {"content": {"image/png": {}}}, 302: {"description": "Redirect to the image"},
-                           **ERRORS})
-    def get_image(job_id: JobId, caller: str = Depends(authenticate)) -> Response:
-        info = find(job_id)
+    @router.get("/v1/jobs/{job_id}/image", tags=["jobs"], summary="One of the job's images",
+                responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+                           302: {"description": "Redirect to the image"}, **ERRORS})
+    def get_image(job_id: JobId, caller: str = Depends(authenticate),
+                  index: int = Query(0, ge=0, le=99, description="Which image: 0 to n-1.")) -> Response:
+        info = find(job_id, caller)
         if info.status != "succeeded" or not info.result:
             raise ApiError(409, "not_ready", f"job {job_id} is {info.status}; its image exists once it succeeded")
-        key = info.result["image_key"]
+        image_keys = info.image_keys
+        if index >= len(image_keys):
+            raise ApiError(404, "not_found", f"job {job_id} has {len(image_keys)} images (index 0 to "
+                           f"{len(image_keys) - 1})", field="index")
+        key = image_keys[index]
         if isinstance(state.storage, LocalStorage):
             try:
-                return Response(state.storage.get(key), media_type="image/png")
+                return Response(state.storage.get(key), media_type=info.result.get("content_type", "image/png"))
             except StorageError as exc:
                 log.error("image of job %s missing from storage: %s", job_id, exc)
                 raise ApiError(404, "image_missing", f"the image of job {job_id} is missing from storage") from None
@@ -205,8 +170,3 @@ def build_router(state: ApiState) -> APIRouter:
 
     return router
 
-
-def _same(a: bytes, b: bytes) -> bool:
-    import hmac
-
-    return hmac.compare_digest(a, b)

@@ -16,6 +16,7 @@ from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
 from worker.keys import JOB_ID_PATTERN
 from worker.webhook_config import EVENTS
 from worker.webhook_urls import MAX_URL_CHARS
+from worker.job_spec import MAX_IMAGES, OUTPUT_FORMATS
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -51,6 +52,10 @@ def job_request_model(limits: RequestLimits) -> type[BaseModel]:
         webhook_events_filter=(Optional[list[Literal[EVENTS]]], Field(  # type: ignore[valid-type]
             None, min_length=1, description="Events that call the webhook: start, completed (succeeded, failed "
                                             "or canceled). Default: completed.")),
+        n=(int, Field(1, ge=1, le=MAX_IMAGES, description="Images to make; image i uses seed + i.")),
+        output_format=(Literal[OUTPUT_FORMATS], Field("png", description="Image encoding.")),  # type: ignore[valid-type]
+        output_compression=(Optional[int], Field(None, ge=0, le=100,
+                                                 description="jpeg/webp quality, 0-100 (default 100).")),
     )
 
 
@@ -87,13 +92,20 @@ class JobResponse(BaseModel):
     created_at: Optional[datetime] = None
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, description="The first image's seed; image i used seed + i.")
+    n: int = Field(1, description="Images the job makes.")
+    output_format: str = "png"
     request: dict[str, Any]
-    image_url: Optional[str] = Field(None, description="Where the PNG can be fetched, once succeeded.")
-    images: list[str] = Field(default_factory=list)
+    image_url: Optional[str] = Field(None, description="Where the first image can be fetched, once succeeded.")
+    images: list[str] = Field(default_factory=list, description="Every image's URL, in seed order.")
     timings: Optional[dict[str, float]] = None
     error: Optional[ErrorDetail] = None
     webhook: Optional[WebhookStatus] = Field(None, description="Delivery state, when the job has a webhook.")
+
+
+class JobList(BaseModel):
+    data: list[JobResponse]
+    next_cursor: Optional[str] = Field(None, description="Pass as ?cursor= for the next (older) page; null: no more.")
 
 
 class Health(BaseModel):

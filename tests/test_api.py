@@ -121,7 +121,8 @@ def test_api_keys_401_without_403_wrong_202_right(make_client):
     assert ok.status_code == 202
     job = ok.json()["id"]
     assert api.get(f"/v1/jobs/{job}").status_code == 401
-    assert api.get(f"/v1/jobs/{job}", headers={"Authorization": "Bearer other-key"}).status_code == 200
+    assert api.get(f"/v1/jobs/{job}", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert api.get(f"/v1/jobs/{job}", headers={"Authorization": "Bearer other-key"}).status_code == 404  # not its job
     assert api.get("/healthz").status_code == 200  # probes need no key
 
 

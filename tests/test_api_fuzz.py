@@ -28,7 +28,9 @@ def api_schema(fleet_redis, queue_name, tmp_path):
 
 
 def _operations(schema):
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # POST /v1/images/generations waits for a worker: test_openai_fuzz.py fuzzes it with one running.
+    operations = [op for op in (result.ok() for result in schema.get_all_operations())
+                  if op.label != "POST /v1/images/generations"]
     assert {op.label for op in operations} >= {
         "POST /v1/jobs", "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "GET /v1/jobs/{job_id}/image",
         "GET /healthz", "GET /readyz"}

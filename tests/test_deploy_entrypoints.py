@@ -35,7 +35,8 @@ class ImageGuard(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         top = name.partition(".")[0]
         if top in BLOCKED:
-            raise ImportError(f"{{name}} is not installed in the API image (deploy/requirements-api.txt)")
+            # What a missing module raises (optional imports, e.g. anyio's of sniffio, catch exactly it).
+            raise ModuleNotFoundError(f"{{name}} is not installed in the API image (deploy/requirements-api.txt)")
         if top in PROJECT:
             # Search the image's folders only (not, e.g., an editable install of the repository).
             image_path = [p for p in (path or sys.path) if os.path.abspath(p or os.getcwd()).startswith(IMAGE)]

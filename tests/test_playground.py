@@ -91,6 +91,17 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             page.wait_for_selector(f"#recent li[data-job-id='{job_id}'] img")
             page.click(f"#recent li[data-job-id='{job_id}']")
             page.wait_for_selector("#result:not([hidden])")
+
+            # Two images in WebP: the second (seed 8) shows beside the first.
+            page.fill("#prompt", "a red circle on a blue background")  # the reload emptied the form
+            page.click("summary:has-text('Settings')")
+            page.fill("#seed", "7")
+            page.fill("#n", "2")
+            page.select_option("#output_format", "webp")
+            page.click("#submit")
+            page.wait_for_function("document.querySelectorAll('#result-more img').length === 1"
+                                   " && document.querySelector('#result-more img').naturalWidth > 0", timeout=120_000)
+            assert "seeds 7–8" in page.inner_text("#result-caption") and "webp" in page.inner_text("#result-caption")
             assert page_errors == [], page_errors
 
             shot = tmp_path / "playground.png"

@@ -110,7 +110,7 @@ def test_plain_rq_job_is_processed_and_visible_over_rest(fleet_redis, redis_conn
         assert done["status"] == "succeeded", done
         assert isinstance(done["seed"], int)  # drawn by the worker, reported back
         assert done["request"] == {"prompt": "a yellow triangle on a black background", "steps": 3}
-        assert done["image_url"] == f"{api.url}/v1/jobs/{job.id}/image"
+        assert done["image_url"].startswith(f"{api.url}/v1/files/{job.id}.png?expires=")  # signed, expiring
         image = httpx.get(done["image_url"])
         assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (64, 64)
     result = Job.fetch(job.id, connection=redis_conn).return_value()

@@ -12,11 +12,12 @@ from rq.job import Job
 from rq.queue import Queue
 
 from engine.request import GenerationRequest
+from worker.job_spec import ImageJob
 
 
 class Phase(enum.Enum):
     RUNNING = "running"  # in the engine's batch
-    STORING = "storing"  # image computed, upload under way (in a thread)
+    STORING = "storing"  # every image computed, uploads under way (in threads)
     SUCCEEDED = "succeeded"  # stored; RQ success handling still to do
     FAILED = "failed"  # RQ failure handling still to do
 
@@ -33,10 +34,13 @@ class BatchEntry:
     job: Job
     queue: Queue
     execution: Execution
-    request: GenerationRequest
+    request: GenerationRequest  # the job's request (its first image's seed); None until validated
+    spec: ImageJob | None = None
     admitted_at: float = field(default_factory=time.monotonic)
     phase: Phase = Phase.RUNNING
-    upload: Future | None = None
+    request_ids: list[str] = field(default_factory=list)  # the engine requests, one per image
+    in_engine: set[str] = field(default_factory=set)  # those not finished yet
+    uploads: dict[int, Future] = field(default_factory=dict)  # image index -> store_image future
     generate_seconds: float = 0.0
     result: dict[str, Any] | None = None
     failure: Failure | None = None
@@ -46,6 +50,11 @@ class BatchEntry:
     @property
     def job_id(self) -> str:
         return self.job.id
+
+    @property
+    def upload(self) -> Future | None:
+        """An upload still under way (None when all are done)."""
+        return next((f for f in self.uploads.values() if not f.done()), None)
 
     def fail(self, code: str, message: str, retry: bool = False) -> None:
         self.phase = Phase.FAILED

@@ -35,7 +35,8 @@ from worker.batch import BatchEntry, Phase
 from worker.bookkeeping import BatchBookkeeping
 from worker.config import WorkerConfig
 from worker.durable_upload import DurableUploader, StoreFailed
-from worker.jobs import build_result, request_from_job
+from worker.job_spec import split_request_id
+from worker.jobs import build_result, job_from_kwargs
 from worker.redis_conn import connect
 from worker.storage import StorageError, storage_from_config
 
@@ -205,6 +206,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 if entry.phase is Phase.RUNNING:  # cannot happen unless the engine lost it
                     entry.fail("engine_error", "the engine dropped the request without a result", retry=True)
             uploads = [e.upload for e in self._entries.values() if e.phase is Phase.STORING and e.upload]
+            uploads = [u for u in uploads if u is not None]
             if uploads:
                 held = self._uploads is not None and self._uploads.waiting  # storage is down: poll slower
                 wait(uploads, timeout=0.5 if held else 0.05, return_when=FIRST_COMPLETED)
@@ -216,21 +218,27 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             log.exception("engine step failed")
             for entry in self._entries.values():
                 if entry.phase is Phase.RUNNING:
-                    self.engine.cancel(entry.request.request_id)
+                    for request_id in entry.request_ids:
+                        self.engine.cancel(request_id)
                     entry.fail("engine_error", f"the engine failed: {exc}", retry=True)
             return
         self._steps += 1
         for failed in report.failed:
-            entry = self._entries.get(failed.request.request_id)
-            if entry is not None:
+            entry = self._entries.get(split_request_id(failed.request.request_id)[0])
+            if entry is not None and entry.phase is Phase.RUNNING:
+                for request_id in entry.in_engine - {failed.request.request_id}:
+                    self.engine.cancel(request_id)  # the job fails as a whole; its other images stop
                 entry.fail(failed.code, failed.message, retry=failed.code == "out_of_memory")
         for finished in report.finished:
-            entry = self._entries.get(finished.request.request_id)
-            if entry is None:
+            job_id, index = split_request_id(finished.request.request_id)
+            entry = self._entries.get(job_id)
+            if entry is None or entry.phase is not Phase.RUNNING:
                 continue
-            entry.phase = Phase.STORING
-            entry.generate_seconds = finished.seconds
-            entry.upload = self._uploads.submit(entry.job_id, finished.image)
+            entry.in_engine.discard(finished.request.request_id)
+            if not entry.in_engine:
+                entry.phase = Phase.STORING
+            entry.generate_seconds = max(entry.generate_seconds, finished.seconds)
+            entry.uploads[index] = self._uploads.submit(entry.job_id, finished.image, entry.spec, index)
         if report.batch_size:
             metrics.STEP_DURATION.observe(report.step_seconds)
             metrics.BATCH_SIZE.observe(report.batch_size)
@@ -245,10 +253,10 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
 
     def _collect_uploads(self) -> None:
         for entry in self._entries.values():
-            if entry.phase is not Phase.STORING or entry.upload is None or not entry.upload.done():
-                continue
+            if entry.phase is not Phase.STORING or entry.upload is not None:
+                continue  # images still running, or uploads under way
             try:
-                stored = entry.upload.result()
+                stored = [entry.uploads[i].result() for i in sorted(entry.uploads)]
             except StoreFailed as exc:  # past the storage deadline: RQ's retry path, if retries remain
                 entry.fail(exc.code, exc.message, retry=exc.retry)
                 continue
@@ -256,7 +264,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 log.exception("storing the image of job %s failed", entry.job_id)
                 entry.fail("storage_error", "the image could not be stored (see the worker log)", retry=True)
                 continue
-            entry.result = build_result(entry.request, stored, entry.generate_seconds, entry.job.enqueued_at,
+            entry.result = build_result(entry.spec, stored, entry.generate_seconds, entry.job.enqueued_at,
                                         entry.job.started_at, now(), self.name)
             entry.phase = Phase.SUCCEEDED
 
@@ -304,11 +312,12 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                 super().execute_job(job, queue)  # an ordinary RQ job: run it now, on its own
                 self.set_state(WorkerStatus.BUSY)
                 continue
-            if self._admit(job, queue):
-                slots -= 1
+            entry = self._admit(job, queue)
+            if entry:
+                slots -= len(entry.request_ids)  # one slot per image
 
-    def _admit(self, job: Job, queue: Queue) -> bool:
-        """Register `job` with RQ as started and hand its request to the engine."""
+    def _admit(self, job: Job, queue: Queue) -> BatchEntry | None:
+        """Register `job` with RQ as started and hand its requests (one per image) to the engine."""
         execution = rq_adapter.start_execution(self, job)
         job.started_at = now()
         if job.retries_left is None and self.config.abandoned_retries:
@@ -318,16 +327,22 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             self.connection.hset(job.key, "retries_left", job.retries_left)
         entry = BatchEntry(job=job, queue=queue, execution=execution, request=None)  # type: ignore[arg-type]
         try:
-            entry.request = request_from_job(job.id, job.args, job.kwargs, self.limits)
-            self.engine.add(entry.request)
+            entry.spec = job_from_kwargs(job.id, job.args, job.kwargs, self.limits)
+            entry.request = entry.spec.generation
+            for request in entry.spec.image_requests(job.id):
+                self.engine.add(request)
+                entry.request_ids.append(request.request_id)
+                entry.in_engine.add(request.request_id)
         except RequestValidationError as exc:
             entry.fail("invalid_request", str(exc))
         except ValueError as exc:  # e.g. larger than the attention-cache budget
             entry.fail("too_large", str(exc))
         self._entries[job.id] = entry
         if entry.phase is Phase.FAILED:
+            for request_id in entry.request_ids:
+                self.engine.cancel(request_id)
             self._finish_failure(entry)
-            return False
+            return None
         if job.enqueued_at:
             metrics.QUEUE_WAIT.observe(max((job.started_at - job.enqueued_at).total_seconds(), 0.0))
         job.meta.pop(keys.META_ERROR, None)
@@ -335,9 +350,9 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                          keys.META_SEED: entry.request.seed, keys.META_STATE: Phase.RUNNING.value})
         job.save_meta()
         webhook_queue.notify(self.connection, job, "start")
-        log.info("admitted job %s (%dx%d, %d steps), %d in batch", job.id, entry.request.width,
-                 entry.request.height, entry.request.steps, len(self._entries))
-        return True
+        log.info("admitted job %s (%d x %dx%d, %d steps), %d in batch", job.id, len(entry.request_ids),
+                 entry.request.width, entry.request.height, entry.request.steps, len(self._entries))
+        return entry
 
 
 def _as_list(queues: Any) -> list[Any]:

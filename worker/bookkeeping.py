@@ -62,8 +62,8 @@ class BatchBookkeeping:
                 continue
             if status == JobStatus.STARTED and as_text(worker_name or b"") == self.name:
                 continue
-            if entry.request is not None:
-                self.engine.cancel(entry.request.request_id)
+            for request_id in entry.request_ids:
+                self.engine.cancel(request_id)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(entry.job, pipeline=pipe, execution=entry.execution)
                 pipe.execute()
@@ -80,7 +80,8 @@ class BatchBookkeeping:
             timeout = entry.job.timeout
             if entry.phase is Phase.RUNNING and timeout and timeout > 0:
                 if time.monotonic() - entry.admitted_at > timeout:
-                    self.engine.cancel(entry.request.request_id)
+                    for request_id in entry.request_ids:
+                        self.engine.cancel(request_id)
                     entry.fail("timeout", f"the job ran longer than its timeout of {timeout} s")
 
     def _write_progress(self) -> None:
@@ -94,7 +95,7 @@ class BatchBookkeeping:
                 meta.update({keys.META_STEP: entry.request.steps, keys.META_STATE: Phase.STORING.value})
                 changed.append(entry)
             elif due and entry.phase is Phase.RUNNING:
-                progress = self.engine.progress(entry.request.request_id)
+                progress = self._job_progress(entry)
                 if progress and progress[0] != entry.reported_step:
                     entry.reported_step = progress[0]
                     meta.update({keys.META_STEP: progress[0], keys.META_TOTAL: progress[1],
@@ -105,6 +106,11 @@ class BatchBookkeeping:
                 for entry in changed:
                     pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
                 pipe.execute()
+
+    def _job_progress(self, entry: BatchEntry) -> tuple[int, int] | None:
+        """A job's progress is its least advanced image's."""
+        running = [p for p in (self.engine.progress(r) for r in entry.in_engine) if p]
+        return min(running) if running else None
 
     def _flush_step_log(self) -> None:
         if not self._step_records:
@@ -126,7 +132,7 @@ class BatchBookkeeping:
         self._entries.pop(entry.job_id, None)
         webhook_queue.notify(self.connection, entry.job, "completed")
         metrics.JOBS_COMPLETED.labels(status="succeeded").inc()
-        metrics.IMAGES_GENERATED.inc()
+        metrics.IMAGES_GENERATED.inc(len(entry.request_ids))
         if entry.job.created_at:
             metrics.JOB_LATENCY.observe(max((now() - entry.job.created_at).total_seconds(), 0.0))
 
@@ -159,8 +165,8 @@ class BatchBookkeeping:
         self._entries.clear()
 
     def _requeue(self, entry: BatchEntry) -> None:
-        if entry.request is not None:
-            self.engine.cancel(entry.request.request_id)
+        for request_id in entry.request_ids:
+            self.engine.cancel(request_id)
         entry.job.meta.update({keys.META_STEP: 0, keys.META_STATE: "requeued"})
         # Queue first, then drop our execution: a crash in between leaves a queued job (the stale
         # execution expires harmlessly), never a started job that nobody runs.

@@ -6,9 +6,10 @@ This is the Redis path; it needs no API server, only the Redis the workers liste
     from worker import client
 
     redis = Redis.from_url("redis://127.0.0.1:6379/0")
-    job_id = client.submit(redis, prompt="a red circle on a blue background", steps=20, seed=7)
+    job_id = client.submit(redis, prompt="a red circle on a blue background", steps=20, seed=7,
+                           n=2, output_format="webp")   # two images, seeds 7 and 8
     info = client.wait(redis, job_id, timeout=300)      # a JobInfo
-    print(info.status, info.seed, info.result["image_url"])
+    print(info.status, info.seed, info.image_urls)
 
 Plain RQ works as well, and such jobs show up in `client.status` and the REST API like any other::
 
@@ -33,8 +34,9 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 
-from engine.request import GenerationRequest, RequestLimits, validate_request
+from engine.request import GenerationRequest, RequestLimits
 from worker import keys, webhook_queue
+from worker.job_spec import ImageJob, validate_job
 from worker.webhook_subscription import Subscription, subscribe
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -102,6 +104,27 @@ class JobInfo:
     def done(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def owner(self) -> str | None:
+        """owner_id of the API key that created the job (None: enqueued straight through Redis)."""
+        return self.meta.get(keys.META_OWNER)
+
+    @property
+    def image_keys(self) -> list[str]:
+        """Storage keys of every image of a succeeded job, in seed order."""
+        result = self.result or {}
+        if "images" in result:
+            return [image["key"] for image in result["images"]]
+        return [result["image_key"]] if "image_key" in result else []
+
+    @property
+    def image_urls(self) -> list[str]:
+        """The workers' URLs of the images (presigned for S3; file:// for local storage)."""
+        result = self.result or {}
+        if "images" in result:
+            return [image["url"] for image in result["images"]]
+        return [result["image_url"]] if "image_url" in result else []
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for name in ("created_at", "enqueued_at", "started_at", "finished_at"):
@@ -120,29 +143,36 @@ def submit(
     options: JobOptions = JobOptions(),
     webhook: str | None = None,
     webhook_events_filter: Any = None,
+    owner: str | None = None,
     **fields: Any,
 ) -> str:
-    """Validate a request (a dict and/or keyword fields) and enqueue it. Returns the job id.
+    """Validate a request (a dict and/or keyword fields, `n` and `output_format` included) and
+    enqueue it. Returns the job id. `owner` (`keys.owner_id(api_key)`) makes the job that API key's.
 
     `webhook` (an http(s) URL) is called, signed, on the events in `webhook_events_filter`
     (`start`, `completed`; default `completed`); the settings are SD3SERVE_WEBHOOK_*.
     Raises `engine.request.RequestValidationError` (with `.field` and `.message`) for a bad request.
     """
-    generation = validate_request({**(request or {}), **fields}, limits)
+    spec = validate_job({**(request or {}), **fields}, limits)
     subscription = None
     if webhook is not None or webhook_events_filter is not None:
         subscription = subscribe(webhook, webhook_events_filter)
-    return enqueue(Queue(queue, connection=connection), generation, job_id=job_id, options=options,
+    return enqueue(Queue(queue, connection=connection), spec, job_id=job_id, options=options, owner=owner,
                    webhook=subscription)
 
 
-def enqueue(queue: Queue, generation: GenerationRequest, *, job_id: str | None = None,
-            options: JobOptions = JobOptions(), webhook: "Subscription | None" = None) -> str:
-    """Enqueue an already validated request. Returns the job id."""
-    kwargs = {k: v for k, v in generation.to_dict().items() if k != "request_id" and v is not None}
-    meta = {keys.META_STEP: 0, keys.META_TOTAL: generation.steps, keys.META_SEED: generation.seed}
+def enqueue(queue: Queue, generation: GenerationRequest | ImageJob, *, job_id: str | None = None,
+            options: JobOptions = JobOptions(), owner: str | None = None,
+            meta: Mapping[str, Any] | None = None, webhook: "Subscription | None" = None) -> str:
+    """Enqueue an already validated request or image job. Returns the job id."""
+    spec = generation if isinstance(generation, ImageJob) else ImageJob(generation)
+    generation = spec.generation
+    kwargs = spec.job_kwargs()
+    job_meta = {keys.META_STEP: 0, keys.META_TOTAL: generation.steps, keys.META_SEED: generation.seed, **(meta or {})}
+    if owner is not None:
+        job_meta[keys.META_OWNER] = owner
     if webhook is not None:
-        meta[webhook_queue.META_WEBHOOK] = webhook.to_meta()
+        job_meta[webhook_queue.META_WEBHOOK] = webhook.to_meta()
     job = queue.enqueue_call(
         keys.JOB_FUNC,
         kwargs=kwargs,
@@ -151,8 +181,8 @@ def enqueue(queue: Queue, generation: GenerationRequest, *, job_id: str | None =
         result_ttl=options.result_ttl,
         failure_ttl=options.failure_ttl,
         retry=Retry(max=options.retries) if options.retries > 0 else None,
-        meta=meta,
-        description=f"generate {generation.width}x{generation.height}: {generation.prompt[:60]}",
+        meta=job_meta,
+        description=f"generate {spec.n} x {generation.width}x{generation.height}: {generation.prompt[:60]}",
     )
     return job.id
 

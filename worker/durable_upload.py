@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from worker import keys
-from worker.jobs import StoredImage, encode_png
+from worker.jobs import StoredImage, encode_image
+from worker.job_spec import CONTENT_TYPES, ImageJob
 from worker.storage import Storage, StorageConfig, StorageError
 
 log = logging.getLogger("sd3serve.storage")
@@ -99,6 +100,8 @@ class _Held:
     delays: Iterator[float]
     tries: int
     next_try: float = 0.0
+    index: int = 0
+    seed: int | None = None
 
 
 class DurableUploader:
@@ -126,16 +129,18 @@ class DurableUploader:
         """Whether another image like the largest so far would not fit in the spool."""
         return bool(self._held) and self.spool.bytes + self._largest > self.spool.max_bytes
 
-    def submit(self, job_id: str, image: Any) -> "Future[StoredImage]":
+    def submit(self, job_id: str, image: Any, spec: ImageJob | None = None, index: int = 0) -> "Future[StoredImage]":
+        """Encode and store image `index` of a job in the pool's threads (in `spec`'s format)."""
         future: Future[StoredImage] = Future()
         made_at = time.monotonic()
-        self._pool.submit(self._first_try, job_id, image, made_at, future)
+        self._pool.submit(self._first_try, job_id, image, made_at, future, spec, index)
         return future
 
-    def store(self, job_id: str, image: Any, made_at: float) -> StoredImage:
+    def store(self, job_id: str, image: Any, made_at: float, spec: ImageJob | None = None,
+              index: int = 0) -> StoredImage:
         """Store one image and wait for it (the stock-worker path). Raises StoreFailed."""
         future: Future[StoredImage] = Future()
-        self._first_try(job_id, image, made_at, future)
+        self._first_try(job_id, image, made_at, future, spec, index)
         return future.result()
 
     def shutdown(self) -> None:
@@ -148,24 +153,28 @@ class DurableUploader:
                                                  "was down", retry=True))
 
     # -- the first try, in the pool ---------------------------------------------------------------
-    def _first_try(self, job_id: str, image: Any, made_at: float, future: "Future[StoredImage]") -> None:
+    def _first_try(self, job_id: str, image: Any, made_at: float, future: "Future[StoredImage]",
+                   spec: ImageJob | None = None, index: int = 0) -> None:
         try:
-            key = keys.image_key(self.config.key_prefix, job_id)
-            data = encode_png(image)
+            output_format = spec.output_format if spec else "png"
+            seed = spec.seeds[index] if spec else None
+            key = keys.image_key(self.config.key_prefix, job_id, index, output_format)
+            data = encode_image(image, output_format, spec.output_compression if spec else None)
             self._largest = max(self._largest, len(data))
             start = time.monotonic()
             delays = iter(self.config.retry.delays())
             tries, exc = self._try(key, lambda: data)
             if exc is None:
                 future.set_result(StoredImage(key=key, url=self.storage.url(key), tries=tries,
-                                              seconds=time.monotonic() - start))
+                                              seconds=time.monotonic() - start, index=index, seed=seed))
                 return
             path = self.spool.keep(data)
             if path is None:
                 log.error("spool full (%d bytes held); cannot keep %s: %s", self.spool.bytes, key, exc)
                 raise StoreFailed("storage_unavailable", "storage is unreachable and this worker holds as many "
                                   "images as it may; the job is retried", retry=True)
-            held = _Held(key, path, len(data), made_at + self.config.storage_deadline, start, future, delays, tries)
+            held = _Held(key, path, len(data), made_at + self.config.storage_deadline, start, future, delays, tries,
+                         index=index, seed=seed)
             log.warning("storage unavailable (%s); holding %s on disk (%d bytes held)", exc, key, self.spool.bytes)
             self._hold(held)
         except StoreFailed as failure:
@@ -182,7 +191,7 @@ class DurableUploader:
         for recreate in (True, False):
             tries += 1
             try:
-                self.storage.put(key, read())
+                self.storage.put(key, read(), content_type=CONTENT_TYPES[key.rsplit(".", 1)[-1]])
                 return tries, None
             except StorageError as exc:
                 if exc.missing_bucket and recreate and self._recreate_bucket(exc):
@@ -244,7 +253,8 @@ class DurableUploader:
                     log.info("stored %s after %d tries (%.1f s held)", held.key, held.tries,
                              time.monotonic() - held.started)
                     self._settle(held, result=StoredImage(key=held.key, url=self.storage.url(held.key),
-                                                          tries=held.tries, seconds=time.monotonic() - held.started))
+                                                          tries=held.tries, seconds=time.monotonic() - held.started,
+                                                          index=held.index, seed=held.seed))
                 elif self._schedule(held, exc):
                     log.warning("storing %s failed (try %d): %s", held.key, held.tries, exc)
 

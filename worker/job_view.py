@@ -9,8 +9,10 @@ from pydantic_core import to_jsonable_python
 from worker.client import JobInfo
 
 
-def status_body(info: JobInfo, image_url: str | None) -> dict[str, Any]:
-    """The status fields of `info`; `image_url` is where clients fetch its PNG (None until succeeded)."""
+def status_body(info: JobInfo, image_urls: list[str]) -> dict[str, Any]:
+    """The status fields of `info`; `image_urls` are where clients fetch its images (empty until
+    it succeeded)."""
+    result = info.result or {}
     body = {
         "id": info.id,
         "status": info.status,
@@ -20,10 +22,12 @@ def status_body(info: JobInfo, image_url: str | None) -> dict[str, Any]:
         "started_at": info.started_at,
         "finished_at": info.finished_at,
         "seed": info.seed,
+        "n": int(info.request.get("n", 1)),
+        "output_format": result.get("output_format", info.request.get("output_format", "png")),
         "request": info.request,
-        "image_url": image_url,
-        "images": [image_url] if image_url else [],
-        "timings": (info.result or {}).get("timings"),
+        "image_url": image_urls[0] if image_urls else None,
+        "images": list(image_urls),
+        "timings": result.get("timings"),
         "error": info.error,
     }
     if info.webhook is not None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from engine.request import GenerationRequest, RequestLimits, RequestValidationError, validate_request
+from engine.request import GenerationRequest, RequestLimits, RequestValidationError
 from worker import keys
+from worker.job_spec import DEFAULT_COMPRESSION, ImageJob, image_request_id, split_request_id, validate_job
 from worker.storage import RetryPolicy, Storage
 
 log = logging.getLogger("sd3serve.worker")
@@ -31,17 +32,30 @@ class GenerationFailed(RuntimeError):
         self.message = message
 
 
-def request_from_job(job_id: str, args: tuple | list, kwargs: dict[str, Any], limits: RequestLimits) -> GenerationRequest:
-    """Validate a job's arguments as a generation request whose request_id is the job id."""
+def job_from_kwargs(job_id: str, args: tuple | list, kwargs: dict[str, Any], limits: RequestLimits) -> ImageJob:
+    """Validate a job's arguments as an image job (its request's id is the job id)."""
     if args:
         raise RequestValidationError("request", "pass the request as keyword arguments (prompt=..., steps=...)")
-    return validate_request({**kwargs, "request_id": job_id}, limits)
+    return validate_job({**kwargs, "request_id": job_id}, limits)
+
+
+def request_from_job(job_id: str, args: tuple | list, kwargs: dict[str, Any], limits: RequestLimits) -> GenerationRequest:
+    """Validate a job's arguments as a generation request whose request_id is the job id."""
+    return job_from_kwargs(job_id, args, kwargs, limits).generation
+
+
+def encode_image(image: Any, output_format: str = "png", compression: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        quality = DEFAULT_COMPRESSION if compression is None else compression
+        image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
+    return buffer.getvalue()
 
 
 def encode_png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_image(image, "png")
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,8 @@ class StoredImage:
     url: str
     tries: int
     seconds: float
+    index: int = 0
+    seed: int | None = None
 
 
 def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
@@ -59,31 +75,39 @@ def _seconds_between(start: datetime | None, end: datetime | None) -> float | No
 
 
 def build_result(
-    request: GenerationRequest,
-    stored: StoredImage,
+    request: GenerationRequest | ImageJob,
+    stored: StoredImage | list[StoredImage],
     generate_seconds: float,
     enqueued_at: datetime | None,
     started_at: datetime | None,
     finished_at: datetime,
     worker_name: str,
 ) -> dict[str, Any]:
-    """What `job.return_value()` holds for a succeeded job."""
+    """What `job.return_value()` holds for a succeeded job: every image (key, url, seed), the
+    first one also as `image_key` / `image_url`."""
+    spec = request if isinstance(request, ImageJob) else ImageJob(request)
+    images = sorted(stored if isinstance(stored, list) else [stored], key=lambda s: s.index)
     timings = {
         "queue_seconds": _seconds_between(enqueued_at, started_at),
         "generate_seconds": round(generate_seconds, 4),
-        "store_seconds": round(stored.seconds, 4),
+        "store_seconds": round(sum(s.seconds for s in images), 4),
         "total_seconds": _seconds_between(enqueued_at, finished_at),
     }
+    generation = spec.generation
     return {
-        "image_key": stored.key,
-        "image_url": stored.url,
-        "seed": request.seed,
-        "width": request.width,
-        "height": request.height,
-        "steps": request.steps,
-        "cache_interval": request.cache_interval,
+        "image_key": images[0].key,
+        "image_url": images[0].url,
+        "images": [{"key": s.key, "url": s.url, "seed": spec.seeds[s.index], "index": s.index} for s in images],
+        "n": spec.n,
+        "output_format": spec.output_format,
+        "content_type": spec.content_type,
+        "seed": generation.seed,
+        "width": generation.width,
+        "height": generation.height,
+        "steps": generation.steps,
+        "cache_interval": generation.cache_interval,
         "timings": {k: v for k, v in timings.items() if v is not None},
-        "storage_tries": stored.tries,
+        "storage_tries": sum(s.tries for s in images),
         "worker": worker_name,
     }
 
@@ -126,11 +150,12 @@ def _get_runtime() -> _Runtime:
 
 
 def generate(*args: Any, **request: Any) -> dict[str, Any]:
-    """Generate one image for `request` (the fields of `engine.request.GenerationRequest`).
+    """Generate a job's images for `request` (the fields of `engine.request.GenerationRequest`,
+    plus `n`, `output_format`, `output_compression`).
 
     Run by a stock RQ worker (or called directly), this loads the engine once per process from
-    the SD3SERVE_* environment, generates this request alone, stores the PNG and returns the
-    result dict (image_key, image_url, seed, width, height, timings).
+    the SD3SERVE_* environment, generates this job's images alone (its n images as one batch),
+    stores them and returns the result dict (image_key, image_url, images, seed, timings).
     """
     from rq import get_current_job
     from rq.utils import now
@@ -139,38 +164,41 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
     runtime = _get_runtime()
     job_id = job.id if job is not None else f"direct-{time.time_ns():x}"
     limits = getattr(runtime.engine, "limits", RequestLimits())
-    req = request_from_job(job_id, args, request, limits)
+    spec = job_from_kwargs(job_id, args, request, limits)
+    req = spec.generation
     started_at = now()
     if job is not None:
         job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: req.steps, keys.META_SEED: req.seed,
-                         keys.META_BATCH_SIZE: 1})
+                         keys.META_BATCH_SIZE: spec.n})
         job.save_meta()
     engine = runtime.engine
+    stored: list = []
     steps = 0
 
     def report_progress(report: Any) -> None:
         nonlocal steps
         steps += 1
         if job is not None and steps % runtime.progress_every == 0:
-            progress = engine.progress(req.request_id)
+            progress = engine.progress(image_request_id(job_id, 0))
             if progress:
                 job.meta[keys.META_STEP] = progress[0]
                 job.save_meta()
 
     from engine.engine import RequestFailed
-
-    try:
-        finished = engine.run([req], progress=report_progress)
-    except RequestFailed as exc:
-        raise GenerationFailed(exc.code, exc.message) from None
     from worker.durable_upload import StoreFailed
 
+    try:  # the job's n images as one step-level batch
+        finished = engine.run(spec.image_requests(job_id), progress=report_progress)
+    except RequestFailed as exc:
+        raise GenerationFailed(exc.code, exc.message) from None
     for item in finished:
+        index = split_request_id(item.request.request_id)[1]
         try:  # held on disk and retried while storage is down; the job reads running meanwhile
-            stored = runtime.uploader.store(job_id, item.image, time.monotonic())
+            stored.append(runtime.uploader.store(job_id, item.image, time.monotonic(), spec, index))
         except StoreFailed as exc:
             raise GenerationFailed(exc.code, exc.message) from None
-        enqueued = job.enqueued_at if job is not None else started_at
-        return build_result(req, stored, item.seconds, enqueued, started_at, now(),
-                            job.worker_name if job is not None else "")
-    raise GenerationFailed("engine_error", "the engine stopped without finishing the request")
+    if len(stored) != spec.n:
+        raise GenerationFailed("engine_error", "the engine stopped without finishing the request")
+    enqueued = job.enqueued_at if job is not None else started_at
+    return build_result(spec, stored, max(item.seconds for item in finished), enqueued, started_at, now(),
+                        job.worker_name if job is not None else "")

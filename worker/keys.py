@@ -18,6 +18,8 @@ META_SEED = "seed"
 META_BATCH_SIZE = "batch_size"
 META_ERROR = "error"  # {"code": ..., "message": ...} for a failed job
 META_STATE = "state"  # "running" or "storing" (image computed, upload under way)
+META_OWNER = "owner"  # owner_id of the API key that created the job; absent: enqueued straight through Redis
+META_USER = "user"  # OpenAI's `user` field, as given
 
 KEY_PREFIX = "sd3serve"
 # What the API accepts as a job id: RQ's ids (uuid4, with or without dashes) and ids given to
@@ -44,6 +46,25 @@ def step_log_key(worker_name: str) -> str:
     return f"{KEY_PREFIX}:worker:{worker_name}:steps"
 
 
-def image_key(prefix: str, job_id: str) -> str:
-    """Object key of a job's PNG in storage."""
-    return f"{prefix}{job_id}.png"
+def image_key(prefix: str, job_id: str, index: int = 0, output_format: str = "png") -> str:
+    """Object key of image `index` of a job in storage (`<job_id>.png` for the first PNG)."""
+    suffix = f"-{index}" if index else ""
+    return f"{prefix}{job_id}{suffix}.{output_format}"
+
+
+def owner_id(api_key: str) -> str:
+    """Who owns the jobs an API key creates: a digest of the key (the key itself is never stored)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def owner_jobs_key(owner: str) -> str:
+    """A sorted set of the owner's job ids, scored by creation time (GET /v1/jobs)."""
+    return f"{KEY_PREFIX}:owner:{owner}:jobs"
+
+
+def owner_in_flight_key(owner: str) -> str:
+    """A sorted set of the owner's jobs that may still be queued or running (the in-flight limit)."""
+    return f"{KEY_PREFIX}:owner:{owner}:in-flight"
+
+
+URL_SIGNING_SECRET = f"{KEY_PREFIX}:url-signing-secret"  # shared by every API replica

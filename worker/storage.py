@@ -64,6 +64,9 @@ class StorageConfig:
     s3_secret_key: str = ""
     s3_url_ttl: int = 3600  # seconds a presigned URL stays valid
     s3_create_bucket: bool = True  # workers create the bucket when it is missing (also while running)
+    # Images expire with their jobs: workers put a lifecycle rule deleting objects under s3_prefix
+    # this many days old (>= the API's result TTL, rounded up to days); 0: leave the bucket's rules alone.
+    s3_expire_days: int = 1
     # An image that cannot be stored is kept on the worker's disk (at most spool_max_bytes in all)
     # and its upload retried until storage_deadline seconds after it was made; then the job fails.
     storage_deadline: float = 900.0
@@ -109,6 +112,7 @@ class Storage(Protocol):
     def url(self, key: str) -> str: ...
     def check(self) -> None: ...
     def ensure_ready(self) -> None: ...
+    def delete(self, key: str) -> None: ...
 
 
 class LocalStorage:
@@ -144,6 +148,13 @@ class LocalStorage:
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def delete(self, key: str) -> None:
+        """Remove an image; a missing one is not an error."""
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not delete {key!r}: {exc}", transient=True) from exc
 
     def check(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
@@ -195,6 +206,9 @@ class S3Storage:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.config.s3_url_ttl
         )
 
+    def delete(self, key: str) -> None:
+        self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+
     def check(self) -> None:
         self._call("reach bucket", self.bucket, lambda: self._client.head_bucket(Bucket=self.bucket))
 
@@ -209,6 +223,10 @@ class S3Storage:
                 kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.config.s3_region}
             self._call("create bucket", self.bucket, lambda: self._client.create_bucket(**kwargs))
             log.info("created bucket %s", self.bucket)
+        if self.config.s3_expire_days:
+            from worker.s3_lifecycle import ensure_expiry_rule
+
+            ensure_expiry_rule(self._client, self.bucket, self.config.s3_prefix, self.config.s3_expire_days)
 
     def _call(self, what: str, key: str, fn: Callable[[], Any]) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -240,6 +258,7 @@ def store_with_retries(
     data: bytes,
     policy: RetryPolicy,
     sleep: Callable[[float], None] = time.sleep,
+    content_type: str = "image/png",
 ) -> int:
     """Store `data` under `key`, retrying transient errors with backoff. Returns the tries used.
 
@@ -248,7 +267,7 @@ def store_with_retries(
     delays = policy.delays()
     for attempt in range(1, policy.attempts + 1):
         try:
-            storage.put(key, data)
+            storage.put(key, data, content_type)
             return attempt
         except StorageError as exc:
             if not exc.transient or attempt == policy.attempts:

@@ -34,29 +34,31 @@ ATTEMPTS = Counter("sd3serve_webhook_attempts_total",
 BodyFor = Callable[[str], Any]
 
 
-def status_json(connection: Redis, image_url_for: Callable[[client.JobInfo], str | None]) -> BodyFor:
+def status_json(connection: Redis, image_urls_for: Callable[[client.JobInfo], list[str]]) -> BodyFor:
     """The job's status JSON, as `GET /v1/jobs/{id}` shows it."""
     def body_for(job_id: str) -> Any:
         info = client.status(connection, job_id)
-        image_url = image_url_for(info) if info.status == "succeeded" and info.result else None
-        return to_json(status_body(info, image_url))
+        urls = image_urls_for(info) if info.status == "succeeded" and info.result else []
+        return to_json(status_body(info, urls))
 
     return body_for
 
 
-def image_url_function(storage: Any, public_url: str) -> Callable[[client.JobInfo], str | None]:
-    """Local storage: the API's image route under `public_url`; S3: a fresh presigned URL."""
+def image_url_function(storage: Any, public_url: str) -> Callable[[client.JobInfo], list[str]]:
+    """Local storage: the API's image route under `public_url` (read with the job's API key);
+    S3: fresh presigned URLs."""
     from worker.storage import LocalStorage
 
-    def image_url(info: client.JobInfo) -> str | None:
-        key = (info.result or {}).get("image_key")
-        if storage is not None and key and not isinstance(storage, LocalStorage):
-            return storage.url(key)
+    def image_urls(info: client.JobInfo) -> list[str]:
+        keys = info.image_keys
+        if storage is not None and keys and not isinstance(storage, LocalStorage):
+            return [storage.url(key) for key in keys]
         if public_url:
-            return f"{public_url.rstrip('/')}/v1/jobs/{info.id}/image"
-        return (info.result or {}).get("image_url")
+            base = f"{public_url.rstrip('/')}/v1/jobs/{info.id}/image"
+            return [base if i == 0 else f"{base}?index={i}" for i in range(len(keys))]
+        return info.image_urls
 
-    return image_url
+    return image_urls
 
 
 class Deliverer:

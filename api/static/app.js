@@ -7,8 +7,9 @@ const KEY_STORAGE = "sd3serve.apiKey";
 const RECENT_STORAGE = "sd3serve.recent";
 const RECENT_MAX = 12;
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
-const FIELDS = ["negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "cache_interval"];
-const NUMBERS = new Set(["width", "height", "steps", "guidance_scale", "seed", "cache_interval"]);
+const FIELDS = ["negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "cache_interval", "n",
+  "output_format"];
+const NUMBERS = new Set(["width", "height", "steps", "guidance_scale", "seed", "cache_interval", "n"]);
 
 const $ = (id) => document.getElementById(id);
 let currentToken = 0; // bumped for every submission; an older tracking loop stops when it changes
@@ -116,8 +117,9 @@ function showProgress(job) {
 
 // The URL an <img> can load. Presigned storage URLs (another origin) need no key; the API's own
 // image endpoint may, and an <img> cannot send headers, so that one is fetched into a blob.
-async function imageSource(job) {
-  const url = new URL(job.image_url || `v1/jobs/${job.id}/image`, document.baseURI);
+async function imageSource(job, index = 0) {
+  const given = (job.images && job.images[index]) || (index === 0 && job.image_url);
+  const url = new URL(given || `v1/jobs/${job.id}/image?index=${index}`, document.baseURI);
   if (url.origin !== window.location.origin) return url.href;
   const response = await fetch(url, { headers: authHeaders() });
   if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
@@ -129,8 +131,20 @@ async function showResult(job) {
   image.src = await imageSource(job);
   image.alt = job.request ? job.request.prompt : "";
   image.dataset.jobId = job.id;
+  // A job of n images: the first above, the others (seeds seed+1 ... seed+n-1) beside it.
+  const more = $("result-more");
+  more.replaceChildren();
+  const count = (job.images || []).length;
+  for (let i = 1; i < count; i++) {
+    const extra = document.createElement("img");
+    extra.src = await imageSource(job, i);
+    extra.alt = `${image.alt} (seed ${job.seed + i})`;
+    more.append(extra);
+  }
   const r = job.request || {};
-  $("result-caption").textContent = `${r.prompt || ""} · ${r.width}×${r.height} · ${r.steps} steps · seed ${job.seed}`;
+  const seeds = count > 1 ? `seeds ${job.seed}–${job.seed + count - 1}` : `seed ${job.seed}`;
+  $("result-caption").textContent =
+    `${r.prompt || ""} · ${r.width}×${r.height} · ${r.steps} steps · ${job.output_format || "png"} · ${seeds}`;
   $("result").hidden = false;
 }
 

@@ -1,0 +1,35 @@
+"""What every route of one app shares: its config, Redis, storage, queue and the per-key parts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from redis import Redis
+from rq import Queue
+
+from api.config import ApiConfig
+
+
+@dataclass
+class ApiState:
+    config: ApiConfig
+    redis: Redis
+    storage: Any
+    job_request: type[BaseModel]
+    queue: Queue
+    urls: Any = None  # api.signed_urls.UrlSigner
+    key_limits: Any = None  # api.key_limits.KeyLimits
+    jobs: Any = None  # api.ownership.JobIndex
+
+    def __post_init__(self) -> None:
+        from api.key_limits import KeyLimits
+        from api.ownership import JobIndex
+        from api.signed_urls import UrlSigner
+
+        c = self.config
+        keep = max(c.result_ttl, c.failure_ttl) + c.job_timeout
+        self.urls = self.urls or UrlSigner(self.redis, c.url_signing_key, c.image_url_ttl)
+        self.key_limits = self.key_limits or KeyLimits(self.redis, c.redis_url, c.requests_per_minute,
+                                                       c.max_jobs_in_flight, c.retry_after, keep)
+        self.jobs = self.jobs or JobIndex(self.redis, keep)
