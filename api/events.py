@@ -28,10 +28,10 @@ def progress_event(info: Any) -> tuple[str, dict[str, Any]]:
     return "running", {"id": info.id, "status": "running", **info.progress}
 
 
-def add_event_routes(router: APIRouter, state: Any, authenticate: Callable[..., str], find: Callable[[str], Any],
+def add_event_routes(router: APIRouter, state: Any, authenticate: Callable[..., str], find: Callable[[str, str], Any],
                      job_response: Callable[[Any, Request], dict[str, Any]]) -> None:
 
-    async def stream(info: Any, request: Request) -> AsyncIterator[ServerSentEvent]:
+    async def stream(info: Any, request: Request, caller: str) -> AsyncIterator[ServerSentEvent]:
         STREAMS_OPEN.inc()
         try:
             last = None
@@ -42,7 +42,7 @@ def add_event_routes(router: APIRouter, state: Any, authenticate: Callable[..., 
                     yield ServerSentEvent(event=current[0], data=json.dumps(current[1]))
                 await anyio.sleep(state.config.event_poll)  # a client that left cancels us here (sse-starlette)
                 try:
-                    info = await anyio.to_thread.run_sync(find, info.id)
+                    info = await anyio.to_thread.run_sync(find, info.id, caller)
                 except ApiError:  # deleted or expired while we watched
                     yield ServerSentEvent(event="error", data=json.dumps(
                         {"id": info.id, "error": {"code": "not_found", "message": "the job no longer exists"}}))
@@ -58,6 +58,6 @@ def add_event_routes(router: APIRouter, state: Any, authenticate: Callable[..., 
                                  "description": "queued / running events, then the final status; ends with the job"},
                            **{code: ERRORS[code] for code in (401, 403, 404, 422, 503)}})
     async def job_events(job_id: JobId, request: Request, caller: str = Depends(authenticate)) -> EventSourceResponse:
-        info = await anyio.to_thread.run_sync(find, job_id)  # 404 before the stream starts
-        return EventSourceResponse(stream(info, request), ping=state.config.event_heartbeat, send_timeout=30,
+        info = await anyio.to_thread.run_sync(find, job_id, caller)  # 404 before the stream starts (and for others' jobs)
+        return EventSourceResponse(stream(info, request, caller), ping=state.config.event_heartbeat, send_timeout=30,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

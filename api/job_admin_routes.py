@@ -10,14 +10,14 @@ from rq.exceptions import InvalidJobOperation
 from api import job_views
 from api.auth import caller_dependency
 from api.errors import ApiError
-from api.schemas import ErrorResponse, JobList
+from api.schemas import ERRORS, ErrorResponse, JobId, JobList
 from api.state import ApiState
 from worker import client, keys
 from worker.job_spec import CONTENT_TYPES, MAX_IMAGES, OUTPUT_FORMATS
+from worker.signed_urls import BadImageUrl
 from worker.storage import LocalStorage, StorageError
 
 log = logging.getLogger("sd3serve.api")
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422)}
 
 
 def build_job_admin_router(state: ApiState) -> APIRouter:
@@ -44,7 +44,7 @@ def build_job_admin_router(state: ApiState) -> APIRouter:
 
     @router.delete("/v1/jobs/{job_id}", status_code=204, tags=["jobs"], summary="Delete a job and its images",
                    responses=ERRORS)
-    def delete_job(job_id: str, caller: str = Depends(authenticate)) -> Response:
+    def delete_job(job_id: JobId, caller: str = Depends(authenticate)) -> Response:
         info = job_views.find(state, job_id, caller)
         job = client.fetch_job(state.redis, job_id)
         if not info.done:
@@ -78,11 +78,15 @@ def build_job_admin_router(state: ApiState) -> APIRouter:
                  signature: str = Query(..., max_length=64, pattern="^[0-9a-f]{0,64}$")) -> Response:
         if not isinstance(state.storage, LocalStorage):
             raise ApiError(404, "not_found", "images are served by the object store (presigned URLs)")
-        state.urls.verify(key, expires, signature)
+        try:
+            state.urls.verify(key, expires, signature)
+        except BadImageUrl as exc:
+            raise ApiError(403, exc.code, exc.message) from None
         try:
             data = state.storage.get(key)
         except StorageError as exc:
-            raise ApiError(404, "image_missing", str(exc)) from None
+            log.error("image %s missing from storage: %s", key, exc)
+            raise ApiError(404, "image_missing", "this image is not in storage (it may have expired)") from None
         extension = key.rsplit(".", 1)[-1]
         return Response(data, media_type=CONTENT_TYPES.get(extension, "application/octet-stream"),
                         headers={"Cache-Control": "private, max-age=300"})

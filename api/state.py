@@ -18,14 +18,14 @@ class ApiState:
     storage: Any
     job_request: type[BaseModel]
     queue: Queue
-    urls: Any = None  # api.signed_urls.UrlSigner
+    urls: Any = None  # worker.signed_urls.UrlSigner
     key_limits: Any = None  # api.key_limits.KeyLimits
     jobs: Any = None  # api.ownership.JobIndex
 
     def __post_init__(self) -> None:
         from api.key_limits import KeyLimits
         from api.ownership import JobIndex
-        from api.signed_urls import UrlSigner
+        from worker.signed_urls import UrlSigner
 
         c = self.config
         keep = max(c.result_ttl, c.failure_ttl) + c.job_timeout

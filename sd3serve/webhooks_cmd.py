@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     connection = Redis.from_url(args.redis_url or os.environ.get("SD3SERVE_REDIS_URL", DEFAULT_REDIS_URL))
     queue = args.queue or os.environ.get("SD3SERVE_QUEUE", DEFAULT_QUEUE)
     storage = storage_from_config(StorageConfig.from_env())
-    body_for = status_json(connection, image_url_function(storage, config.public_url))
+    body_for = status_json(connection, image_url_function(storage, config, connection))
     deliverer = Deliverer(connection, queue, config, body_for)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

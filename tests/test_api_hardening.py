@@ -151,6 +151,8 @@ def test_without_keys_everything_stays_open(make_client):
 def test_the_schema_lists_503_and_no_400(make_client):
     spec = make_client().get("/openapi.json").json()
     for path, operations in spec["paths"].items():
+        if path.startswith(("/v1/images/", "/v1/models")):
+            continue  # the OpenAI-compatible routes answer bad requests with OpenAI's own 400
         for method, operation in operations.items():
             codes = set(operation["responses"])
             assert "400" not in codes, (method, path)

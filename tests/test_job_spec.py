@@ -11,7 +11,8 @@ from rq.job import Job
 from engine.request import MAX_SEED, RequestValidationError
 from worker import client, jobs, keys
 from worker.job_spec import MAX_IMAGES, split_request_id, validate_job
-from worker.storage import LocalStorage, RetryPolicy
+from worker.durable_upload import DurableUploader
+from worker.storage import StorageConfig, LocalStorage, RetryPolicy
 
 
 @pytest.mark.parametrize("fields,field", [
@@ -55,8 +56,10 @@ def test_client_enqueues_n_format_and_owner(redis_conn, queue_name):
 
 def test_stock_generate_makes_all_n_images(tiny_engine, tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path)
+    uploader = DurableUploader(storage, StorageConfig(data_dir=str(tmp_path)), threads=1)
     monkeypatch.setattr(jobs, "_runtime", jobs._Runtime(engine=tiny_engine, storage=storage, key_prefix="",
-                                                        retry=RetryPolicy(attempts=1), progress_every=1))
+                                                        retry=RetryPolicy(attempts=1), progress_every=1,
+                                                        uploader=uploader))
     result = jobs.generate(prompt="a green circle", steps=2, n=3, seed=5, output_format="webp")
     assert result["n"] == 3 and [image["seed"] for image in result["images"]] == [5, 6, 7]
     job_id = result["image_key"].removesuffix(".webp")

@@ -13,6 +13,7 @@ from api.app import create_app
 from tests.fleet_fixtures import (WorkerProcess, api_config, kill_hard, make_thread_worker,
                                   worker_env, worker_processes)
 from tests.stack_processes import wait_until
+from tests.test_events import unsigned
 from tests.webhook_receiver import Receiver, new_secret
 from worker import client, webhook_queue
 from worker.storage import StorageConfig
@@ -80,9 +81,14 @@ def test_one_signed_completed_call_per_job_with_image_urls(stack):
         assert payload["status"] == "succeeded"
         assert call.headers["webhook-id"] == f"msg_{payload['id']}_completed"
         final = next(f for f in finals if f["id"] == payload["id"])
-        assert payload["images"] == final["images"] == [f"{PUBLIC}/v1/jobs/{payload['id']}/image"]
+        # Signed like the status endpoint's URLs (their expiry follows the signing time)
+        assert [_unsigned(u) for u in payload["images"]] == [_unsigned(u) for u in final["images"]] == [
+            f"{PUBLIC}/v1/files/{payload['id']}.png"]
+        delivered = api.get(payload["image_url"][len(PUBLIC):])
+        assert delivered.status_code == 200 and delivered.content.startswith(b"\x89PNG")  # its signature is valid
         # The status endpoint's JSON (the webhook state moves on after the call, so it is left out).
-        assert {k: v for k, v in payload.items() if k != "webhook"} == {k: v for k, v in final.items() if k != "webhook"}
+        assert unsigned({k: v for k, v in payload.items() if k != "webhook"}) == unsigned(
+            {k: v for k, v in final.items() if k != "webhook"})
         assert final["webhook"] == {"event": "completed", "attempts": 1, "last_status": 200, "delivered": True,
                                     "gave_up": False, "last_error": None}
         tampered = call.body.replace(b'"succeeded"', b'"failed"')
@@ -243,3 +249,7 @@ def test_the_readme_s_verification_snippet_accepts_our_signature_and_rejects_a_t
     namespace["handle"](payload.encode(), headers)
     namespace["handle"](payload.replace("j1", "j2").encode(), headers)  # tampered: returns quietly
     assert capsys.readouterr().out == "j1 succeeded ['http://x/1.png']\n"
+
+
+def _unsigned(url: str) -> str:
+    return url.split("?", 1)[0]

@@ -25,6 +25,9 @@ class WebhookConfig:
     threads: int = 8  # concurrent deliveries per deliverer; 0: the worker starts no deliverer
     lease: float = 0.0  # seconds a claimed delivery is hidden from other deliverers; 0: timeout + 10
     public_url: str = ""  # SD3SERVE_PUBLIC_URL: the API's base, for image URLs of local storage
+    # Local-storage image URLs are signed as the API signs them (worker/signed_urls.py)
+    url_signing_key: str = ""  # SD3SERVE_URL_SIGNING_KEY; empty: the secret the API keeps in Redis
+    image_url_ttl: int = 3600  # SD3SERVE_IMAGE_URL_TTL
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.timeout <= 0 or self.backoff < 0 or self.max_backoff < self.backoff:
@@ -51,6 +54,8 @@ class WebhookConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "WebhookConfig":
         env = os.environ if env is None else env
-        values = env_values(cls, env, prefix="SD3SERVE_WEBHOOK_", names={"public_url": "SD3SERVE_PUBLIC_URL"})
+        values = env_values(cls, env, prefix="SD3SERVE_WEBHOOK_", names={"public_url": "SD3SERVE_PUBLIC_URL",
+                                                                             "url_signing_key": "SD3SERVE_URL_SIGNING_KEY",
+                                                                             "image_url_ttl": "SD3SERVE_IMAGE_URL_TTL"})
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -44,18 +44,20 @@ def status_json(connection: Redis, image_urls_for: Callable[[client.JobInfo], li
     return body_for
 
 
-def image_url_function(storage: Any, public_url: str) -> Callable[[client.JobInfo], list[str]]:
-    """Local storage: the API's image route under `public_url` (read with the job's API key);
-    S3: fresh presigned URLs."""
+def image_url_function(storage: Any, config: WebhookConfig, connection: Redis) -> Callable[[client.JobInfo], list[str]]:
+    """What `GET /v1/jobs/{id}` lists: S3, fresh presigned URLs; local storage, URLs under the
+    API's `public_url` signed as the API signs them."""
+    from worker.signed_urls import UrlSigner
     from worker.storage import LocalStorage
+
+    signer = UrlSigner(connection, config.url_signing_key, config.image_url_ttl)
 
     def image_urls(info: client.JobInfo) -> list[str]:
         keys = info.image_keys
         if storage is not None and keys and not isinstance(storage, LocalStorage):
             return [storage.url(key) for key in keys]
-        if public_url:
-            base = f"{public_url.rstrip('/')}/v1/jobs/{info.id}/image"
-            return [base if i == 0 else f"{base}?index={i}" for i in range(len(keys))]
+        if config.public_url:
+            return [signer.url(config.public_url, key) for key in keys]
         return info.image_urls
 
     return image_urls
@@ -70,7 +72,7 @@ class Deliverer:
         self.queue = queue
         self.config = config
         self.signer = Webhook(config.secret)
-        self.body_for = body_for or status_json(connection, image_url_function(None, config.public_url))
+        self.body_for = body_for or status_json(connection, image_url_function(None, config, connection))
         self.poll_interval = poll_interval
         self._wait = wait_exponential(multiplier=config.backoff, max=config.max_backoff) + wait_random(
             0, config.backoff / 4)
@@ -181,5 +183,5 @@ class Deliverer:
 def start_for_worker(connection: Redis, queue: str, config: WebhookConfig, storage: Any) -> Deliverer:
     """The deliverer a batching worker runs beside its step loop (its own Redis connection)."""
     own = Redis(connection_pool=redis.ConnectionPool(**connection.connection_pool.connection_kwargs))
-    body_for = status_json(own, image_url_function(storage, config.public_url))
+    body_for = status_json(own, image_url_function(storage, config, own))
     return Deliverer(own, queue, config, body_for).start()

@@ -1,4 +1,4 @@
-"""Signed, expiring URLs for images in local storage: `/v1/files/<key>?expires=<unix>&signature=<hmac>`.
+"""Signed, expiring URLs for images in local storage (made by the API and by webhook deliveries): `/v1/files/<key>?expires=<unix>&signature=<hmac>`.
 
 The signature is an HMAC-SHA256 of the key and the expiry under a secret every API replica
 shares (SD3SERVE_URL_SIGNING_KEY, or one drawn once and kept in Redis), so a URL cannot be made
@@ -13,10 +13,18 @@ from urllib.parse import quote
 
 from redis import Redis
 
-from api.errors import ApiError
 from worker import keys
 
 FILES_PATH = "/v1/files/"
+
+
+class BadImageUrl(ValueError):
+    """An image URL whose signature does not match, or that has expired; `code` says which."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class UrlSigner:
@@ -40,9 +48,9 @@ class UrlSigner:
         return f"{base.rstrip('/')}{FILES_PATH}{quote(key)}?expires={expires}&signature={self.signature(key, expires)}"
 
     def verify(self, key: str, expires: int, signature: str) -> None:
-        """Raise a 403 ApiError unless `signature` signs `key` until `expires`, and it has not passed."""
+        """Raise BadImageUrl unless `signature` signs `key` until `expires`, and it has not passed."""
         given = signature.encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(self.signature(key, expires).encode(), given):
-            raise ApiError(403, "bad_signature", "this image URL is not valid; ask the job's status for a fresh one")
+            raise BadImageUrl("bad_signature", "this image URL is not valid; ask the job's status for a fresh one")
         if expires < time.time():
-            raise ApiError(403, "url_expired", "this image URL has expired; ask the job's status for a fresh one")
+            raise BadImageUrl("url_expired", "this image URL has expired; ask the job's status for a fresh one")
