@@ -10,6 +10,7 @@ group stops them all (RQ's warm shutdown).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ def run_fake_worker(index: int, config: WorkerConfig, step_seconds: float, batch
     worker = BatchWorker([config.queue], connection=connection, config=config, engine=engine,
                          name=f"fake-{os.getpid()}-{index}")
     worker.work(logging_level=config.log_level)
+    print(f"fake worker {index} exiting; torch loaded: {torch_loaded()}", flush=True)
 
 
 def fork_fleet(count: int, config: WorkerConfig, step_seconds: float, batch: int) -> list[int]:
@@ -63,12 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.count < 1:
         p.error("--count must be >= 1")
-    config = WorkerConfig.from_env()
+    # device "cpu": on any other device BatchWorker samples GPU memory through torch every second.
+    config = WorkerConfig.from_env().with_engine(device="cpu")
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if torch_loaded():
         print("error: torch was imported by the fake workers' code", file=sys.stderr)
         return 3
     print(f"torch loaded: {torch_loaded()}; forking {args.count} fake workers", flush=True)
+    gc.freeze()  # keep the collector from touching (and so copying) the parent's pages in every child
     pids = fork_fleet(args.count, config, args.step_seconds, args.batch)
     stopping = False
 
