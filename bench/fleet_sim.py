@@ -4,7 +4,7 @@ step time), driven by bench/load_test.py over the REST API. Per N it records job
 duplicate jobs, and what the shared parts cost: Redis CPU and commands per job, the API's CPU
 per job, the fake workers' and the load generator's CPU per job, and how busy the machine was.
 
-    python -m bench.fleet_sim --workers 64,128,256 --duration 45 --out bench/results/fleet_sim_cpu.json
+    python -m bench.fleet_sim --workers 64,128,256 --duration 60 --out bench/results/fleet_sim_cpu.json
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ H200_IMAGES_PER_S = 1.10  # one H200 at 1024², 28 steps (bench/results/serving_
 @dataclass(frozen=True)
 class SimConfig:
     workers: int
-    duration_s: float = 45.0
+    duration_s: float = 60.0
     step_seconds: float = H200_STEP_SECONDS
     steps: int = 28
     batch: int = H200_BATCH
@@ -60,6 +60,8 @@ class Snapshot:
         self.redis_cpu = process_cpu_seconds(stack.processes["redis"].pid)
         self.redis_commands = int(info["total_commands_processed"])
         self.redis_instant_ops = int(info["instantaneous_ops_per_sec"])
+        stats = stack._redis().info("commandstats")
+        self.redis_calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
         self.api_cpu = tree_cpu_seconds(stack.processes["api"].pid)
         self.fleet_cpu = tree_cpu_seconds(stack.processes["fleet"].pid)
         self.loadgen_cpu = _self_cpu_seconds()
@@ -98,8 +100,18 @@ def simulate(config: SimConfig, work: Path) -> dict:
         result = run_load(load)
         after = Snapshot(stack)
         registered = registered_workers(stack)
-    return dict(row=row_of(config, result["summary"], before, after, registered, startup_s),
-                summary=result["summary"], config=asdict(config))
+    row = row_of(config, result["summary"], before, after, registered, startup_s)
+    row["jobs_per_s"] = steady_jobs_per_s(result, config.duration_s)
+    return dict(row=row, summary=result["summary"], config=asdict(config))
+
+
+def steady_jobs_per_s(result: dict, duration_s: float) -> float:
+    """Jobs finished per second in the second half of the sending window: the closed loop has
+    filled every batch by then, and the drain after the window is left out."""
+    t0 = min(job["submit"] for job in result["jobs"]) if result["jobs"] else 0.0
+    start, end = t0 + duration_s / 2, t0 + duration_s
+    done = [j for j in result["jobs"] if j["status"] == "succeeded" and j["finished"] and start < j["finished"] <= end]
+    return round(len(done) / (end - start), 2)
 
 
 def row_of(config: SimConfig, summary: dict, before: Snapshot, after: Snapshot, registered: int,
@@ -116,7 +128,7 @@ def row_of(config: SimConfig, summary: dict, before: Snapshot, after: Snapshot, 
         capacity_jobs_per_s=round(config.capacity_jobs_per_s, 2),
         concurrency=config.concurrency,
         completed=summary["completed"],
-        jobs_per_s=round(summary["images_per_min"] / 60, 2),
+        jobs_per_s=None,  # filled in by `simulate` from the job records
         jobs_per_s_whole_run=round(summary["completed"] / wall, 2),
         p50_s=summary["p50_s"],
         p95_s=summary["p95_s"],
@@ -134,9 +146,16 @@ def row_of(config: SimConfig, summary: dict, before: Snapshot, after: Snapshot, 
         loadgen_cpu_s_per_job=round((after.loadgen_cpu - before.loadgen_cpu) / jobs, 5),
         machine_cores_busy=round(busy / wall, 2) if wall else None,
         machine_busy_fraction=round(busy / total, 3) if total else None,
+        redis_top_commands_per_job=top_commands(before, after, jobs),
         wall_s=round(wall, 1),
         fleet_startup_s=round(startup_s, 1),
     )
+
+
+def top_commands(before: Snapshot, after: Snapshot, jobs: int, count: int = 8) -> dict[str, float]:
+    calls = {name: n - before.redis_calls.get(name, 0) for name, n in after.redis_calls.items()}
+    top = sorted(calls.items(), key=lambda kv: -kv[1])[:count]
+    return {name: round(n / jobs, 1) for name, n in top}
 
 
 def extrapolate(rows: list[dict], images_per_gpu_s: float = H200_IMAGES_PER_S) -> dict:
@@ -157,7 +176,7 @@ def _r(value: float | None) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="64,128,256", help="fleet sizes, comma separated")
-    p.add_argument("--duration", type=float, default=45.0)
+    p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--step-seconds", type=float, default=H200_STEP_SECONDS)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--batch", type=int, default=H200_BATCH)
