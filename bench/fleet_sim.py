@@ -191,13 +191,13 @@ def top_commands(before: Snapshot, after: Snapshot, jobs: int, count: int = 8) -
 
 def extrapolate(rows: list[dict], images_per_gpu_s: float = H200_IMAGES_PER_S) -> dict:
     """Jobs/s one core of Redis (and of the API) would carry at the measured CPU per job, and the
-    H200s at 1024² that is. Taken from the largest fleet run that lost nothing (past that the
-    load generator, not the control plane, was what gave way), else the largest."""
-    clean = [r for r in rows if r["lost"] == 0] or rows
-    row = max(clean, key=lambda r: r["workers"])
-    redis_jobs = 1 / row["redis_cpu_s_per_job"] if row["redis_cpu_s_per_job"] else None
-    api_jobs = 1 / row["api_cpu_s_per_job"] if row["api_cpu_s_per_job"] else None
-    return dict(from_workers=row["workers"], images_per_gpu_s=images_per_gpu_s,
+    H200s at 1024² that is. Conservative: the costliest CPU per job of any run (the API's cost
+    per job grows with how long each job is long-polled, so it varies most)."""
+    redis_s = max(r["redis_cpu_s_per_job"] for r in rows)
+    api_s = max(r["api_cpu_s_per_job"] for r in rows)
+    redis_jobs = 1 / redis_s if redis_s else None
+    api_jobs = 1 / api_s if api_s else None
+    return dict(redis_cpu_s_per_job=redis_s, api_cpu_s_per_job=api_s, images_per_gpu_s=images_per_gpu_s,
                 redis_core_jobs_per_s=_r(redis_jobs), redis_core_gpus=_r(redis_jobs and redis_jobs / images_per_gpu_s),
                 api_core_jobs_per_s=_r(api_jobs), api_core_gpus=_r(api_jobs and api_jobs / images_per_gpu_s))
 
