@@ -65,6 +65,10 @@ class Stack:
         self.worker_name = f"{name}-{os.getpid()}"
         self._spawn("worker", command, extra_env={"SD3SERVE_NAME": self.worker_name})
 
+    def start_process(self, name: str, command: list[str]) -> None:
+        """Another process of the run (stopped with the stack), logging to <name>.log."""
+        self._spawn(name, command)
+
     def wait_for_worker(self, timeout: float) -> None:
         """Until the worker registered with RQ: it has loaded and compiled its model by then."""
         from rq import Worker
