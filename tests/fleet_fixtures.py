@@ -117,6 +117,29 @@ class ApiServer:
         self.thread.join(10)
 
 
+@pytest.fixture
+def make_client(fleet_redis, queue_name, tmp_path):
+    """make(**ApiConfig changes) -> a started TestClient of the API on the fleet's Redis (local
+    storage under tmp_path unless `storage` is given); all are closed after the test."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from worker.storage import StorageConfig
+
+    clients = []
+
+    def make(**changes: Any) -> TestClient:
+        changes.setdefault("storage", StorageConfig(data_dir=str(tmp_path)))
+        test_client = TestClient(create_app(api_config(fleet_redis.url, queue_name, **changes)))
+        test_client.__enter__()
+        clients.append(test_client)
+        return test_client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
 def api_config(redis_url: str, queue: str, **changes: Any):
     from api.config import ApiConfig
     from engine.request import RequestLimits

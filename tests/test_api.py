@@ -19,22 +19,6 @@ from tests.fleet_fixtures import api_config, free_port
 KEY = "s3cret-key"
 
 
-@pytest.fixture
-def make_client(fleet_redis, queue_name, tmp_path):
-    clients = []
-
-    def make(**changes) -> TestClient:
-        changes.setdefault("storage", _local(tmp_path))
-        test_client = TestClient(create_app(api_config(fleet_redis.url, queue_name, **changes)))
-        test_client.__enter__()
-        clients.append(test_client)
-        return test_client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
 def _local(tmp_path):
     from worker.storage import StorageConfig
 

@@ -19,22 +19,6 @@ KEY, ADMIN = "user-key", "admin-key"
 CAP, CLIENTS, POSTS = 50, 20, 10
 
 
-@pytest.fixture
-def make_client(fleet_redis, queue_name, tmp_path):
-    clients = []
-
-    def make(**changes) -> TestClient:
-        changes.setdefault("storage", StorageConfig(data_dir=str(tmp_path)))
-        test_client = TestClient(create_app(api_config(fleet_redis.url, queue_name, **changes)))
-        test_client.__enter__()
-        clients.append(test_client)
-        return test_client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
 @pytest.mark.parametrize("run", range(3))
 def test_twenty_clients_posting_at_once_never_overshoot_the_cap(fleet_redis, redis_conn, queue_name, tmp_path, run):
     """20 clients × 10 posts, cap 50, no worker, over two API replicas sharing the Redis:
