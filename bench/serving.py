@@ -118,6 +118,17 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def mode_rates(text: str) -> dict[int, list[float]]:
+    """'3=0.6,1.1;1=0.9' -> {3: [0.6, 1.1], 1: [0.9]}."""
+    out: dict[int, list[float]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        interval, _, rates = part.partition("=")
+        if not rates:
+            raise argparse.ArgumentTypeError(f"{part!r}: write <cache interval>=<rate>,<rate>")
+        out[int(interval)] = floats(rates)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--system", choices=SYSTEMS, required=True)
@@ -130,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--saturate", type=int, default=0, help="closed-loop concurrency (0: no saturation run)")
     p.add_argument("--sat-duration", type=float, default=60.0)
     p.add_argument("--rates", type=floats, default=[], help="open-loop arrivals per second")
+    p.add_argument("--mode-rates", type=mode_rates, default={},
+                   help="sd3serve: open-loop rates per cache interval, e.g. '3=0.6,1.1;1=0.9,1.2'")
     p.add_argument("--rate-fractions", type=floats, default=[], help="open-loop rates as fractions of saturation")
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--max-seconds", type=float, default=400.0, help="hard cap per run, draining included")

@@ -124,3 +124,12 @@ def test_load_test_against_sd3serve_up_on_the_reference_model_loses_nothing(tmp_
                 up.wait(60)
             except subprocess.TimeoutExpired:
                 up.kill()
+
+
+def test_serving_cli_reads_per_mode_rates():
+    from bench.serving import parse_args
+
+    args = parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "3=0.6,1.1;1=0.9"])
+    assert args.mode_rates == {3: [0.6, 1.1], 1: [0.9]} and args.size == [1024]
+    with pytest.raises(SystemExit):
+        parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "3"])
