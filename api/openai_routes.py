@@ -21,6 +21,7 @@ from api.openai_errors import OpenAIRoute, openai_error
 from api.openai_schemas import ImagesResponse, Model, ModelList, OpenAIError, images_request_model
 from api.state import ApiState
 from engine.request import RequestLimits, RequestValidationError
+from worker import contract
 from worker.client import JobInfo
 from worker.job_spec import ImageJob, validate_job
 
@@ -90,9 +91,9 @@ def build_openai_router(state: ApiState) -> APIRouter:
                 504, f"the images are not ready after {state.config.images_timeout:g} s; the job goes on: "
                 f"follow it at GET /v1/jobs/{job_id}", code="timeout", job_id=job_id,
                 headers={"Location": f"/v1/jobs/{job_id}"})
-        if info.status == "canceled":
+        if info.status == contract.CANCELED:
             return openai_error(409, f"job {job_id} was canceled", code="canceled", job_id=job_id)
-        if info.status == "failed":
+        if info.status == contract.FAILED:
             error = info.error or {"code": "worker_error", "message": "the job failed"}
             status = 400 if error["code"] in _CLIENT_FAILURES else 500
             return openai_error(status, error["message"], code=error["code"], job_id=job_id)

@@ -20,7 +20,7 @@ from api.errors import ApiError
 from api.schemas import ERRORS, JobId, JobResponse
 from api.state import ApiState
 from engine.request import RequestValidationError
-from worker import client, keys
+from worker import client, contract, keys
 from worker.admission import NotReplicated
 from worker.client import JobInfo, JobNotCancelable, JobNotFound
 from worker.job_spec import CONTENT_TYPES, validate_job
@@ -151,7 +151,7 @@ def build_router(state: ApiState) -> APIRouter:
     def get_image(job_id: JobId, caller: str = Depends(authenticate),
                   index: int = Query(0, ge=0, le=99, description="Which image: 0 to n-1.")) -> Response:
         info = find(job_id, caller)
-        if info.status != "succeeded" or not info.result:
+        if info.status != contract.SUCCEEDED or not info.result:
             raise ApiError(409, "not_ready", f"job {job_id} is {info.status}; its image exists once it succeeded")
         image_keys = info.image_keys
         if index >= len(image_keys):

@@ -13,12 +13,13 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
+from worker import contract
 from worker.keys import JOB_ID_PATTERN
 from worker.webhook_config import EVENTS
 from worker.webhook_urls import MAX_URL_CHARS
 from worker.job_spec import MAX_IMAGES, OUTPUT_FORMATS
 
-JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
+JobState = contract.JobState  # one status vocabulary for the API, the client and the workers
 
 
 def job_request_model(limits: RequestLimits) -> type[BaseModel]:

@@ -12,14 +12,15 @@ from rq.job import Job
 from rq.queue import Queue
 
 from engine.request import GenerationRequest
+from worker import contract
 from worker.job_spec import ImageJob
 
 
 class Phase(enum.Enum):
-    RUNNING = "running"  # in the engine's batch
-    STORING = "storing"  # every image computed, uploads under way (in threads)
-    SUCCEEDED = "succeeded"  # stored; RQ success handling still to do
-    FAILED = "failed"  # RQ failure handling still to do
+    RUNNING = contract.META_RUNNING  # in the engine's batch
+    STORING = contract.META_STORING  # every image computed, uploads under way (in threads)
+    SUCCEEDED = contract.SUCCEEDED  # stored; RQ success handling still to do
+    FAILED = contract.FAILED  # RQ failure handling still to do
 
 
 @dataclass

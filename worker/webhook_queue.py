@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from redis import Redis
 
-from worker import keys
+from worker import contract, keys
 
 META_WEBHOOK = "webhook"
 RECORD_TTL = 7 * 24 * 3600
@@ -50,9 +50,9 @@ def subscription(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def event_for(status: str) -> str | None:
     """The webhook event a job status announces."""
-    if status == "running":
+    if status == contract.RUNNING:
         return "start"
-    if status in ("succeeded", "failed", "canceled"):
+    if status in contract.TERMINAL:
         return "completed"
     return None
 
