@@ -15,7 +15,7 @@ from rq.job import JobStatus
 from rq.utils import as_text, now
 
 from worker import contract, keys, metrics, rq_adapter, webhook_queue
-from worker.batch import BatchEntry, Phase
+from worker.batch import BatchEntry, BatchWorkerState, Phase
 
 log = logging.getLogger("sd3serve.worker")
 
@@ -28,9 +28,7 @@ class GenerationError(RuntimeError):
         self.code = code
 
 
-class BatchBookkeeping:
-    """Needs the attributes of a `BatchWorker`: connection, name, config, engine, _entries, _steps,
-    _step_records, _next_heartbeat, worker_ttl and RQ's worker methods."""
+class BatchBookkeeping(BatchWorkerState):
 
     def _heartbeat_if_due(self) -> None:
         if time.monotonic() < self._next_heartbeat:

@@ -17,6 +17,7 @@ the worker's log.
 """
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import tempfile
@@ -59,7 +60,7 @@ class Spool:
     def bytes(self) -> int:
         return self._bytes
 
-    def keep(self, data: bytes) -> Path | None:
+    def keep(self, data: builtins.bytes) -> Path | None:  # `bytes` is a property here
         """Write `data` to a spool file; None if that would exceed the bound (or the disk fails)."""
         with self._lock:
             if self._bytes + len(data) > self.max_bytes:
@@ -269,10 +270,10 @@ class DurableUploader:
         self.spool.drop(held.path, held.size)
         if held.future.done():
             return
-        if error is not None:
-            held.future.set_exception(error)
-        else:
+        if result is not None and error is None:
             held.future.set_result(result)
+        else:
+            held.future.set_exception(error or StoreFailed("storage_error", "the upload ended without a result", True))
 
     def restore_bucket(self) -> None:
         """Create the bucket again if it was deleted (the worker calls this every maintenance pass)."""

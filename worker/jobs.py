@@ -200,4 +200,4 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
         raise GenerationFailed("engine_error", "the engine stopped without finishing the request")
     enqueued = job.enqueued_at if job is not None else started_at
     return build_result(spec, stored, max(item.seconds for item in finished), enqueued, started_at, now(),
-                        job.worker_name if job is not None else "")
+                        (job.worker_name or "") if job is not None else "")

@@ -13,6 +13,8 @@ import time
 from typing import Any, Mapping
 
 from redis import Redis
+from redis.typing import EncodableT, FieldT
+from rq.utils import as_text
 
 from worker import contract, keys
 
@@ -43,7 +45,7 @@ def record_key(job_id: str) -> str:
     return f"{keys.KEY_PREFIX}:webhook:{job_id}"
 
 
-def subscription(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def subscription(meta: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     value = (meta or {}).get(META_WEBHOOK)
     return value if isinstance(value, Mapping) and value.get("url") else None
 
@@ -88,7 +90,7 @@ def pending_count(connection: Redis, queue: str) -> int:
 
 
 def read_record(connection: Redis, job_id: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in connection.hgetall(record_key(job_id)).items()}
+    return {as_text(k): as_text(v) for k, v in connection.hgetall(record_key(job_id)).items()}
 
 
 def status_of(connection: Redis, job_id: str) -> dict[str, Any]:
@@ -126,7 +128,7 @@ def record_outcome(connection: Redis, queue: str, job_id: str, event: str, statu
                    *, delivered: bool = False, retry_at: float | None = None) -> None:
     """Store an attempt's outcome; then either reschedule the delivery or take it off the queue."""
     key = record_key(job_id)
-    fields = {f"{event}:last_status": str(status), f"{event}:last_error": error or "",
+    fields: dict[FieldT, EncodableT] = {f"{event}:last_status": str(status), f"{event}:last_error": error or "",
               f"{event}:last_at": f"{time.time():.3f}"}
     if delivered:
         fields[f"{event}:delivered"] = "1"
