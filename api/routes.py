@@ -8,11 +8,12 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse
+from pydantic import BaseModel
 
 from api import job_views, metrics, submission
 from api.auth import caller_dependency
@@ -54,7 +55,7 @@ def build_router(state: ApiState) -> APIRouter:
                                                 max_length=MAX_IDEMPOTENCY_KEY,
                                                 description="Retrying with the same key returns the same job."),
     ) -> Any:
-        fields = body.model_dump(exclude_none=True)
+        fields = cast(BaseModel, body).model_dump(exclude_none=True)
         request_fields = {k: v for k, v in fields.items() if k not in ("webhook", "webhook_events_filter")}
         try:
             spec = validate_job(request_fields, state.config.limits)

@@ -1,4 +1,5 @@
-"""Signed, expiring URLs for images in local storage (made by the API and by webhook deliveries): `/v1/files/<key>?expires=<unix>&signature=<hmac>`.
+"""Signed, expiring URLs for images in local storage (made by the API and by webhook deliveries):
+`/v1/files/<key>?expires=<unix>&signature=<hmac>`.
 
 The signature is an HMAC-SHA256 of the key and the expiry under a secret every API replica
 shares (SD3SERVE_URL_SIGNING_KEY, or one drawn once and kept in Redis), so a URL cannot be made

@@ -2,9 +2,10 @@
 
 A job's subscription lives in its `job.meta["webhook"]` (`{"url", "events"}`), written with the job
 itself. An event to deliver is queued once per job and event (an atomic script: a retried or
-re-run job is not announced twice) as a member `<job id>|<event>` of its queue's sorted set (`sd3serve:webhooks:<queue>:due`) scored by when
-its next attempt is due. A deliverer claims due members by pushing their score a lease ahead, so
-a deliverer that dies mid-attempt leaves the member to come due again: deliveries survive restarts.
+re-run job is not announced twice) as a member `<job id>|<event>` of its queue's sorted set
+(`sd3serve:webhooks:<queue>:due`) scored by when its next attempt is due. A deliverer claims due
+members by pushing their score a lease ahead, so a deliverer that dies mid-attempt leaves the
+member to come due again: deliveries survive restarts.
 Outcomes go to the hash `sd3serve:webhook:<job id>` (`<event>:attempts`, `:last_status`, ...).
 """
 from __future__ import annotations
