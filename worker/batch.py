@@ -49,7 +49,7 @@ class BatchEntry:
     phase: Phase = Phase.RUNNING
     request_ids: list[str] = field(default_factory=list)  # the engine requests, one per image
     in_engine: set[str] = field(default_factory=set)  # those not finished yet
-    uploads: dict[int, Future] = field(default_factory=dict)  # image index -> store_image future
+    uploads: dict[int, Future] = field(default_factory=dict)  # image index -> DurableUploader.submit future
     generate_seconds: float = 0.0
     result: dict[str, Any] | None = None
     failure: Failure | None = None
