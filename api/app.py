@@ -6,7 +6,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -119,7 +119,7 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
             sweeper.cancel()
         redis.close()
 
-    docs = {} if config.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    docs: dict[str, Any] = {} if config.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="sd3serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, **docs)
     install_error_handlers(app)
     app.include_router(build_router(state))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import redis
 from fastapi import FastAPI, Request
@@ -34,7 +34,7 @@ def error_body(code: str, message: str, field: str | None = None, **extra: Any) 
     return {"error": error, **extra}
 
 
-def _field_of(loc: tuple | list) -> str:
+def _field_of(loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or (str(loc[0]) if loc else "request")
 

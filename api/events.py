@@ -17,15 +17,16 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import ApiError
 from api.schemas import ERRORS, JobId
+from worker import contract
 
 STREAMS_OPEN = Gauge("sd3serve_event_streams_open", "Server-sent event streams of jobs being served now.")
 
 
 def progress_event(info: Any) -> tuple[str, dict[str, Any]]:
     """The (event, data) a job that has not ended is shown as."""
-    if info.status == "queued":
-        return "queued", {"id": info.id, "status": "queued", "queue_position": info.queue_position}
-    return "running", {"id": info.id, "status": "running", **info.progress}
+    if info.status == contract.QUEUED:
+        return contract.QUEUED, {"id": info.id, "status": contract.QUEUED, "queue_position": info.queue_position}
+    return contract.RUNNING, {"id": info.id, "status": contract.RUNNING, **info.progress}
 
 
 def add_event_routes(router: APIRouter, state: Any, authenticate: Callable[..., str], find: Callable[[str, str], Any],

@@ -17,7 +17,7 @@ from api.errors import ApiError
 from api.schemas import ErrorResponse, Health
 
 log = logging.getLogger("sd3serve.api")
-ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403)}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403)}
 
 
 def readiness_checks(state: Any) -> dict[str, str]:

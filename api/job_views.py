@@ -9,7 +9,7 @@ from api.errors import ApiError
 from api.ownership import visible_to
 from api.schemas import JobResponse
 from api.state import ApiState
-from worker import client, job_view
+from worker import client, contract, job_view
 from worker.client import JobInfo, JobNotFound
 from worker.storage import LocalStorage
 
@@ -38,5 +38,5 @@ def image_urls(state: ApiState, info: JobInfo, request: Request) -> list[str]:
 
 
 def job_response(state: ApiState, info: JobInfo, request: Request) -> dict[str, Any]:
-    urls = image_urls(state, info, request) if info.status == "succeeded" and info.result else []
+    urls = image_urls(state, info, request) if info.status == contract.SUCCEEDED and info.result else []
     return JobResponse.model_validate(job_view.status_body(info, urls)).model_dump(mode="json")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import time
+from typing import cast
 
 from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 from redis import Redis
 from rq.job import Job, JobStatus
+from rq.utils import as_text
 
 from api.errors import ApiError
 from worker import keys
@@ -44,7 +46,7 @@ class KeyLimits:
 
     def count_request(self, caller: str) -> None:
         """One submission of `caller`; 429 once it has made `per_minute` in the last minute."""
-        if self.limiter is None or self.limiter.hit(self.rate, caller):
+        if self.limiter is None or self.rate is None or self.limiter.hit(self.rate, caller):
             return
         reset = self.limiter.get_window_stats(self.rate, caller).reset_time
         retry_after = max(1, math.ceil(reset - time.time()))
@@ -66,7 +68,7 @@ class KeyLimits:
             self.redis.zrem(keys.owner_in_flight_key(caller), job_id)
 
     def _forget_ended(self, key: str) -> None:
-        ids = [member.decode() for member in self.redis.zrange(key, 0, -1)]
+        ids = [as_text(member) for member in cast("list[bytes]", self.redis.zrange(key, 0, -1))]
         if not ids:
             return
         with self.redis.pipeline() as pipe:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ class QueueDepthCollector(Collector):
         self._queue = queue
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue (not yet taken by a worker).", labels=["queue"])
+        family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue (not yet taken by a worker).",
+                                   labels=["queue"])
         try:
             family.add_metric([self._queue], float(self._depth()))
         except Exception as exc:  # a scrape must not fail because Redis is briefly unreachable
@@ -94,7 +98,7 @@ def observe_request(method: str, route: str, status: int, seconds: float) -> Non
     REQUEST_LATENCY.labels(method=method, route=route, status=str(status)).observe(seconds)
 
 
-def instrument_app(app) -> None:
+def instrument_app(app: FastAPI) -> None:
     """Add middleware to a FastAPI/Starlette app that times every request into REQUEST_LATENCY.
 
     The `route` label is the route template (`/v1/jobs/{job_id}`), never the raw path, so job
@@ -103,7 +107,7 @@ def instrument_app(app) -> None:
     """
 
     @app.middleware("http")
-    async def _time_request(request, call_next):  # type: ignore[no-untyped-def]
+    async def _time_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
         status = 500
         try:
@@ -114,7 +118,7 @@ def instrument_app(app) -> None:
             observe_request(request.method, _route_template(app, request.scope), status, time.perf_counter() - start)
 
 
-def _route_template(app, scope) -> str:  # type: ignore[no-untyped-def]
+def _route_template(app: FastAPI, scope: Mapping[str, Any]) -> str:
     from starlette.routing import Mount
 
     route = scope.get("route")  # FastAPI's routes put themselves here

@@ -3,7 +3,7 @@ routes: a route class that turns every error raised in them (validation, auth, l
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import redis
 from fastapi import Request, Response
@@ -29,7 +29,7 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _param(loc: tuple | list) -> str:
+def _param(loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 
@@ -43,7 +43,7 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 first = (exc.errors() or [{"loc": ("body",), "msg": "invalid request"}])[0]
-                param = _param(first.get("loc", ()))
+                param: str | None = _param(first.get("loc", ()))
                 message = first.get("msg", "invalid value")
                 if first.get("type") == "json_invalid":
                     param, message = None, "the body is not valid JSON"

@@ -9,10 +9,11 @@ model is built per app from its limits (a local name).
 import base64
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 
 from api import job_views, submission
 from api.auth import caller_dependency
@@ -21,11 +22,12 @@ from api.openai_errors import OpenAIRoute, openai_error
 from api.openai_schemas import ImagesResponse, Model, ModelList, OpenAIError, images_request_model
 from api.state import ApiState
 from engine.request import RequestLimits, RequestValidationError
+from worker import contract
 from worker.client import JobInfo
 from worker.job_spec import ImageJob, validate_job
 
 POLL_SECONDS = 0.1
-ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 403, 404, 409, 429, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIError} for code in (400, 401, 403, 404, 409, 429, 504)}
 _CLIENT_FAILURES = {"invalid_request", "too_large"}  # a worker's verdict on the request itself
 
 
@@ -76,7 +78,7 @@ def build_openai_router(state: ApiState) -> APIRouter:
         request: Request,
         caller: str = Depends(authenticate),
     ) -> Any:
-        fields = body.model_dump(exclude_none=True)
+        fields = cast(BaseModel, body).model_dump(exclude_none=True)
         model = fields.pop("model", None)
         if model is not None and model != served:
             raise ApiError(404, "model_not_found", f"the model {model!r} does not exist; this server serves {served!r}",
@@ -90,13 +92,13 @@ def build_openai_router(state: ApiState) -> APIRouter:
                 504, f"the images are not ready after {state.config.images_timeout:g} s; the job goes on: "
                 f"follow it at GET /v1/jobs/{job_id}", code="timeout", job_id=job_id,
                 headers={"Location": f"/v1/jobs/{job_id}"})
-        if info.status == "canceled":
+        if info.status == contract.CANCELED:
             return openai_error(409, f"job {job_id} was canceled", code="canceled", job_id=job_id)
-        if info.status == "failed":
+        if info.status == contract.FAILED:
             error = info.error or {"code": "worker_error", "message": "the job failed"}
             status = 400 if error["code"] in _CLIENT_FAILURES else 500
             return openai_error(status, error["message"], code=error["code"], job_id=job_id)
-        data = await anyio.to_thread.run_sync(_image_data, info, body.response_format, request)
+        data = await anyio.to_thread.run_sync(_image_data, info, fields["response_format"], request)
         g = spec.generation
         return {"created": int(time.time()), "data": data, "id": job_id, "output_format": spec.output_format,
                 "size": f"{g.width}x{g.height}"}
@@ -110,7 +112,7 @@ def build_openai_router(state: ApiState) -> APIRouter:
             await anyio.sleep(min(POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
 
     def _image_data(info: JobInfo, response_format: str, request: Request) -> list[dict[str, Any]]:
-        seeds = [image["seed"] for image in info.result.get("images", [])] or [info.seed]
+        seeds = [image["seed"] for image in (info.result or {}).get("images", [])] or [info.seed]
         if response_format == "url":
             urls = job_views.image_urls(state, info, request)
             return [{"url": url, "seed": seed} for url, seed in zip(urls, seeds)]

@@ -6,10 +6,14 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from api.field_types import one_of
 from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
 from worker.job_spec import MAX_IMAGES, OUTPUT_FORMATS
 
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
+RESPONSE_FORMATS = ("url", "b64_json")
+QUALITIES = ("auto", "standard", "hd", "low", "medium", "high")  # OpenAI's words, accepted
+STYLES = ("vivid", "natural")
 
 
 def images_request_model(limits: RequestLimits) -> type[BaseModel]:
@@ -24,20 +28,20 @@ def images_request_model(limits: RequestLimits) -> type[BaseModel]:
         size=(str, Field("auto", pattern=SIZE_PATTERN, description=(
             f"'WIDTHxHEIGHT', each {limits.min_side}-{limits.max_side} and a multiple of {limits.size_multiple}; "
             f"'auto': {limits.default_width}x{limits.default_height}."))),
-        response_format=(Literal["url", "b64_json"], Field("url", description="URLs or base64 image bytes.")),
-        output_format=(Literal[OUTPUT_FORMATS], Field("png")),  # type: ignore[valid-type]
+        response_format=(one_of(RESPONSE_FORMATS), Field("url", description="URLs or base64 image bytes.")),
+        output_format=(one_of(OUTPUT_FORMATS), Field("png")),
         output_compression=(Optional[int], Field(None, ge=0, le=100, description="jpeg/webp quality (default 100).")),
         user=(Optional[str], Field(None, max_length=256, description="Your end user's id, kept with the job.")),
-        quality=(Optional[Literal["auto", "standard", "hd", "low", "medium", "high"]],
+        quality=(one_of(QUALITIES) | None,
                  Field(None, description="Accepted for compatibility; steps set the quality here.")),
-        style=(Optional[Literal["vivid", "natural"]], Field(None, description="Accepted for compatibility; no effect.")),
+        style=(one_of(STYLES) | None, Field(None, description="Accepted for compatibility; no effect.")),
         negative_prompt=(str, Field("", max_length=limits.max_prompt_chars, description="What to avoid.")),
         steps=(Optional[int], Field(None, ge=1, le=limits.max_steps, description="Denoising steps.")),
         guidance_scale=(Optional[float], Field(None, ge=0, le=limits.max_guidance, allow_inf_nan=False)),
         seed=(Optional[int], Field(None, ge=0, le=MAX_SEED, description="The first image's seed; random if absent.")),
         cache_interval=(Optional[int], Field(None, ge=1, le=limits.max_cache_interval,
                                              description="1 = exact; K > 1 reuses cached attention.")),
-        cache_policy=(Optional[Literal[CACHE_POLICIES]], Field(None)),  # type: ignore[valid-type]
+        cache_policy=(one_of(CACHE_POLICIES) | None, Field(None)),
     )
 
 

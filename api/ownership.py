@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from redis import Redis
 from rq.job import Job
+from rq.utils import as_text
 
 from worker import keys
 from worker.client import JobInfo
@@ -50,7 +52,7 @@ class JobIndex:
             batch = self.redis.zrevrangebyscore(key, upper, "-inf", start=0, num=limit - len(found), withscores=True)
             if not batch:
                 return JobPage(found, None)
-            ids = [member.decode() for member, _ in batch]
+            ids = [as_text(member) for member, _ in cast("list[tuple[bytes, float]]", batch)]
             with self.redis.pipeline() as pipe:
                 for job_id in ids:
                     pipe.exists(Job.key_for(job_id))

@@ -8,11 +8,12 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse
+from pydantic import BaseModel
 
 from api import job_views, metrics, submission
 from api.auth import caller_dependency
@@ -20,7 +21,7 @@ from api.errors import ApiError
 from api.schemas import ERRORS, JobId, JobResponse
 from api.state import ApiState
 from engine.request import RequestValidationError
-from worker import client, keys
+from worker import client, contract, keys
 from worker.admission import NotReplicated
 from worker.client import JobInfo, JobNotCancelable, JobNotFound
 from worker.job_spec import CONTENT_TYPES, validate_job
@@ -54,7 +55,7 @@ def build_router(state: ApiState) -> APIRouter:
                                                 max_length=MAX_IDEMPOTENCY_KEY,
                                                 description="Retrying with the same key returns the same job."),
     ) -> Any:
-        fields = body.model_dump(exclude_none=True)
+        fields = cast(BaseModel, body).model_dump(exclude_none=True)
         request_fields = {k: v for k, v in fields.items() if k not in ("webhook", "webhook_events_filter")}
         try:
             spec = validate_job(request_fields, state.config.limits)
@@ -151,7 +152,7 @@ def build_router(state: ApiState) -> APIRouter:
     def get_image(job_id: JobId, caller: str = Depends(authenticate),
                   index: int = Query(0, ge=0, le=99, description="Which image: 0 to n-1.")) -> Response:
         info = find(job_id, caller)
-        if info.status != "succeeded" or not info.result:
+        if info.status != contract.SUCCEEDED or not info.result:
             raise ApiError(409, "not_ready", f"job {job_id} is {info.status}; its image exists once it succeeded")
         image_keys = info.image_keys
         if index >= len(image_keys):

@@ -7,24 +7,26 @@ pydantic as the single source of truth for what a request means.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from api.field_types import list_of, one_of
 from engine.request import CACHE_POLICIES, MAX_SEED, RequestLimits
+from worker import contract
 from worker.keys import JOB_ID_PATTERN
 from worker.webhook_config import EVENTS
 from worker.webhook_urls import MAX_URL_CHARS
 from worker.job_spec import MAX_IMAGES, OUTPUT_FORMATS
 
-JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
+JobState = contract.JobState  # one status vocabulary for the API, the client and the workers
 
 
 def job_request_model(limits: RequestLimits) -> type[BaseModel]:
     # Strict: a string or a boolean is not a number (pydantic would take "64" and true), the same
     # rule as engine.request.validate_request. A float field still takes an integer.
-    side = dict(ge=limits.min_side, le=limits.max_side, multiple_of=limits.size_multiple, strict=True)
+    side: dict[str, Any] = dict(ge=limits.min_side, le=limits.max_side, multiple_of=limits.size_multiple, strict=True)
     return create_model(
         "JobRequest",
         __config__=ConfigDict(extra="forbid", json_schema_extra={
@@ -44,16 +46,16 @@ def job_request_model(limits: RequestLimits) -> type[BaseModel]:
         cache_interval=(int, Field(limits.default_cache_interval, ge=1, le=limits.max_cache_interval, strict=True,
                                    description="Quality knob: 1 computes every step exactly; K > 1 reuses "
                                                "cached attention for up to K-1 steps (faster).")),
-        cache_policy=(Optional[Literal[CACHE_POLICIES]], Field(  # type: ignore[valid-type]
+        cache_policy=(one_of(CACHE_POLICIES) | None, Field(
             None, description="How a cache_interval > 1 saves work; absent: the worker's default.")),
         webhook=(Optional[str], Field(None, max_length=MAX_URL_CHARS,
                                       description="An http(s) URL POSTed the job's status (signed, Standard "
                                                   "Webhooks) on the events of webhook_events_filter.")),
-        webhook_events_filter=(Optional[list[Literal[EVENTS]]], Field(  # type: ignore[valid-type]
+        webhook_events_filter=(list_of(one_of(EVENTS)) | None, Field(
             None, min_length=1, description="Events that call the webhook: start, completed (succeeded, failed "
                                             "or canceled). Default: completed.")),
         n=(int, Field(1, ge=1, le=MAX_IMAGES, description="Images to make; image i uses seed + i.")),
-        output_format=(Literal[OUTPUT_FORMATS], Field("png", description="Image encoding.")),  # type: ignore[valid-type]
+        output_format=(one_of(OUTPUT_FORMATS), Field("png", description="Image encoding.")),
         output_compression=(Optional[int], Field(None, ge=0, le=100,
                                                  description="jpeg/webp quality, 0-100 (default 100).")),
     )

@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel
 from redis import Redis
-from rq import Queue
 
 from api.config import ApiConfig
+from worker.admission import CappedQueue
 
 
 @dataclass
@@ -17,7 +17,7 @@ class ApiState:
     redis: Redis
     storage: Any
     job_request: type[BaseModel]
-    queue: Queue
+    queue: CappedQueue
     urls: Any = None  # worker.signed_urls.UrlSigner
     key_limits: Any = None  # api.key_limits.KeyLimits
     jobs: Any = None  # api.ownership.JobIndex

@@ -11,16 +11,19 @@ and abandoned-job clean-up behave as for any RQ job. Other jobs run the stock Si
 Work and bookkeeping are split: an iteration first steps the engine (no Redis), then syncs with
 Redis (heartbeats, cancellations, admissions, progress, finished jobs). If Redis is briefly
 unreachable the sync is retried on the next iteration and nothing computed is lost.
+
+The parts: RQ's hooks and the loop here; admission in batch_admission.py; the engine step and the
+uploads in batch_steps.py; the Redis side in bookkeeping.py; their shared state in batch.py.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 from rq.defaults import DEFAULT_MAINTENANCE_TASK_INTERVAL, DEFAULT_WORKER_TTL
 from rq.exceptions import StopRequested
 from rq.job import Job
@@ -29,21 +32,19 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from engine.request import RequestValidationError
-from worker import keys, metrics, rq_adapter, webhook_queue
+from worker import keys, metrics, rq_adapter
 from worker.batch import BatchEntry, Phase
-from worker.bookkeeping import BatchBookkeeping
+from worker.batch_admission import BatchAdmission
+from worker.batch_steps import BatchStepping
 from worker.config import WorkerConfig
-from worker.durable_upload import DurableUploader, StoreFailed
-from worker.job_spec import split_request_id
-from worker.jobs import build_result, job_from_kwargs
+from worker.durable_upload import DurableUploader
 from worker.redis_conn import connect
 from worker.storage import StorageError, storage_from_config
 
 log = logging.getLogger("sd3serve.worker")
 
 
-class BatchWorker(BatchBookkeeping, SimpleWorker):
+class BatchWorker(BatchAdmission, BatchStepping, SimpleWorker):
     # Reconnect to a restarted Redis within seconds, not RQ's one minute.
     max_connection_wait_time = 5.0
 
@@ -69,7 +70,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         self._entries: dict[str, BatchEntry] = {}
         self._uploads: DurableUploader | None = None
         self._steps = 0
-        self._step_records: list[dict[str, Any]] = []
+        self._step_records: list[dict[FieldT, EncodableT]] = []
         self._next_heartbeat = 0.0
         self._next_gpu_sample = 0.0
         self._stop_deadline: float | None = None
@@ -126,7 +127,7 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
         for queue in self.queues:
             if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=lock_seconds):
                 rq_adapter.clean_queue(self, queue)
-        self.last_cleaned_at = now()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ types it as the None it starts as
         if self._uploads is not None:
             self._uploads.restore_bucket()  # /readyz checks the bucket: do not wait for an upload
 
@@ -171,10 +172,6 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             self.metrics_server = metrics.start_metrics_server(self.config.metrics_port)
             log.info("metrics on port %d", self.metrics_server.port)
 
-    @property
-    def limits(self) -> Any:
-        return getattr(self.engine, "limits", self.config.engine.limits)
-
     # -- the batch loop ---------------------------------------------------------------------------
     def _run_batch(self) -> None:
         backoff = 0.5
@@ -199,74 +196,6 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
             if request_id not in self._entries:
                 self.engine.cancel(request_id)
         self.engine.drop_canceled()
-
-    def _step_engine(self) -> None:
-        if not self.engine.has_work():
-            for entry in self._entries.values():
-                if entry.phase is Phase.RUNNING:  # cannot happen unless the engine lost it
-                    entry.fail("engine_error", "the engine dropped the request without a result", retry=True)
-            uploads = [e.upload for e in self._entries.values() if e.phase is Phase.STORING and e.upload]
-            uploads = [u for u in uploads if u is not None]
-            if uploads:
-                held = self._uploads is not None and self._uploads.waiting  # storage is down: poll slower
-                wait(uploads, timeout=0.5 if held else 0.05, return_when=FIRST_COMPLETED)
-            self._collect_uploads()
-            return
-        try:
-            report = self.engine.step()
-        except Exception as exc:  # a broken step fails the requests in it, not the worker
-            log.exception("engine step failed")
-            for entry in self._entries.values():
-                if entry.phase is Phase.RUNNING:
-                    for request_id in entry.request_ids:
-                        self.engine.cancel(request_id)
-                    entry.fail("engine_error", f"the engine failed: {exc}", retry=True)
-            return
-        self._steps += 1
-        for failed in report.failed:
-            entry = self._entries.get(split_request_id(failed.request.request_id)[0])
-            if entry is not None and entry.phase is Phase.RUNNING:
-                for request_id in entry.in_engine - {failed.request.request_id}:
-                    self.engine.cancel(request_id)  # the job fails as a whole; its other images stop
-                entry.fail(failed.code, failed.message, retry=failed.code == "out_of_memory")
-        for finished in report.finished:
-            job_id, index = split_request_id(finished.request.request_id)
-            entry = self._entries.get(job_id)
-            if entry is None or entry.phase is not Phase.RUNNING:
-                continue
-            entry.in_engine.discard(finished.request.request_id)
-            if not entry.in_engine:
-                entry.phase = Phase.STORING
-            entry.generate_seconds = max(entry.generate_seconds, finished.seconds)
-            entry.uploads[index] = self._uploads.submit(entry.job_id, finished.image, entry.spec, index)
-        if report.batch_size:
-            metrics.STEP_DURATION.observe(report.step_seconds)
-            metrics.BATCH_SIZE.observe(report.batch_size)
-            metrics.FRESH_RATIO.set(report.fresh_ratio)
-        metrics.RUNNING_REQUESTS.set(len(self.engine.running_ids()))
-        if self.config.step_log_len:
-            self._step_records.append({
-                "t": f"{time.time():.4f}", "batch_size": report.batch_size, "fresh_ratio": f"{report.fresh_ratio:.3f}",
-                "step_seconds": f"{report.step_seconds:.5f}", "finished": len(report.finished),
-                "running": len(self.engine.running_ids())})
-        self._collect_uploads()
-
-    def _collect_uploads(self) -> None:
-        for entry in self._entries.values():
-            if entry.phase is not Phase.STORING or entry.upload is not None:
-                continue  # images still running, or uploads under way
-            try:
-                stored = [entry.uploads[i].result() for i in sorted(entry.uploads)]
-            except StoreFailed as exc:  # past the storage deadline: RQ's retry path, if retries remain
-                entry.fail(exc.code, exc.message, retry=exc.retry)
-                continue
-            except Exception:
-                log.exception("storing the image of job %s failed", entry.job_id)
-                entry.fail("storage_error", "the image could not be stored (see the worker log)", retry=True)
-                continue
-            entry.result = build_result(entry.spec, stored, entry.generate_seconds, entry.job.enqueued_at,
-                                        entry.job.started_at, now(), self.name)
-            entry.phase = Phase.SUCCEEDED
 
     def _sync(self) -> None:
         """Everything that talks to Redis, in an order that is safe to repeat after a failure."""
@@ -297,62 +226,6 @@ class BatchWorker(BatchBookkeeping, SimpleWorker):
                     metrics.sample_gpu_memory()
                 except Exception:  # pragma: no cover - metrics never stop the worker
                     pass
-
-    # -- admission ------------------------------------------------------------------------------
-    def _admit_more(self) -> None:
-        if self._uploads is not None and self._uploads.spool_full:
-            return  # storage is down and the spool is full: no new work until held images are stored
-        slots = self.engine.admission_slots()
-        while slots > 0:
-            result = rq_adapter.dequeue_now(self)
-            if result is None:
-                return
-            job, queue = result
-            if not keys.is_generation(job):
-                super().execute_job(job, queue)  # an ordinary RQ job: run it now, on its own
-                self.set_state(WorkerStatus.BUSY)
-                continue
-            entry = self._admit(job, queue)
-            if entry:
-                slots -= len(entry.request_ids)  # one slot per image
-
-    def _admit(self, job: Job, queue: Queue) -> BatchEntry | None:
-        """Register `job` with RQ as started and hand its requests (one per image) to the engine."""
-        execution = rq_adapter.start_execution(self, job)
-        job.started_at = now()
-        if job.retries_left is None and self.config.abandoned_retries:
-            # A job enqueued without a Retry would be marked failed if this worker died; give it
-            # retries so RQ's abandoned-job clean-up re-runs it instead.
-            job.retries_left = self.config.abandoned_retries
-            self.connection.hset(job.key, "retries_left", job.retries_left)
-        entry = BatchEntry(job=job, queue=queue, execution=execution, request=None)  # type: ignore[arg-type]
-        try:
-            entry.spec = job_from_kwargs(job.id, job.args, job.kwargs, self.limits)
-            entry.request = entry.spec.generation
-            for request in entry.spec.image_requests(job.id):
-                self.engine.add(request)
-                entry.request_ids.append(request.request_id)
-                entry.in_engine.add(request.request_id)
-        except RequestValidationError as exc:
-            entry.fail("invalid_request", str(exc))
-        except ValueError as exc:  # e.g. larger than the attention-cache budget
-            entry.fail("too_large", str(exc))
-        self._entries[job.id] = entry
-        if entry.phase is Phase.FAILED:
-            for request_id in entry.request_ids:
-                self.engine.cancel(request_id)
-            self._finish_failure(entry)
-            return None
-        if job.enqueued_at:
-            metrics.QUEUE_WAIT.observe(max((job.started_at - job.enqueued_at).total_seconds(), 0.0))
-        job.meta.pop(keys.META_ERROR, None)
-        job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: entry.request.steps,
-                         keys.META_SEED: entry.request.seed, keys.META_STATE: Phase.RUNNING.value})
-        job.save_meta()
-        webhook_queue.notify(self.connection, job, "start")
-        log.info("admitted job %s (%d x %dx%d, %d steps), %d in batch", job.id, len(entry.request_ids),
-                 entry.request.width, entry.request.height, entry.request.steps, len(self._entries))
-        return entry
 
 
 def _as_list(queues: Any) -> list[Any]:

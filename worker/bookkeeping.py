@@ -14,8 +14,8 @@ import redis
 from rq.job import JobStatus
 from rq.utils import as_text, now
 
-from worker import keys, metrics, rq_adapter, webhook_queue
-from worker.batch import BatchEntry, Phase
+from worker import contract, keys, metrics, rq_adapter, webhook_queue
+from worker.batch import BatchEntry, BatchWorkerState, Phase
 
 log = logging.getLogger("sd3serve.worker")
 
@@ -28,9 +28,7 @@ class GenerationError(RuntimeError):
         self.code = code
 
 
-class BatchBookkeeping:
-    """Needs the attributes of a `BatchWorker`: connection, name, config, engine, _entries, _steps,
-    _step_records, _next_heartbeat, worker_ttl and RQ's worker methods."""
+class BatchBookkeeping(BatchWorkerState):
 
     def _heartbeat_if_due(self) -> None:
         if time.monotonic() < self._next_heartbeat:
@@ -70,7 +68,7 @@ class BatchBookkeeping:
             self._entries.pop(entry.job_id, None)
             if status == JobStatus.CANCELED or status is None:
                 webhook_queue.notify(self.connection, entry.job, "completed")  # queued once, whoever canceled
-                metrics.JOBS_COMPLETED.labels(status="canceled").inc()
+                metrics.JOBS_COMPLETED.labels(status=contract.CANCELED).inc()
                 log.info("job %s canceled; it left the batch", entry.job_id)
             else:
                 log.warning("job %s is %s elsewhere; dropped from this batch", entry.job_id, status)
@@ -125,13 +123,13 @@ class BatchBookkeeping:
 
     def _finish_success(self, entry: BatchEntry) -> None:
         entry.job.meta.update({keys.META_STEP: entry.request.steps, keys.META_TOTAL: entry.request.steps,
-                               keys.META_STATE: "stored"})
+                               keys.META_STATE: contract.META_STORED})
         entry.job.save_meta()
         entry.finalizing = True
         rq_adapter.finalize_success(self, entry.job, entry.queue, entry.execution, entry.result)
         self._entries.pop(entry.job_id, None)
         webhook_queue.notify(self.connection, entry.job, "completed")
-        metrics.JOBS_COMPLETED.labels(status="succeeded").inc()
+        metrics.JOBS_COMPLETED.labels(status=contract.SUCCEEDED).inc()
         metrics.IMAGES_GENERATED.inc(len(entry.request_ids))
         if entry.job.created_at:
             metrics.JOB_LATENCY.observe(max((now() - entry.job.created_at).total_seconds(), 0.0))
@@ -153,7 +151,7 @@ class BatchBookkeeping:
         will_retry = failure.retry and (entry.job.retries_left or 0) > 0
         if entry.job.get_status(refresh=True) == JobStatus.FAILED:  # for good, not rescheduled
             webhook_queue.notify(self.connection, entry.job, "completed")
-        metrics.JOBS_COMPLETED.labels(status="retried" if will_retry else "failed").inc()
+        metrics.JOBS_COMPLETED.labels(status="retried" if will_retry else contract.FAILED).inc()
 
     # -- giving jobs back -----------------------------------------------------------------------
     def _requeue_all(self) -> None:
@@ -167,7 +165,7 @@ class BatchBookkeeping:
     def _requeue(self, entry: BatchEntry) -> None:
         for request_id in entry.request_ids:
             self.engine.cancel(request_id)
-        entry.job.meta.update({keys.META_STEP: 0, keys.META_STATE: "requeued"})
+        entry.job.meta.update({keys.META_STEP: 0, keys.META_STATE: contract.META_REQUEUED})
         # Queue first, then drop our execution: a crash in between leaves a queued job (the stale
         # execution expires harmlessly), never a started job that nobody runs.
         entry.queue.enqueue_job(entry.job, at_front=True)

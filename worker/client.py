@@ -35,22 +35,12 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 
 from engine.request import GenerationRequest, RequestLimits
-from worker import keys, webhook_queue
+from worker import contract, keys, webhook_queue
+from worker.contract import JobError, JobState, Progress
 from worker.job_spec import ImageJob, validate_job
 from worker.webhook_subscription import Subscription, subscribe
 
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-_STATUS = {
-    JobStatus.QUEUED: "queued",
-    JobStatus.DEFERRED: "queued",
-    JobStatus.SCHEDULED: "queued",  # waiting to be retried
-    JobStatus.CREATED: "queued",
-    JobStatus.STARTED: "running",
-    JobStatus.FINISHED: "succeeded",
-    JobStatus.FAILED: "failed",
-    JobStatus.STOPPED: "failed",
-    JobStatus.CANCELED: "canceled",
-}
+TERMINAL = contract.TERMINAL  # kept for callers of client.TERMINAL
 DEFAULT_JOB_TIMEOUT = 600  # seconds a job may run once started
 DEFAULT_RESULT_TTL = 24 * 3600  # seconds a finished job and its result stay in Redis
 DEFAULT_FAILURE_TTL = 7 * 24 * 3600
@@ -86,17 +76,17 @@ class JobNotCancelable(RuntimeError):
 @dataclass
 class JobInfo:
     id: str
-    status: str  # queued | running | succeeded | failed | canceled
+    status: JobState
     queue_position: int | None  # jobs ahead of it in the queue; None unless queued
-    progress: dict[str, int]  # {"step": ..., "total": ...}
+    progress: Progress
     created_at: datetime | None
     enqueued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
     seed: int | None
     request: dict[str, Any]
-    result: dict[str, Any] | None = None
-    error: dict[str, str] | None = None
+    result: dict[str, Any] | None = None  # the JSON of a contract.JobResult
+    error: JobError | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     webhook: dict[str, Any] | None = None  # delivery state, when the job has a webhook
 
@@ -112,18 +102,12 @@ class JobInfo:
     @property
     def image_keys(self) -> list[str]:
         """Storage keys of every image of a succeeded job, in seed order."""
-        result = self.result or {}
-        if "images" in result:
-            return [image["key"] for image in result["images"]]
-        return [result["image_key"]] if "image_key" in result else []
+        return contract.result_image_keys(self.result)
 
     @property
     def image_urls(self) -> list[str]:
         """The workers' URLs of the images (presigned for S3; file:// for local storage)."""
-        result = self.result or {}
-        if "images" in result:
-            return [image["url"] for image in result["images"]]
-        return [result["image_url"]] if "image_url" in result else []
+        return contract.result_image_urls(self.result)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -205,7 +189,7 @@ def status(connection: Redis, job_id: str) -> JobInfo:
 
 def job_info(job: Job) -> JobInfo:
     rq_status = job.get_status(refresh=False)
-    state = _STATUS.get(rq_status, "queued")
+    state = contract.state_of(rq_status)
     meta = job.meta or {}
     kwargs = dict(job.kwargs or {})
     position = None
@@ -214,10 +198,10 @@ def job_info(job: Job) -> JobInfo:
     total = meta.get(keys.META_TOTAL) or kwargs.get("steps") or 0
     step = meta.get(keys.META_STEP) or 0
     result = error = None
-    if state == "succeeded":
+    if state == contract.SUCCEEDED:
         result = job.return_value()
         step = total
-    elif state == "failed":
+    elif state == contract.FAILED:
         error = _error_of(job, meta)
     seed = kwargs.get("seed", meta.get(keys.META_SEED))
     if seed is None and result:
@@ -229,8 +213,8 @@ def job_info(job: Job) -> JobInfo:
         progress={"step": int(step), "total": int(total)},
         created_at=job.created_at,
         enqueued_at=job.enqueued_at,
-        started_at=job.started_at if state != "queued" else None,
-        finished_at=job.ended_at if state in TERMINAL and state != "canceled" else None,
+        started_at=job.started_at if state != contract.QUEUED else None,
+        finished_at=job.ended_at if state in contract.TERMINAL and state != contract.CANCELED else None,
         seed=seed,
         request=kwargs,
         result=result,
@@ -241,7 +225,7 @@ def job_info(job: Job) -> JobInfo:
     )
 
 
-def _error_of(job: Job, meta: Mapping[str, Any]) -> dict[str, str]:
+def _error_of(job: Job, meta: Mapping[str, Any]) -> JobError:
     recorded = meta.get(keys.META_ERROR)
     if isinstance(recorded, Mapping) and "message" in recorded:
         return {"code": str(recorded.get("code", "generation_failed")), "message": str(recorded["message"])}
@@ -284,7 +268,7 @@ def cancel(connection: Redis, job_id: str) -> JobInfo:
     """
     job = fetch_job(connection, job_id)
     info = job_info(job)
-    if info.status == "canceled":
+    if info.status == contract.CANCELED:
         return info
     if info.done:
         raise JobNotCancelable(info)

@@ -18,8 +18,6 @@ the worker's log.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +28,7 @@ from typing import Any, Callable, Iterator
 from worker import keys
 from worker.jobs import StoredImage, encode_image
 from worker.job_spec import CONTENT_TYPES, ImageJob
+from worker.spool import Spool
 from worker.storage import Storage, StorageConfig, StorageError
 
 log = logging.getLogger("sd3serve.storage")
@@ -44,47 +43,6 @@ class StoreFailed(RuntimeError):
         self.code = code
         self.message = message
         self.retry = retry
-
-
-class Spool:
-    """PNG files waiting for storage, in one folder, at most `max_bytes` in all (thread-safe)."""
-
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory = directory
-        self.max_bytes = max_bytes
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-    def keep(self, data: bytes) -> Path | None:
-        """Write `data` to a spool file; None if that would exceed the bound (or the disk fails)."""
-        with self._lock:
-            if self._bytes + len(data) > self.max_bytes:
-                return None
-            self._bytes += len(data)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(suffix=".png", dir=self.directory)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            return Path(name)
-        except OSError as exc:
-            log.error("could not spool an image to %s: %s", self.directory, exc)
-            self._release(len(data))
-            return None
-
-    def drop(self, path: Path, size: int) -> None:
-        try:
-            path.unlink(missing_ok=True)
-        finally:
-            self._release(size)
-
-    def _release(self, size: int) -> None:
-        with self._lock:
-            self._bytes -= size
 
 
 @dataclass
@@ -269,10 +227,10 @@ class DurableUploader:
         self.spool.drop(held.path, held.size)
         if held.future.done():
             return
-        if error is not None:
-            held.future.set_exception(error)
-        else:
+        if result is not None and error is None:
             held.future.set_result(result)
+        else:
+            held.future.set_exception(error or StoreFailed("storage_error", "the upload ended without a result", True))
 
     def restore_bucket(self) -> None:
         """Create the bucket again if it was deleted (the worker calls this every maintenance pass)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.request import GenerationRequest, RequestLimits, RequestValidationError
 from worker import keys
+from worker.contract import JobResult, ResultImage
 from worker.job_spec import DEFAULT_COMPRESSION, ImageJob, image_request_id, split_request_id, validate_job
 from worker.storage import RetryPolicy, Storage
 
@@ -84,7 +85,7 @@ def build_result(
     worker_name: str,
 ) -> dict[str, Any]:
     """What `job.return_value()` holds for a succeeded job: every image (key, url, seed), the
-    first one also as `image_key` / `image_url`."""
+    first one also as `image_key` / `image_url` (the JSON of `worker.contract.JobResult`)."""
     spec = request if isinstance(request, ImageJob) else ImageJob(request)
     images = sorted(stored if isinstance(stored, list) else [stored], key=lambda s: s.index)
     timings = {
@@ -94,22 +95,20 @@ def build_result(
         "total_seconds": _seconds_between(enqueued_at, finished_at),
     }
     generation = spec.generation
-    return {
-        "image_key": images[0].key,
-        "image_url": images[0].url,
-        "images": [{"key": s.key, "url": s.url, "seed": spec.seeds[s.index], "index": s.index} for s in images],
-        "n": spec.n,
-        "output_format": spec.output_format,
-        "content_type": spec.content_type,
-        "seed": generation.seed,
-        "width": generation.width,
-        "height": generation.height,
-        "steps": generation.steps,
-        "cache_interval": generation.cache_interval,
-        "timings": {k: v for k, v in timings.items() if v is not None},
-        "storage_tries": sum(s.tries for s in images),
-        "worker": worker_name,
-    }
+    return JobResult(
+        images=tuple(ResultImage(s.key, s.url, spec.seeds[s.index], s.index) for s in images),
+        n=spec.n,
+        output_format=spec.output_format,
+        content_type=spec.content_type,
+        seed=generation.seed,
+        width=generation.width,
+        height=generation.height,
+        steps=generation.steps,
+        cache_interval=generation.cache_interval,
+        timings={k: v for k, v in timings.items() if v is not None},
+        storage_tries=sum(s.tries for s in images),
+        worker=worker_name,
+    ).to_dict()
 
 
 # -- the stock-worker path -----------------------------------------------------------------------
@@ -201,4 +200,4 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
         raise GenerationFailed("engine_error", "the engine stopped without finishing the request")
     enqueued = job.enqueued_at if job is not None else started_at
     return build_result(spec, stored, max(item.seconds for item in finished), enqueued, started_at, now(),
-                        job.worker_name if job is not None else "")
+                        (job.worker_name or "") if job is not None else "")

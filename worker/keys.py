@@ -17,7 +17,7 @@ META_TOTAL = "total"
 META_SEED = "seed"
 META_BATCH_SIZE = "batch_size"
 META_ERROR = "error"  # {"code": ..., "message": ...} for a failed job
-META_STATE = "state"  # "running" or "storing" (image computed, upload under way)
+META_STATE = "state"  # a contract.WorkerPhase: running, storing (image computed, upload under way), ...
 META_OWNER = "owner"  # owner_id of the API key that created the job; absent: enqueued straight through Redis
 META_USER = "user"  # OpenAI's `user` field, as given
 

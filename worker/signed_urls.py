@@ -1,4 +1,5 @@
-"""Signed, expiring URLs for images in local storage (made by the API and by webhook deliveries): `/v1/files/<key>?expires=<unix>&signature=<hmac>`.
+"""Signed, expiring URLs for images in local storage (made by the API and by webhook deliveries):
+`/v1/files/<key>?expires=<unix>&signature=<hmac>`.
 
 The signature is an HMAC-SHA256 of the key and the expiry under a secret every API replica
 shares (SD3SERVE_URL_SIGNING_KEY, or one drawn once and kept in Redis), so a URL cannot be made
@@ -36,7 +37,10 @@ class UrlSigner:
     def secret(self) -> bytes:
         if not self._secret:  # drawn by the first replica that needs it; the others read it
             self.redis.set(keys.URL_SIGNING_SECRET, secrets.token_hex(32), nx=True)
-            self._secret = self.redis.get(keys.URL_SIGNING_SECRET)
+            stored = self.redis.get(keys.URL_SIGNING_SECRET)
+            if not stored:  # never sign with an empty key
+                raise RuntimeError("the URL signing secret is missing from Redis")
+            self._secret = stored.encode() if isinstance(stored, str) else bytes(stored)
         return self._secret
 
     def signature(self, key: str, expires: int) -> str:

@@ -20,7 +20,7 @@ from redis import Redis
 from standardwebhooks.webhooks import Webhook
 from tenacity import RetryCallState, wait_exponential, wait_random
 
-from worker import client, webhook_queue
+from worker import client, contract, webhook_queue
 from worker.client import JobNotFound
 from worker.job_view import status_body, to_json
 from worker.webhook_config import WebhookConfig
@@ -38,7 +38,7 @@ def status_json(connection: Redis, image_urls_for: Callable[[client.JobInfo], li
     """The job's status JSON, as `GET /v1/jobs/{id}` shows it."""
     def body_for(job_id: str) -> Any:
         info = client.status(connection, job_id)
-        urls = image_urls_for(info) if info.status == "succeeded" and info.result else []
+        urls = image_urls_for(info) if info.status == contract.SUCCEEDED and info.result else []
         return to_json(status_body(info, urls))
 
     return body_for

@@ -2,9 +2,10 @@
 
 A job's subscription lives in its `job.meta["webhook"]` (`{"url", "events"}`), written with the job
 itself. An event to deliver is queued once per job and event (an atomic script: a retried or
-re-run job is not announced twice) as a member `<job id>|<event>` of its queue's sorted set (`sd3serve:webhooks:<queue>:due`) scored by when
-its next attempt is due. A deliverer claims due members by pushing their score a lease ahead, so
-a deliverer that dies mid-attempt leaves the member to come due again: deliveries survive restarts.
+re-run job is not announced twice) as a member `<job id>|<event>` of its queue's sorted set
+(`sd3serve:webhooks:<queue>:due`) scored by when its next attempt is due. A deliverer claims due
+members by pushing their score a lease ahead, so a deliverer that dies mid-attempt leaves the
+member to come due again: deliveries survive restarts.
 Outcomes go to the hash `sd3serve:webhook:<job id>` (`<event>:attempts`, `:last_status`, ...).
 """
 from __future__ import annotations
@@ -13,8 +14,10 @@ import time
 from typing import Any, Mapping
 
 from redis import Redis
+from redis.typing import EncodableT, FieldT
+from rq.utils import as_text
 
-from worker import keys
+from worker import contract, keys
 
 META_WEBHOOK = "webhook"
 RECORD_TTL = 7 * 24 * 3600
@@ -43,16 +46,16 @@ def record_key(job_id: str) -> str:
     return f"{keys.KEY_PREFIX}:webhook:{job_id}"
 
 
-def subscription(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def subscription(meta: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     value = (meta or {}).get(META_WEBHOOK)
     return value if isinstance(value, Mapping) and value.get("url") else None
 
 
 def event_for(status: str) -> str | None:
     """The webhook event a job status announces."""
-    if status == "running":
+    if status == contract.RUNNING:
         return "start"
-    if status in ("succeeded", "failed", "canceled"):
+    if status in contract.TERMINAL:
         return "completed"
     return None
 
@@ -88,7 +91,7 @@ def pending_count(connection: Redis, queue: str) -> int:
 
 
 def read_record(connection: Redis, job_id: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in connection.hgetall(record_key(job_id)).items()}
+    return {as_text(k): as_text(v) for k, v in connection.hgetall(record_key(job_id)).items()}
 
 
 def status_of(connection: Redis, job_id: str) -> dict[str, Any]:
@@ -126,7 +129,7 @@ def record_outcome(connection: Redis, queue: str, job_id: str, event: str, statu
                    *, delivered: bool = False, retry_at: float | None = None) -> None:
     """Store an attempt's outcome; then either reschedule the delivery or take it off the queue."""
     key = record_key(job_id)
-    fields = {f"{event}:last_status": str(status), f"{event}:last_error": error or "",
+    fields: dict[FieldT, EncodableT] = {f"{event}:last_status": str(status), f"{event}:last_error": error or "",
               f"{event}:last_at": f"{time.time():.3f}"}
     if delivered:
         fields[f"{event}:delivered"] = "1"
