@@ -35,3 +35,4 @@ class BenchParts:
         def accuracy_requests(self, size: int) -> list: ...
 
         eager_latents: dict
+        diffusers_latents: dict
