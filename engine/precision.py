@@ -21,7 +21,7 @@ from engine.config import PRECISIONS
 log = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)
-FP8_INSTALL_HINT = "pip install 'sd3serve[fp8]' (torchao)"
+FP8_INSTALL_HINT = "pip install 'sd3serve[fp8]'"
 # torch._scaled_mm wants both GEMM dimensions divisible by 16.
 FP8_DIM_MULTIPLE = 16
 

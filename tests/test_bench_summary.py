@@ -2,6 +2,9 @@
 against the best diffusers row, eager or compiled (issue 17), from known rows."""
 from __future__ import annotations
 
+import json
+
+from bench.precision_quality import note_in_engine_results
 from bench.summary import engine_summary
 
 
@@ -47,3 +50,13 @@ def test_fp8_reference_quality_enters_the_summary():
     assert s["targets"]["fp8_reference_psnr_db"]["met"] and s["targets"]["fp8_reference_accuracy_drop"]["met"]
     worse = engine_summary(dict(rows=ROWS, fp8_reference_quality=dict(fp8_reference_accuracy_drop=1.5)))
     assert not worse["targets"]["fp8_reference_accuracy_drop"]["met"]
+
+
+def test_the_fp8_quality_run_notes_its_numbers_in_the_engine_results(tmp_path):
+    path = tmp_path / "engine_h200.json"
+    path.write_text(json.dumps(dict(rows=ROWS, summary={})))
+    note_in_engine_results(path, dict(fp8_reference_psnr_db=31.5, fp8_reference_accuracy_drop=0.0, prompts=280))
+    data = json.loads(path.read_text())
+    assert data["fp8_reference_quality"]["prompts"] == 280
+    assert data["summary"]["fp8_reference_psnr_db"] == 31.5
+    assert data["summary"]["exact_vs_diffusers_best_1024"] == round(0.99 / 0.90, 3)  # rows summarised again

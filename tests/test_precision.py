@@ -106,3 +106,12 @@ def test_generate_refuses_fp8_on_the_cpu(tiny_model_dir, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: {CPU_REFUSAL}" in result.stderr
     assert not out.exists()
+
+
+def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "bench.quality", "--precision", "fp8", "--device", "cpu", "--limit", "2",
+           "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"error: {CPU_REFUSAL}" in result.stderr
+    assert not (tmp_path / "quality_fp8.json").exists()
