@@ -66,13 +66,17 @@ class EndToEndParts(BenchParts):
         self.results.note("first_step", found)
 
     def fast_part(self) -> None:
-        a, engine = self.args, self.engine_fast
+        self.engine_rows(self.engine_fast, "exact-fast", "attention-k3-fast")
+
+    def engine_rows(self, engine, exact_mode: str, cached_mode: str, **extra) -> None:
+        """Rows of a sped-up engine: exact at every size and batch, then `attention` K=3."""
+        a = self.args
         for size in a.sizes:
             for batch in a.batches:
                 for rep in range(self.reps(batch)):
                     run = run_engine(engine, self.device, requests(f"f{rep}", batch, size, a.steps))
-                    self.results.add("engine", row("sd3serve", "exact-fast", self.model, size, batch, a.steps, run, rep=rep,
-                                                   peak_steps_gb=round(run.peak_steps_bytes / GIB, 3)))
+                    self.results.add("engine", row("sd3serve", exact_mode, self.model, size, batch, a.steps, run, rep=rep,
+                                                   peak_steps_gb=round(run.peak_steps_bytes / GIB, 3), **extra))
         for size in a.sizes:
             for batch in a.batches:
                 graphs = engine.runner.graphs
@@ -82,5 +86,5 @@ class EndToEndParts(BenchParts):
                     engine.generate(requests("w3", batch, size, 8, k=3, policy="attention"))
                 run = run_engine(engine, self.device, requests("k3", batch, size, a.steps, k=3, policy="attention"))
                 fresh = run.fresh_ratios[1:-1]
-                self.results.add("engine", row("sd3serve", "attention-k3-fast", self.model, size, batch, a.steps, run,
-                                               fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3)))
+                self.results.add("engine", row("sd3serve", cached_mode, self.model, size, batch, a.steps, run,
+                                               fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3), **extra))

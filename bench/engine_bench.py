@@ -3,7 +3,10 @@
 Random weights at the real shapes (bench/shapes.py), 28 steps, CFG, 512² and 1024²:
 - `e2e`: diffusers end to end (text encoders, 28 steps, VAE, PIL) at batch 1..16 (one call with
   that many prompts), then the engine on the same kind of requests arriving together: exact
-  eager (no speed work), exact fast (engine/speed.py) and `attention` K=3.
+  eager (no speed work), exact fast (engine/speed.py) and `attention` K=3; with `--fp8` also
+  the fast path in FP8, exact and `attention` K=3 (bench/fp8_part.py).
+- `diffusers-compiled`: diffusers with its documented speed-ups (fused QKV, torch.compile of the
+  transformer and `vae.decode`), warmed up at every shape (bench/diffusers_compiled.py).
 - `accuracy`: relative error of final latents (engine eager vs diffusers, fast vs eager) and of
   one transformer forward (fast vs eager, eager bf16 vs float32).
 - `caching` (issue 4): steady step time of `attention` K=2,3,4 and `step` K=5 vs exact at batch
@@ -37,18 +40,21 @@ from bench.shapes import forward_inputs
 from bench.flops import step_flops
 from bench.measure import card_name, matmul_tflops, relative_error, synchronize, timed
 from bench.e2e_parts import EndToEndParts
+from bench.diffusers_compiled import DiffusersCompiledPart
+from bench.fp8_part import Fp8Part
 from bench.memory_parts import CachingAndMemoryParts
 from bench.large_part import LargeModelPart
 from bench.results_file import Results
 from bench.probes import count_host_syncs, sdpa_probe
 from bench.runs import GUIDANCE, capture_latents, make_engine, requests
 from bench.ablation import ablation
+from engine.precision import PrecisionUnavailable
 from engine.speed import SpeedOptions
 
-ALL_PARTS = ("probe", "ablation", "e2e", "accuracy", "caching", "memory", "large", "firststep")
+ALL_PARTS = ("probe", "ablation", "e2e", "diffusers-compiled", "accuracy", "caching", "memory", "large", "firststep")
 
 
-class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
+class Bench(EndToEndParts, DiffusersCompiledPart, Fp8Part, CachingAndMemoryParts, LargeModelPart):
     def __init__(self, args) -> None:
         self.args = args
         self.device = torch.device("cpu" if args.smoke else "cuda")
@@ -82,6 +88,10 @@ class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
                     return True
                 if which == "caching":
                     return "caching" not in args.parts
+                if row.get("system") == "diffusers-compiled":
+                    return "diffusers-compiled" not in args.parts
+                if str(row.get("mode", "")).endswith("-fp8"):
+                    return not ("e2e" in args.parts and args.fp8)
                 return not (("e2e" in args.parts and row.get("model") == self.model)
                             or ("large" in args.parts and row.get("model") == self.large))
         self.results = Results(Path(args.out_dir), card, meta, args.parts, keep_row)
@@ -92,7 +102,12 @@ class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
     def run(self) -> None:
         parts = self.args.parts
         t0 = time.perf_counter()
+        fp8 = self.args.fp8 and bool({"e2e", "accuracy"} & set(parts))
+        if fp8:
+            self.check_fp8()
         self.pipe = self.timed_note("build_seconds", lambda: shapes.build_pipeline(self.model, self.device, self.dtype))
+        if fp8:
+            self.keep_fp8_source()
         self.note_flops(self.pipe, self.model)
         if "probe" in parts:
             self.probe()
@@ -103,6 +118,9 @@ class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
         refs = self.forward_reference() if "accuracy" in parts else None
         if "e2e" in parts or "accuracy" in parts:
             self.diffusers_part("e2e" in parts, "accuracy" in parts)
+        if "diffusers-compiled" in parts:
+            self.diffusers_compiled_part()
+        if "e2e" in parts or "accuracy" in parts:
             self.eager_part("e2e" in parts, "accuracy" in parts)
         if {"accuracy", "e2e", "caching", "memory", "firststep"} & set(parts):
             self.engine_fast = self.fast_engine()
@@ -113,6 +131,8 @@ class Bench(EndToEndParts, CachingAndMemoryParts, LargeModelPart):
             self.first_step_part()
         if "e2e" in parts:
             self.fast_part()
+        if fp8:
+            self.fp8_part("e2e" in parts, "accuracy" in parts, refs)
         if "caching" in parts:
             self.caching_part()
         if "memory" in parts:
@@ -241,6 +261,8 @@ def parse_args(argv=None):
     p.add_argument("--max-probe-batch", type=int, default=256)
     p.add_argument("--merge", action="store_true",
                    help="add to the result files already in --out-dir, replacing the rows of the parts run")
+    p.add_argument("--fp8", action="store_true", help="e2e and accuracy also run the fast path in FP8 "
+                   "(needs compute capability >= 8.9 and torchao)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--small-reps", type=int, default=3, help="repetitions at batch <= 2")
@@ -278,7 +300,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    Bench(args).run()
+    try:
+        Bench(args).run()
+    except PrecisionUnavailable as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

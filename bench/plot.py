@@ -19,6 +19,9 @@ STYLE = {
     ("sd3serve", "exact-eager"): ("sd3serve exact, eager", "tab:gray", "s"),
     ("sd3serve", "exact-fast"): ("sd3serve exact, fast path", "tab:blue", "s"),
     ("sd3serve", "attention-k3-fast"): ("sd3serve attention cache K=3", "tab:orange", "^"),
+    ("diffusers-compiled", "compiled"): ("diffusers (fused QKV + torch.compile)", "tab:brown", "o"),
+    ("sd3serve", "exact-fp8"): ("sd3serve exact, FP8", "tab:green", "D"),
+    ("sd3serve", "attention-k3-fp8"): ("sd3serve attention cache K=3, FP8", "tab:purple", "v"),
 }
 
 

@@ -7,6 +7,7 @@ fraction of the exact path. Requests stream through the engine as a worker would
 
     python -m bench.quality                      # all configs, all 280 held-out prompts
     python -m bench.quality --limit 40 --quick   # a CPU-sized run
+    python -m bench.quality --precision fp8      # FP8 vs bf16 (GPU; bench/precision_quality.py)
 
 Writes bench/results/quality.json, quality.md and quality_grid.png (or under --out).
 """
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=1, help="use every Nth held-out prompt")
     parser.add_argument("--quick", action="store_true", help="K = 3 only")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                        help="fp8: FP8 against bf16 on the same seeds instead of the caching configs")
+    parser.add_argument("--engine-json", type=Path, help="with --precision fp8: note the result in this "
+                        "bench/results/engine_<card>.json")
     args = parser.parse_args(argv)
 
     defaults = read_model_defaults(args.model)
@@ -113,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompts[:: args.stride]
     if args.limit:
         prompts = prompts[: args.limit]
+    if args.precision == "fp8":
+        from bench.precision_quality import fp8_quality
+
+        return fp8_quality(args, argv, prompts, requests_for(prompts, "exact", 1, defaults))
     base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.batch, compile="off")
     pipe = load_pipeline(base)
     device = pipe._execution_device

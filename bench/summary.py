@@ -10,7 +10,23 @@ TARGETS = {  # issue 6, H100
     "exact_vs_diffusers_512": 1.5,
     "b1_latency_vs_diffusers_1024": 1.3,
     "cached_k3_vs_diffusers_1024": 2.0,
+    # issue 17, H200: against the best of diffusers eager and diffusers-compiled
+    "exact_vs_diffusers_best_1024": 1.0,
+    "exact_vs_diffusers_best_512": 1.0,
+    "b1_latency_vs_diffusers_best_1024": 1.0,
+    "b1_latency_vs_diffusers_best_512": 1.0,
+    "fp8_vs_diffusers_best_1024": 1.4,
+    "fp8_b1_latency_vs_diffusers_best_1024": 1.25,
+    "fp8_cached_vs_diffusers_best_1024": 2.0,
 }
+# FP8 on the reference model: PSNR vs bf16 at least, and judge accuracy drop (points) at most
+FP8_QUALITY_TARGETS = {"fp8_reference_psnr_db": 30.0}
+FP8_MAX_ACCURACY_DROP = 1.0
+# sd3serve modes and their names in the summary
+ENGINE_MODES = (("exact-fast", "exact"), ("exact-eager", "exact_eager"), ("attention-k3-fast", "cached_k3"),
+                ("exact-fp8", "fp8"), ("attention-k3-fp8", "fp8_cached"))
+LATENCY_MODES = (("exact-fast", "b1_latency"), ("exact-fp8", "fp8_b1_latency"))
+DIFFUSERS_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"))
 
 
 def _per_config(rows: list[dict], field: str) -> dict[tuple, float]:
@@ -35,27 +51,59 @@ def engine_summary(data: dict) -> dict:
     out: dict = {}
     for model, suffix in ((MEDIUM, ""), (LARGE, "_large")):
         for size in sorted({r["size"] for r in rows}):
-            base = _best(ips, "diffusers", "eager", model, size)
-            if not base:
-                continue
-            out[f"diffusers_best_images_per_s{suffix}_{size}"] = dict(value=base[0], batch=base[1])
-            for mode, name in (("exact-fast", "exact"), ("exact-eager", "exact_eager"), ("attention-k3-fast", "cached_k3")):
-                best = _best(ips, "sd3serve", mode, model, size)
-                if best:
-                    out[f"{name}_vs_diffusers{suffix}_{size}"] = round(best[0] / base[0], 3)
-                    out[f"{name}_best_batch{suffix}_{size}"] = best[1]
-            d1 = latency.get(("diffusers", "eager", model, size, 1))
-            f1 = latency.get(("sd3serve", "exact-fast", model, size, 1))
-            if d1 and f1:
-                out[f"b1_latency_vs_diffusers{suffix}_{size}"] = round(d1 / f1, 3)
+            out.update(_vs_diffusers(ips, latency, model, size, suffix))
+    out.update(_fp8_reference(data))
     mfu = _mfu(data, step_ms, ips)
     if mfu:
         out["mfu_exact_1024"] = mfu
     out["targets"] = {
         name: dict(target=target, value=out.get(name), met=out.get(name) is not None and out[name] >= target)
-        for name, target in TARGETS.items()
+        for name, target in {**TARGETS, **FP8_QUALITY_TARGETS}.items()
     }
+    drop = out.get("fp8_reference_accuracy_drop")
+    out["targets"]["fp8_reference_accuracy_drop"] = dict(target=f"<= {FP8_MAX_ACCURACY_DROP}", value=drop,
+                                                         met=drop is not None and drop <= FP8_MAX_ACCURACY_DROP)
     return out
+
+
+def _vs_diffusers(ips: dict, latency: dict, model: str, size: int, suffix: str) -> dict:
+    """Each engine mode's best images/s and batch-1 latency over diffusers eager (`_vs_diffusers`)
+    and over the best diffusers row, eager or compiled, at that size and batch (`_vs_diffusers_best`)."""
+    out: dict = {}
+    bests = {label: _best(ips, system, mode, model, size) for (system, mode), label in
+             zip(DIFFUSERS_SYSTEMS, ("eager", "compiled"))}
+    found = [b for b in bests.values() if b]
+    if not found:
+        return out
+    eager, best = bests["eager"], max(found)
+    best_label = "compiled" if bests["compiled"] == best else "eager"
+    if eager:
+        out[f"diffusers_best_images_per_s{suffix}_{size}"] = dict(value=eager[0], batch=eager[1])
+    out[f"diffusers_best_any_images_per_s{suffix}_{size}"] = dict(value=best[0], batch=best[1], system=best_label)
+    b1 = [latency[(system, mode, model, size, 1)] for system, mode in DIFFUSERS_SYSTEMS
+          if latency.get((system, mode, model, size, 1))]
+    d1 = latency.get(("diffusers", "eager", model, size, 1))
+    for mode, name in ENGINE_MODES:
+        ours = _best(ips, "sd3serve", mode, model, size)
+        if ours:
+            if eager:
+                out[f"{name}_vs_diffusers{suffix}_{size}"] = round(ours[0] / eager[0], 3)
+            out[f"{name}_vs_diffusers_best{suffix}_{size}"] = round(ours[0] / best[0], 3)
+            out[f"{name}_best_batch{suffix}_{size}"] = ours[1]
+    for mode, name in LATENCY_MODES:
+        f1 = latency.get(("sd3serve", mode, model, size, 1))
+        if f1 and d1:
+            out[f"{name}_vs_diffusers{suffix}_{size}"] = round(d1 / f1, 3)
+        if f1 and b1:
+            out[f"{name}_vs_diffusers_best{suffix}_{size}"] = round(min(b1) / f1, 3)
+    return out
+
+
+def _fp8_reference(data: dict) -> dict:
+    """FP8's quality on the reference model (bench/precision_quality.py notes it in the file)."""
+    ref = data.get("fp8_reference_quality") or {}
+    keys = ("fp8_reference_psnr_db", "fp8_reference_ssim", "fp8_reference_accuracy_drop")
+    return {k: ref[k] for k in keys if k in ref}
 
 
 def _mfu(data: dict, step_ms: dict, ips: dict) -> dict | None:

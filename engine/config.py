@@ -16,6 +16,8 @@ from engine.settings import env_values
 REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sd3-shapes"
 LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate")
 DTYPES = ("float32", "bfloat16", "float16")
+# bf16: the model's dtype throughout; fp8: the transformer blocks' linears as FP8 GEMMs (engine/precision.py)
+PRECISIONS = ("bf16", "fp8")
 # `--model random:<name>`: random weights at a real model's shapes, built in the worker process,
 # for load tests on machines without the real weights (engine/random_model.py). Benchmark use only:
 # the images are noise. Serving defaults are the real models' (SD3: 1024², 28 steps, CFG 7).
@@ -54,6 +56,7 @@ class EngineConfig:
     prompt_cache_size: int = 256
     max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256
     compile: str = "auto"  # the fast exact path (engine/speed.py): auto = on for CUDA, off for CPU
+    precision: str = "bf16"  # fp8: needs a GPU of compute capability >= 8.9 and torchao
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
@@ -63,6 +66,8 @@ class EngineConfig:
             raise ValueError(f"latent_aware must be one of {LATENT_AWARE_STRATEGIES}, got {self.latent_aware!r}")
         if self.dtype not in DTYPES + ("auto",):
             raise ValueError(f"dtype must be one of {DTYPES} or 'auto', got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.max_batch < 1 or self.admit_per_boundary < 1:
             raise ValueError("max_batch and admit_per_boundary must be >= 1")
         if self.warmup_steps < 0:

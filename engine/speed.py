@@ -23,6 +23,10 @@ eager pipeline within bf16 rounding.
   around it): 85.6 ms eager -> 45.9 compiled -> 28.2 ms with the kernel per 1024² image on an
   H100. A channels-last VAE (`vae_compile_how`) is not faster, eager or compiled.
 
+- FP8 precision (`precision="fp8"`, engine/precision.py): the blocks' linears as torchao float8
+  GEMMs, applied after QKV fusion and before compile, so compile, CUDA graphs and the attention
+  cache run over the FP8 layers; the bf16 GELU epilogue is then left off.
+
 `apply_speed(pipe, options)` must run before the attention cache wraps the processors.
 """
 from __future__ import annotations
@@ -68,6 +72,7 @@ class SpeedOptions:
     text_compile: bool = False  # regional compile of the text encoders (engine/text_speed.py)
     cuda_graphs: bool = False  # replay small forwards, exact and cached, as CUDA graphs (engine/graphs.py)
     graph_max_tokens: int = 8192  # ... of at most this many image tokens: 8 rows at 512², 2 at 1024²
+    precision: str = "bf16"  # fp8: the blocks' linears as FP8 GEMMs (engine/precision.py)
     backend: str = "inductor"  # torch.compile backend ("aot_eager" / "eager" for tests)
     mode: str | None = None  # torch.compile mode
 
@@ -81,12 +86,16 @@ class SpeedOptions:
     @property
     def any(self) -> bool:
         return any((self.compile, self.fuse_qkv, bool(self.sdpa), self.gelu_epilogue, self.vae_compile,
-                    self.cuda_graphs, self.vae_group_norm, self.text_compile))
+                    self.cuda_graphs, self.vae_group_norm, self.text_compile, self.precision != "bf16"))
 
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:
-    """The engine's choice: everything on when `config.compile` is on (auto: on CUDA)."""
-    return SpeedOptions.fast() if config.compile_enabled(device.type) else SpeedOptions()
+    """The engine's choice: everything on when `config.compile` is on (auto: on CUDA), in the
+    config's precision."""
+    precision = getattr(config, "precision", "bf16")
+    if config.compile_enabled(device.type):
+        return SpeedOptions.fast(precision=precision)
+    return SpeedOptions(precision=precision)
 
 
 @torch.library.custom_op("sd3serve::linear_gelu_tanh", mutates_args=())
@@ -208,10 +217,16 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
     if options.fuse_qkv:
         done["fused_attention_modules"] = fuse_qkv(transformer, options.split_queries)
         done["split_queries"] = options.split_queries
+    if options.precision == "fp8":  # after QKV fusion, before the GELU epilogue and compile
+        from engine.precision import quantize_fp8
+
+        done["fp8_linears"] = quantize_fp8(transformer)
     if options.sdpa:
         prefer_sdpa(transformer, options.sdpa)
         done["sdpa"] = list(options.sdpa)
-    if options.gelu_epilogue:
+    if options.gelu_epilogue and options.precision == "fp8":
+        log.info("fp8: the MLPs' first GEMM runs in FP8, so the bf16 GELU epilogue is left off")
+    elif options.gelu_epilogue:
         if gelu_epilogue_is_tanh(next(transformer.parameters()).device):
             done["gelu_epilogues"] = fuse_gelu(transformer)
         else:

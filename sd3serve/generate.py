@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--max-batch", type=int)
     parser.add_argument("--compile", choices=("auto", "on", "off"), help="the fast exact path; auto = on for CUDA")
+    parser.add_argument("--precision", choices=("bf16", "fp8"),
+                        help="fp8: FP8 GEMMs in the transformer; needs compute capability >= 8.9 and torchao")
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"),
                         help="output PNG; with several prompts, a folder (default: out.png / outputs/)")
 
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         config = EngineConfig.from_env(
             model=args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
             cache_policy=args.cache_policy, latent_aware=args.latent_aware, compile=args.compile,
+            precision=args.precision,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -68,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {exc}") from None
 
     from engine.engine import Engine  # torch loads only once the arguments are known good
+    from engine.precision import precision_problem
+
+    problem = precision_problem(config)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     try:
         engine = Engine.from_config(config)

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--latent-aware", choices=("none", "seed", "extrapolate"))
     engine.add_argument("--compile", choices=("auto", "on", "off"),
                         help="the fast exact path (torch.compile, fused QKV); auto = on for CUDA (SD3SERVE_COMPILE)")
+    engine.add_argument("--precision", choices=("bf16", "fp8"),
+                        help="fp8: the transformer's linears as FP8 GEMMs; needs compute capability >= 8.9 "
+                             "and torchao (SD3SERVE_PRECISION; default bf16)")
     output = parser.add_argument_group("storage and metrics")
     output.add_argument("--storage", choices=("local", "s3"), help="where images go (SD3SERVE_STORAGE)")
     output.add_argument("--data-dir", help="local storage folder (SD3SERVE_DATA_DIR)")
@@ -50,7 +53,8 @@ def build_config(args: argparse.Namespace):
         metrics_port=args.metrics_port, log_level=args.log_level,
         engine_overrides=dict(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                               admit_per_boundary=args.admit_per_boundary, cache_policy=args.cache_policy,
-                              latent_aware=args.latent_aware, compile=args.compile),
+                              latent_aware=args.latent_aware, compile=args.compile,
+                              precision=args.precision),
         storage_overrides=dict(backend=args.storage, data_dir=args.data_dir),
     )
 
@@ -77,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from engine.precision import precision_problem
+
+    problem = precision_problem(config.engine)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     wait_for_redis(config.redis_url, args.wait_for_redis)

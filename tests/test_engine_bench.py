@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_engine_bench_smoke_writes_both_result_files(tmp_path):
     cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--out-dir", str(tmp_path),
-           "--parts", "e2e,accuracy,caching,memory", "--batches", "1,2", "--caching-batches", "2"]
+           "--parts", "e2e,diffusers-compiled,accuracy,caching,memory", "--batches", "1,2", "--caching-batches", "2"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     engine = json.loads((tmp_path / "engine_cpu.json").read_text())
@@ -22,8 +22,13 @@ def test_engine_bench_smoke_writes_both_result_files(tmp_path):
 
     assert {"card", "torch", "diffusers", "rows", "summary"} <= engine.keys()
     systems = {(r["system"], r["mode"]) for r in engine["rows"]}
-    assert systems == {("diffusers", "eager"), ("sd3serve", "exact-eager"), ("sd3serve", "exact-fast"),
-                       ("sd3serve", "attention-k3-fast")}
+    assert systems == {("diffusers", "eager"), ("diffusers-compiled", "compiled"), ("sd3serve", "exact-eager"),
+                       ("sd3serve", "exact-fast"), ("sd3serve", "attention-k3-fast")}
+    compiled = [r for r in engine["rows"] if r["system"] == "diffusers-compiled"]
+    # warmed up (and compiled) at every measured shape before timing, its time in the row
+    assert {(r["size"], r["batch"]) for r in compiled} == {(64, 1), (64, 2)}
+    assert all(r["compile_seconds"] > 0 for r in compiled)
+    assert engine["diffusers_compiled"]["warmup_seconds_per_shape"].keys() == {"64_b1", "64_b2"}
     for r in engine["rows"]:
         assert {"system", "mode", "size", "batch", "steps", "images_per_s", "seconds_per_image_latency",
                 "ms_per_step", "peak_mem_gb"} <= r.keys()
@@ -42,3 +47,11 @@ def test_engine_bench_smoke_writes_both_result_files(tmp_path):
         assert r["ideal_speedup"] == pytest.approx(1 / (a + (1 - a) / r["K"]), rel=1e-2, abs=2e-3)
         assert r["fraction_of_ideal"] == pytest.approx(r["speedup_vs_exact"] / r["ideal_speedup"], rel=1e-2)
     assert "fraction_of_ideal_mean" in caching["summary"]
+
+
+def test_engine_bench_fp8_refuses_on_the_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--fp8", "--out-dir", str(tmp_path), "--parts", "e2e"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "precision fp8 needs a CUDA GPU with FP8 tensor cores" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "engine_cpu.json").exists()  # refused before building or measuring anything

@@ -1,0 +1,79 @@
+"""FP8's quality on the reference model (`python -m bench.quality --precision fp8`, on the GPU):
+the same held-out prompts and seeds through a bf16 engine and an FP8 engine (both the serving
+fast path, exact steps); judge accuracy of each, PSNR and SSIM of FP8 against bf16.
+
+Writes quality_fp8.json under --out; with --engine-json, also notes the numbers in the engine
+benchmark's file (`fp8_reference_quality`), whose summary then shows `fp8_reference_psnr_db`
+and `fp8_reference_accuracy_drop` (judge accuracy points lost).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.image_metrics import psnr, ssim
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loader import load_pipeline, resolve_device
+from engine.precision import PrecisionUnavailable, require_precision
+from models.reference.evaluate import judge_images
+
+PSNR_CAP = 100.0
+
+
+def _images(config: EngineConfig, requests) -> tuple[list[np.ndarray], float, dict]:
+    engine = Engine(config, load_pipeline(config))
+    engine.generate(requests[:2])  # compile and capture before timing
+    start = time.perf_counter()
+    out = engine.generate(requests)
+    seconds = time.perf_counter() - start
+    images = [np.asarray(out[r.request_id].convert("RGB")) for r in requests]
+    applied = dict(engine.speed_applied)
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return images, seconds, applied
+
+
+def fp8_quality(args, argv, prompts, requests) -> int:
+    try:
+        require_precision("fp8", resolve_device(args.device))
+    except (PrecisionUnavailable, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    base = EngineConfig(model=args.model, device=args.device, dtype="bfloat16", max_batch=args.batch)
+    captions = [p.prompt for p in prompts]
+    bf16, bf16_seconds, _ = _images(base, requests)
+    fp8, fp8_seconds, applied = _images(replace(base, precision="fp8"), requests)
+    bf16_accuracy, fp8_accuracy = judge_images(bf16, captions), judge_images(fp8, captions)
+    result = dict(
+        model=Path(args.model).name, card=torch.cuda.get_device_name(), torch=torch.__version__,
+        prompts=len(prompts), seeds="the held-out prompts' own", fp8_linears=applied.get("fp8_linears"),
+        bf16_judge_accuracy=bf16_accuracy, fp8_judge_accuracy=fp8_accuracy,
+        fp8_reference_accuracy_drop=round(100 * (bf16_accuracy - fp8_accuracy), 2),
+        fp8_reference_psnr_db=round(float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(fp8, bf16)])), 2),
+        fp8_reference_ssim=round(float(np.mean([ssim(a, b) for a, b in zip(fp8, bf16)])), 4),
+        bf16_seconds=round(bf16_seconds, 2), fp8_seconds=round(fp8_seconds, 2),
+        command="python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality_fp8.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.engine_json:
+        note_in_engine_results(Path(args.engine_json), result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def note_in_engine_results(path: Path, result: dict) -> None:
+    from bench.summary import engine_summary
+
+    data = json.loads(path.read_text())
+    data["fp8_reference_quality"] = result
+    data["summary"] = engine_summary(data)
+    path.write_text(json.dumps(data, indent=2) + "\n")

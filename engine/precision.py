@@ -1,0 +1,110 @@
+"""The FP8 precision mode: the transformer blocks' linear layers as float8 (e4m3) GEMMs with
+per-row dynamic activation scales, through torchao's float8 inference API (PyPI `torchao`,
+the optional extra `sd3serve[fp8]`).
+
+Left in bf16: everything outside `transformer_blocks` (patch and position embedder, timestep
+and pooled-text embedders, the context embedder, the final norm and projection) and the adaLN
+modulation linears of every block (`norm1.linear`, `norm1_context.linear`, ...): they produce
+the per-channel shift/scale/gate of every block, so their error multiplies into everything.
+
+FP8 needs Hopper/Ada tensor cores (compute capability >= 8.9); on anything else a worker
+refuses to start (`require_precision`) rather than run slower or wrong.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import PRECISIONS
+
+log = logging.getLogger(__name__)
+
+FP8_MIN_CAPABILITY = (8, 9)
+FP8_INSTALL_HINT = "pip install 'sd3serve[fp8]'"
+# torch._scaled_mm wants both GEMM dimensions divisible by 16.
+FP8_DIM_MULTIPLE = 16
+
+
+class PrecisionUnavailable(ValueError):
+    """The asked-for precision cannot run on this machine (the message says what is missing)."""
+
+
+def _torchao_float8_api():
+    """torchao's (quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow), or None."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError:
+        return None
+    return quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow
+
+
+def fp8_missing(device: torch.device) -> list[str]:
+    """What this machine lacks for FP8 (empty: it can run it)."""
+    missing = []
+    if device.type != "cuda":
+        missing.append(f"a CUDA GPU with FP8 tensor cores (compute capability >= 8.9); the device is {device}")
+    else:
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            name = torch.cuda.get_device_name(device)
+            missing.append(f"FP8 tensor cores (compute capability >= 8.9); {name} has "
+                           f"{capability[0]}.{capability[1]}")
+    if _torchao_float8_api() is None:
+        missing.append(f"torchao's float8 inference API ({FP8_INSTALL_HINT})")
+    return missing
+
+
+def require_precision(precision: str, device: torch.device) -> None:
+    """Raise `PrecisionUnavailable` naming what is missing when `precision` can't run on `device`."""
+    if precision not in PRECISIONS:
+        raise PrecisionUnavailable(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp8":
+        missing = fp8_missing(device)
+        if missing:
+            raise PrecisionUnavailable("precision fp8 needs " + " and ".join(missing)
+                                       + "; use --precision bf16 (SD3SERVE_PRECISION=bf16)")
+
+
+def precision_problem(config) -> str | None:
+    """Why an `EngineConfig`'s precision can't run here (None: it can); for the CLIs, which
+    refuse to start before loading a model or reaching Redis."""
+    if config.precision == "bf16":
+        return None
+    from engine.loader import resolve_device
+
+    try:
+        require_precision(config.precision, resolve_device(config.device))
+    except (PrecisionUnavailable, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def is_fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """The layers FP8 applies to, by their name in the transformer: the linears inside
+    `transformer_blocks` except the adaLN modulation (any `norm*` submodule), with GEMM
+    dimensions FP8 kernels take."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    parts = fqn.split(".")
+    if parts[0] != "transformer_blocks" or any(p.startswith("norm") for p in parts):
+        return False
+    return module.in_features % FP8_DIM_MULTIPLE == 0 and module.out_features % FP8_DIM_MULTIPLE == 0
+
+
+def fp8_layer_names(transformer: torch.nn.Module) -> list[str]:
+    return [name for name, module in transformer.named_modules() if is_fp8_linear(module, name)]
+
+
+def quantize_fp8(transformer: torch.nn.Module) -> int:
+    """Swap the chosen linears' weights for torchao float8 tensors (per-row scales, dynamic
+    per-row activation scaling). Run after QKV fusion (the fused weights get one scale per
+    output row, as the separate ones would) and before torch.compile. Returns the layer count."""
+    require_precision("fp8", next(transformer.parameters()).device)
+    api = _torchao_float8_api()
+    assert api is not None  # checked just above
+    quantize_, float8_config, per_row = api
+    names = set(fp8_layer_names(transformer))
+    quantize_(transformer, float8_config(granularity=per_row()), filter_fn=lambda m, fqn: fqn in names)
+    log.info("fp8: %d linear layers of the transformer blocks quantized", len(names))
+    return len(names)

@@ -1,0 +1,117 @@
+"""The FP8 precision mode on the CPU: which layers it picks (the tiny model, after QKV fusion),
+its setting (SD3SERVE_PRECISION / --precision), and that every entry point refuses FP8 on a
+machine without FP8 tensor cores or torchao, with a message naming what is missing."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.precision import PrecisionUnavailable, fp8_layer_names, is_fp8_linear, require_precision
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_REFUSAL = "precision fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9); the device is cpu"
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+@pytest.fixture(scope="module")
+def fused_transformer(tiny_model_dir):
+    from engine.fused_qkv import fuse_qkv
+    from engine.loader import load_pipeline
+
+    pipe = load_pipeline(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    fuse_qkv(pipe.transformer, split_queries=True)
+    return pipe.transformer
+
+
+def test_fp8_picks_the_block_linears_and_leaves_embedders_projection_and_adaln_in_bf16(fused_transformer):
+    blocks = fused_transformer.transformer_blocks
+    expected = set()
+    for i, block in enumerate(blocks):
+        names = ["attn.to_qkv", "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "attn.to_added_qkv"]
+        if not block.context_pre_only:  # the last block's text stream ends at its attention
+            names += ["attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2"]
+        expected |= {f"transformer_blocks.{i}.{n}" for n in names}
+    picked = set(fp8_layer_names(fused_transformer))
+    assert picked == expected
+    all_linears = {n for n, m in fused_transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = all_linears - picked
+    # every linear left in bf16 is an embedder, the final norm/projection or an adaLN modulation
+    assert kept and all(n.split(".")[0] in ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+                        or ".norm1.linear" in n or ".norm1_context.linear" in n for n in kept), kept
+    assert {"context_embedder", "proj_out", "norm_out.linear", "transformer_blocks.0.norm1.linear",
+            "transformer_blocks.0.norm1_context.linear"} <= kept
+    assert not any(n.startswith("transformer_blocks.0.attn.to_q") and n != "transformer_blocks.0.attn.to_qkv"
+                   for n in picked)  # applied after fusion: the fused projection, not the separate ones
+
+
+def test_fp8_skips_linears_whose_gemm_dimensions_fp8_kernels_cannot_take():
+    assert is_fp8_linear(torch.nn.Linear(32, 48), "transformer_blocks.3.ff.net.2")
+    assert not is_fp8_linear(torch.nn.Linear(24, 48), "transformer_blocks.3.ff.net.2")
+    assert not is_fp8_linear(torch.nn.Linear(32, 40), "transformer_blocks.3.ff.net.2")
+    assert not is_fp8_linear(torch.nn.LayerNorm(32), "transformer_blocks.3.norm2")
+
+
+def test_precision_setting_from_env_and_its_validation():
+    assert EngineConfig().precision == "bf16"
+    assert EngineConfig.from_env({"SD3SERVE_PRECISION": "fp8"}).precision == "fp8"
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp8, got 'int4'"):
+        EngineConfig.from_env({"SD3SERVE_PRECISION": "int4"})
+
+
+def test_require_precision_names_what_is_missing_on_the_cpu():
+    require_precision("bf16", torch.device("cpu"))
+    with pytest.raises(PrecisionUnavailable) as info:
+        require_precision("fp8", torch.device("cpu"))
+    message = str(info.value)
+    assert CPU_REFUSAL in message and "--precision bf16" in message
+    assert ("torchao" in message) == (not HAS_TORCHAO)
+
+
+def test_engine_refuses_fp8_on_the_cpu(tiny_model_dir):
+    from engine.engine import Engine
+    from engine.loader import load_pipeline
+
+    config = EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32", precision="fp8")
+    with pytest.raises(PrecisionUnavailable, match="compute capability >= 8.9"):
+        Engine(config, load_pipeline(config))
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # an unreachable Redis: the worker must refuse before it waits for one
+    run_env = dict(os.environ, SD3SERVE_REDIS_URL="redis://127.0.0.1:1/0", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "sd3serve.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=run_env)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_worker_refuses_fp8_on_the_cpu_before_reaching_redis(how):
+    args = ["worker", "--device", "cpu", "--wait-for-redis", "30"]
+    result = _cli(*args, "--precision", "fp8") if how == "flag" else _cli(*args, env={"SD3SERVE_PRECISION": "fp8"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {CPU_REFUSAL}" in result.stderr
+    assert "Redis" not in result.stderr
+
+
+def test_generate_refuses_fp8_on_the_cpu(tiny_model_dir, tmp_path):
+    out = tmp_path / "x.png"
+    result = _cli("generate", "a red circle", "--model", str(tiny_model_dir), "--device", "cpu",
+                  "--precision", "fp8", "-o", str(out))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {CPU_REFUSAL}" in result.stderr
+    assert not out.exists()
+
+
+def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "bench.quality", "--precision", "fp8", "--device", "cpu", "--limit", "2",
+           "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"error: {CPU_REFUSAL}" in result.stderr
+    assert not (tmp_path / "quality_fp8.json").exists()
