@@ -8,35 +8,17 @@ so the upload path and storage run too. For the fleet simulation (bench/fleet_si
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from PIL import Image
 
 from engine.request import GenerationRequest, RequestLimits
+from engine.step_report import FinishedRequest, StepReport
 
 # sd3serve on the H200 at 1024², 28 steps, ~14 running: 1.10 images/s (bench/results/serving_h200.json),
 # so one step of the batch takes about 14 / 1.10 / 28 = 0.45 s.
 H200_STEP_SECONDS = 0.45
 H200_BATCH = 14
-
-
-@dataclass(frozen=True)
-class FakeFinished:
-    request: GenerationRequest
-    image: Image.Image
-    seconds: float
-    fresh_steps: int
-
-
-@dataclass
-class FakeStepReport:
-    finished: list[FakeFinished] = field(default_factory=list)
-    failed: list[Any] = field(default_factory=list)
-    canceled: list[GenerationRequest] = field(default_factory=list)
-    batch_size: int = 0
-    fresh_ratio: float = 1.0
-    step_seconds: float = 0.0
 
 
 @dataclass
@@ -96,8 +78,8 @@ class FakeEngine:
     def cache_allocated_bytes(self) -> int:
         return 0
 
-    def step(self) -> FakeStepReport:
-        report = FakeStepReport(canceled=self.drop_canceled())
+    def step(self) -> StepReport:
+        report = StepReport(canceled=self.drop_canceled(), fresh_ratio=1.0)  # exact steps: all FRESH
         if not self._running:
             return report
         start = time.monotonic()
@@ -109,7 +91,7 @@ class FakeEngine:
             running.step += 1
             if running.step >= running.request.steps:
                 del self._running[running.request.request_id]
-                report.finished.append(FakeFinished(running.request, self._image(running.request),
+                report.finished.append(FinishedRequest(running.request, self._image(running.request),
                                                     done - running.admitted, running.step))
         report.step_seconds = time.monotonic() - start
         return report

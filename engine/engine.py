@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -16,6 +16,7 @@ from engine.graphs import ForwardGraphs
 from engine.latent_aware import make_latent_aware
 from engine.loader import PromptEncoder, load_pipeline
 from engine.request import GenerationRequest
+from engine.step_report import FailedRequest, FinishedRequest, RequestFailed, StepReport
 from engine.runner import Runner
 from engine.scheduler import ScheduledRequest, Scheduler
 from engine.speed import SpeedOptions, apply_speed, speed_options_for
@@ -23,41 +24,6 @@ from engine.speed import SpeedOptions, apply_speed, speed_options_for
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256
-
-
-@dataclass(frozen=True)
-class FinishedRequest:
-    request: GenerationRequest
-    image: Image.Image
-    seconds: float  # from admission to decoded image
-    fresh_steps: int
-
-
-@dataclass(frozen=True)
-class FailedRequest:
-    request: GenerationRequest
-    code: str
-    message: str
-
-
-class RequestFailed(RuntimeError):
-    """A request the engine could not generate (`code`: machine-readable, e.g. out_of_memory)."""
-
-    def __init__(self, failed: list[FailedRequest]) -> None:
-        super().__init__("; ".join(f.message for f in failed))
-        self.failed = failed
-        self.code = failed[0].code
-        self.message = failed[0].message
-
-
-@dataclass
-class StepReport:
-    finished: list[FinishedRequest] = field(default_factory=list)
-    failed: list[FailedRequest] = field(default_factory=list)
-    canceled: list[GenerationRequest] = field(default_factory=list)
-    batch_size: int = 0
-    fresh_ratio: float = 0.0
-    step_seconds: float = 0.0
 
 
 class Engine:
