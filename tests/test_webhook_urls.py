@@ -7,12 +7,9 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import Queue
 
-from api.app import create_app
 from engine.request import RequestValidationError
-from tests.fleet_fixtures import api_config
 from tests.webhook_receiver import new_secret
 from worker import client
-from worker.storage import StorageConfig
 from worker.webhook_config import WebhookConfig
 from worker.webhook_urls import refusal
 
@@ -20,21 +17,13 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture
-def make_api(fleet_redis, queue_name, tmp_path):
-    made = []
-
+def make_api(make_client):
+    """make(**webhook settings) -> a started API test client (a fresh secret unless given)."""
     def make(**hooks) -> TestClient:
         hooks.setdefault("secret", new_secret())
-        config = api_config(fleet_redis.url, queue_name, storage=StorageConfig(data_dir=str(tmp_path)),
-                            webhook=WebhookConfig(**hooks))
-        api = TestClient(create_app(config))
-        api.__enter__()
-        made.append(api)
-        return api
+        return make_client(webhook=WebhookConfig(**hooks))
 
-    yield make
-    for api in made:
-        api.__exit__(None, None, None)
+    return make
 
 
 REFUSED = [
