@@ -103,6 +103,11 @@ class ForwardGraphs:
     def _drop_cached_steps(self) -> None:
         for key in [k for k, entry in self.captured.items() if entry.rows is not None]:
             del self.captured[key]
+        if not self.captured:
+            # The handle holds no reference: once its last graph is gone the allocator frees the
+            # pool, and capturing into the stale handle trips its assert (use_count > 0, seen on
+            # an H200 with torch 2.11), leaving the CUDA generator stuck in capture mode.
+            self._pool = None
 
     def _forward(self, inputs: dict[str, torch.Tensor], step: CacheStep | None = None) -> torch.Tensor:
         extra = {} if step is None else step.forward_kwargs()
