@@ -19,8 +19,8 @@ from api.health import build_health_router
 from api.image_sweeper import sweep_forever
 from api.job_admin_routes import build_job_admin_router
 from api.openai_routes import build_openai_router
-from api.routes import ApiState, build_router
-from api.schemas import job_request_model
+from api.routes import build_router
+from api.state import ApiState
 from worker.admission import CappedQueue
 from worker.redis_conn import connect
 from worker.storage import LocalStorage, storage_from_config
@@ -105,8 +105,7 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
     redis = connect(config.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
     queue = CappedQueue(config.queue, connection=redis, max_queued=config.max_queued,
                         wait_replicas=config.redis_wait_replicas, wait_timeout_ms=config.redis_wait_timeout_ms)
-    state = ApiState(config=config, redis=redis, storage=storage_from_config(config.storage),
-                     job_request=job_request_model(config.limits), queue=queue)
+    state = ApiState(config=config, redis=redis, storage=storage_from_config(config.storage), queue=queue)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = None
@@ -121,11 +120,12 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
 
     docs: dict[str, Any] = {} if config.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="sd3serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, **docs)
+    app.state.api = state  # the one place handlers get their parts from (api/deps.py)
     install_error_handlers(app)
-    app.include_router(build_router(state))
-    app.include_router(build_health_router(state))
-    app.include_router(build_job_admin_router(state))
-    app.include_router(build_openai_router(state))
+    app.include_router(build_router(config))
+    app.include_router(build_health_router())
+    app.include_router(build_job_admin_router())
+    app.include_router(build_openai_router(config.limits))
     if STATIC_DIR.is_dir():  # the playground page at / (after the API routes, which win)
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="playground")
     metrics.instrument_app(app)

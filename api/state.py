@@ -1,10 +1,11 @@
-"""What every route of one app shares: its config, Redis, storage, queue and the per-key parts."""
+"""What every route of one app shares: its config, Redis, storage, queue and the per-key parts.
+The app factory stores one on `app.state.api`; handlers reach it through api/deps.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
 from redis import Redis
 
 from api.config import ApiConfig
@@ -16,11 +17,11 @@ class ApiState:
     config: ApiConfig
     redis: Redis
     storage: Any
-    job_request: type[BaseModel]
     queue: CappedQueue
     urls: Any = None  # worker.signed_urls.UrlSigner
     key_limits: Any = None  # api.key_limits.KeyLimits
     jobs: Any = None  # api.ownership.JobIndex
+    started: int = field(default_factory=lambda: int(time.time()))  # the served model's `created`
 
     def __post_init__(self) -> None:
         from api.key_limits import KeyLimits
