@@ -7,6 +7,8 @@ Random weights at the real shapes (bench/shapes.py), 28 steps, CFG, 512² and 10
   the fast path in FP8, exact and `attention` K=3 (bench/fp8_part.py).
 - `diffusers-compiled`: diffusers with its documented speed-ups (fused QKV, torch.compile of the
   transformer and `vae.decode`), warmed up at every shape (bench/diffusers_compiled.py).
+- `xdit`, `stability-ref` (named only): xDiT eager and compiled around the same pipeline's parts
+  (bench/xdit_part.py); Stability's reference sampler (bench/stability_part.py).
 - `accuracy`: relative error of final latents (engine eager vs diffusers, fast vs eager) and of
   one transformer forward (fast vs eager, eager bf16 vs float32).
 - `caching` (issue 4): steady step time of `attention` K=2,3,4 and `step` K=5 vs exact at batch
@@ -42,6 +44,10 @@ from bench.measure import card_name, matmul_tflops, relative_error, synchronize,
 from bench.e2e_parts import EndToEndParts
 from bench.diffusers_compiled import DiffusersCompiledPart
 from bench.fp8_part import Fp8Part
+from bench import merge_rows
+from bench.stability_part import StabilityRefPart
+from bench.stability_ref import ReferenceUnavailable, load_reference
+from bench.xdit_part import XditPart, XditUnavailable, import_xfuser
 from bench.memory_parts import CachingAndMemoryParts
 from bench.large_part import LargeModelPart
 from bench.results_file import Results
@@ -51,10 +57,13 @@ from bench.ablation import ablation
 from engine.precision import PrecisionUnavailable
 from engine.speed import SpeedOptions
 
-ALL_PARTS = ("probe", "ablation", "e2e", "diffusers-compiled", "accuracy", "caching", "memory", "large", "firststep")
+ALL_PARTS = ("probe", "ablation", "e2e", "diffusers-compiled", "xdit", "stability-ref", "accuracy", "caching", "memory",
+             "large", "firststep")
+BASELINE_PARTS = ("xdit", "stability-ref")  # need carried code (.whl, .vendor): only when named
 
 
-class Bench(EndToEndParts, DiffusersCompiledPart, Fp8Part, CachingAndMemoryParts, LargeModelPart):
+class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp8Part, CachingAndMemoryParts,
+            LargeModelPart):
     def __init__(self, args) -> None:
         self.args = args
         self.device = torch.device("cpu" if args.smoke else "cuda")
@@ -84,16 +93,7 @@ class Bench(EndToEndParts, DiffusersCompiledPart, Fp8Part, CachingAndMemoryParts
         keep_row = None
         if args.merge:
             def keep_row(which: str, row: dict) -> bool:  # drop only the rows this run makes again
-                if row.get("size") not in args.sizes:
-                    return True
-                if which == "caching":
-                    return "caching" not in args.parts
-                if row.get("system") == "diffusers-compiled":
-                    return "diffusers-compiled" not in args.parts
-                if str(row.get("mode", "")).endswith("-fp8"):
-                    return not ("e2e" in args.parts and args.fp8)
-                return not (("e2e" in args.parts and row.get("model") == self.model)
-                            or ("large" in args.parts and row.get("model") == self.large))
+                return merge_rows.keep_row(args, self.model, self.large, which, row)
         self.results = Results(Path(args.out_dir), card, meta, args.parts, keep_row)
         self.pipe = None
         self.engine_fast = None
@@ -105,6 +105,10 @@ class Bench(EndToEndParts, DiffusersCompiledPart, Fp8Part, CachingAndMemoryParts
         fp8 = self.args.fp8 and bool({"e2e", "accuracy"} & set(parts))
         if fp8:
             self.check_fp8()
+        if "xdit" in parts:  # refuse before building anything
+            import_xfuser()
+        if "stability-ref" in parts:
+            load_reference()
         self.pipe = self.timed_note("build_seconds", lambda: shapes.build_pipeline(self.model, self.device, self.dtype))
         if fp8:
             self.keep_fp8_source()
@@ -120,6 +124,10 @@ class Bench(EndToEndParts, DiffusersCompiledPart, Fp8Part, CachingAndMemoryParts
             self.diffusers_part("e2e" in parts, "accuracy" in parts)
         if "diffusers-compiled" in parts:
             self.diffusers_compiled_part()
+        if "xdit" in parts:
+            self.xdit_part()
+        if "stability-ref" in parts:
+            self.stability_ref_part()
         if "e2e" in parts or "accuracy" in parts:
             self.eager_part("e2e" in parts, "accuracy" in parts)
         if {"accuracy", "e2e", "caching", "memory", "firststep"} & set(parts):
@@ -251,10 +259,13 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (seconds; for tests)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--card", default=None, help="name in the output files (default: from the GPU)")
-    p.add_argument("--parts", default=",".join(ALL_PARTS))
+    p.add_argument("--parts", default=",".join(part for part in ALL_PARTS if part not in BASELINE_PARTS))
     p.add_argument("--sizes", default="512,1024")
     p.add_argument("--batches", default="1,2,4,8,16")
     p.add_argument("--eager-batches", default=None, help="batches for the eager engine (default: --batches)")
+    p.add_argument("--stability-batches", default="1", help="images per sampling call of the Stability "
+                   "reference (its driver: 1; more go through its sampler batched)")
+    p.add_argument("--no-xdit-compile", action="store_true", help="the xdit part measures xDiT eager only")
     p.add_argument("--caching-batches", default="4,8")
     p.add_argument("--large-batches", default="1,2,4")
     p.add_argument("--probe-batches", default="16,32")
@@ -284,6 +295,7 @@ def parse_args(argv=None):
     args.parts = tuple(x for x in args.parts.split(",") if x)
     args.sizes, args.batches = ints(args.sizes), ints(args.batches)
     args.caching_batches, args.large_batches = ints(args.caching_batches), ints(args.large_batches)
+    args.stability_batches = ints(args.stability_batches)
     args.probe_batches = ints(args.probe_batches)
     args.ablation_variants = [v for v in args.ablation_variants.split(",") if v]
     args.eager_batches = ints(args.eager_batches) if args.eager_batches else None
@@ -302,7 +314,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         Bench(args).run()
-    except PrecisionUnavailable as exc:
+    except (PrecisionUnavailable, XditUnavailable, ReferenceUnavailable) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

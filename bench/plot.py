@@ -1,6 +1,7 @@
-"""Images/s vs batch for each system and size, from bench/results/engine_<card>.json.
+"""Images/s vs batch for each system and size, from bench/results/engine_<card>.json, and the
+seed paper's Figure 3 for SD3-medium: (a) seconds per image vs batch, (b) speed-up over diffusers.
 
-    python -m bench.plot bench/results/engine_h100.json   # writes engine_h100.png beside it
+    python -m bench.plot bench/results/engine_h200.json   # writes engine_h200.png and engine_h200_fig3.png
 """
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ STYLE = {
     ("diffusers-compiled", "compiled"): ("diffusers (fused QKV + torch.compile)", "tab:brown", "o"),
     ("sd3serve", "exact-fp8"): ("sd3serve exact, FP8", "tab:green", "D"),
     ("sd3serve", "attention-k3-fp8"): ("sd3serve attention cache K=3, FP8", "tab:purple", "v"),
+    ("xdit", "eager"): ("xDiT (xfuser, one GPU)", "tab:olive", "P"),
+    ("xdit-compile", "compiled"): ("xDiT + torch.compile", "tab:cyan", "P"),
+    ("stability-ref", "euler-cfg-fp16"): ("Stability SD3 reference (fp16)", "tab:pink", "*"),
 }
+FIG3_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"), ("xdit", "eager"),
+                ("xdit-compile", "compiled"), ("stability-ref", "euler-cfg-fp16"), ("sd3serve", "exact-fast"),
+                ("sd3serve", "attention-k3-fast"))
+ONE_AT_A_TIME = {("stability-ref", "euler-cfg-fp16")}  # its driver serves a list of prompts one by one
 
 
 def plot(path: Path) -> Path:
@@ -58,6 +66,57 @@ def plot(path: Path) -> Path:
     return out
 
 
+def _medians(rows: list[dict], size: int) -> dict[tuple, dict[int, float]]:
+    """Median images/s per (system, mode) and batch of SD3-medium at `size` (runs that paid a
+    compile inside the timing left out)."""
+    points: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["model"] == "sd3-medium" and r["size"] == size and not r.get("timed_run_included_compile"):
+            points[(r["system"], r["mode"])][r["batch"]].append(r["images_per_s"])
+    return {key: {b: sorted(v)[len(v) // 2] for b, v in by_batch.items()} for key, by_batch in points.items()}
+
+
+def figure3(path: Path) -> Path:
+    """(a) seconds per image (a batch's time / its size) vs batch, (b) images/s over diffusers
+    eager at the same batch; one column per size. A system whose driver runs one prompt at a time
+    is measured at batch 1 and drawn dashed across: its time per image does not change."""
+    data = json.loads(path.read_text())
+    sizes = sorted({r["size"] for r in data["rows"] if r["model"] == "sd3-medium"})
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5.5 * len(sizes), 8), squeeze=False)
+    for col, size in enumerate(sizes):
+        ips = _medians(data["rows"], size)
+        base = ips.get(("diffusers", "eager"), {})
+        batches = sorted({b for by_batch in ips.values() for b in by_batch})
+        for key in FIG3_SYSTEMS:
+            if key not in ips:
+                continue
+            label, color, marker = STYLE[key]
+            own = dict(ips[key])
+            style = "-"
+            if key in ONE_AT_A_TIME and set(own) == {1}:
+                own = {b: own[1] for b in batches}
+                style, label = "--", f"{label}, one prompt at a time"
+            xs = sorted(own)
+            axes[0][col].plot(xs, [1 / own[b] for b in xs], style, marker=marker, color=color, label=label)
+            ratio = [b for b in xs if b in base]
+            axes[1][col].plot(ratio, [own[b] / base[b] for b in ratio], style, marker=marker, color=color, label=label)
+        for row_axes, ylabel in ((axes[0][col], "seconds per image"), (axes[1][col], "speed-up over diffusers (eager)")):
+            row_axes.set_xscale("log", base=2)
+            row_axes.set_xlabel("images per batch")
+            row_axes.set_ylabel(ylabel)
+            row_axes.grid(alpha=0.3)
+        axes[0][col].set_title(f"(a) latency per image, SD3-medium {size}x{size}, 28 steps")
+        axes[1][col].set_title(f"(b) speed-up over diffusers, {size}x{size}")
+        axes[1][col].axhline(1.0, color="k", lw=0.8)
+        axes[0][col].legend(fontsize=7)
+    fig.suptitle(f"{data.get('device_name', data['card'])}, torch {data['torch']}, diffusers {data['diffusers']}")
+    fig.tight_layout()
+    out = path.with_name(path.stem + "_fig3.png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:] or ["bench/results/engine_h100.json"]:
         print(plot(Path(arg)))
+        print(figure3(Path(arg)))

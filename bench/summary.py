@@ -18,6 +18,9 @@ TARGETS = {  # issue 6, H100
     "fp8_vs_diffusers_best_1024": 1.4,
     "fp8_b1_latency_vs_diffusers_best_1024": 1.25,
     "fp8_cached_vs_diffusers_best_1024": 2.0,
+    # issue 21, H200: the seed paper's other baselines, each at its best batch
+    "exact_vs_xdit_1024": 1.0,
+    "exact_vs_stability_1024": 1.0,
 }
 # FP8 on the reference model: PSNR vs bf16 at least, and judge accuracy drop (points) at most
 FP8_QUALITY_TARGETS = {"fp8_reference_psnr_db": 30.0}
@@ -27,6 +30,8 @@ ENGINE_MODES = (("exact-fast", "exact"), ("exact-eager", "exact_eager"), ("atten
                 ("exact-fp8", "fp8"), ("attention-k3-fp8", "fp8_cached"))
 LATENCY_MODES = (("exact-fast", "b1_latency"), ("exact-fp8", "fp8_b1_latency"))
 DIFFUSERS_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"))
+# other systems of the seed paper's Figure 3: name in the summary -> their systems (any mode)
+OTHER_BASELINES = {"xdit": ("xdit", "xdit-compile"), "stability": ("stability-ref",)}
 
 
 def _per_config(rows: list[dict], field: str) -> dict[tuple, float]:
@@ -52,6 +57,8 @@ def engine_summary(data: dict) -> dict:
     for model, suffix in ((MEDIUM, ""), (LARGE, "_large")):
         for size in sorted({r["size"] for r in rows}):
             out.update(_vs_diffusers(ips, latency, model, size, suffix))
+    for size in sorted({r["size"] for r in rows}):
+        out.update(_vs_other_baselines(ips, size))
     out.update(_fp8_reference(data))
     mfu = _mfu(data, step_ms, ips)
     if mfu:
@@ -96,6 +103,23 @@ def _vs_diffusers(ips: dict, latency: dict, model: str, size: int, suffix: str) 
             out[f"{name}_vs_diffusers{suffix}_{size}"] = round(d1 / f1, 3)
         if f1 and b1:
             out[f"{name}_vs_diffusers_best{suffix}_{size}"] = round(min(b1) / f1, 3)
+    return out
+
+
+def _vs_other_baselines(ips: dict, size: int) -> dict:
+    """sd3serve exact (and cached K=3) best images/s over the best row of xDiT (eager or compiled)
+    and of Stability's reference sampler, SD3-medium at `size`."""
+    out: dict = {}
+    for name, systems in OTHER_BASELINES.items():
+        found = [(v, key[4], key[0]) for key, v in ips.items() if key[0] in systems and key[2:4] == (MEDIUM, size)]
+        if not found:
+            continue
+        theirs = max(found)
+        out[f"{name}_best_images_per_s_{size}"] = dict(value=theirs[0], batch=theirs[1], system=theirs[2])
+        for mode, label in (("exact-fast", "exact"), ("attention-k3-fast", "cached_k3")):
+            ours = _best(ips, "sd3serve", mode, MEDIUM, size)
+            if ours:
+                out[f"{label}_vs_{name}_{size}"] = round(ours[0] / theirs[0], 3)
     return out
 
 

@@ -1,0 +1,23 @@
+"""Which rows of the result files a `--merge` run of bench/engine_bench.py keeps: all but those
+it makes again (its parts, at its sizes)."""
+from __future__ import annotations
+
+from typing import Any
+
+# systems measured by a part of their own (every other system's rows come from `e2e` or `large`)
+PART_OF_SYSTEM = {"diffusers-compiled": "diffusers-compiled", "xdit": "xdit", "xdit-compile": "xdit",
+                  "stability-ref": "stability-ref"}
+
+
+def keep_row(args: Any, model: str, large: str, which: str, row: dict) -> bool:
+    parts = args.parts
+    if row.get("size") not in args.sizes:
+        return True
+    if which == "caching":
+        return "caching" not in parts
+    system = row.get("system")
+    if system in PART_OF_SYSTEM:
+        return PART_OF_SYSTEM[system] not in parts
+    if str(row.get("mode", "")).endswith("-fp8"):
+        return not ("e2e" in parts and args.fp8)
+    return not (("e2e" in parts and row.get("model") == model) or ("large" in parts and row.get("model") == large))
