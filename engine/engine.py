@@ -12,6 +12,7 @@ from PIL import Image
 
 from engine.attention import AttentionCache, attention_cache_bytes
 from engine.config import EngineConfig, limits_for_model, read_model_defaults
+from engine.fair_share import StepCharge, StepCosts
 from engine.graphs import ForwardGraphs
 from engine.latent_aware import make_latent_aware
 from engine.loader import PromptEncoder, load_pipeline
@@ -20,6 +21,7 @@ from engine.step_report import FailedRequest, FinishedRequest, RequestFailed, St
 from engine.runner import Runner
 from engine.scheduler import ScheduledRequest, Scheduler
 from engine.speed import SpeedOptions, apply_speed, speed_options_for
+from engine.step_timer import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,9 @@ class Engine:
             default_policy=config.cache_policy,
             cache_budget_bytes=config.cache_budget_mb * 2**20,
             slot_bytes_of=self.slot_bytes,
+            step_costs=StepCosts(),  # sizes share the device fairly in measured seconds
         )
+        self.step_timer: StepTimer[StepCharge] = StepTimer(pipe._execution_device)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -117,17 +121,26 @@ class Engine:
         if plan is None:
             return report
         now = time.monotonic()
+        self.step_timer.start()
         try:
             self.runner.run(plan)
         except torch.OutOfMemoryError as exc:
             return self._fail_plan(plan, report, "out_of_memory", exc)
+        if plan.charge is not None:
+            self.step_timer.stop(plan.charge)
         finished = self.scheduler.complete(plan)
+        self.observe_step_costs()
         report.batch_size = len(plan.requests)
         report.fresh_ratio = plan.fresh_ratio
         if finished:
             self._finish(finished, report)
         report.step_seconds = time.monotonic() - now
         return report
+
+    def observe_step_costs(self) -> None:
+        """Hand the scheduler the device seconds of the steps the device has finished."""
+        for charge, seconds in self.step_timer.done():
+            self.scheduler.observe(charge, seconds)
 
     def _finish(self, finished: list[ScheduledRequest], report: StepReport) -> None:
         ids = [r.request_id for r in finished]
@@ -182,6 +195,9 @@ class Engine:
         self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])
         # The prompt encoders saw a batch of two texts ("warm-up" and ""); one text is compiled apart.
         self.runner.prompts.encode([("warm-up: a single text", "")])
+        self.observe_step_costs()
+        if self.scheduler.step_costs is not None:
+            self.scheduler.step_costs.reset()  # compiling steps say nothing of serving costs
         self.freeze_heap()
         seconds = time.perf_counter() - start
         log.info("warm-up (compiling) took %.1f s", seconds)

@@ -2,7 +2,8 @@
 
 The scheduler never touches tensors; the runner executes the `StepPlan` it returns. Requests of
 different sizes live in different sub-batches (batch key = (height, width)); each `plan()` picks
-one key, round-robin over the keys that have work, so every size progresses fairly.
+the key whose steps have cost the least device seconds (engine/fair_share.py), so a 512² step
+does not wait behind every 1024² step; with `step_costs` unset a step costs 1 (round-robin).
 
 Admission is progressive: waiting requests join a sub-batch only at its chunk boundaries (every
 `chunk` steps of that sub-batch's own step counter, `chunk` being the largest cache interval in
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from engine.fair_share import FairShare, StepCharge, StepCosts
 from engine.fresh_plan import forced_fresh, fresh_budget, fresh_share, plan_fresh
 from engine.request import GenerationRequest
 from engine.slots import SlotTable, extrapolation_weight
@@ -90,6 +92,7 @@ class StepPlan:
     slots: tuple[tuple[int, ...], ...] = ()
     capacity: int = 0
     free_pools: tuple[BatchKey, ...] = ()
+    charge: StepCharge | None = None  # what the scheduler charges this step (fair_share.py)
 
     @property
     def fresh_ratio(self) -> float:
@@ -130,7 +133,8 @@ class Scheduler:
     running: dict[BatchKey, list[ScheduledRequest]] = field(default_factory=dict)
     key_steps: dict[BatchKey, int] = field(default_factory=dict)
     fresh_credit: dict[BatchKey, float] = field(default_factory=dict)
-    _key_order: deque[BatchKey] = field(default_factory=deque)
+    step_costs: StepCosts | None = None  # None: every step costs 1 (round-robin over keys)
+    share: FairShare = field(default_factory=FairShare)
     slots: SlotTable = field(init=False)
 
     def __post_init__(self) -> None:
@@ -219,7 +223,7 @@ class Scheduler:
                                    admitted_at=self.clock())
             if key not in self.running:
                 self.running[key] = []
-                self._key_order.append(key)
+                self.share.join(key)
             self.running[key].append(req)
             per_key[key] = per_key.get(key, 0) + 1
             admitted.append(req)
@@ -250,16 +254,14 @@ class Scheduler:
             self.running.pop(key, None)
             self.key_steps.pop(key, None)
             self.fresh_credit.pop(key, None)
-            if key in self._key_order:
-                self._key_order.remove(key)
+            self.share.leave(key)
 
     def plan(self) -> StepPlan | None:
-        """Admit at boundaries, then plan one forward of the next sub-batch in turn."""
+        """Admit at boundaries, then plan one forward of the sub-batch with the least device time."""
         admitted = self._admit()
-        if not self._key_order:
+        key = self.share.pick()
+        if key is None:
             return None
-        key = self._key_order[0]
-        self._key_order.rotate(-1)
         requests = self.running[key]
         credit = self.fresh_credit.get(key, 0.0) if self.fractional_budget else None
         fresh, carried = plan_fresh(requests, self.warmup_steps, credit)
@@ -267,7 +269,10 @@ class Scheduler:
             self.fresh_credit[key] = carried
         if not requests:
             return None
-        return make_plan(key, requests, fresh, self.slots, tuple(r for r in admitted if r.key == key))
+        plan = make_plan(key, requests, fresh, self.slots, tuple(r for r in admitted if r.key == key))
+        work = float(key[0] * key[1] * sum(r.rows for r, f in zip(requests, fresh) if f or r.policy != "step"))
+        cost = 1.0 if self.step_costs is None else self.step_costs.estimate(key, work)
+        return replace(plan, charge=StepCharge(key, work, cost))
 
     def complete(self, plan: StepPlan) -> list[ScheduledRequest]:
         """Record that `plan` ran; return the requests that have finished."""
@@ -278,7 +283,18 @@ class Scheduler:
                 finished.append(req)
                 self._release(req)
         self.key_steps[plan.key] = self.key_steps.get(plan.key, 0) + 1
+        if self.step_costs is not None and plan.charge is not None:
+            self.share.hold(plan.key, plan.charge.cost)  # until `observe` brings its seconds
+        else:
+            self.share.charge(plan.key, 1.0)
         if finished:
             self.running[plan.key] = [r for r in self.running[plan.key] if not r.done]
             self._forget_if_empty(plan.key)
         return finished
+
+    def observe(self, charge: StepCharge, seconds: float) -> None:
+        """A step's measured device seconds: learn its key's rate, replace the estimate it held."""
+        if self.step_costs is None:
+            raise ValueError("this scheduler counts steps (step_costs=None); it takes no measured seconds")
+        self.step_costs.observe(charge.key, charge.work, seconds)
+        self.share.settle(charge.key, charge.cost, seconds)

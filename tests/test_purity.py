@@ -21,7 +21,7 @@ def test_scheduler_tests_pass_without_torch():
     code = BLOCK_TORCH + (
         "import pytest\n"
         "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_scheduler.py', 'tests/test_slots.py',\n"
-        "                      'tests/test_validation.py']))\n"
+        "                      'tests/test_fair_share.py', 'tests/test_validation.py']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -31,6 +31,7 @@ def test_scheduler_tests_pass_without_torch():
 def test_light_modules_do_not_import_torch():
     code = (
         "import sys, engine, engine.request, engine.config, engine.scheduler, engine.slots, engine.fresh_plan\n"
+        "import engine.fair_share\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
