@@ -42,6 +42,19 @@ QUICK_CONFIGS = [("exact", 1, "none")] + [(p, 3, la) for p in ("attention", "ste
 PSNR_CAP = 100.0  # identical images have infinite PSNR; JSON gets this cap
 
 
+def parse_configs(text: str) -> list[tuple[str, int, str]]:
+    """`policy:K:latent_aware,...` as config tuples, each part checked."""
+    configs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or parts[0] not in ("attention", "step") or not parts[1].isdigit() or int(parts[1]) < 2:
+            raise argparse.ArgumentTypeError(f"{item!r}: want attention|step:K:latent_aware with K >= 2")
+        if parts[2] not in LATENT_AWARE:
+            raise argparse.ArgumentTypeError(f"{item!r}: latent_aware must be one of {', '.join(LATENT_AWARE)}")
+        configs.append((parts[0], int(parts[1]), parts[2]))
+    return configs
+
+
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="use the first N held-out prompts (0: all)")
     parser.add_argument("--stride", type=int, default=1, help="use every Nth held-out prompt")
     parser.add_argument("--quick", action="store_true", help="K = 3 only")
+    parser.add_argument("--configs", type=parse_configs, help="comma-separated policy:K:latent_aware "
+                        "(e.g. step:2:extrapolate2,attention:3:extrapolate); exact is always measured first")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
                         help="fp8: FP8 against bf16 on the same seeds instead of the caching configs")
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.batch, compile="off")
     pipe = load_pipeline(base)
     device = pipe._execution_device
-    configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
+    configs = [FULL_CONFIGS[0]] + args.configs if args.configs else QUICK_CONFIGS if args.quick else FULL_CONFIGS
     captions = [p.prompt for p in prompts]
 
     rows = []

@@ -39,7 +39,7 @@ class Engine:
         )
         self.limits = limits_for_model(config.limits, config.model)
         self.latent_aware = make_latent_aware(config.latent_aware)
-        self.attention = AttentionCache(pipe.transformer, extrapolate=self.latent_aware.extrapolates)
+        self.attention = AttentionCache(pipe.transformer, history=self.latent_aware.history)
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
         graphs = None
         if self.speed.cuda_graphs and pipe._execution_device.type == "cuda":
@@ -52,6 +52,7 @@ class Engine:
             default_policy=config.cache_policy,
             cache_budget_bytes=config.cache_budget_mb * 2**20,
             slot_bytes_of=self.slot_bytes,
+            extrapolation_order=self.latent_aware.order,
         )
 
     @classmethod
@@ -108,7 +109,7 @@ class Engine:
             self.pipe.tokenizer_max_length + self.max_sequence_length,
             rows=1,
             element_size=self.pipe.transformer.dtype.itemsize,
-            extrapolate=self.latent_aware.extrapolates,
+            history=self.latent_aware.history,
         )
 
     def step(self) -> StepReport:

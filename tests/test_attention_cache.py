@@ -44,9 +44,10 @@ class Planned:
     """An `AttentionCache` driven the way the engine drives it: the scheduler's slot table and
     requests (engine/slots.py, engine/scheduler.py) plan each step; the cache only indexes."""
 
-    def __init__(self, module: FakeAttention, extrapolate: bool = False) -> None:
-        self.attention = AttentionCache(module, extrapolate=extrapolate)
-        halves = 2 if extrapolate else 1
+    def __init__(self, module: FakeAttention, history: int = 1) -> None:
+        self.attention = AttentionCache(module, history=history)
+        self.order = history - 1
+        halves = history
         self.slots = SlotTable(lambda key: halves * (3 * 2 + 2 * 2) * 4)  # image (3x2) + text (2x2), float32
         self.requests: dict[str, ScheduledRequest] = {}
 
@@ -62,7 +63,7 @@ class Planned:
             req.policy = "attention" if keeps else "exact"
             assert req.step == at, "the steps given must follow on"
             reqs.append(req)
-        return make_plan(group, reqs, fresh, self.slots)
+        return make_plan(group, reqs, fresh, self.slots, order=self.order)
 
     def release(self, rid: str) -> None:
         req = self.requests.pop(rid)
@@ -106,7 +107,7 @@ def step(cache: Planned, module, ids, fresh, steps, values, caches=None, group=(
 @pytest.mark.parametrize("extrapolate", [False, True])
 def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
     module = FakeAttention()
-    cache = Planned(module, extrapolate=extrapolate)
+    cache = Planned(module, history=2 if extrapolate else 1)
     count_rows(module)
     assert step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 5.0]) == [1.0, 5.0]
     # b is CACHED with one refresh so far: a hold, whatever the strategy
@@ -121,7 +122,7 @@ def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
 
 def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
     module = FakeAttention()
-    cache = Planned(module, extrapolate=True)
+    cache = Planned(module, history=2)
     step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
     per_row = cache.allocated_bytes() // 3
     assert cache.nbytes() == 3 * per_row
@@ -174,7 +175,7 @@ def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_output
     """What a CUDA graph of a cached step relies on: the indices live in buffers of their own,
     `load_step` refills them for a step of the same signature, and the outputs follow."""
     plain, graphed = FakeAttention(), FakeAttention()
-    caches = Planned(plain, extrapolate=extrapolate), Planned(graphed, extrapolate=extrapolate)
+    caches = Planned(plain, history=2 if extrapolate else 1), Planned(graphed, history=2 if extrapolate else 1)
     for cache, module in zip(caches, (plain, graphed)):
         step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
         step(cache, module, ["a", "b", "c"], [True, False, False], [1] * 3, [4.0, 0.0, 0.0])
@@ -210,7 +211,7 @@ def test_sizes_have_their_own_pools_and_rows_without_cache_keep_nothing():
 def test_growing_the_pool_keeps_both_refreshes_of_every_slot():
     """A new request grows every layer's pool; the halves move with the capacity."""
     module = FakeAttention()
-    cache = Planned(module, extrapolate=True)
+    cache = Planned(module, history=2)
     step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 10.0])
     step(cache, module, ["a", "b"], [True, True], [1, 1], [2.0, 20.0])  # second refreshes: a=1,2 b=10,20
     before = cache.allocated_bytes()

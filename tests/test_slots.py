@@ -115,7 +115,7 @@ def test_planned_slots_and_refresh_history(specs, max_batch, cancel_every):
                 rows = 2 if r.request.uses_cfg else 1
                 assert len(r.slots) == (rows if r.policy == "attention" else 0)
                 history = fresh_at.setdefault(r.request_id, [])
-                assert r.refreshes == tuple(history[-2:])
+                assert r.refreshes == tuple(history[-3:])
                 assert r.steps_since_fresh == (r.step - history[-1] - 1 if history else r.step)
                 if fresh:
                     assert weight == 0.0
