@@ -15,6 +15,8 @@ Strategies (one interface, chosen per worker with `latent_aware`):
   velocity in the `step` policy). The update itself is the plain Euler step.
 - `extrapolate2`: second order, a quadratic through the last three fresh values (TaylorSeer's
   order-2 finite-difference expansion is the same polynomial), first order until there are three.
+- `extrapolate-sigma`, `extrapolate2-sigma`: the same polynomials in the request's sigma instead of
+  its step index (the schedule's steps are uneven: with shift 3 the last ones are ~8x the first).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class LatentAware:
     name = "none"
     corrects_update = False
     order = 0  # of the cached quantity's extrapolation: 0 a hold, 1 linear, 2 quadratic
+    clock = "step"  # the extrapolation's variable: "step" (index) or "sigma"
 
     @property
     def extrapolates(self) -> bool:
@@ -88,7 +91,19 @@ class Extrapolate2(Extrapolate):
     order = 2
 
 
-STRATEGIES = {cls.name: cls for cls in (LatentAware, SeedRule, Extrapolate, Extrapolate2)}
+class ExtrapolateSigma(Extrapolate):
+    name = "extrapolate-sigma"
+    clock = "sigma"
+
+
+class Extrapolate2Sigma(Extrapolate):
+    name = "extrapolate2-sigma"
+    order = 2
+    clock = "sigma"
+
+
+STRATEGIES = {cls.name: cls for cls in (LatentAware, SeedRule, Extrapolate, Extrapolate2, ExtrapolateSigma,
+                                        Extrapolate2Sigma)}
 
 
 def make_latent_aware(name: str) -> LatentAware:

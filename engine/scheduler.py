@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from engine.fresh_plan import forced_fresh, fresh_budget, fresh_share, plan_fresh
 from engine.request import GenerationRequest
@@ -109,11 +109,14 @@ class StepPlan:
 
 def make_plan(key: BatchKey, requests: list[ScheduledRequest] | tuple[ScheduledRequest, ...],
               fresh: list[bool] | tuple[bool, ...], slots: SlotTable,
-              admitted: tuple[ScheduledRequest, ...] = (), order: int = 1) -> StepPlan:
+              admitted: tuple[ScheduledRequest, ...] = (), order: int = 1,
+              times_of: Callable[[GenerationRequest], Sequence[float]] | None = None) -> StepPlan:
     """The plan of one forward of `key` with this FRESH/CACHED choice and extrapolation `order`
-    (engine/slots.py `extrapolation_weights`); hands back other idle keys' slots (their pools go
-    before this step runs)."""
-    pairs = [(0.0, 0.0) if f else extrapolation_weights(r.step, r.refreshes, order) for r, f in zip(requests, fresh)]
+    (engine/slots.py `extrapolation_weights`, in the units of `times_of(request)`, else steps);
+    hands back other idle keys' slots (their pools go before this step runs)."""
+    pairs = [(0.0, 0.0) if f else
+             extrapolation_weights(r.step, r.refreshes, order, None if times_of is None else times_of(r.request))
+             for r, f in zip(requests, fresh)]
     weights = tuple(w for w, _ in pairs)
     older = tuple(w for _, w in pairs)
     return StepPlan(key=key, requests=tuple(requests), fresh=tuple(fresh), admitted=admitted, weights=weights,
@@ -133,6 +136,8 @@ class Scheduler:
     clock: Callable[[], float] = time.monotonic
     fractional_budget: bool = True  # average sum 1/K FRESH per step instead of its ceiling
     extrapolation_order: int = 1  # of the CACHED steps' weights; 2 needs the runner's third history entry
+    # The variable the extrapolation is a polynomial of, per step of a request (None: the step index)
+    extrapolation_times: Callable[[GenerationRequest], Sequence[float]] | None = None
     waiting: deque[GenerationRequest] = field(default_factory=deque)
     running: dict[BatchKey, list[ScheduledRequest]] = field(default_factory=dict)
     key_steps: dict[BatchKey, int] = field(default_factory=dict)
@@ -275,7 +280,7 @@ class Scheduler:
         if not requests:
             return None
         return make_plan(key, requests, fresh, self.slots, tuple(r for r in admitted if r.key == key),
-                         self.extrapolation_order)
+                         self.extrapolation_order, self.extrapolation_times)
 
     def complete(self, plan: StepPlan) -> list[ScheduledRequest]:
         """Record that `plan` ran; return the requests that have finished."""

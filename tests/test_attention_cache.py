@@ -120,6 +120,35 @@ def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
     assert module.calls == [2, 1, 1]  # only FRESH rows entered attention; none on the last step
 
 
+def test_second_order_cache_keeps_three_refreshes_and_extrapolates_a_quadratic():
+    """history=3: a CACHED row gets the quadratic through its last three refreshes (first order
+    until it has three); the pool holds three refreshes per slot."""
+    module = FakeAttention()
+    cache = Planned(module, history=3)
+    count_rows(module)
+    quadratic = lambda t: 1.0 + t * t  # noqa: E731
+    for t in range(3):  # refreshes at steps 0, 1, 2: 1, 2, 5
+        assert step(cache, module, ["a"], [True], [t], [quadratic(t)]) == [quadratic(t)]
+    assert step(cache, module, ["a"], [False], [3], [99.0]) == [pytest.approx(quadratic(3))]
+    assert step(cache, module, ["a"], [True], [4], [quadratic(4)]) == [quadratic(4)]  # overwrites step 1's
+    assert step(cache, module, ["a"], [False], [5], [99.0]) == [pytest.approx(quadratic(5))]  # through steps 1, 2 and 4
+    assert module.calls == [1, 1, 1, 1]
+    assert cache.allocated_bytes() == 3 * (3 * 2 + 2 * 2) * 4
+
+
+def test_second_order_cache_is_linear_with_two_refreshes():
+    module = FakeAttention()
+    cache = Planned(module, history=3)
+    step(cache, module, ["a"], [True], [0], [1.0])
+    step(cache, module, ["a"], [True], [1], [3.0])
+    assert step(cache, module, ["a"], [False], [2], [99.0]) == [5.0]  # 3 + (3 - 1)
+
+
+def test_history_is_checked():
+    with pytest.raises(ValueError, match="history"):
+        AttentionCache(FakeAttention(), history=4)
+
+
 def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
     module = FakeAttention()
     cache = Planned(module, history=2)
