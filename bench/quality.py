@@ -42,16 +42,20 @@ QUICK_CONFIGS = [("exact", 1, "none")] + [(p, 3, la) for p in ("attention", "ste
 PSNR_CAP = 100.0  # identical images have infinite PSNR; JSON gets this cap
 
 
-def parse_configs(text: str) -> list[tuple[str, int, str]]:
-    """`policy:K:latent_aware,...` as config tuples, each part checked."""
-    configs = []
+def parse_configs(text: str) -> list[tuple]:
+    """`policy:K:latent_aware[:w<warmup steps>],...` as config tuples, each part checked."""
+    configs: list[tuple] = []
     for item in text.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 3 or parts[0] not in ("attention", "step") or not parts[1].isdigit() or int(parts[1]) < 2:
-            raise argparse.ArgumentTypeError(f"{item!r}: want attention|step:K:latent_aware with K >= 2")
+        if len(parts) not in (3, 4) or parts[0] not in ("attention", "step") or not parts[1].isdigit() \
+                or int(parts[1]) < 2:
+            raise argparse.ArgumentTypeError(f"{item!r}: want attention|step:K:latent_aware[:wN] with K >= 2")
         if parts[2] not in LATENT_AWARE:
             raise argparse.ArgumentTypeError(f"{item!r}: latent_aware must be one of {', '.join(LATENT_AWARE)}")
-        configs.append((parts[0], int(parts[1]), parts[2]))
+        if len(parts) == 4 and not (parts[3][:1] == "w" and parts[3][1:].isdigit()):
+            raise argparse.ArgumentTypeError(f"{item!r}: the fourth part is w<warmup steps>, e.g. w4")
+        warmup = (int(parts[3][1:]),) if len(parts) == 4 else ()
+        configs.append((parts[0], int(parts[1]), parts[2], *warmup))
     return configs
 
 
@@ -72,9 +76,10 @@ def requests_for(prompts, policy: str, k: int, defaults: dict) -> list[Generatio
     ]
 
 
-def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str):
+def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str, warmup: int | None = None):
     """Stream `requests` through a fresh engine; return uint8 images and fresh-step counts."""
-    config = replace(base, latent_aware=latent_aware, cache_policy="attention" if policy == "exact" else policy)
+    config = replace(base, latent_aware=latent_aware, cache_policy="attention" if policy == "exact" else policy,
+                     warmup_steps=base.warmup_steps if warmup is None else warmup)
     engine = Engine(config, pipe)
     fresh: dict[str, int] = {}
 
@@ -146,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     columns = []
     exact_images: list[np.ndarray] = []
-    for policy, k, latent_aware in tqdm(configs, desc="configs", unit="config"):
+    for policy, k, latent_aware, *override in tqdm(configs, desc="configs", unit="config"):
+        warmup = override[0] if override else base.warmup_steps
         start = time.perf_counter()
         requests = requests_for(prompts, policy, k, defaults)
-        images, fresh, engine = run_config(pipe, base, requests, policy, latent_aware)
+        images, fresh, engine = run_config(pipe, base, requests, policy, latent_aware, warmup)
         seconds = time.perf_counter() - start
         if policy == "exact":
             exact_images = images
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         fractions = [flop_fraction(flops, f, r.steps - f, "exact" if policy == "exact" else policy)
                      for f, r in zip(fresh, requests)]
         row = dict(
-            policy=policy, cache_interval=k, latent_aware=latent_aware,
+            policy=policy, cache_interval=k, latent_aware=latent_aware, warmup_steps=warmup,
             judge_accuracy=judge_images(images, captions),
             ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact_images)])),
             psnr_vs_exact=float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, exact_images)])),
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds=round(seconds, 2),
         )
         rows.append(row)
-        columns.append((f"{policy} K={k}\n{latent_aware}" if policy != "exact" else "exact\n", images))
+        label = f"{policy} K={k}" + (f" w{warmup}" if warmup != base.warmup_steps else "")
+        columns.append((f"{label}\n{latent_aware}" if policy != "exact" else "exact\n", images))
         write_results(args, argv, rows, columns, prompts, defaults, device)
         tqdm.write(f"{policy:9s} K={k} {latent_aware:11s} acc={row['judge_accuracy']:.3f} "
                    f"ssim={row['ssim_vs_exact']:.4f} psnr={row['psnr_vs_exact']:.2f} flops={row['flop_fraction']:.3f}")
