@@ -19,6 +19,7 @@ warm-up steps).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import re
@@ -204,7 +205,7 @@ def speed(args) -> dict:
     transformer = base.transformer
     for setting in args.settings:
         # A fresh transformer per setting: cache-dit patches the one it is given.
-        pipe = type(base)(**dict(base.components, transformer=_copy_of(transformer, args.random, device, dtype)))
+        pipe = type(base)(**dict(base.components, transformer=copy.deepcopy(transformer)))
         pipe.set_progress_bar_config(disable=True)
         seconds, cached = clock(enable(pipe, setting, steps))
         rows.append(dict(setting=setting.label, **asdict(setting), seconds=seconds, speedup=base_seconds / seconds,
@@ -216,14 +217,6 @@ def speed(args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
-
-
-def _copy_of(transformer, name: str, device, dtype):
-    from engine.random_model import build_transformer
-
-    fresh = build_transformer(name, device, dtype)
-    fresh.load_state_dict(transformer.state_dict())
-    return fresh
 
 
 def _version() -> str:
