@@ -42,6 +42,23 @@ QUICK_CONFIGS = [("exact", 1, "none")] + [(p, 3, la) for p in ("attention", "ste
 PSNR_CAP = 100.0  # identical images have infinite PSNR; JSON gets this cap
 
 
+def parse_configs(text: str) -> list[tuple]:
+    """`policy:K:latent_aware[:w<warmup steps>],...` as config tuples, each part checked."""
+    configs: list[tuple] = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (3, 4) or parts[0] not in ("attention", "step") or not parts[1].isdigit() \
+                or int(parts[1]) < 2:
+            raise argparse.ArgumentTypeError(f"{item!r}: want attention|step:K:latent_aware[:wN] with K >= 2")
+        if parts[2] not in LATENT_AWARE:
+            raise argparse.ArgumentTypeError(f"{item!r}: latent_aware must be one of {', '.join(LATENT_AWARE)}")
+        if len(parts) == 4 and not (parts[3][:1] == "w" and parts[3][1:].isdigit()):
+            raise argparse.ArgumentTypeError(f"{item!r}: the fourth part is w<warmup steps>, e.g. w4")
+        warmup = (int(parts[3][1:]),) if len(parts) == 4 else ()
+        configs.append((parts[0], int(parts[1]), parts[2], *warmup))
+    return configs
+
+
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -59,9 +76,10 @@ def requests_for(prompts, policy: str, k: int, defaults: dict) -> list[Generatio
     ]
 
 
-def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str):
+def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str, warmup: int | None = None):
     """Stream `requests` through a fresh engine; return uint8 images and fresh-step counts."""
-    config = replace(base, latent_aware=latent_aware, cache_policy="attention" if policy == "exact" else policy)
+    config = replace(base, latent_aware=latent_aware, cache_policy="attention" if policy == "exact" else policy,
+                     warmup_steps=base.warmup_steps if warmup is None else warmup)
     engine = Engine(config, pipe)
     fresh: dict[str, int] = {}
 
@@ -104,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="use the first N held-out prompts (0: all)")
     parser.add_argument("--stride", type=int, default=1, help="use every Nth held-out prompt")
     parser.add_argument("--quick", action="store_true", help="K = 3 only")
+    parser.add_argument("--configs", type=parse_configs, help="comma-separated policy:K:latent_aware "
+                        "(e.g. step:2:extrapolate2,attention:3:extrapolate); exact is always measured first")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
                         help="fp8: FP8 against bf16 on the same seeds instead of the caching configs")
@@ -125,16 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.batch, compile="off")
     pipe = load_pipeline(base)
     device = pipe._execution_device
-    configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
+    configs = [FULL_CONFIGS[0]] + args.configs if args.configs else QUICK_CONFIGS if args.quick else FULL_CONFIGS
     captions = [p.prompt for p in prompts]
 
     rows = []
     columns = []
     exact_images: list[np.ndarray] = []
-    for policy, k, latent_aware in tqdm(configs, desc="configs", unit="config"):
+    for policy, k, latent_aware, *override in tqdm(configs, desc="configs", unit="config"):
+        warmup = override[0] if override else base.warmup_steps
         start = time.perf_counter()
         requests = requests_for(prompts, policy, k, defaults)
-        images, fresh, engine = run_config(pipe, base, requests, policy, latent_aware)
+        images, fresh, engine = run_config(pipe, base, requests, policy, latent_aware, warmup)
         seconds = time.perf_counter() - start
         if policy == "exact":
             exact_images = images
@@ -144,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         fractions = [flop_fraction(flops, f, r.steps - f, "exact" if policy == "exact" else policy)
                      for f, r in zip(fresh, requests)]
         row = dict(
-            policy=policy, cache_interval=k, latent_aware=latent_aware,
+            policy=policy, cache_interval=k, latent_aware=latent_aware, warmup_steps=warmup,
             judge_accuracy=judge_images(images, captions),
             ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact_images)])),
             psnr_vs_exact=float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, exact_images)])),
@@ -153,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds=round(seconds, 2),
         )
         rows.append(row)
-        columns.append((f"{policy} K={k}\n{latent_aware}" if policy != "exact" else "exact\n", images))
+        label = f"{policy} K={k}" + (f" w{warmup}" if warmup != base.warmup_steps else "")
+        columns.append((f"{label}\n{latent_aware}" if policy != "exact" else "exact\n", images))
         write_results(args, argv, rows, columns, prompts, defaults, device)
         tqdm.write(f"{policy:9s} K={k} {latent_aware:11s} acc={row['judge_accuracy']:.3f} "
                    f"ssim={row['ssim_vs_exact']:.4f} psnr={row['psnr_vs_exact']:.2f} flops={row['flop_fraction']:.3f}")

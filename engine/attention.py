@@ -15,8 +15,9 @@ scheduler (engine/slots.py, `ScheduledRequest`); `AttentionCache.begin_step` onl
 plan into index tensors, once per step (`CacheStep`). With compiled blocks all of this is traced into the block's graph;
 only a step that creates or grows a pool runs it outside.
 
-With `extrapolate=True` a CACHED row gets the first-order extrapolation of its last two fresh
-outputs, `a1 + (a1 - a0) * (t - t1) / (t1 - t0)`, in step units, instead of a constant hold.
+With `history=2` a CACHED row gets the first-order extrapolation of its last two fresh
+outputs, `a1 + (a1 - a0) * (t - t1) / (t1 - t0)`, in step units, instead of a constant hold;
+with `history=3` the quadratic through its last three (engine/slots.py `extrapolation_weights`).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class CachingAttnProcessor:
             if rows.store_rows is not None:
                 if grow:
                     if pool is None:
-                        pool = self.active = self.pools[rows.group] = SlotPool(2 if self.owner.extrapolate else 1)
+                        pool = self.active = self.pools[rows.group] = SlotPool(self.owner.history)
                     if pool.reserve(step.capacity, fresh):
                         self.owner.generation += 1
                 assert pool is not None
@@ -128,8 +129,11 @@ class AttentionCache:
     step's plan (slots, FRESH/CACHED, extrapolation weights: engine/scheduler.py) into the index
     tensors every layer uses. It keeps no bookkeeping of its own beyond the pools' tensors."""
 
-    def __init__(self, transformer: Any, extrapolate: bool = False) -> None:
-        self.extrapolate = extrapolate
+    def __init__(self, transformer: Any, history: int = 1) -> None:
+        """`history`: fresh outputs kept per cached row, 1 (a hold), 2 (linear) or 3 (quadratic)."""
+        if history not in (1, 2, 3):
+            raise ValueError(f"history must be 1, 2 or 3 fresh outputs, got {history!r}")
+        self.history = history
         self.device = next(transformer.parameters()).device
         # Bumped whenever a pool is created, grown or freed: a CUDA graph of a cached step
         # (engine/graphs.py) holds the pools' addresses and is valid for one generation only.
@@ -165,12 +169,14 @@ class AttentionCache:
             return CacheStep(caching=False)
         group: Group = plan.key
         capacity = plan.capacity
-        halves = 2 if self.extrapolate else 1
+        halves = self.history
         fresh_pos: list[int] = []
         cached_pos: list[int] = []
         last_rows: list[int] = []  # pool rows of the CACHED rows' last refresh ...
-        previous_rows: list[int] = []  # ... and of the refresh before it
+        previous_rows: list[int] = []  # ... of the refresh before it ...
+        older_rows: list[int] = []  # ... and of the one before that
         weights: list[float] = []
+        older_weights: list[float] = []
         store_from: list[int] = []  # positions among the FRESH rows ...
         store_rows: list[int] = []  # ... and the pool rows they are written to
         position = 0
@@ -180,8 +186,8 @@ class AttentionCache:
             position += req.rows
             if plan.computes_attention(i):
                 if plan.caches(i):
-                    # Halves of an extrapolating pool take turns holding the last refresh; the
-                    # first refresh goes to both (there is no older one).
+                    # Parts of an extrapolating pool take turns holding the last refresh; the
+                    # first refresh goes to all (there is no older one).
                     half = req.fresh_steps % halves
                     targets = range(halves) if req.fresh_steps == 0 else (half,)
                     for row, slot in enumerate(plan.slots[i]):
@@ -192,13 +198,16 @@ class AttentionCache:
                 continue
             if not req.refreshes or not plan.slots[i]:
                 raise RuntimeError(f"no cached attention for {req.request_id}: its first step must be FRESH")
-            last = (req.fresh_steps - 1) % halves
+            last, previous, older = ((req.fresh_steps - back) % halves for back in (1, 2, 3))
             for slot in plan.slots[i]:
                 last_rows.append(last * capacity + slot)
-                previous_rows.append((halves - 1 - last) * capacity + slot)
+                previous_rows.append(previous * capacity + slot)
+                older_rows.append(older * capacity + slot)
                 weights.append(plan.weights[i])
+                older_weights.append(plan.older_weights[i] if plan.older_weights else 0.0)
             cached_pos.extend(positions)
-        extrapolating = self.extrapolate and any(w != 0.0 for w in weights)
+        second_order = halves > 2 and any(w != 0.0 for w in older_weights)
+        extrapolating = second_order or (halves > 1 and any(w != 0.0 for w in weights))
         for proc in self.processors:
             proc.active = proc.pools.get(group)
         pools_ready = bool(self.processors) and all(
@@ -210,12 +219,17 @@ class AttentionCache:
             cached_index=self._index(cached_pos) if cached_pos else None,
             last_rows=self._index(last_rows) if cached_pos else None,
             previous_rows=self._index(previous_rows) if extrapolating else None,
-            weights=to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1), self.device) if extrapolating else None,
+            weights=self._weights(weights) if extrapolating else None,
+            older_rows=self._index(older_rows) if second_order else None,
+            older_weights=self._weights(older_weights) if second_order else None,
             store_from=self._index(store_from) if store_from else None,
             store_rows=self._index(store_rows) if store_from else None,
             fresh_first=fresh_pos == list(range(len(fresh_pos))),
         )
         return CacheStep(caching=True, pools_ready=pools_ready, rows=rows, capacity=capacity)
+
+    def _weights(self, weights: list[float]) -> torch.Tensor:
+        return to_device(torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1), self.device)
 
     def _index(self, positions: list[int]) -> torch.Tensor:
         return to_device(torch.tensor(positions, dtype=torch.long), self.device)  # no host sync in the step loop
@@ -257,9 +271,9 @@ def _read_step_flags(block, args, kwargs):
 
 
 def attention_cache_bytes(transformer_config, latent_hw: tuple[int, int], text_tokens: int, rows: int,
-                          element_size: int, extrapolate: bool) -> int:
+                          element_size: int, history: int) -> int:
     """Memory one request's attention cache needs: per layer, image + text stream outputs per row
-    (SD3.5's dual-attention layers also keep an image-only second output)."""
+    (SD3.5's dual-attention layers also keep an image-only second output), `history` fresh ones each."""
     patch = transformer_config.patch_size
     image_tokens = (latent_hw[0] // patch) * (latent_hw[1] // patch)
     dim = transformer_config.num_attention_heads * transformer_config.attention_head_dim
@@ -268,4 +282,4 @@ def attention_cache_bytes(transformer_config, latent_hw: tuple[int, int], text_t
     # The last block is context_pre_only: its text stream output is not kept by the block, but
     # the processor still returns it; we store it, so count it.
     per_row = layers * (image_tokens + text_tokens) * dim + dual * image_tokens * dim
-    return per_row * rows * element_size * (2 if extrapolate else 1)
+    return per_row * rows * element_size * history

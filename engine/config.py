@@ -14,7 +14,7 @@ from engine.request import RequestLimits
 from engine.settings import env_values
 
 REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sd3-shapes"
-LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate")
+LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate", "extrapolate2", "extrapolate-sigma", "extrapolate2-sigma")
 DTYPES = ("float32", "bfloat16", "float16")
 # bf16: the model's dtype throughout; fp8: the transformer blocks' linears as FP8 GEMMs (engine/precision.py)
 PRECISIONS = ("bf16", "fp8")

@@ -41,12 +41,13 @@ class Engine:
         )
         self.limits = limits_for_model(config.limits, config.model)
         self.latent_aware = make_latent_aware(config.latent_aware)
-        self.attention = AttentionCache(pipe.transformer, extrapolate=self.latent_aware.extrapolates)
+        self.attention = AttentionCache(pipe.transformer, history=self.latent_aware.history)
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
         graphs = None
         if self.speed.cuda_graphs and pipe._execution_device.type == "cuda":
             graphs = ForwardGraphs(pipe.transformer, self.speed.graph_max_tokens, self.attention)
         self.runner = Runner(pipe, prompts, self.latent_aware, self.attention, graphs)
+        self._sigma_lists: dict[tuple[int, int, int], list[float]] = {}
         self.scheduler = Scheduler(
             max_batch=config.max_batch,
             admit_per_boundary=config.admit_per_boundary,
@@ -55,6 +56,8 @@ class Engine:
             cache_budget_bytes=config.cache_budget_mb * 2**20,
             slot_bytes_of=self.slot_bytes,
             step_costs=StepCosts(),  # sizes share the device fairly in measured seconds
+            extrapolation_order=self.latent_aware.order,
+            extrapolation_times=self.sigmas_of if self.latent_aware.clock == "sigma" else None,
         )
         self.step_timer: StepTimer[StepCharge] = StepTimer(pipe._execution_device)
 
@@ -112,8 +115,16 @@ class Engine:
             self.pipe.tokenizer_max_length + self.max_sequence_length,
             rows=1,
             element_size=self.pipe.transformer.dtype.itemsize,
-            extrapolate=self.latent_aware.extrapolates,
+            history=self.latent_aware.history,
         )
+
+    def sigmas_of(self, request: GenerationRequest) -> list[float]:
+        """The request's sigma at each step (the pipeline's schedule for its steps and size)."""
+        scale = self.pipe.vae_scale_factor
+        key = (request.steps, request.height // scale, request.width // scale)
+        if key not in self._sigma_lists:
+            self._sigma_lists[key] = self.runner.sigma_schedule(*key)[1].tolist()
+        return self._sigma_lists[key]
 
     def step(self) -> StepReport:
         report = StepReport(canceled=self.drop_canceled())

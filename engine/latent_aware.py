@@ -13,6 +13,10 @@ Strategies (one interface, chosen per worker with `latent_aware`):
 - `extrapolate`: ours. Instead of holding the cached quantity constant, extrapolate it to first
   order from its last two fresh values (the attention output in the `attention` policy, the
   velocity in the `step` policy). The update itself is the plain Euler step.
+- `extrapolate2`: second order, a quadratic through the last three fresh values (TaylorSeer's
+  order-2 finite-difference expansion is the same polynomial), first order until there are three.
+- `extrapolate-sigma`, `extrapolate2-sigma`: the same polynomials in the request's sigma instead of
+  its step index (the schedule's steps are uneven: with shift 3 the last ones are ~8x the first).
 """
 from __future__ import annotations
 
@@ -37,14 +41,24 @@ def seed_sigma_tilde(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 class LatentAware:
     name = "none"
     corrects_update = False
-    extrapolates = False
+    order = 0  # of the cached quantity's extrapolation: 0 a hold, 1 linear, 2 quadratic
+    clock = "step"  # the extrapolation's variable: "step" (index) or "sigma"
+
+    @property
+    def extrapolates(self) -> bool:
+        return self.order > 0
+
+    @property
+    def history(self) -> int:
+        """Fresh values each cached quantity keeps: order + 1."""
+        return self.order + 1
 
     def update(self, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         return x + (sigma_next - sigma) * v
 
-    def reuse_velocity(self, state, weight: float) -> torch.Tensor:
-        """The velocity a `step`-policy request uses on a CACHED step; `weight`: the plan's
-        extrapolation weight from its last two FRESH steps (engine/slots.py)."""
+    def reuse_velocity(self, state, weight: float, older_weight: float = 0.0) -> torch.Tensor:
+        """The velocity a `step`-policy request uses on a CACHED step; `weight`, `older_weight`:
+        the plan's extrapolation weights from its last FRESH steps (engine/slots.py)."""
         return state.velocity
 
 
@@ -61,15 +75,35 @@ class SeedRule(LatentAware):
 
 class Extrapolate(LatentAware):
     name = "extrapolate"
-    extrapolates = True
+    order = 1
 
-    def reuse_velocity(self, state, weight: float) -> torch.Tensor:
+    def reuse_velocity(self, state, weight: float, older_weight: float = 0.0) -> torch.Tensor:
         if state.previous_velocity is None:
             return state.velocity
-        return state.velocity + (state.velocity - state.previous_velocity) * weight
+        v = state.velocity + (state.velocity - state.previous_velocity) * weight
+        if older_weight and state.older_velocity is not None:
+            v = v + (state.velocity - state.older_velocity) * older_weight
+        return v
 
 
-STRATEGIES = {cls.name: cls for cls in (LatentAware, SeedRule, Extrapolate)}
+class Extrapolate2(Extrapolate):
+    name = "extrapolate2"
+    order = 2
+
+
+class ExtrapolateSigma(Extrapolate):
+    name = "extrapolate-sigma"
+    clock = "sigma"
+
+
+class Extrapolate2Sigma(Extrapolate):
+    name = "extrapolate2-sigma"
+    order = 2
+    clock = "sigma"
+
+
+STRATEGIES = {cls.name: cls for cls in (LatentAware, SeedRule, Extrapolate, Extrapolate2, ExtrapolateSigma,
+                                        Extrapolate2Sigma)}
 
 
 def make_latent_aware(name: str) -> LatentAware:

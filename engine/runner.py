@@ -36,10 +36,11 @@ class RequestState:
     embeds: torch.Tensor  # (rows, seq, dim): [negative, prompt] with CFG, else [prompt]
     pooled: torch.Tensor  # (rows, dim)
     guidance: float
-    # The `step` policy's last two guided velocities (when they were computed: the request's
-    # `refreshes` in the scheduler).
+    # The `step` policy's last three guided velocities, newest first (when they were computed:
+    # the request's `refreshes` in the scheduler).
     velocity: torch.Tensor | None = None
     previous_velocity: torch.Tensor | None = None
+    older_velocity: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -140,9 +141,11 @@ class Runner:
                 velocities[i] = v
         for i, (req, state) in enumerate(zip(plan.requests, states)):
             if velocities[i] is None:
-                velocities[i] = self.latent_aware.reuse_velocity(state, plan.weights[i])
+                older = plan.older_weights[i] if plan.older_weights else 0.0
+                velocities[i] = self.latent_aware.reuse_velocity(state, plan.weights[i], older)
             elif req.policy == "step":
-                state.previous_velocity, state.velocity = state.velocity, velocities[i]
+                state.older_velocity, state.previous_velocity, state.velocity = (
+                    state.previous_velocity, state.velocity, velocities[i])
         self._euler(plan, states, cast(list[torch.Tensor], velocities))  # every one is set now
 
     def _forward(self, plan: StepPlan, states: list[RequestState], ids: list[int]) -> list[torch.Tensor]:

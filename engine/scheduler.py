@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 from engine.fair_share import FairShare, StepCharge, StepCosts
 from engine.fresh_plan import forced_fresh, fresh_budget, fresh_share, plan_fresh
 from engine.request import GenerationRequest
-from engine.slots import SlotTable, extrapolation_weight
+from engine.slots import SlotTable, extrapolation_weights
 
 __all__ = ["BatchKey", "ScheduledRequest", "StepPlan", "Scheduler", "make_plan",
            "forced_fresh", "fresh_budget", "fresh_share", "plan_fresh"]
@@ -40,7 +40,7 @@ class ScheduledRequest:
     fresh_steps: int = 0
     canceled: bool = False
     slots: tuple[int, ...] = ()  # attention-cache slot of each CFG row (the `attention` policy)
-    refreshes: tuple[int, ...] = ()  # the steps of its last two FRESH steps, oldest first
+    refreshes: tuple[int, ...] = ()  # the steps of its last three FRESH steps, oldest first
     admitted_at: float = 0.0  # scheduler clock (time.monotonic) at admission
 
     @property
@@ -73,7 +73,7 @@ class ScheduledRequest:
         """This request ran one step, FRESH or CACHED."""
         if fresh:
             self.fresh_steps += 1
-            self.refreshes = self.refreshes[-1:] + (self.step,)
+            self.refreshes = self.refreshes[-2:] + (self.step,)
         self.step += 1
 
 
@@ -81,14 +81,16 @@ class ScheduledRequest:
 class StepPlan:
     """One forward: the sub-batch `key`, its requests in row order, which compute attention, and
     for the attention cache each request's slots (one per CFG row; none without a cache), each
-    CACHED request's extrapolation weight (0.0: a hold), the rows its pools need (`capacity`) and
-    the idle keys whose pools go now (`free_pools`)."""
+    CACHED request's extrapolation weights (`weights` of the refresh before the last, 0.0: a hold;
+    `older_weights` of the one before that, 0.0 below second order), the rows its pools need
+    (`capacity`) and the idle keys whose pools go now (`free_pools`)."""
 
     key: BatchKey
     requests: tuple[ScheduledRequest, ...]
     fresh: tuple[bool, ...]
     admitted: tuple[ScheduledRequest, ...]
     weights: tuple[float, ...] = ()
+    older_weights: tuple[float, ...] = ()
     slots: tuple[tuple[int, ...], ...] = ()
     capacity: int = 0
     free_pools: tuple[BatchKey, ...] = ()
@@ -110,11 +112,18 @@ class StepPlan:
 
 def make_plan(key: BatchKey, requests: list[ScheduledRequest] | tuple[ScheduledRequest, ...],
               fresh: list[bool] | tuple[bool, ...], slots: SlotTable,
-              admitted: tuple[ScheduledRequest, ...] = ()) -> StepPlan:
-    """The plan of one forward of `key` with this FRESH/CACHED choice; hands back other idle
-    keys' slots (their pools go before this step runs)."""
-    weights = tuple(0.0 if f else extrapolation_weight(r.step, r.refreshes) for r, f in zip(requests, fresh))
+              admitted: tuple[ScheduledRequest, ...] = (), order: int = 1,
+              times_of: Callable[[GenerationRequest], Sequence[float]] | None = None) -> StepPlan:
+    """The plan of one forward of `key` with this FRESH/CACHED choice and extrapolation `order`
+    (engine/slots.py `extrapolation_weights`, in the units of `times_of(request)`, else steps);
+    hands back other idle keys' slots (their pools go before this step runs)."""
+    pairs = [(0.0, 0.0) if f else
+             extrapolation_weights(r.step, r.refreshes, order, None if times_of is None else times_of(r.request))
+             for r, f in zip(requests, fresh)]
+    weights = tuple(w for w, _ in pairs)
+    older = tuple(w for _, w in pairs)
     return StepPlan(key=key, requests=tuple(requests), fresh=tuple(fresh), admitted=admitted, weights=weights,
+                    older_weights=older,
                     slots=tuple(r.slots for r in requests), capacity=slots.capacity(key),
                     free_pools=slots.release_idle(keep=key))
 
@@ -129,6 +138,9 @@ class Scheduler:
     slot_bytes_of: Callable[[BatchKey], int] = lambda key: 0  # one cache slot (one row) of a key
     clock: Callable[[], float] = time.monotonic
     fractional_budget: bool = True  # average sum 1/K FRESH per step instead of its ceiling
+    extrapolation_order: int = 1  # of the CACHED steps' weights; 2 needs the runner's third history entry
+    # The variable the extrapolation is a polynomial of, per step of a request (None: the step index)
+    extrapolation_times: Callable[[GenerationRequest], Sequence[float]] | None = None
     waiting: deque[GenerationRequest] = field(default_factory=deque)
     running: dict[BatchKey, list[ScheduledRequest]] = field(default_factory=dict)
     key_steps: dict[BatchKey, int] = field(default_factory=dict)
@@ -269,7 +281,8 @@ class Scheduler:
             self.fresh_credit[key] = carried
         if not requests:
             return None
-        plan = make_plan(key, requests, fresh, self.slots, tuple(r for r in admitted if r.key == key))
+        plan = make_plan(key, requests, fresh, self.slots, tuple(r for r in admitted if r.key == key),
+                         self.extrapolation_order, self.extrapolation_times)
         work = float(key[0] * key[1] * sum(r.rows for r, f in zip(requests, fresh) if f or r.policy != "step"))
         cost = 1.0 if self.step_costs is None else self.step_costs.estimate(key, work)
         return replace(plan, charge=StepCharge(key, work, cost))

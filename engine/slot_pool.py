@@ -26,6 +26,9 @@ class StepRows:
     # to (a row cached for the first time is written to both halves when extrapolating).
     store_from: torch.Tensor | None
     store_rows: torch.Tensor | None
+    # Second-order extrapolation only: pool rows of the refresh before `previous_rows`, and weights.
+    older_rows: torch.Tensor | None = None
+    older_weights: torch.Tensor | None = None
     # FRESH rows come first in the batch (the runner orders them so): they are a slice of the
     # input, and the merge is a concatenation the compiler fuses into the residual that reads it.
     fresh_first: bool = False
@@ -57,9 +60,9 @@ class StepRows:
 
 class SlotPool:
     """One layer's cached outputs for one image size: per output stream k a tensor of shape
-    (capacity, seq_k, dim_k), or (2 * capacity, ...) when extrapolating. Then slot s has two
-    rows, s and capacity + s, which take turns holding the last refresh: a refresh overwrites
-    the older one in place, so keeping two refreshes costs no copy."""
+    (halves * capacity, seq_k, dim_k), `halves` the refreshes kept (1 for a hold, 2 or 3 when
+    extrapolating). Slot s has rows s, capacity + s, ..., which take turns holding the last
+    refresh: a refresh overwrites the oldest in place, so keeping several costs no copy."""
 
     def __init__(self, halves: int) -> None:
         self.halves = halves
@@ -94,13 +97,19 @@ class SlotPool:
 
 def merge_cached(fresh: torch.Tensor | None, data: torch.Tensor, rows: int, step: StepRows) -> torch.Tensor:
     """The full batch of one output stream: FRESH rows from `fresh`, CACHED rows from the pool
-    (held, or extrapolated `a1 + (a1 - a0) * w`). When compiled, one fused kernel, or none of
+    (held, or extrapolated `a2 + (a2 - a1) * w + (a2 - a0) * w_older`). When compiled, one fused
+    kernel, or none of
     its own with FRESH rows first (the concatenation is read where the output is used)."""
     assert step.last_rows is not None  # a step with CACHED rows
     cached = data.index_select(0, step.last_rows)
     if step.weights is not None:
         assert step.previous_rows is not None
-        cached = (cached + (cached - data.index_select(0, step.previous_rows)) * step.weights).to(data.dtype)
+        last = cached
+        cached = cached + (last - data.index_select(0, step.previous_rows)) * step.weights
+        if step.older_weights is not None:
+            assert step.older_rows is not None
+            cached = cached + (last - data.index_select(0, step.older_rows)) * step.older_weights
+        cached = cached.to(data.dtype)
     if fresh is None:
         return cached  # every row CACHED: positions are 0..rows-1 in order
     if step.fresh_first:

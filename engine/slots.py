@@ -13,7 +13,7 @@ the worker's metrics report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 Key = TypeVar("Key", bound=Hashable)  # the scheduler's batch key, (height, width)
 
@@ -77,3 +77,27 @@ def extrapolation_weight(step: int, refreshes: tuple[int, ...]) -> float:
     if len(refreshes) < 2 or refreshes[-1] == refreshes[-2]:
         return 0.0
     return (step - refreshes[-1]) / (refreshes[-1] - refreshes[-2])
+
+
+def extrapolation_weights(step: int, refreshes: tuple[int, ...], order: int,
+                          times: Sequence[float] | None = None) -> tuple[float, float]:
+    """Weights (w1, w2) of a CACHED step's polynomial extrapolation of order `order` (at most 2)
+    through the last `order + 1` FRESH steps: the cached quantity is
+    a2 + (a2 - a1) * w1 + (a2 - a0) * w2, with a2 the newest refresh (w = minus the Lagrange
+    coefficients of the older points). The polynomial's variable is the step index, or
+    `times[step]` (e.g. the request's sigma schedule) when given. With too few distinct refreshes
+    the order drops."""
+    if order < 1 or len(refreshes) < 2 or refreshes[-1] == refreshes[-2]:
+        return 0.0, 0.0
+
+    def at(k: int) -> float:
+        return float(k) if times is None else float(times[k])
+
+    t = at(step)
+    if order < 2 or len(refreshes) < 3 or len(set(refreshes[-3:])) < 3:
+        t1, t2 = at(refreshes[-2]), at(refreshes[-1])
+        return (t - t2) / (t2 - t1), 0.0
+    t0, t1, t2 = (at(k) for k in refreshes[-3:])
+    lagrange_1 = (t - t0) * (t - t2) / ((t1 - t0) * (t1 - t2))
+    lagrange_0 = (t - t1) * (t - t2) / ((t0 - t1) * (t0 - t2))
+    return -lagrange_1, -lagrange_0

@@ -44,9 +44,10 @@ class Planned:
     """An `AttentionCache` driven the way the engine drives it: the scheduler's slot table and
     requests (engine/slots.py, engine/scheduler.py) plan each step; the cache only indexes."""
 
-    def __init__(self, module: FakeAttention, extrapolate: bool = False) -> None:
-        self.attention = AttentionCache(module, extrapolate=extrapolate)
-        halves = 2 if extrapolate else 1
+    def __init__(self, module: FakeAttention, history: int = 1) -> None:
+        self.attention = AttentionCache(module, history=history)
+        self.order = history - 1
+        halves = history
         self.slots = SlotTable(lambda key: halves * (3 * 2 + 2 * 2) * 4)  # image (3x2) + text (2x2), float32
         self.requests: dict[str, ScheduledRequest] = {}
 
@@ -62,7 +63,7 @@ class Planned:
             req.policy = "attention" if keeps else "exact"
             assert req.step == at, "the steps given must follow on"
             reqs.append(req)
-        return make_plan(group, reqs, fresh, self.slots)
+        return make_plan(group, reqs, fresh, self.slots, order=self.order)
 
     def release(self, rid: str) -> None:
         req = self.requests.pop(rid)
@@ -106,7 +107,7 @@ def step(cache: Planned, module, ids, fresh, steps, values, caches=None, group=(
 @pytest.mark.parametrize("extrapolate", [False, True])
 def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
     module = FakeAttention()
-    cache = Planned(module, extrapolate=extrapolate)
+    cache = Planned(module, history=2 if extrapolate else 1)
     count_rows(module)
     assert step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 5.0]) == [1.0, 5.0]
     # b is CACHED with one refresh so far: a hold, whatever the strategy
@@ -119,9 +120,38 @@ def test_cached_rows_get_held_or_extrapolated_outputs(extrapolate):
     assert module.calls == [2, 1, 1]  # only FRESH rows entered attention; none on the last step
 
 
+def test_second_order_cache_keeps_three_refreshes_and_extrapolates_a_quadratic():
+    """history=3: a CACHED row gets the quadratic through its last three refreshes (first order
+    until it has three); the pool holds three refreshes per slot."""
+    module = FakeAttention()
+    cache = Planned(module, history=3)
+    count_rows(module)
+    quadratic = lambda t: 1.0 + t * t  # noqa: E731
+    for t in range(3):  # refreshes at steps 0, 1, 2: 1, 2, 5
+        assert step(cache, module, ["a"], [True], [t], [quadratic(t)]) == [quadratic(t)]
+    assert step(cache, module, ["a"], [False], [3], [99.0]) == [pytest.approx(quadratic(3))]
+    assert step(cache, module, ["a"], [True], [4], [quadratic(4)]) == [quadratic(4)]  # overwrites step 1's
+    assert step(cache, module, ["a"], [False], [5], [99.0]) == [pytest.approx(quadratic(5))]  # through steps 1, 2 and 4
+    assert module.calls == [1, 1, 1, 1]
+    assert cache.allocated_bytes() == 3 * (3 * 2 + 2 * 2) * 4
+
+
+def test_second_order_cache_is_linear_with_two_refreshes():
+    module = FakeAttention()
+    cache = Planned(module, history=3)
+    step(cache, module, ["a"], [True], [0], [1.0])
+    step(cache, module, ["a"], [True], [1], [3.0])
+    assert step(cache, module, ["a"], [False], [2], [99.0]) == [5.0]  # 3 + (3 - 1)
+
+
+def test_history_is_checked():
+    with pytest.raises(ValueError, match="history"):
+        AttentionCache(FakeAttention(), history=4)
+
+
 def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
     module = FakeAttention()
-    cache = Planned(module, extrapolate=True)
+    cache = Planned(module, history=2)
     step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
     per_row = cache.allocated_bytes() // 3
     assert cache.nbytes() == 3 * per_row
@@ -174,7 +204,7 @@ def test_a_step_on_frozen_index_buffers_refilled_each_step_gives_the_same_output
     """What a CUDA graph of a cached step relies on: the indices live in buffers of their own,
     `load_step` refills them for a step of the same signature, and the outputs follow."""
     plain, graphed = FakeAttention(), FakeAttention()
-    caches = Planned(plain, extrapolate=extrapolate), Planned(graphed, extrapolate=extrapolate)
+    caches = Planned(plain, history=2 if extrapolate else 1), Planned(graphed, history=2 if extrapolate else 1)
     for cache, module in zip(caches, (plain, graphed)):
         step(cache, module, ["a", "b", "c"], [True] * 3, [0] * 3, [1.0, 2.0, 3.0])
         step(cache, module, ["a", "b", "c"], [True, False, False], [1] * 3, [4.0, 0.0, 0.0])
@@ -210,7 +240,7 @@ def test_sizes_have_their_own_pools_and_rows_without_cache_keep_nothing():
 def test_growing_the_pool_keeps_both_refreshes_of_every_slot():
     """A new request grows every layer's pool; the halves move with the capacity."""
     module = FakeAttention()
-    cache = Planned(module, extrapolate=True)
+    cache = Planned(module, history=2)
     step(cache, module, ["a", "b"], [True, True], [0, 0], [1.0, 10.0])
     step(cache, module, ["a", "b"], [True, True], [1, 1], [2.0, 20.0])  # second refreshes: a=1,2 b=10,20
     before = cache.allocated_bytes()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import diffusers.models.attention_processor as attention_processor
 
-from engine.config import EngineConfig
+from engine.config import LATENT_AWARE_STRATEGIES, EngineConfig
 from engine.engine import Engine
 from engine.latent_aware import SeedRule, seed_edge, seed_sigma_tilde
 from engine.request import validate_request
@@ -31,7 +31,7 @@ def batch(k: int, policy: str | None = None, n: int = 3, steps: int = 8):
     ]
 
 
-@pytest.mark.parametrize("latent_aware", ["none", "seed", "extrapolate"])
+@pytest.mark.parametrize("latent_aware", LATENT_AWARE_STRATEGIES)
 def test_k1_is_exactly_the_exact_path(tiny_model_dir, latent_aware):
     exact = run_all(make_engine(tiny_model_dir), batch(1))
     with_cache_machinery = run_all(make_engine(tiny_model_dir, latent_aware=latent_aware), batch(1, "attention"))
@@ -109,6 +109,19 @@ def test_cached_policies_stay_close_to_exact(tiny_model_dir, policy):
         diff = np.abs(a - b)
         assert diff.mean() < 25  # close in pixels, but not identical: caching did something
     assert any(not np.array_equal(a, b) for a, b in zip(exact, cached))
+
+
+@pytest.mark.parametrize("policy", ["attention", "step"])
+def test_extrapolation_orders_and_clocks_change_cached_steps_only(tiny_model_dir, policy):
+    """Each extrapolation (order 1 or 2, in steps or in sigma) gives its own images at K = 3, all
+    close to exact: the orders and clocks really reach the cached quantity."""
+    exact = run_all(make_engine(tiny_model_dir), batch(1, steps=10))
+    images = {la: run_all(make_engine(tiny_model_dir, latent_aware=la), batch(3, policy, steps=10))
+              for la in ("extrapolate", "extrapolate2", "extrapolate-sigma", "extrapolate2-sigma")}
+    for la, cached in images.items():
+        assert max(np.abs(a - b).mean() for a, b in zip(exact, cached)) < 25, la
+    distinct = {tuple(np.concatenate([im.ravel() for im in cached])[:4096].tolist()) for cached in images.values()}
+    assert len(distinct) == len(images)
 
 
 def test_step_policy_skips_transformer_rows(tiny_model_dir, monkeypatch):

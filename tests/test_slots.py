@@ -3,12 +3,14 @@ engine/scheduler.py). No torch here: tests/test_purity.py runs this file again w
 blocked from import."""
 from __future__ import annotations
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.request import GenerationRequest
 from engine.scheduler import Scheduler
-from engine.slots import SlotTable, extrapolation_weight
+from engine.slots import SlotTable, extrapolation_weight, extrapolation_weights
 
 
 def req(i: int, steps: int = 10, k: int = 3, size: int = 64, policy: str | None = None,
@@ -34,6 +36,33 @@ def test_slot_table_hands_out_the_lowest_free_slots_and_remembers_its_high_water
     assert table.release_idle(keep=(1, 1)) == ((2, 2),)
     assert table.capacity((2, 2)) == 0 and table.allocated_bytes() == 3 * 10
     assert table.allocate((2, 2), 1) == (0,) and table.capacity((2, 2)) == 1  # rebuilt from nothing
+
+
+def _extrapolated(values: list[float], weights: tuple[float, float]) -> float:
+    """a2 + (a2 - a1) * w1 + (a2 - a0) * w2 for the last three values."""
+    a0, a1, a2 = values[-3:]
+    return a2 + (a2 - a1) * weights[0] + (a2 - a0) * weights[1]
+
+
+@pytest.mark.parametrize("times", [None, [1.0, 0.98, 0.96, 0.94, 0.9, 0.8, 0.6, 0.3, 0.0]])
+def test_second_order_weights_reproduce_a_quadratic(times):
+    clock = (lambda k: float(k)) if times is None else (lambda k: times[k])
+    quadratic = lambda x: 3.0 - 2.0 * x + 5.0 * x * x  # noqa: E731
+    refreshes = (1, 3, 4)
+    values = [quadratic(clock(k)) for k in refreshes]
+    for step in (5, 6, 8):
+        w = extrapolation_weights(step, refreshes, 2, times)
+        assert _extrapolated(values, w) == pytest.approx(quadratic(clock(step)))
+
+
+def test_extrapolation_weights_drop_order_when_history_is_short():
+    assert extrapolation_weights(5, (1, 3), 2) == (1.0, 0.0)  # two refreshes: linear
+    assert extrapolation_weights(5, (3,), 2) == (0.0, 0.0)  # one: a hold
+    assert extrapolation_weights(5, (1, 3, 4), 0) == (0.0, 0.0)  # order 0: a hold
+    assert extrapolation_weights(6, (1, 3, 4), 1) == (extrapolation_weight(6, (1, 3, 4)), 0.0)
+    # linear in sigma: a2 + (a2 - a1) * (s6 - s4) / (s4 - s3)
+    sigmas = [1.0, 0.9, 0.8, 0.7, 0.5, 0.3, 0.1]
+    assert extrapolation_weights(6, (3, 4), 1, sigmas) == pytest.approx(((0.1 - 0.5) / (0.5 - 0.7), 0.0))
 
 
 def test_extrapolation_weight_in_step_units():
@@ -115,7 +144,7 @@ def test_planned_slots_and_refresh_history(specs, max_batch, cancel_every):
                 rows = 2 if r.request.uses_cfg else 1
                 assert len(r.slots) == (rows if r.policy == "attention" else 0)
                 history = fresh_at.setdefault(r.request_id, [])
-                assert r.refreshes == tuple(history[-2:])
+                assert r.refreshes == tuple(history[-3:])
                 assert r.steps_since_fresh == (r.step - history[-1] - 1 if history else r.step)
                 if fresh:
                     assert weight == 0.0
