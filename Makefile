@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 REDIS_PORT ?= 6379
 
-.PHONY: venv demo lint test test-fast system-deps redis screenshot clean
+.PHONY: venv demo lint format test test-fast system-deps redis screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,15 @@ redis:
 	  for i in $$(seq 50); do redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.1; done; \
 	fi
 
-# ruff (lint only, no formatting) and mypy, configured in pyproject.toml.
+# ruff (lint, and the format every file is kept in) and mypy, configured in pyproject.toml;
+# `make format` rewrites the files into that format.
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format .
 
 test: venv system-deps redis lint
 	$(PY) -m pytest -q -p no:cacheprovider

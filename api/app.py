@@ -1,5 +1,6 @@
 """The ASGI app: `uvicorn api.app:app` (configured from SD3SERVE_* variables) or
 `create_app(ApiConfig(...))`. Importing this module never imports torch."""
+
 from __future__ import annotations
 
 import asyncio
@@ -103,9 +104,15 @@ async def _no_receive() -> Message:
 def create_app(config: ApiConfig | None = None) -> FastAPI:
     config = config or ApiConfig.from_env()
     redis = connect(config.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
-    queue = CappedQueue(config.queue, connection=redis, max_queued=config.max_queued,
-                        wait_replicas=config.redis_wait_replicas, wait_timeout_ms=config.redis_wait_timeout_ms)
+    queue = CappedQueue(
+        config.queue,
+        connection=redis,
+        max_queued=config.max_queued,
+        wait_replicas=config.redis_wait_replicas,
+        wait_timeout_ms=config.redis_wait_timeout_ms,
+    )
     state = ApiState(config=config, redis=redis, storage=storage_from_config(config.storage), queue=queue)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = None

@@ -1,4 +1,5 @@
 """Who is calling: the API-key check every authenticated route depends on."""
+
 from __future__ import annotations
 
 import hmac
@@ -18,15 +19,17 @@ ANONYMOUS = "anonymous"  # every caller's identity when the server has no API ke
 bearer = HTTPBearer(auto_error=False, description="An API key, when the server has SD3SERVE_API_KEYS set.")
 
 
-def authenticate(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
-                 config: ApiConfig = Depends(get_config)) -> str:
+def authenticate(
+    credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer), config: ApiConfig = Depends(get_config)
+) -> str:
     """The caller's owner id (a digest of its API key); ANONYMOUS when the server has no keys."""
     if not config.api_keys:
         return ANONYMOUS
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         metrics.JOBS_REJECTED.labels(reason="unauthorized").inc()
-        raise ApiError(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     given = credentials.credentials.encode()
     if not any(hmac.compare_digest(given, key.encode()) for key in config.api_keys):
         metrics.JOBS_REJECTED.labels(reason="forbidden").inc()

@@ -1,4 +1,5 @@
 """The API's frozen configuration, from SD3SERVE_* environment variables."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
 from worker.redis_conn import redis_url_from_env
 from worker.storage import StorageConfig
 from worker.webhook_config import WebhookConfig
-
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,7 @@ class ApiConfig:
         if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
             raise ValueError("redis_wait_replicas must be >= 0 and redis_wait_timeout_ms >= 1")
         if min(self.requests_per_minute, self.max_jobs_in_flight, self.sweep_interval) < 0 or self.image_url_ttl < 1:
-            raise ValueError("requests_per_minute, max_jobs_in_flight and sweep_interval must be >= 0, "
-                             "image_url_ttl >= 1")
+            raise ValueError("requests_per_minute, max_jobs_in_flight and sweep_interval must be >= 0, image_url_ttl >= 1")
         if self.images_timeout <= 0:
             raise ValueError("images_timeout must be > 0")
         _ = self.job_options  # JobOptions checks retries and job_timeout

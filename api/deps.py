@@ -4,6 +4,7 @@ over an app's objects, so they are plain module-level functions.
 
 Each provider takes the `Request` only, so none of them adds anything to the OpenAPI schema.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any

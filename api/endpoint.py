@@ -6,6 +6,7 @@ the OpenAPI schema shows what this server really accepts. `specialize` gives Fas
 wrapper of the handler whose signature carries those types; the handler itself stays one
 importable function, and the wrapper holds nothing but the handler.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,10 +21,10 @@ def specialize(handler: Handler, **annotations: Any) -> Handler:
     signature = inspect.signature(handler, eval_str=True)
     unknown = sorted(set(annotations) - set(signature.parameters))
     if unknown:
-        raise ValueError(f"{handler.__name__} has no parameter(s) {', '.join(unknown)}; "
-                         f"it has {', '.join(signature.parameters)}")
-    parameters = [p.replace(annotation=annotations[p.name]) if p.name in annotations else p
-                  for p in signature.parameters.values()]
+        raise ValueError(f"{handler.__name__} has no parameter(s) {', '.join(unknown)}; it has {', '.join(signature.parameters)}")
+    parameters = [
+        p.replace(annotation=annotations[p.name]) if p.name in annotations else p for p in signature.parameters.values()
+    ]
 
     async def call_async(*args: Any, **kwargs: Any) -> Any:
         return await handler(*args, **kwargs)

@@ -7,6 +7,7 @@ proxies from closing an idle stream; a client that goes away ends the stream at 
 
 No `from __future__ import annotations`: FastAPI reads the handler's annotations.
 """
+
 import json
 from typing import Any, AsyncIterator
 
@@ -46,8 +47,10 @@ async def stream(state: ApiState, info: Any, request: Request, caller: str) -> A
             try:
                 info = await anyio.to_thread.run_sync(job_views.find, state, info.id, caller)
             except ApiError:  # deleted or expired while we watched
-                yield ServerSentEvent(event="error", data=json.dumps(
-                    {"id": info.id, "error": {"code": "not_found", "message": "the job no longer exists"}}))
+                yield ServerSentEvent(
+                    event="error",
+                    data=json.dumps({"id": info.id, "error": {"code": "not_found", "message": "the job no longer exists"}}),
+                )
                 return
         body = await anyio.to_thread.run_sync(job_views.job_response, state, info, request)
         yield ServerSentEvent(event=info.status, data=json.dumps(body))
@@ -58,14 +61,27 @@ async def stream(state: ApiState, info: Any, request: Request, caller: str) -> A
 async def job_events(job_id: JobId, request: Request, state: State, caller: Caller) -> EventSourceResponse:
     # 404 before the stream starts (and for others' jobs)
     info = await anyio.to_thread.run_sync(job_views.find, state, job_id, caller)
-    return EventSourceResponse(stream(state, info, request, caller), ping=state.config.event_heartbeat,
-                               send_timeout=30, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventSourceResponse(
+        stream(state, info, request, caller),
+        ping=state.config.event_heartbeat,
+        send_timeout=30,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def add_event_routes(router: APIRouter) -> None:
     router.add_api_route(
-        "/v1/jobs/{job_id}/events", job_events, methods=["GET"], tags=["jobs"],
-        summary="A job's progress as server-sent events", response_class=EventSourceResponse,
-        responses={200: {"content": {"text/event-stream": {}},
-                         "description": "queued / running events, then the final status; ends with the job"},
-                   **{code: ERRORS[code] for code in (401, 403, 404, 422, 503)}})
+        "/v1/jobs/{job_id}/events",
+        job_events,
+        methods=["GET"],
+        tags=["jobs"],
+        summary="A job's progress as server-sent events",
+        response_class=EventSourceResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "queued / running events, then the final status; ends with the job",
+            },
+            **{code: ERRORS[code] for code in (401, 403, 404, 422, 503)},
+        },
+    )

@@ -4,6 +4,7 @@
 formats, the cache policies) is valid there but not a type mypy can check, so these helpers
 build it and hand it over as Any: one place for what the type checker cannot see.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal

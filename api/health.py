@@ -4,6 +4,7 @@ When `SD3SERVE_API_KEYS` is set, nothing here tells the world about the inside: 
 only `ok` / `not ready` (the reasons go to the log and to /v1/admin/readiness), and /metrics
 needs one of `SD3SERVE_ADMIN_KEYS`. Without API keys (a private deployment) all of it is open.
 """
+
 import hmac
 import logging
 from typing import Any, Optional
@@ -44,8 +45,9 @@ def require_admin(config: Config, credentials: Optional[HTTPAuthorizationCredent
     if not config.api_keys:
         return
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise ApiError(401, "unauthorized", "send an admin key as 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "unauthorized", "send an admin key as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     given = credentials.credentials.encode()
     if not any(hmac.compare_digest(given, key.encode()) for key in config.admin_keys):
         raise ApiError(403, "forbidden", "this key is not an admin key")
@@ -69,8 +71,7 @@ def readyz(config: Config, redis: RedisConn, storage: Storage) -> Any:
 def admin_readiness(redis: RedisConn, storage: Storage, _: None = Depends(require_admin)) -> Any:
     checks = readiness_checks(redis, storage)
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "not ready", "checks": checks},
-                        status_code=200 if ok else 503)
+    return JSONResponse({"status": "ok" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
 
 def metrics_endpoint(_: None = Depends(require_admin)) -> Response:
@@ -80,14 +81,28 @@ def metrics_endpoint(_: None = Depends(require_admin)) -> Response:
 
 def build_health_router() -> APIRouter:
     router = APIRouter()
-    router.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health, tags=["health"],
-                         summary="The process is up")
-    router.add_api_route("/readyz", readyz, methods=["GET"], response_model=Health, tags=["health"],
-                         summary="Redis and storage are reachable", responses={503: {"model": Health}})
-    router.add_api_route("/v1/admin/readiness", admin_readiness, methods=["GET"], response_model=Health,
-                         tags=["health"],
-                         summary="Readiness with each dependency's details (admin key when API keys are set)",
-                         responses={503: {"model": Health}, **ADMIN_ERRORS})
-    router.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["health"], summary="Prometheus metrics",
-                         include_in_schema=False)
+    router.add_api_route(
+        "/healthz", healthz, methods=["GET"], response_model=Health, tags=["health"], summary="The process is up"
+    )
+    router.add_api_route(
+        "/readyz",
+        readyz,
+        methods=["GET"],
+        response_model=Health,
+        tags=["health"],
+        summary="Redis and storage are reachable",
+        responses={503: {"model": Health}},
+    )
+    router.add_api_route(
+        "/v1/admin/readiness",
+        admin_readiness,
+        methods=["GET"],
+        response_model=Health,
+        tags=["health"],
+        summary="Readiness with each dependency's details (admin key when API keys are set)",
+        responses={503: {"model": Health}, **ADMIN_ERRORS},
+    )
+    router.add_api_route(
+        "/metrics", metrics_endpoint, methods=["GET"], tags=["health"], summary="Prometheus metrics", include_in_schema=False
+    )
     return router

@@ -1,5 +1,6 @@
 """Local storage's answer to an S3 lifecycle rule: images older than the jobs' result TTL are
 deleted (their job records are gone from Redis by then), and so are upload leftovers."""
+
 from __future__ import annotations
 
 import asyncio

@@ -2,6 +2,7 @@
 fetch a local image through its signed URL. Module-level handlers with their needs as FastAPI
 dependencies (api/deps.py). (No `from __future__ import annotations`: FastAPI reads the
 handlers' annotations.)"""
+
 import logging
 from typing import Any, Optional
 
@@ -28,8 +29,9 @@ def list_jobs(
     jobs: Jobs,
     caller: Caller,
     limit: int = Query(20, ge=1, le=100, description="Jobs per page."),
-    cursor: Optional[str] = Query(None, max_length=40, pattern=r"^[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?$",
-                                  description="next_cursor of the previous page."),
+    cursor: Optional[str] = Query(
+        None, max_length=40, pattern=r"^[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?$", description="next_cursor of the previous page."
+    ),
 ) -> Any:
     page = jobs.page(caller, limit, cursor)
     data = []
@@ -70,8 +72,13 @@ def delete_images(state: ApiState, info: client.JobInfo) -> None:
             log.warning("could not delete image %s of job %s: %s", key, info.id, exc)
 
 
-def get_file(key: str, storage: Storage, urls: Urls, expires: int = Query(..., ge=0, le=2**40),
-             signature: str = Query(..., max_length=64, pattern="^[0-9a-f]{0,64}$")) -> Response:
+def get_file(
+    key: str,
+    storage: Storage,
+    urls: Urls,
+    expires: int = Query(..., ge=0, le=2**40),
+    signature: str = Query(..., max_length=64, pattern="^[0-9a-f]{0,64}$"),
+) -> Response:
     if not isinstance(storage, LocalStorage):
         raise ApiError(404, "not_found", "images are served by the object store (presigned URLs)")
     try:
@@ -84,18 +91,43 @@ def get_file(key: str, storage: Storage, urls: Urls, expires: int = Query(..., g
         log.error("image %s missing from storage: %s", key, exc)
         raise ApiError(404, "image_missing", "this image is not in storage (it may have expired)") from None
     extension = key.rsplit(".", 1)[-1]
-    return Response(data, media_type=CONTENT_TYPES.get(extension, "application/octet-stream"),
-                    headers={"Cache-Control": "private, max-age=300"})
+    return Response(
+        data,
+        media_type=CONTENT_TYPES.get(extension, "application/octet-stream"),
+        headers={"Cache-Control": "private, max-age=300"},
+    )
 
 
 def build_job_admin_router() -> APIRouter:
     router = APIRouter()
-    router.add_api_route("/v1/jobs", list_jobs, methods=["GET"], response_model=JobList, tags=["jobs"],
-                         summary="The caller's jobs, newest first", responses=ERRORS)
-    router.add_api_route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"], status_code=204, tags=["jobs"],
-                         summary="Delete a job and its images", responses=ERRORS)
-    router.add_api_route("/v1/files/{key:path}", get_file, methods=["GET"], tags=["jobs"],
-                         summary="A local image, through its signed URL",
-                         responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
-                                    403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    router.add_api_route(
+        "/v1/jobs",
+        list_jobs,
+        methods=["GET"],
+        response_model=JobList,
+        tags=["jobs"],
+        summary="The caller's jobs, newest first",
+        responses=ERRORS,
+    )
+    router.add_api_route(
+        "/v1/jobs/{job_id}",
+        delete_job,
+        methods=["DELETE"],
+        status_code=204,
+        tags=["jobs"],
+        summary="Delete a job and its images",
+        responses=ERRORS,
+    )
+    router.add_api_route(
+        "/v1/files/{key:path}",
+        get_file,
+        methods=["GET"],
+        tags=["jobs"],
+        summary="A local image, through its signed URL",
+        responses={
+            200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+            403: {"model": ErrorResponse},
+            404: {"model": ErrorResponse},
+        },
+    )
     return router

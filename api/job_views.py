@@ -1,4 +1,5 @@
 """A job as the REST API shows it, with URLs for its images, and looking jobs up for a caller."""
+
 from __future__ import annotations
 
 from typing import Any

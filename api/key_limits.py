@@ -1,6 +1,7 @@
 """Per-key limits on submissions: requests per minute (PyPI `limits`, moving window in Redis) and
 jobs in flight (a Redis sorted set per key, admitted by one Lua script). Both live in Redis, so
 every API replica counts the same; over a limit the caller gets 429 with Retry-After."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ return 0
 
 
 class KeyLimits:
-    def __init__(self, redis: Redis, redis_url: str, per_minute: int, max_in_flight: int,
-                 in_flight_retry_after: int, keep_seconds: int) -> None:
+    def __init__(
+        self, redis: Redis, redis_url: str, per_minute: int, max_in_flight: int, in_flight_retry_after: int, keep_seconds: int
+    ) -> None:
         self.redis = redis
         self.max_in_flight = max_in_flight
         self.in_flight_retry_after = in_flight_retry_after
@@ -39,8 +41,7 @@ class KeyLimits:
         self.rate = RateLimitItemPerMinute(per_minute) if per_minute else None
         self.limiter = None
         if self.rate is not None:
-            storage = RedisStorage(redis_url, key_prefix=f"{keys.KEY_PREFIX}:rate", socket_timeout=10,
-                                   socket_connect_timeout=5)
+            storage = RedisStorage(redis_url, key_prefix=f"{keys.KEY_PREFIX}:rate", socket_timeout=10, socket_connect_timeout=5)
             self.limiter = MovingWindowRateLimiter(storage)
         self._reserve = redis.register_script(_RESERVE)
 
@@ -50,8 +51,12 @@ class KeyLimits:
             return
         reset = self.limiter.get_window_stats(self.rate, caller).reset_time
         retry_after = max(1, math.ceil(reset - time.time()))
-        raise ApiError(429, "rate_limited", f"this API key may submit {self.rate.amount} requests per minute; "
-                       f"retry in {retry_after} s", headers={"Retry-After": str(retry_after)})
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"this API key may submit {self.rate.amount} requests per minute; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
 
     def reserve(self, caller: str, job_id: str) -> None:
         """Count `job_id` in flight for `caller`; 429 when it already has `max_in_flight`."""
@@ -60,8 +65,12 @@ class KeyLimits:
         key = keys.owner_in_flight_key(caller)
         self._forget_ended(key)
         if not self._reserve(keys=[key], args=[self.max_in_flight, time.time(), job_id, self.keep_seconds]):
-            raise ApiError(429, "too_many_jobs", f"this API key has {self.max_in_flight} jobs queued or running; "
-                           "wait for one to finish", headers={"Retry-After": str(self.in_flight_retry_after)})
+            raise ApiError(
+                429,
+                "too_many_jobs",
+                f"this API key has {self.max_in_flight} jobs queued or running; wait for one to finish",
+                headers={"Retry-After": str(self.in_flight_retry_after)},
+            )
 
     def release(self, caller: str, job_id: str) -> None:
         if self.max_in_flight:

@@ -4,6 +4,7 @@ Names follow Prometheus conventions: `sd3serve_` prefix, base units in the name,
 counters (prometheus_client appends it). The queue depth is read from Redis when Prometheus
 scrapes, never cached, so it is exact at scrape time and costs nothing between scrapes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,9 @@ class QueueDepthCollector(Collector):
         self._queue = queue
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue (not yet taken by a worker).",
-                                   labels=["queue"])
+        family = GaugeMetricFamily(
+            QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue (not yet taken by a worker).", labels=["queue"]
+        )
         try:
             family.add_metric([self._queue], float(self._depth()))
         except Exception as exc:  # a scrape must not fail because Redis is briefly unreachable

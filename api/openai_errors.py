@@ -1,5 +1,6 @@
 """OpenAI's error shape, {"error": {"message", "type", "param", "code"}}, on the OpenAI-compatible
 routes: a route class that turns every error raised in them (validation, auth, limits) into it."""
+
 from __future__ import annotations
 
 import logging
@@ -16,16 +17,28 @@ from api.errors import ApiError
 log = logging.getLogger("sd3serve.api")
 OPENAI_PATHS = ("/v1/images/", "/v1/models")
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-          404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 504: "timeout_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    504: "timeout_error",
+}
 _CODES = {"unauthorized": "invalid_api_key", "forbidden": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
 
 
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-                      "code": code}, **extra}
+def openai_error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}, **extra}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -53,7 +66,8 @@ class OpenAIRoute(APIRoute):
                 return openai_error(status, exc.message, exc.field, _CODES.get(exc.code, exc.code), exc.headers)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.error("Redis unreachable: %s", exc)
-                return openai_error(503, "the job queue (Redis) is unreachable; retry shortly", code="unavailable",
-                                    headers={"Retry-After": "5"})
+                return openai_error(
+                    503, "the job queue (Redis) is unreachable; retry shortly", code="unavailable", headers={"Retry-After": "5"}
+                )
 
         return openai_handler

@@ -6,6 +6,7 @@ OpenAI's `{"error": {"message", "type", "param", "code"}}`.
 Module-level handlers with their needs as FastAPI dependencies (api/deps.py). No
 `from __future__ import annotations`: FastAPI reads the handlers' annotations.
 """
+
 import base64
 import time
 import uuid
@@ -46,8 +47,7 @@ def job_from_openai(fields: dict[str, Any], limits: RequestLimits) -> ImageJob:
         return validate_job(fields, limits)
     except RequestValidationError as exc:
         param = "size" if exc.field in ("width", "height") else exc.field
-        raise ApiError(400, "invalid_value", f"{param}: {exc.message}" if param == "size" else str(exc),
-                       field=param) from None
+        raise ApiError(400, "invalid_value", f"{param}: {exc.message}" if param == "size" else str(exc), field=param) from None
 
 
 def model_card(state: ApiState) -> dict[str, Any]:
@@ -61,8 +61,9 @@ def list_models(state: State, caller: Caller) -> Any:
 def get_model(model: str, state: State, caller: Caller) -> Any:
     served = state.config.served_model
     if model != served:
-        raise ApiError(404, "model_not_found", f"the model {model!r} does not exist; this server serves {served!r}",
-                       field="model")
+        raise ApiError(
+            404, "model_not_found", f"the model {model!r} does not exist; this server serves {served!r}", field="model"
+        )
     return model_card(state)
 
 
@@ -76,17 +77,22 @@ async def create_images(
     model = fields.pop("model", None)
     served = state.config.served_model
     if model is not None and model != served:
-        raise ApiError(404, "model_not_found", f"the model {model!r} does not exist; this server serves {served!r}",
-                       field="model")
+        raise ApiError(
+            404, "model_not_found", f"the model {model!r} does not exist; this server serves {served!r}", field="model"
+        )
     spec = job_from_openai(fields, state.config.limits)
     job_id = uuid.uuid4().hex
     await anyio.to_thread.run_sync(submission.submit, state, spec, caller, job_id, fields.get("user"))
     info = await wait_for(state, job_id, caller)
     if not info.done:
         return openai_error(
-            504, f"the images are not ready after {state.config.images_timeout:g} s; the job goes on: "
-            f"follow it at GET /v1/jobs/{job_id}", code="timeout", job_id=job_id,
-            headers={"Location": f"/v1/jobs/{job_id}"})
+            504,
+            f"the images are not ready after {state.config.images_timeout:g} s; the job goes on: "
+            f"follow it at GET /v1/jobs/{job_id}",
+            code="timeout",
+            job_id=job_id,
+            headers={"Location": f"/v1/jobs/{job_id}"},
+        )
     if info.status == contract.CANCELED:
         return openai_error(409, f"job {job_id} was canceled", code="canceled", job_id=job_id)
     if info.status == contract.FAILED:
@@ -95,8 +101,13 @@ async def create_images(
         return openai_error(status, error["message"], code=error["code"], job_id=job_id)
     data = await anyio.to_thread.run_sync(image_data, state, info, fields["response_format"], request)
     g = spec.generation
-    return {"created": int(time.time()), "data": data, "id": job_id, "output_format": spec.output_format,
-            "size": f"{g.width}x{g.height}"}
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "id": job_id,
+        "output_format": spec.output_format,
+        "size": f"{g.width}x{g.height}",
+    }
 
 
 async def wait_for(state: ApiState, job_id: str, caller: str) -> JobInfo:
@@ -114,18 +125,39 @@ def image_data(state: ApiState, info: JobInfo, response_format: str, request: Re
     if response_format == "url":
         urls = job_views.image_urls(state, info, request)
         return [{"url": url, "seed": seed} for url, seed in zip(urls, seeds)]
-    return [{"b64_json": base64.b64encode(state.storage.get(key)).decode(), "seed": seed}
-            for key, seed in zip(info.image_keys, seeds)]
+    return [
+        {"b64_json": base64.b64encode(state.storage.get(key)).decode(), "seed": seed} for key, seed in zip(info.image_keys, seeds)
+    ]
 
 
 def build_openai_router(limits: RequestLimits) -> APIRouter:
     """The OpenAI routes; `limits` shapes only the request model (and so the schema)."""
     router = APIRouter(route_class=OpenAIRoute)
-    router.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList, tags=["openai"],
-                         summary="The served model", responses=ERRORS)
-    router.add_api_route("/v1/models/{model}", get_model, methods=["GET"], response_model=Model, tags=["openai"],
-                         summary="One model", responses=ERRORS)
-    router.add_api_route("/v1/images/generations", specialize(create_images, body=images_request_model(limits)),
-                         methods=["POST"], response_model=ImagesResponse, tags=["openai"],
-                         summary="Generate images (OpenAI's Images API)", responses=ERRORS)
+    router.add_api_route(
+        "/v1/models",
+        list_models,
+        methods=["GET"],
+        response_model=ModelList,
+        tags=["openai"],
+        summary="The served model",
+        responses=ERRORS,
+    )
+    router.add_api_route(
+        "/v1/models/{model}",
+        get_model,
+        methods=["GET"],
+        response_model=Model,
+        tags=["openai"],
+        summary="One model",
+        responses=ERRORS,
+    )
+    router.add_api_route(
+        "/v1/images/generations",
+        specialize(create_images, body=images_request_model(limits)),
+        methods=["POST"],
+        response_model=ImagesResponse,
+        tags=["openai"],
+        summary="Generate images (OpenAI's Images API)",
+        responses=ERRORS,
+    )
     return router

@@ -1,5 +1,6 @@
 """Request and response bodies of the OpenAI-compatible routes (`/v1/images/generations`, `/v1/models`),
 built from the deployment's limits like the native job request."""
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -19,28 +20,46 @@ STYLES = ("vivid", "natural")
 def images_request_model(limits: RequestLimits) -> type[BaseModel]:
     return create_model(
         "ImageGenerationRequest",
-        __config__=ConfigDict(extra="forbid", json_schema_extra={"example": {
-            "model": "sd3-shapes", "prompt": "a red circle on a blue background", "n": 2, "size": "128x128",
-            "response_format": "b64_json"}}),
+        __config__=ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "example": {
+                    "model": "sd3-shapes",
+                    "prompt": "a red circle on a blue background",
+                    "n": 2,
+                    "size": "128x128",
+                    "response_format": "b64_json",
+                }
+            },
+        ),
         prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars, pattern=r"\S", description="What to draw.")),
         model=(Optional[str], Field(None, max_length=200, description="The served model (GET /v1/models); absent: it.")),
         n=(int, Field(1, ge=1, le=MAX_IMAGES, description="Images to make; image i uses seed + i.")),
-        size=(str, Field("auto", pattern=SIZE_PATTERN, description=(
-            f"'WIDTHxHEIGHT', each {limits.min_side}-{limits.max_side} and a multiple of {limits.size_multiple}; "
-            f"'auto': {limits.default_width}x{limits.default_height}."))),
+        size=(
+            str,
+            Field(
+                "auto",
+                pattern=SIZE_PATTERN,
+                description=(
+                    f"'WIDTHxHEIGHT', each {limits.min_side}-{limits.max_side} and a multiple of {limits.size_multiple}; "
+                    f"'auto': {limits.default_width}x{limits.default_height}."
+                ),
+            ),
+        ),
         response_format=(one_of(RESPONSE_FORMATS), Field("url", description="URLs or base64 image bytes.")),
         output_format=(one_of(OUTPUT_FORMATS), Field("png")),
         output_compression=(Optional[int], Field(None, ge=0, le=100, description="jpeg/webp quality (default 100).")),
         user=(Optional[str], Field(None, max_length=256, description="Your end user's id, kept with the job.")),
-        quality=(one_of(QUALITIES) | None,
-                 Field(None, description="Accepted for compatibility; steps set the quality here.")),
+        quality=(one_of(QUALITIES) | None, Field(None, description="Accepted for compatibility; steps set the quality here.")),
         style=(one_of(STYLES) | None, Field(None, description="Accepted for compatibility; no effect.")),
         negative_prompt=(str, Field("", max_length=limits.max_prompt_chars, description="What to avoid.")),
         steps=(Optional[int], Field(None, ge=1, le=limits.max_steps, description="Denoising steps.")),
         guidance_scale=(Optional[float], Field(None, ge=0, le=limits.max_guidance, allow_inf_nan=False)),
         seed=(Optional[int], Field(None, ge=0, le=MAX_SEED, description="The first image's seed; random if absent.")),
-        cache_interval=(Optional[int], Field(None, ge=1, le=limits.max_cache_interval,
-                                             description="1 = exact; K > 1 reuses cached attention.")),
+        cache_interval=(
+            Optional[int],
+            Field(None, ge=1, le=limits.max_cache_interval, description="1 = exact; K > 1 reuses cached attention."),
+        ),
         cache_policy=(one_of(CACHE_POLICIES) | None, Field(None)),
     )
 

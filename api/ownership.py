@@ -2,6 +2,7 @@
 
 The list is a Redis sorted set per owner (job ids scored by creation time), so every API replica
 sees the same list; ids of jobs whose records have expired are dropped as the list is read."""
+
 from __future__ import annotations
 
 import time

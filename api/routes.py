@@ -4,6 +4,7 @@ api/auth.py), and `build_router` registers them.
 
 No `from __future__ import annotations` here: FastAPI reads the handlers' annotations.
 """
+
 import hashlib
 import json
 import logging
@@ -44,9 +45,13 @@ def create_job(
     response: Response,
     state: State,
     caller: Caller,
-    idempotency_key: Optional[str] = Header(None, alias="Idempotency-Key", min_length=1,
-                                            max_length=MAX_IDEMPOTENCY_KEY,
-                                            description="Retrying with the same key returns the same job."),
+    idempotency_key: Optional[str] = Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY,
+        description="Retrying with the same key returns the same job.",
+    ),
 ) -> Any:
     fields = body.model_dump(exclude_none=True)
     request_fields = {k: v for k, v in fields.items() if k not in ("webhook", "webhook_events_filter")}
@@ -54,8 +59,7 @@ def create_job(
         spec = validate_job(request_fields, state.config.limits)
         subscription = None
         if "webhook" in fields or "webhook_events_filter" in fields:
-            subscription = subscribe(fields.get("webhook"), fields.get("webhook_events_filter"),
-                                     state.config.webhook)
+            subscription = subscribe(fields.get("webhook"), fields.get("webhook_events_filter"), state.config.webhook)
     except RequestValidationError as exc:
         metrics.JOBS_REJECTED.labels(reason="validation").inc()
         raise ApiError(422, "invalid_request", str(exc), field=exc.field) from None
@@ -83,9 +87,12 @@ def create_job(
 
 
 def unconfirmed(config: ApiConfig) -> ApiError:
-    return ApiError(503, "unavailable", "the job queue could not confirm the job on a replica; retry "
-                    "(with the same Idempotency-Key to get the same job)",
-                    headers={"Retry-After": str(config.retry_after)})
+    return ApiError(
+        503,
+        "unavailable",
+        "the job queue could not confirm the job on a replica; retry (with the same Idempotency-Key to get the same job)",
+        headers={"Retry-After": str(config.retry_after)},
+    )
 
 
 def replay(state: ApiState, idem_key: str, fingerprint: str, request: Request, response: Response) -> Any:
@@ -94,8 +101,7 @@ def replay(state: ApiState, idem_key: str, fingerprint: str, request: Request, r
     while True:
         stored = json.loads(state.redis.get(idem_key) or "{}")
         if stored.get("fingerprint") not in (None, fingerprint):
-            raise ApiError(409, "idempotency_conflict",
-                           "this Idempotency-Key was used with a different request")
+            raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used with a different request")
         try:
             info = client.status(state.redis, stored.get("job_id", ""))
             break
@@ -104,8 +110,9 @@ def replay(state: ApiState, idem_key: str, fingerprint: str, request: Request, r
                 state.redis.delete(idem_key)  # the job it named has expired: start afresh
                 return None
             if time.monotonic() > deadline:  # the first request is still enqueueing
-                raise ApiError(409, "idempotency_conflict",
-                               "a request with this Idempotency-Key is still being processed") from None
+                raise ApiError(
+                    409, "idempotency_conflict", "a request with this Idempotency-Key is still being processed"
+                ) from None
             time.sleep(0.05)
     if not state.queue.replicated():  # the job may still be only on the master
         raise unconfirmed(state.config)
@@ -140,15 +147,21 @@ def cancel_job(job_id: JobId, request: Request, state: State, redis: RedisConn, 
     return job_views.job_response(state, info, request)
 
 
-def get_image(job_id: JobId, state: State, storage: Storage, caller: Caller,
-              index: int = Query(0, ge=0, le=99, description="Which image: 0 to n-1.")) -> Response:
+def get_image(
+    job_id: JobId,
+    state: State,
+    storage: Storage,
+    caller: Caller,
+    index: int = Query(0, ge=0, le=99, description="Which image: 0 to n-1."),
+) -> Response:
     info = job_views.find(state, job_id, caller)
     if info.status != contract.SUCCEEDED or not info.result:
         raise ApiError(409, "not_ready", f"job {job_id} is {info.status}; its image exists once it succeeded")
     image_keys = info.image_keys
     if index >= len(image_keys):
-        raise ApiError(404, "not_found", f"job {job_id} has {len(image_keys)} images (index 0 to "
-                       f"{len(image_keys) - 1})", field="index")
+        raise ApiError(
+            404, "not_found", f"job {job_id} has {len(image_keys)} images (index 0 to {len(image_keys) - 1})", field="index"
+        )
     key = image_keys[index]
     if isinstance(storage, LocalStorage):
         try:
@@ -164,16 +177,45 @@ def build_router(config: ApiConfig) -> APIRouter:
     long-poll bound); the handlers read the app's state through their dependencies."""
     wait = Annotated[float, Query(ge=0, le=config.max_wait, allow_inf_nan=False, description=WAIT_DESCRIPTION)]
     router = APIRouter()
-    router.add_api_route("/v1/jobs", specialize(create_job, body=job_request_model(config.limits)), methods=["POST"],
-                         status_code=202, response_model=JobResponse, tags=["jobs"],
-                         summary="Submit an image generation job", responses=ERRORS)
-    router.add_api_route("/v1/jobs/{job_id}", specialize(get_job, wait=wait), methods=["GET"],
-                         response_model=JobResponse, tags=["jobs"], summary="A job's status", responses=ERRORS)
-    router.add_api_route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"], response_model=JobResponse,
-                         tags=["jobs"], summary="Cancel a job", responses=ERRORS)
-    router.add_api_route("/v1/jobs/{job_id}/image", get_image, methods=["GET"], tags=["jobs"],
-                         summary="One of the job's images",
-                         responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
-                                    302: {"description": "Redirect to the image"}, **ERRORS})
+    router.add_api_route(
+        "/v1/jobs",
+        specialize(create_job, body=job_request_model(config.limits)),
+        methods=["POST"],
+        status_code=202,
+        response_model=JobResponse,
+        tags=["jobs"],
+        summary="Submit an image generation job",
+        responses=ERRORS,
+    )
+    router.add_api_route(
+        "/v1/jobs/{job_id}",
+        specialize(get_job, wait=wait),
+        methods=["GET"],
+        response_model=JobResponse,
+        tags=["jobs"],
+        summary="A job's status",
+        responses=ERRORS,
+    )
+    router.add_api_route(
+        "/v1/jobs/{job_id}/cancel",
+        cancel_job,
+        methods=["POST"],
+        response_model=JobResponse,
+        tags=["jobs"],
+        summary="Cancel a job",
+        responses=ERRORS,
+    )
+    router.add_api_route(
+        "/v1/jobs/{job_id}/image",
+        get_image,
+        methods=["GET"],
+        tags=["jobs"],
+        summary="One of the job's images",
+        responses={
+            200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+            302: {"description": "Redirect to the image"},
+            **ERRORS,
+        },
+    )
     add_event_routes(router)
     return router

@@ -1,5 +1,6 @@
 """What every route of one app shares: its config, Redis, storage, queue and the per-key parts.
 The app factory stores one on `app.state.api`; handlers reach it through api/deps.py."""
+
 from __future__ import annotations
 
 import time
@@ -31,6 +32,7 @@ class ApiState:
         c = self.config
         keep = max(c.result_ttl, c.failure_ttl) + c.job_timeout
         self.urls = self.urls or UrlSigner(self.redis, c.url_signing_key, c.image_url_ttl)
-        self.key_limits = self.key_limits or KeyLimits(self.redis, c.redis_url, c.requests_per_minute,
-                                                       c.max_jobs_in_flight, c.retry_after, keep)
+        self.key_limits = self.key_limits or KeyLimits(
+            self.redis, c.redis_url, c.requests_per_minute, c.max_jobs_in_flight, c.retry_after, keep
+        )
         self.jobs = self.jobs or JobIndex(self.redis, keep)

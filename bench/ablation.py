@@ -1,6 +1,7 @@
 """What each piece of the speed work buys: one transformer forward per variant (each on its own
 copy of the pipeline's transformer, so the pipeline stays untouched for the diffusers baseline),
 kernel-time profiles of the eager and the fast forward, and VAE decode variants."""
+
 from __future__ import annotations
 
 import copy
@@ -26,10 +27,14 @@ def variants(fast: SpeedOptions) -> list[tuple[str, SpeedOptions]]:
         ("eager+cudnn_sdpa", SpeedOptions(sdpa=FAST_SDPA)),
         ("compile", SpeedOptions(compile=True, **backend)),
         ("compile+cudnn_sdpa+fused_qkv", SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True, **backend)),
-        ("compile+cudnn_sdpa+fused_qkv+gelu_epilogue", SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True,
-                                                                     gelu_epilogue=True, **backend)),
-        ("compile+cudnn_sdpa+fused_qkv+gelu_epilogue+split_queries",
-         SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True, gelu_epilogue=True, split_queries=True, **backend)),
+        (
+            "compile+cudnn_sdpa+fused_qkv+gelu_epilogue",
+            SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True, gelu_epilogue=True, **backend),
+        ),
+        (
+            "compile+cudnn_sdpa+fused_qkv+gelu_epilogue+split_queries",
+            SpeedOptions(compile=True, sdpa=FAST_SDPA, fuse_qkv=True, gelu_epilogue=True, split_queries=True, **backend),
+        ),
     ]
 
 
@@ -37,8 +42,13 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
     shapes = [(s, r) for s, r in SHAPES if s in args.sizes] or [(args.sizes[0], 2)]
     if device.type == "cpu":
         shapes = [(args.sizes[0], 2)]
-    out: dict = {"shapes": [f"{s}x{s}_rows{r}" for s, r in shapes], "forward_ms": {}, "first_call_seconds": {},
-                 "rel_err_vs_eager": {}, "profiles": {}}
+    out: dict = {
+        "shapes": [f"{s}x{s}_rows{r}" for s, r in shapes],
+        "forward_ms": {},
+        "first_call_seconds": {},
+        "rel_err_vs_eager": {},
+        "profiles": {},
+    }
     reference = None
     chosen = [v for v in variants(fast) if not args.ablation_variants or v[0] in args.ablation_variants]
     out["applied"] = {}
@@ -67,9 +77,7 @@ def ablation(pipe, device, dtype, args, fast: SpeedOptions) -> dict:
         if (name == "eager" or name.startswith("compile+cudnn_sdpa+fused_qkv+gelu_epilogue")) and device.type == "cuda":
             size, rows = shapes[min(1, len(shapes) - 1)]
             inputs = forward_inputs(model, size, device, dtype, rows)
-            out["profiles"][f"{name}_{size}_rows{rows}"] = kernel_profile(
-                lambda: model(**inputs, return_dict=False), device
-            )
+            out["profiles"][f"{name}_{size}_rows{rows}"] = kernel_profile(lambda: model(**inputs, return_dict=False), device)
         model = None  # freed before the next variant (a `del` would unbind it for the closures above)
         gc.collect()
         if device.type == "cuda":
@@ -104,8 +112,10 @@ def kernel_profile(fn, device, top: int = 15) -> dict:
     return dict(
         total_ms=round(total, 2),
         by_class_ms={k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
-        top=[dict(kernel=name[:90], ms=round(ms, 2), calls=n, share=round(ms / total, 3))
-             for name, ms, n in sorted(kernels, key=lambda k: -k[1])[:top]],
+        top=[
+            dict(kernel=name[:90], ms=round(ms, 2), calls=n, share=round(ms / total, 3))
+            for name, ms, n in sorted(kernels, key=lambda k: -k[1])[:top]
+        ],
     )
 
 
@@ -151,9 +161,16 @@ def vae_variants(vae, device, dtype, size: int, fast: SpeedOptions, compiled: tu
     for how in compiled:  # each compile takes a minute or more: only those asked for
         model = copy.deepcopy(vae)
         layout, _, extra = how.partition("+")  # e.g. "whole+group_norm": with our GroupNorm kernel
-        apply_speed(SimpleNamespace(transformer=torch.nn.Identity(), vae=model),
-                    SpeedOptions(vae_compile=True, vae_compile_how=layout, vae_group_norm=extra == "group_norm",
-                                 backend=fast.backend, mode=fast.mode))
+        apply_speed(
+            SimpleNamespace(transformer=torch.nn.Identity(), vae=model),
+            SpeedOptions(
+                vae_compile=True,
+                vae_compile_how=layout,
+                vae_group_norm=extra == "group_norm",
+                backend=fast.backend,
+                mode=fast.mode,
+            ),
+        )
         with torch.inference_mode():
             start = time.perf_counter()
             model.decode(latents)

@@ -16,10 +16,10 @@ A setting is `F<n>B<m>:<threshold>[:ts<order>][:w<warmup>][:c<max continuous cac
 `F1B0:0.12:ts1:w4` (DBCache's Fn/Bn compute blocks, residual-diff threshold, TaylorSeer order,
 warm-up steps).
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import re
@@ -32,10 +32,24 @@ import torch
 
 SETTING = re.compile(r"^F(\d+)B(\d+):([0-9.]+)((?::(?:ts|w|c)\d+)*)$")
 # The reference model has 6 blocks and runs 20 steps; SD3-medium has 24 and runs 28.
-QUALITY_SETTINGS = ("F1B0:0.08:w4", "F1B0:0.08:ts1:w4", "F1B0:0.16:w4", "F1B0:0.16:ts1:w4",
-                    "F1B0:0.24:ts1:w4", "F1B1:0.16:ts1:w4", "F1B0:0.32:ts1:w4:c3", "F2B0:0.16:ts2:w4")
-SPEED_SETTINGS = ("F8B0:0.08:w8", "F1B0:0.08:ts1:w8", "F1B0:0.12:ts1:w8", "F1B0:0.16:ts1:w4",
-                  "F4B0:0.12:ts1:w8", "F1B0:0.24:ts1:w4:c3")
+QUALITY_SETTINGS = (
+    "F1B0:0.08:w4",
+    "F1B0:0.08:ts1:w4",
+    "F1B0:0.16:w4",
+    "F1B0:0.16:ts1:w4",
+    "F1B0:0.24:ts1:w4",
+    "F1B1:0.16:ts1:w4",
+    "F1B0:0.32:ts1:w4:c3",
+    "F2B0:0.16:ts2:w4",
+)
+SPEED_SETTINGS = (
+    "F8B0:0.08:w8",
+    "F1B0:0.08:ts1:w8",
+    "F1B0:0.12:ts1:w8",
+    "F1B0:0.16:ts1:w4",
+    "F4B0:0.12:ts1:w8",
+    "F1B0:0.24:ts1:w4:c3",
+)
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,9 @@ def parse_setting(text: str) -> CacheDitSetting:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r}: want F<n>B<m>:<threshold>[:ts<order>][:w<warmup>][:c<n>]")
     options = {m[0]: int(m[1]) for m in re.findall(r":(ts|w|c)(\d+)", match[4])}
-    return CacheDitSetting(int(match[1]), int(match[2]), float(match[3]), options.get("ts", 0),
-                           options.get("w", 8), options.get("c", -1))
+    return CacheDitSetting(
+        int(match[1]), int(match[2]), float(match[3]), options.get("ts", 0), options.get("w", 8), options.get("c", -1)
+    )
 
 
 def enable(pipe, setting: CacheDitSetting, steps: int):
@@ -75,16 +90,21 @@ def enable(pipe, setting: CacheDitSetting, steps: int):
     if setting.fn + setting.bn >= layers:
         raise ValueError(f"{setting.label}: Fn + Bn must be below the model's {layers} blocks")
     config = cache_dit.DBCacheConfig(
-        Fn_compute_blocks=setting.fn, Bn_compute_blocks=setting.bn,
-        residual_diff_threshold=setting.threshold, max_warmup_steps=setting.warmup,
-        max_continuous_cached_steps=setting.max_continuous, num_inference_steps=steps,
+        Fn_compute_blocks=setting.fn,
+        Bn_compute_blocks=setting.bn,
+        residual_diff_threshold=setting.threshold,
+        max_warmup_steps=setting.warmup,
+        max_continuous_cached_steps=setting.max_continuous,
+        num_inference_steps=steps,
     )
     # SD3's last block returns no text stream, so cache-dit never stores the text residual and its
     # encoder calibrator fails ("State 'transformer_blocks_Bn_residual' not found", cache-dit
     # 1.5.3): TaylorSeer forecasts the image stream only, which is what the text stream needs anyway.
-    calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=setting.taylorseer_order,
-                                                       enable_encoder_calibrator=False)
-                  if setting.taylorseer_order else None)
+    calibrator = (
+        cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=setting.taylorseer_order, enable_encoder_calibrator=False)
+        if setting.taylorseer_order
+        else None
+    )
     cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
     return pipe
 
@@ -104,9 +124,16 @@ def skipped_fraction(setting: CacheDitSetting, layers: int, cached: int, steps: 
 
 def generate(pipe, prompt: str, seed: int, steps: int, guidance: float, size: int, max_sequence_length: int):
     with torch.inference_mode():
-        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                   generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=max_sequence_length,
-                   output_type="np")
+        out = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            max_sequence_length=max_sequence_length,
+            output_type="np",
+        )
     return (out.images[0] * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -133,13 +160,34 @@ def quality(args) -> dict:
     block_share = 1.0 - _outside_blocks(config, size // pipe.vae_scale_factor) / flops.total
     start = time.perf_counter()
     exact = images_of(pipe)
-    rows = [dict(setting="exact", judge_accuracy=judge_images(exact, captions), psnr_vs_exact=PSNR_CAP,
-                 ssim_vs_exact=1.0, skipped_fraction=0.0, flop_fraction=1.0, cached_steps_mean=0.0,
-                 seconds=round(time.perf_counter() - start, 2))]
-    result = dict(system="cache-dit", mode="quality", model=Path(args.model).name, prompts=len(prompts),
-                  stride=args.stride, steps=steps, guidance_scale=guidance, size=size, batch=1,
-                  cache_dit=_version(), torch=torch.__version__, block_share=block_share, rows=rows,
-                  command=args.command)
+    rows = [
+        dict(
+            setting="exact",
+            judge_accuracy=judge_images(exact, captions),
+            psnr_vs_exact=PSNR_CAP,
+            ssim_vs_exact=1.0,
+            skipped_fraction=0.0,
+            flop_fraction=1.0,
+            cached_steps_mean=0.0,
+            seconds=round(time.perf_counter() - start, 2),
+        )
+    ]
+    result = dict(
+        system="cache-dit",
+        mode="quality",
+        model=Path(args.model).name,
+        prompts=len(prompts),
+        stride=args.stride,
+        steps=steps,
+        guidance_scale=guidance,
+        size=size,
+        batch=1,
+        cache_dit=cache_dit_version(),
+        torch=torch.__version__,
+        block_share=block_share,
+        rows=rows,
+        command=args.command,
+    )
     for setting in args.settings:
         start = time.perf_counter()
         pipe = enable(load_pipeline(args.model), setting, steps)
@@ -148,17 +196,25 @@ def quality(args) -> dict:
             images.append(generate(pipe, p.prompt, p.seed, steps, guidance, size, seq))
             cached.append(cached_steps(pipe))
         skipped = float(np.mean([skipped_fraction(setting, config.num_layers, c, steps, block_share) for c in cached]))
-        rows.append(dict(
-            setting=setting.label, **asdict(setting), judge_accuracy=judge_images(images, captions),
-            psnr_vs_exact=float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, exact)])),
-            ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact)])),
-            skipped_fraction=skipped, flop_fraction=1.0 - skipped, cached_steps_mean=float(np.mean(cached)),
-            seconds=round(time.perf_counter() - start, 2),
-        ))
+        rows.append(
+            dict(
+                setting=setting.label,
+                **asdict(setting),
+                judge_accuracy=judge_images(images, captions),
+                psnr_vs_exact=float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, exact)])),
+                ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact)])),
+                skipped_fraction=skipped,
+                flop_fraction=1.0 - skipped,
+                cached_steps_mean=float(np.mean(cached)),
+                seconds=round(time.perf_counter() - start, 2),
+            )
+        )
         r = rows[-1]
-        print(f"{setting.label:24s} acc={r['judge_accuracy']:.3f} psnr={r['psnr_vs_exact']:.2f} "
-              f"ssim={r['ssim_vs_exact']:.4f} skipped={skipped:.3f} cached={r['cached_steps_mean']:.1f}/{steps}",
-              flush=True)
+        print(
+            f"{setting.label:24s} acc={r['judge_accuracy']:.3f} psnr={r['psnr_vs_exact']:.2f} "
+            f"ssim={r['ssim_vs_exact']:.4f} skipped={skipped:.3f} cached={r['cached_steps_mean']:.1f}/{steps}",
+            flush=True,
+        )
         write(args.out, result)
         del pipe
         gc.collect()
@@ -172,54 +228,7 @@ def _outside_blocks(config, latent: int) -> float:
     return 2 * tx * d * config.patch_size**2 * config.in_channels * 2
 
 
-def speed(args) -> dict:
-    from engine.random_model import build_pipeline
-
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    size, steps, guidance = args.size, args.steps, 7.0
-    prompt, seed = "a photo of a red boat on a lake at night", 1234
-
-    def clock(pipe) -> tuple[float, int]:
-        seconds = []
-        for _ in range(args.repeats + 1):  # the first call is a warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                     generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-        return float(np.median(seconds[1:])), (cached_steps(pipe) if pipe is not base else 0)
-
-    base = build_pipeline(args.random, device, dtype)
-    base_seconds, _ = clock(base)
-    rows = [dict(setting="diffusers exact", seconds=base_seconds, speedup=1.0, cached_steps=0)]
-    result = dict(system="cache-dit", mode="speed", model=f"random:{args.random}", device=str(device),
-                  card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", dtype=str(dtype),
-                  size=size, steps=steps, guidance_scale=guidance, batch=1, repeats=args.repeats,
-                  cache_dit=_version(), torch=torch.__version__, rows=rows, command=args.command,
-                  note="transformer + text encoders timed (output_type='latent': no VAE decode)")
-    transformer = base.transformer
-    for setting in args.settings:
-        # A fresh transformer per setting: cache-dit patches the one it is given.
-        pipe = type(base)(**dict(base.components, transformer=copy.deepcopy(transformer)))
-        pipe.set_progress_bar_config(disable=True)
-        seconds, cached = clock(enable(pipe, setting, steps))
-        rows.append(dict(setting=setting.label, **asdict(setting), seconds=seconds, speedup=base_seconds / seconds,
-                         cached_steps=cached))
-        print(f"{setting.label:24s} {seconds:.3f} s  x{base_seconds / seconds:.2f}  cached {cached}/{steps}", flush=True)
-        write(args.out, result)
-        del pipe
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return result
-
-
-def _version() -> str:
+def cache_dit_version() -> str:
     import cache_dit
 
     return cache_dit.__version__
@@ -237,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("quality", "speed"))
-    parser.add_argument("--settings", type=lambda s: [parse_setting(x) for x in s.split(",")],
-                        help="comma-separated settings (default: a set per mode)")
+    parser.add_argument(
+        "--settings",
+        type=lambda s: [parse_setting(x) for x in s.split(",")],
+        help="comma-separated settings (default: a set per mode)",
+    )
     parser.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="quality: the reference model folder")
     parser.add_argument("--stride", type=int, default=7, help="quality: every Nth held-out prompt")
     parser.add_argument("--limit", type=int, default=0, help="quality: at most N prompts (0: all of the stride)")
@@ -253,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.settings is None:
         args.settings = [parse_setting(s) for s in (QUALITY_SETTINGS if args.mode == "quality" else SPEED_SETTINGS)]
     torch.manual_seed(0)
-    (quality if args.mode == "quality" else speed)(args)
+    if args.mode == "quality":
+        quality(args)
+    else:
+        from bench.cache_dit_speed import speed
+
+        speed(args)
     return 0
 
 

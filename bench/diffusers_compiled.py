@@ -8,6 +8,7 @@ engine parts use stays untouched; the originals wait on the host meanwhile, so t
 these rows counts one model. Every measured (size, batch) is first run once untimed: that call
 compiles (or recompiles) for the shape, and its seconds go into the row as `compile_seconds`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,12 +23,13 @@ from bench.runs import requests, row, run_diffusers
 
 log = logging.getLogger("bench")
 SYSTEM = "diffusers-compiled"
-RECIPE = ("transformer.fuse_qkv_projections(); vae.fuse_qkv_projections(); "
-          "torch.compile(transformer, fullgraph=True); vae.decode = torch.compile(vae.decode, fullgraph=True)")
+RECIPE = (
+    "transformer.fuse_qkv_projections(); vae.fuse_qkv_projections(); "
+    "torch.compile(transformer, fullgraph=True); vae.decode = torch.compile(vae.decode, fullgraph=True)"
+)
 
 
-def compiled_diffusers_pipeline(pipe, backend: str = "inductor", mode: str | None = None,
-                                vae_backend: str | None = None):
+def compiled_diffusers_pipeline(pipe, backend: str = "inductor", mode: str | None = None, vae_backend: str | None = None):
     """A pipeline sharing `pipe`'s text encoders, tokenizers and scheduler, with its own fused and
     compiled copies of the transformer and the VAE (`vae_backend`: default `backend`)."""
     transformer = copy.deepcopy(pipe.transformer)
@@ -72,14 +74,34 @@ class DiffusersCompiledPart(BenchParts):
                     log.info("diffusers-compiled %d² batch %d: warm-up (compile) %.1f s", size, batch, warm.seconds)
                     for rep in range(self.reps(batch)):
                         run, _ = run_diffusers(compiled, self.device, requests(f"c{rep}", batch, size, a.steps))
-                        self.results.add("engine", row(SYSTEM, "compiled", self.model, size, batch, a.steps, run,
-                                                       rep=rep, compile_seconds=compile_seconds[f"{size}_b{batch}"]))
+                        self.results.add(
+                            "engine",
+                            row(
+                                SYSTEM,
+                                "compiled",
+                                self.model,
+                                size,
+                                batch,
+                                a.steps,
+                                run,
+                                rep=rep,
+                                compile_seconds=compile_seconds[f"{size}_b{batch}"],
+                            ),
+                        )
             if "accuracy" in a.parts:  # the baseline computes what eager diffusers does
                 self.compiled_accuracy(compiled)
         finally:
-            self.results.note("diffusers_compiled", dict(recipe=RECIPE, backend=backend, vae_backend=vae_backend, mode="default",
-                                                         warmup_seconds_per_shape=compile_seconds,
-                                                         compile_seconds_total=round(sum(compile_seconds.values()), 1)))
+            self.results.note(
+                "diffusers_compiled",
+                dict(
+                    recipe=RECIPE,
+                    backend=backend,
+                    vae_backend=vae_backend,
+                    mode="default",
+                    warmup_seconds_per_shape=compile_seconds,
+                    compile_seconds_total=round(sum(compile_seconds.values()), 1),
+                ),
+            )
             del compiled
             gc.collect()
             torch._dynamo.reset()  # the engine parts compile their own graphs from a clean cache
@@ -92,6 +114,7 @@ class DiffusersCompiledPart(BenchParts):
         acc = dict(self.results.engine.get("accuracy", {}))
         for size in self.args.sizes:
             _, out = run_diffusers(compiled, self.device, self.accuracy_requests(size), output_type="latent")
-            acc[f"diffusers_compiled_vs_eager_latents_{size}"] = relative_error(out.images.float().cpu(),
-                                                                              self.diffusers_latents[size])
+            acc[f"diffusers_compiled_vs_eager_latents_{size}"] = relative_error(
+                out.images.float().cpu(), self.diffusers_latents[size]
+            )
         self.results.note("accuracy", acc)

@@ -1,5 +1,6 @@
 """The end-to-end parts of bench/engine_bench.py's `Bench`: diffusers, the eager engine, the fast
 engine exact and with the attention cache, and where the first step of a batch goes."""
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,10 @@ class EndToEndParts(BenchParts):
                 self.eager_latents = getattr(self, "eager_latents", {})
                 self.eager_latents[size] = torch.cat([latents[r.request_id] for r in reqs])
                 err = relative_error(self.eager_latents[size], self.diffusers_latents[size])
-                self.results.note("accuracy", dict(self.results.engine.get("accuracy", {}),
-                                                   **{f"eager_engine_vs_diffusers_latents_{size}": err}))
+                self.results.note(
+                    "accuracy",
+                    dict(self.results.engine.get("accuracy", {}), **{f"eager_engine_vs_diffusers_latents_{size}": err}),
+                )
                 del engine.runner.decode
             if e2e:
                 for batch in a.eager_batches or a.batches:
@@ -75,8 +78,21 @@ class EndToEndParts(BenchParts):
             for batch in a.batches:
                 for rep in range(self.reps(batch)):
                     run = run_engine(engine, self.device, requests(f"f{rep}", batch, size, a.steps))
-                    self.results.add("engine", row("sd3serve", exact_mode, self.model, size, batch, a.steps, run, rep=rep,
-                                                   peak_steps_gb=round(run.peak_steps_bytes / GIB, 3), **extra))
+                    self.results.add(
+                        "engine",
+                        row(
+                            "sd3serve",
+                            exact_mode,
+                            self.model,
+                            size,
+                            batch,
+                            a.steps,
+                            run,
+                            rep=rep,
+                            peak_steps_gb=round(run.peak_steps_bytes / GIB, 3),
+                            **extra,
+                        ),
+                    )
         for size in a.sizes:
             for batch in a.batches:
                 graphs = engine.runner.graphs
@@ -86,5 +102,17 @@ class EndToEndParts(BenchParts):
                     engine.generate(requests("w3", batch, size, 8, k=3, policy="attention"))
                 run = run_engine(engine, self.device, requests("k3", batch, size, a.steps, k=3, policy="attention"))
                 fresh = run.fresh_ratios[1:-1]
-                self.results.add("engine", row("sd3serve", cached_mode, self.model, size, batch, a.steps, run,
-                                               fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3), **extra))
+                self.results.add(
+                    "engine",
+                    row(
+                        "sd3serve",
+                        cached_mode,
+                        self.model,
+                        size,
+                        batch,
+                        a.steps,
+                        run,
+                        fresh_ratio=round(sum(fresh) / max(len(fresh), 1), 3),
+                        **extra,
+                    ),
+                )

@@ -23,9 +23,9 @@ Order matters: diffusers runs on the untouched pipeline before any engine wraps 
 Writes engine_<card>.json and caching_<card>.json (rewritten as rows complete);
 `python -m bench.plot` draws the PNG from them.
 """
+
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import logging
@@ -42,6 +42,7 @@ from bench.shapes import forward_inputs
 from bench.flops import step_flops
 from bench.measure import card_name, matmul_tflops, relative_error, synchronize, timed
 from bench.e2e_parts import EndToEndParts
+from bench.engine_bench_args import parse_args
 from bench.diffusers_compiled import DiffusersCompiledPart
 from bench.fp8_part import Fp8Part
 from bench import merge_rows
@@ -57,13 +58,8 @@ from bench.ablation import ablation
 from engine.precision import PrecisionUnavailable
 from engine.speed import SpeedOptions
 
-ALL_PARTS = ("probe", "ablation", "e2e", "diffusers-compiled", "xdit", "stability-ref", "accuracy", "caching", "memory",
-             "large", "firststep")
-BASELINE_PARTS = ("xdit", "stability-ref")  # need carried code (.whl, .vendor): only when named
 
-
-class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp8Part, CachingAndMemoryParts,
-            LargeModelPart):
+class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp8Part, CachingAndMemoryParts, LargeModelPart):
     def __init__(self, args) -> None:
         self.args = args
         self.device = torch.device("cpu" if args.smoke else "cuda")
@@ -72,10 +68,15 @@ class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp
         self.model = "tiny" if args.smoke else "sd3-medium"
         self.large = "tiny" if args.smoke else "sd3.5-large"
         backend = "aot_eager" if args.smoke else "inductor"
-        overrides = dict(backend=backend, vae_compile=not args.no_vae_compile and not args.smoke,
-                         gelu_epilogue=not args.no_gelu_epilogue, cuda_graphs=not args.no_cuda_graphs,
-                         vae_compile_how=args.vae_compile_how, vae_group_norm=not args.no_vae_group_norm,
-                         split_queries=not args.joint_queries)
+        overrides = dict(
+            backend=backend,
+            vae_compile=not args.no_vae_compile and not args.smoke,
+            gelu_epilogue=not args.no_gelu_epilogue,
+            cuda_graphs=not args.no_cuda_graphs,
+            vae_compile_how=args.vae_compile_how,
+            vae_group_norm=not args.no_vae_group_norm,
+            split_queries=not args.joint_queries,
+        )
         if args.sdpa:
             overrides["sdpa"] = tuple(args.sdpa.split(","))
         self.fast = SpeedOptions.fast(**overrides)
@@ -86,14 +87,23 @@ class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp
             torch=torch.__version__,
             diffusers=__import__("diffusers").__version__,
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            config=dict(steps=args.steps, sizes=args.sizes, batches=args.batches, guidance=GUIDANCE,
-                        dtype=self.dtype_name, speed=repr(self.fast), smoke=args.smoke,
-                        engine="admit_per_boundary = max_batch: requests arriving together all join at step 0"),
+            config=dict(
+                steps=args.steps,
+                sizes=args.sizes,
+                batches=args.batches,
+                guidance=GUIDANCE,
+                dtype=self.dtype_name,
+                speed=repr(self.fast),
+                smoke=args.smoke,
+                engine="admit_per_boundary = max_batch: requests arriving together all join at step 0",
+            ),
         )
         keep_row = None
         if args.merge:
+
             def keep_row(which: str, row: dict) -> bool:  # drop only the rows this run makes again
                 return merge_rows.keep_row(args, self.model, self.large, which, row)
+
         self.results = Results(Path(args.out_dir), card, meta, args.parts, keep_row)
         self.pipe = None
         self.engine_fast = None
@@ -161,8 +171,9 @@ class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp
         keys = [k for k in with_epilogue if k in without and "rows2" not in k]
         if self.fast.gelu_epilogue and keys and sum(with_epilogue[k] for k in keys) > sum(without[k] for k in keys):
             self.fast = replace(self.fast, gelu_epilogue=False)
-            self.results.note("config", dict(self.results.engine["config"], speed=repr(self.fast),
-                                             gelu_epilogue="off: slower in the ablation"))
+            self.results.note(
+                "config", dict(self.results.engine["config"], speed=repr(self.fast), gelu_epilogue="off: slower in the ablation")
+            )
 
     def choose_vae_compile(self) -> None:
         """Keep `--vae-compile` only if the ablation measured the compiled decoder faster."""
@@ -170,8 +181,10 @@ class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp
         compiled = ms.get(f"compiled_{self.fast.vae_compile_how}_b4", float("inf"))
         if self.fast.vae_compile and not compiled < ms.get("eager_b4", 0.0):
             self.fast = replace(self.fast, vae_compile=False)
-            self.results.note("config", dict(self.results.engine["config"], speed=repr(self.fast),
-                                             vae_compile="off: not faster in the ablation"))
+            self.results.note(
+                "config",
+                dict(self.results.engine["config"], speed=repr(self.fast), vae_compile="off: not faster in the ablation"),
+            )
 
     def note_flops(self, pipe, model: str) -> None:
         flops = dict(self.results.engine.get("transformer_flops_per_row", {}))
@@ -221,8 +234,7 @@ class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp
             run = timed(self.device, lambda: engine.generate(requests("warm", 2, size, 3)))
             warm[f"exact_{size}"] = round(run.seconds, 2)
         # cached steps compile their variants: growing a pool, holds, extrapolations, all FRESH
-        run = timed(self.device, lambda: engine.generate(requests("warm", 2, min(self.args.sizes), 6, k=2,
-                                                                  policy="attention")))
+        run = timed(self.device, lambda: engine.generate(requests("warm", 2, min(self.args.sizes), 6, k=2, policy="attention")))
         warm["attention"] = round(run.seconds, 2)
         self.results.note("host_syncs_per_step", count_host_syncs(engine, self.device, min(self.args.sizes)))
         # The worker's own warm-up (batch-1 shapes of the VAE and the text encoders; freezes the heap)
@@ -253,59 +265,6 @@ class Bench(EndToEndParts, DiffusersCompiledPart, XditPart, StabilityRefPart, Fp
             acc[f"fast_vs_diffusers_latents_{size}"] = relative_error(fast, self.diffusers_latents[size])
             del self.engine_fast.runner.decode
         self.results.note("accuracy", acc)
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (seconds; for tests)")
-    p.add_argument("--out-dir", default="bench/results")
-    p.add_argument("--card", default=None, help="name in the output files (default: from the GPU)")
-    p.add_argument("--parts", default=",".join(part for part in ALL_PARTS if part not in BASELINE_PARTS))
-    p.add_argument("--sizes", default="512,1024")
-    p.add_argument("--batches", default="1,2,4,8,16")
-    p.add_argument("--eager-batches", default=None, help="batches for the eager engine (default: --batches)")
-    p.add_argument("--stability-batches", default="1", help="images per sampling call of the Stability "
-                   "reference (its driver: 1; more go through its sampler batched)")
-    p.add_argument("--no-xdit-compile", action="store_true", help="the xdit part measures xDiT eager only")
-    p.add_argument("--caching-batches", default="4,8")
-    p.add_argument("--large-batches", default="1,2,4")
-    p.add_argument("--probe-batches", default="16,32")
-    p.add_argument("--max-probe-batch", type=int, default=256)
-    p.add_argument("--merge", action="store_true",
-                   help="add to the result files already in --out-dir, replacing the rows of the parts run")
-    p.add_argument("--fp8", action="store_true", help="e2e and accuracy also run the fast path in FP8 "
-                   "(needs compute capability >= 8.9 and torchao)")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--small-reps", type=int, default=3, help="repetitions at batch <= 2")
-    p.add_argument("--sdpa", default=None, help="SDPA priority for the fast path, e.g. cudnn,flash")
-    p.add_argument("--ablation-variants", default="", help="comma list of ablation variants (default: all)")
-    p.add_argument("--no-vae-compile", action="store_true", help="keep the VAE decoder eager on the fast path "
-                   "(its compile takes minutes; the ablation then skips it too)")
-    p.add_argument("--vae-size", type=int, default=None, help="image size of the ablation's VAE variants (default: the largest)")
-    p.add_argument("--vae-compiles", default="whole", help="compiled VAE variants the ablation measures "
-                   "(comma list of engine.speed.VAE_COMPILES)")
-    p.add_argument("--vae-compile-how", default="whole", help="how the fast path compiles the VAE decoder")
-    p.add_argument("--joint-queries", action="store_true", help="one SDPA call over concatenated image and text "
-                   "queries on the fast path (the default splits them)")
-    p.add_argument("--no-vae-group-norm", action="store_true", help="the fast path's VAE keeps torch's GroupNorm")
-    p.add_argument("--no-gelu-epilogue", action="store_true", help="keep GELU as its own kernel on the fast path")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graphs for small forwards on the fast path")
-    args = p.parse_args(argv)
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    args.parts = tuple(x for x in args.parts.split(",") if x)
-    args.sizes, args.batches = ints(args.sizes), ints(args.batches)
-    args.caching_batches, args.large_batches = ints(args.caching_batches), ints(args.large_batches)
-    args.stability_batches = ints(args.stability_batches)
-    args.probe_batches = ints(args.probe_batches)
-    args.ablation_variants = [v for v in args.ablation_variants.split(",") if v]
-    args.eager_batches = ints(args.eager_batches) if args.eager_batches else None
-    if args.smoke:
-        args.sizes = [s for s in args.sizes if s <= 128] or [64]
-        args.steps = min(args.steps, 3)
-    unknown = set(args.parts) - set(ALL_PARTS)
-    if unknown:
-        p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(ALL_PARTS)}")
-    return args
 
 
 def main(argv=None) -> None:

@@ -5,6 +5,7 @@ running request by one step, so a worker built on it makes exactly the Redis tra
 worker makes at that pace. Finished requests come back with a small real PNG-able PIL image,
 so the upload path and storage run too. For the fleet simulation (bench/fleet_sim.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,9 @@ class _Running:
 
 
 class FakeEngine:
-    def __init__(self, limits: RequestLimits, step_seconds: float = H200_STEP_SECONDS,
-                 max_batch: int = H200_BATCH, image_side: int = 32) -> None:
+    def __init__(
+        self, limits: RequestLimits, step_seconds: float = H200_STEP_SECONDS, max_batch: int = H200_BATCH, image_side: int = 32
+    ) -> None:
         if step_seconds < 0 or max_batch < 1 or image_side < 1:
             raise ValueError("step_seconds must be >= 0, max_batch and image_side >= 1")
         self.limits = limits
@@ -91,8 +93,9 @@ class FakeEngine:
             running.step += 1
             if running.step >= running.request.steps:
                 del self._running[running.request.request_id]
-                report.finished.append(FinishedRequest(running.request, self._image(running.request),
-                                                    done - running.admitted, running.step))
+                report.finished.append(
+                    FinishedRequest(running.request, self._image(running.request), done - running.admitted, running.step)
+                )
         report.step_seconds = time.monotonic() - start
         return report
 

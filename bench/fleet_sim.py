@@ -6,6 +6,7 @@ per job, the fake workers' and the load generator's CPU per job, and how busy th
 
     python -m bench.fleet_sim --workers 64,128,256 --duration 60 --out bench/results/fleet_sim_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,13 +90,32 @@ def wait_for_fleet(stack: Stack, count: int, timeout: float) -> float:
 def simulate(config: SimConfig, work: Path) -> dict:
     env = {"SD3SERVE_MODEL": "random:sd3-medium", "SD3SERVE_LOG_LEVEL": "WARNING", "SD3SERVE_MAX_WAIT": "60"}
     with Stack(work, env) as stack:
-        stack.start_process("fleet", [sys.executable, "-m", "bench.fleet_workers", "--count", str(config.workers),
-                                      "--step-seconds", str(config.step_seconds), "--batch", str(config.batch)])
+        stack.start_process(
+            "fleet",
+            [
+                sys.executable,
+                "-m",
+                "bench.fleet_workers",
+                "--count",
+                str(config.workers),
+                "--step-seconds",
+                str(config.step_seconds),
+                "--batch",
+                str(config.batch),
+            ],
+        )
         startup_s = wait_for_fleet(stack, config.workers, config.register_timeout_s)
-        load = LoadConfig(url=stack.api_url, concurrency=config.concurrency, duration_s=config.duration_s,
-                          max_seconds=config.duration_s + 8 * config.steps * config.step_seconds + 120,
-                          max_requests=1_000_000, sizes=(config.size,), steps=config.steps,
-                          redis_url=stack.redis_url, label=dict(system="fleet_sim", workers=config.workers))
+        load = LoadConfig(
+            url=stack.api_url,
+            concurrency=config.concurrency,
+            duration_s=config.duration_s,
+            max_seconds=config.duration_s + 8 * config.steps * config.step_seconds + 120,
+            max_requests=1_000_000,
+            sizes=(config.size,),
+            steps=config.steps,
+            redis_url=stack.redis_url,
+            label=dict(system="fleet_sim", workers=config.workers),
+        )
         before = Snapshot(stack)
         result = run_load(load)
         after = Snapshot(stack)
@@ -130,9 +150,11 @@ def lost_breakdown(result: dict) -> dict:
     """What load_test counted as lost: jobs never seen to end, and jobs that succeeded but whose
     image the client could not download (with the client's first errors, to tell them apart)."""
     jobs = result["jobs"]
-    return dict(lost_unfinished=sum(j["status"] in ("pending", "unfinished") for j in jobs),
-                lost_no_image=sum(j["status"] == "succeeded" and j["image_bytes"] <= 0 for j in jobs),
-                first_errors=result["summary"]["errors"][:3])
+    return dict(
+        lost_unfinished=sum(j["status"] in ("pending", "unfinished") for j in jobs),
+        lost_no_image=sum(j["status"] == "succeeded" and j["image_bytes"] <= 0 for j in jobs),
+        first_errors=result["summary"]["errors"][:3],
+    )
 
 
 def steady_jobs_per_s(result: dict, duration_s: float) -> float:
@@ -144,8 +166,7 @@ def steady_jobs_per_s(result: dict, duration_s: float) -> float:
     return round(len(done) / (end - start), 2)
 
 
-def row_of(config: SimConfig, summary: dict, before: Snapshot, after: Snapshot, registered: int,
-           startup_s: float) -> dict:
+def row_of(config: SimConfig, summary: dict, before: Snapshot, after: Snapshot, registered: int, startup_s: float) -> dict:
     wall = after.t - before.t
     jobs = max(summary["completed"], 1)
     redis_cpu = after.redis_cpu - before.redis_cpu
@@ -197,9 +218,15 @@ def extrapolate(rows: list[dict], images_per_gpu_s: float = H200_IMAGES_PER_S) -
     api_s = max(r["api_cpu_s_per_job"] for r in rows)
     redis_jobs = 1 / redis_s if redis_s else None
     api_jobs = 1 / api_s if api_s else None
-    return dict(redis_cpu_s_per_job=redis_s, api_cpu_s_per_job=api_s, images_per_gpu_s=images_per_gpu_s,
-                redis_core_jobs_per_s=_r(redis_jobs), redis_core_gpus=_r(redis_jobs and redis_jobs / images_per_gpu_s),
-                api_core_jobs_per_s=_r(api_jobs), api_core_gpus=_r(api_jobs and api_jobs / images_per_gpu_s))
+    return dict(
+        redis_cpu_s_per_job=redis_s,
+        api_cpu_s_per_job=api_s,
+        images_per_gpu_s=images_per_gpu_s,
+        redis_core_jobs_per_s=_r(redis_jobs),
+        redis_core_gpus=_r(redis_jobs and redis_jobs / images_per_gpu_s),
+        api_core_jobs_per_s=_r(api_jobs),
+        api_core_gpus=_r(api_jobs and api_jobs / images_per_gpu_s),
+    )
 
 
 def _r(value: float | None) -> float | None:
@@ -218,17 +245,39 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = []
     for workers in [int(w) for w in args.workers.split(",") if w]:
-        config = SimConfig(workers=workers, duration_s=args.duration, step_seconds=args.step_seconds,
-                           steps=args.steps, batch=args.batch, outstanding_per_slot=args.outstanding_per_slot)
+        config = SimConfig(
+            workers=workers,
+            duration_s=args.duration,
+            step_seconds=args.step_seconds,
+            steps=args.steps,
+            batch=args.batch,
+            outstanding_per_slot=args.outstanding_per_slot,
+        )
         with tempfile.TemporaryDirectory(prefix=f"fleet-sim-{workers}-") as work:
             run = simulate(config, Path(work))
         print(json.dumps(run["row"]), flush=True)
         rows.append(run["row"])
         if args.out:  # after every N, so a cut-short sweep keeps what it measured
-            args.out.write_text(json.dumps(dict(rows=rows, extrapolation=extrapolate(rows), settings=dict(
-                step_seconds=args.step_seconds, steps=args.steps, batch=args.batch, duration_s=args.duration,
-                outstanding_per_slot=args.outstanding_per_slot, size=1024, storage="local", api_workers=1)),
-                indent=1) + "\n")
+            args.out.write_text(
+                json.dumps(
+                    dict(
+                        rows=rows,
+                        extrapolation=extrapolate(rows),
+                        settings=dict(
+                            step_seconds=args.step_seconds,
+                            steps=args.steps,
+                            batch=args.batch,
+                            duration_s=args.duration,
+                            outstanding_per_slot=args.outstanding_per_slot,
+                            size=1024,
+                            storage="local",
+                            api_workers=1,
+                        ),
+                    ),
+                    indent=1,
+                )
+                + "\n"
+            )
     return 0 if all(r["lost"] == 0 and not r["duplicates"] for r in rows) else 1
 
 

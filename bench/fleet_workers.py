@@ -7,6 +7,7 @@ group stops them all (RQ's warm shutdown).
 
     python -m bench.fleet_workers --count 64 --step-seconds 0.45 --batch 14
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,7 @@ def run_fake_worker(index: int, config: WorkerConfig, step_seconds: float, batch
     limits = limits_for_model(config.engine.limits, config.engine.model)
     engine = FakeEngine(limits, step_seconds=step_seconds, max_batch=batch)
     connection = redis.Redis.from_url(config.redis_url)
-    worker = BatchWorker([config.queue], connection=connection, config=config, engine=engine,
-                         name=f"fake-{os.getpid()}-{index}")
+    worker = BatchWorker([config.queue], connection=connection, config=config, engine=engine, name=f"fake-{os.getpid()}-{index}")
     worker.work(logging_level=config.log_level)
     print(f"fake worker {index} exiting; torch loaded: {torch_loaded()}", flush=True)
 

@@ -5,6 +5,7 @@ attention = Q/K/V projections 6 D^2 T + SDPA 4 T^2 D + output projections 2 D^2 
 the rest = MLPs 16 D^2 T (4x hidden, both streams) + adaLN modulation ~24 D^2.
 SD3.5's dual-attention layers add an image-only attention (8 D^2 Tx + 4 Tx^2 D).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

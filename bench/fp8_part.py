@@ -7,6 +7,7 @@ pipeline and kept on the host until its turn; the VAE and the text encoders are 
 (already compiled), shared. The fast bf16 engine stays on the card meanwhile (its CUDA graphs
 point at its weights), so these rows' peak memory includes `bf16_resident_gb` of bf16 weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,11 +46,11 @@ class Fp8Part(BenchParts):
         for size in self.args.sizes:
             run = timed(self.device, lambda: engine.generate(requests("warm8", 2, size, 3)))
             warm[f"exact_{size}"] = round(run.seconds, 2)
-        run = timed(self.device, lambda: engine.generate(requests("warm8", 2, min(self.args.sizes), 6, k=2,
-                                                                  policy="attention")))
+        run = timed(self.device, lambda: engine.generate(requests("warm8", 2, min(self.args.sizes), 6, k=2, policy="attention")))
         warm["attention"] = round(run.seconds, 2)
-        self.results.note("fp8", dict(warmup_seconds=warm, speed=repr(speed),
-                                      fp8_linears=engine.speed_applied.get("fp8_linears")))
+        self.results.note(
+            "fp8", dict(warmup_seconds=warm, speed=repr(speed), fp8_linears=engine.speed_applied.get("fp8_linears"))
+        )
         return engine
 
     def fp8_part(self, e2e: bool, accuracy: bool, refs: dict | None) -> None:

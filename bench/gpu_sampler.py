@@ -1,5 +1,6 @@
 """The GPU's busy fraction over a window: NVML's utilisation (the share of time a kernel ran),
 sampled on a thread. None where there is no NVIDIA GPU or no `pynvml` (CPU runs)."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """PSNR and SSIM between uint8 RGB images (numpy only)."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """The `large` part of bench/engine_bench.py: SD3.5-large at the largest size, diffusers vs the
 fast engine, sharing the medium pipeline's text encoders and VAE."""
+
 from __future__ import annotations
 
 import gc
@@ -39,12 +40,16 @@ class LargeModelPart(BenchParts):
             self.results.add("engine", row("diffusers", "eager", self.large, size, batch, a.steps, run))
         engine = make_engine(pipe, self.device, self.dtype_name, max(a.large_batches), self.fast)
         warm = timed(self.device, lambda: engine.generate(requests("warm", 1, size, 3)))
-        self.results.note("fast_warmup_seconds", dict(self.results.engine.get("fast_warmup_seconds", {}),
-                                                      **{f"large_{size}": round(warm.seconds, 2)}))
+        self.results.note(
+            "fast_warmup_seconds",
+            dict(self.results.engine.get("fast_warmup_seconds", {}), **{f"large_{size}": round(warm.seconds, 2)}),
+        )
         with torch.inference_mode():
             out = pipe.transformer(**inputs, return_dict=False)[0].float().cpu()
-        self.results.note("accuracy", dict(self.results.engine.get("accuracy", {}),
-                                           **{f"large_fast_vs_eager_forward_{size}": relative_error(out, ref)}))
+        self.results.note(
+            "accuracy",
+            dict(self.results.engine.get("accuracy", {}), **{f"large_fast_vs_eager_forward_{size}": relative_error(out, ref)}),
+        )
         for batch in a.large_batches:
             run = run_engine(engine, self.device, requests("fl", batch, size, a.steps))
             self.results.add("engine", row("sd3serve", "exact-fast", self.large, size, batch, a.steps, run))

@@ -1,4 +1,5 @@
 """What the load generator records per job, and the numbers it reports per run."""
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,7 @@ def summarize(records: list[JobRecord], rejected: int, duration_s: float, mode: 
     by_size = {}
     for size in sorted({r.size for r in records}):
         lat = [r.latency for r in with_image if r.size == size and r.latency is not None]
-        by_size[str(size)] = dict(completed=len(lat), p50_s=_round(percentile(lat, 50)),
-                                  p95_s=_round(percentile(lat, 95)))
+        by_size[str(size)] = dict(completed=len(lat), p50_s=_round(percentile(lat, 50)), p95_s=_round(percentile(lat, 95)))
     return dict(
         submitted=len(records),
         rejected=rejected,

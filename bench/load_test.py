@@ -11,6 +11,7 @@ one successful execution counts as finished twice.
     python -m bench.load_test --url http://127.0.0.1:8000 --rate 0.8 --duration 60 --size 1024
     python -m bench.load_test --url http://127.0.0.1:8000 --concurrency 24 --duration 60 --size 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -144,8 +145,15 @@ class LoadRun:
 
     async def _one_job(self, http: httpx.AsyncClient, prompt: str, size: int, seed: int) -> None:
         c = self.config
-        body = dict(prompt=prompt, width=size, height=size, steps=c.steps, guidance_scale=c.guidance_scale,
-                    seed=seed, cache_interval=c.cache_interval)
+        body = dict(
+            prompt=prompt,
+            width=size,
+            height=size,
+            steps=c.steps,
+            guidance_scale=c.guidance_scale,
+            seed=seed,
+            cache_interval=c.cache_interval,
+        )
         if c.cache_policy:
             body["cache_policy"] = c.cache_policy
         record = JobRecord(size=size, submit=time.time())
@@ -233,11 +241,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = LoadConfig(url=args.url, rate=args.rate, concurrency=args.concurrency, duration_s=args.duration,
-                            max_requests=args.max_requests, max_seconds=args.max_seconds,
-                            sizes=tuple(args.size or [1024]), steps=args.steps, guidance_scale=args.guidance,
-                            cache_interval=args.cache_interval, cache_policy=args.cache_policy, seed=args.seed,
-                            api_key=args.api_key, fetch_images=not args.no_images, redis_url=args.redis_url)
+        config = LoadConfig(
+            url=args.url,
+            rate=args.rate,
+            concurrency=args.concurrency,
+            duration_s=args.duration,
+            max_requests=args.max_requests,
+            max_seconds=args.max_seconds,
+            sizes=tuple(args.size or [1024]),
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            cache_interval=args.cache_interval,
+            cache_policy=args.cache_policy,
+            seed=args.seed,
+            api_key=args.api_key,
+            fetch_images=not args.no_images,
+            redis_url=args.redis_url,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

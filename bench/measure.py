@@ -1,4 +1,5 @@
 """Timing and memory helpers for the GPU benchmark (they degrade to wall-clock on the CPU)."""
+
 from __future__ import annotations
 
 import gc

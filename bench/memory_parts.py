@@ -1,4 +1,5 @@
 """The caching (issue 4) and memory parts of bench/engine_bench.py's `Bench`."""
+
 from __future__ import annotations
 
 import gc
@@ -15,8 +16,13 @@ class CachingAndMemoryParts(BenchParts):
 
     def caching_part(self) -> None:
         a, engine = self.args, self.engine_fast
-        modes = [("exact", 1, None), ("attention", 2, "attention"), ("attention", 3, "attention"),
-                 ("attention", 4, "attention"), ("step", 5, "step")]
+        modes = [
+            ("exact", 1, None),
+            ("attention", 2, "attention"),
+            ("attention", 3, "attention"),
+            ("attention", 4, "attention"),
+            ("step", 5, "step"),
+        ]
         engine.generate(requests("warm", 2, min(a.sizes), 6, k=5, policy="step"))
         for size in a.sizes:
             for batch in a.caching_batches:
@@ -39,15 +45,25 @@ class CachingAndMemoryParts(BenchParts):
                     ideal_plan = 1 / (share + (1 - share) * f)
                     assert exact_ms is not None and run.ms_per_step is not None  # timed runs have steps
                     speedup = exact_ms / run.ms_per_step
-                    self.results.add("caching", dict(
-                        mode=mode, K=k, size=size, batch=batch, ms_per_step=round(run.ms_per_step, 2),
-                        speedup_vs_exact=round(speedup, 3), ideal_speedup=round(ideal, 3),
-                        fraction_of_ideal=round(speedup / ideal, 3), fresh_ratio=round(f, 3),
-                        ideal_speedup_at_fresh_ratio=round(ideal_plan, 3),
-                        fraction_of_ideal_at_fresh_ratio=round(speedup / ideal_plan, 3),
-                        a=round(share, 4), exact_step_ms_direct=round(t_exact, 2),
-                        all_cached_step_ms_direct=round(t_cached if mode != "step" else t_skip, 2),
-                    ))
+                    self.results.add(
+                        "caching",
+                        dict(
+                            mode=mode,
+                            K=k,
+                            size=size,
+                            batch=batch,
+                            ms_per_step=round(run.ms_per_step, 2),
+                            speedup_vs_exact=round(speedup, 3),
+                            ideal_speedup=round(ideal, 3),
+                            fraction_of_ideal=round(speedup / ideal, 3),
+                            fresh_ratio=round(f, 3),
+                            ideal_speedup_at_fresh_ratio=round(ideal_plan, 3),
+                            fraction_of_ideal_at_fresh_ratio=round(speedup / ideal_plan, 3),
+                            a=round(share, 4),
+                            exact_step_ms_direct=round(t_exact, 2),
+                            all_cached_step_ms_direct=round(t_cached if mode != "step" else t_skip, 2),
+                        ),
+                    )
 
     def memory_part(self) -> None:
         a = self.args
@@ -103,7 +119,13 @@ class CachingAndMemoryParts(BenchParts):
         predicted = int((total * 0.97 - fixed) // per_request)
         check = min(predicted, self.args.max_probe_batch)
         points[check] = one_step(check)
-        return dict(size=size, total_gib=round(total / GIB, 2), step_peak_gib={n: None if p is None else round(p / GIB, 2)
-                                                                                 for n, p in points.items()},
-                    per_request_mib=round(per_request / 2**20, 1), fixed_gib=round(fixed / GIB, 2),
-                    predicted_max_batch=predicted, checked_batch=check, checked_fits=points[check] is not None)
+        return dict(
+            size=size,
+            total_gib=round(total / GIB, 2),
+            step_peak_gib={n: None if p is None else round(p / GIB, 2) for n, p in points.items()},
+            per_request_mib=round(per_request / 2**20, 1),
+            fixed_gib=round(fixed / GIB, 2),
+            predicted_max_batch=predicted,
+            checked_batch=check,
+            checked_fits=points[check] is not None,
+        )

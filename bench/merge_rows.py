@@ -1,12 +1,17 @@
 """Which rows of the result files a `--merge` run of bench/engine_bench.py keeps: all but those
 it makes again (its parts, at its sizes)."""
+
 from __future__ import annotations
 
 from typing import Any
 
 # systems measured by a part of their own (every other system's rows come from `e2e` or `large`)
-PART_OF_SYSTEM = {"diffusers-compiled": "diffusers-compiled", "xdit": "xdit", "xdit-compile": "xdit",
-                  "stability-ref": "stability-ref"}
+PART_OF_SYSTEM = {
+    "diffusers-compiled": "diffusers-compiled",
+    "xdit": "xdit",
+    "xdit-compile": "xdit",
+    "stability-ref": "stability-ref",
+}
 
 
 def keep_row(args: Any, model: str, large: str, which: str, row: dict) -> bool:

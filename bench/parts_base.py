@@ -1,5 +1,6 @@
 """What the part mixins of `Bench` (bench/engine_bench.py) read from it, declared once for the
 type checker. Annotations only: nothing here exists at run time, so no mixin shadows another's."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ class BenchParts:
     engine_fast: Any  # the fast engine, once built
 
     if TYPE_CHECKING:
+
         def reps(self, batch: int) -> int: ...
 
         def note_flops(self, pipe: Any, model: str) -> None: ...

@@ -3,6 +3,7 @@ seed paper's Figure 3 for SD3-medium: (a) seconds per image vs batch, (b) speed-
 
     python -m bench.plot bench/results/engine_h200.json   # writes engine_h200.png and engine_h200_fig3.png
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,15 @@ STYLE = {
     ("xdit-compile", "compiled"): ("xDiT + torch.compile", "tab:cyan", "P"),
     ("stability-ref", "euler-cfg-fp16"): ("Stability SD3 reference (fp16)", "tab:pink", "*"),
 }
-FIG3_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"), ("xdit", "eager"),
-                ("xdit-compile", "compiled"), ("stability-ref", "euler-cfg-fp16"), ("sd3serve", "exact-fast"),
-                ("sd3serve", "attention-k3-fast"))
+FIG3_SYSTEMS = (
+    ("diffusers", "eager"),
+    ("diffusers-compiled", "compiled"),
+    ("xdit", "eager"),
+    ("xdit-compile", "compiled"),
+    ("stability-ref", "euler-cfg-fp16"),
+    ("sd3serve", "exact-fast"),
+    ("sd3serve", "attention-k3-fast"),
+)
 ONE_AT_A_TIME = {("stability-ref", "euler-cfg-fp16")}  # its driver serves a list of prompts one by one
 
 

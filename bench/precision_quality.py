@@ -6,6 +6,7 @@ Writes quality_fp8.json under --out; with --engine-json, also notes the numbers 
 benchmark's file (`fp8_reference_quality`), whose summary then shows `fp8_reference_psnr_db`
 and `fp8_reference_accuracy_drop` (judge accuracy points lost).
 """
+
 from __future__ import annotations
 
 import gc
@@ -53,13 +54,19 @@ def fp8_quality(args, argv, prompts, requests) -> int:
     fp8, fp8_seconds, applied = _images(replace(base, precision="fp8"), requests)
     bf16_accuracy, fp8_accuracy = judge_images(bf16, captions), judge_images(fp8, captions)
     result = dict(
-        model=Path(args.model).name, card=torch.cuda.get_device_name(), torch=torch.__version__,
-        prompts=len(prompts), seeds="the held-out prompts' own", fp8_linears=applied.get("fp8_linears"),
-        bf16_judge_accuracy=bf16_accuracy, fp8_judge_accuracy=fp8_accuracy,
+        model=Path(args.model).name,
+        card=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        prompts=len(prompts),
+        seeds="the held-out prompts' own",
+        fp8_linears=applied.get("fp8_linears"),
+        bf16_judge_accuracy=bf16_accuracy,
+        fp8_judge_accuracy=fp8_accuracy,
         fp8_reference_accuracy_drop=round(100 * (bf16_accuracy - fp8_accuracy), 2),
         fp8_reference_psnr_db=round(float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(fp8, bf16)])), 2),
         fp8_reference_ssim=round(float(np.mean([ssim(a, b) for a, b in zip(fp8, bf16)])), 4),
-        bf16_seconds=round(bf16_seconds, 2), fp8_seconds=round(fp8_seconds, 2),
+        bf16_seconds=round(bf16_seconds, 2),
+        fp8_seconds=round(fp8_seconds, 2),
         command="python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
     )
     args.out.mkdir(parents=True, exist_ok=True)

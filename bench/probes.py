@@ -1,4 +1,5 @@
 """Device probes for bench/engine_bench.py: SDPA backends, host synchronisations per step, the first step."""
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,11 @@ def sdpa_probe(device, sizes) -> dict:
                     ms = event_time_ms(device, sdpa, repeats=5)
                     res = torch.nn.functional.scaled_dot_product_attention(q, k, v)
                 ref = res if ref is None else ref
-                out[key][name] = dict(ms=round(ms, 3), tflops=round(4 * rows * heads * tokens * tokens * 64 / ms / 1e9, 1),
-                                      rel_err_vs_flash=round(relative_error(res, ref), 5))
+                out[key][name] = dict(
+                    ms=round(ms, 3),
+                    tflops=round(4 * rows * heads * tokens * tokens * 64 / ms / 1e9, 1),
+                    rel_err_vs_flash=round(relative_error(res, ref), 5),
+                )
             except RuntimeError as exc:
                 out[key][name] = f"unavailable: {str(exc)[:120]}"
         del q, k, v
@@ -80,20 +84,22 @@ def first_step_probe(engine, device, size: int, batch: int) -> dict:
         return round(timed(device, fn).seconds * 1000, 1)
 
     def encode_ms(texts: list[str], tag: str) -> list[float]:
-        return [wall_ms(lambda: engine.runner.prompts.encode([(t + tag + str(rep), "") for t in texts]))
-                for rep in range(3)]
+        return [wall_ms(lambda: engine.runner.prompts.encode([(t + tag + str(rep), "") for t in texts])) for rep in range(3)]
 
     texts = [r.prompt for r in requests("probe-enc", batch, size, 2)]
-    encoders = (("clip_l", pipe.tokenizer, 77, pipe.text_encoder),
-                ("clip_g", pipe.tokenizer_2, 77, pipe.text_encoder_2),
-                ("t5", pipe.tokenizer_3, engine.max_sequence_length, pipe.text_encoder_3))
+    encoders = (
+        ("clip_l", pipe.tokenizer, 77, pipe.text_encoder),
+        ("clip_g", pipe.tokenizer_2, 77, pipe.text_encoder_2),
+        ("t5", pipe.tokenizer_3, engine.max_sequence_length, pipe.text_encoder_3),
+    )
     with torch.inference_mode():
         out["encode_prompt_ms"] = encode_ms(texts, "")
         out["encode_prompt_b1_ms"] = encode_ms(texts[:1], "a")
         start = time.perf_counter()
-        ids = {name: tok(texts, padding="max_length", max_length=length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
-               for name, tok, length, _ in encoders}
+        ids = {
+            name: tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.to(device)
+            for name, tok, length, _ in encoders
+        }
         out["tokenize_ms"] = round((time.perf_counter() - start) * 1000, 1)
         for name, _, _, encoder in encoders:
             kwargs = {} if name == "t5" else dict(output_hidden_states=True)

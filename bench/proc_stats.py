@@ -1,4 +1,5 @@
 """CPU time from /proc (Linux): of a process tree, and of the whole machine."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()  # the name may hold spaces; fields after it don't
+    return text[text.rindex(")") + 2 :].split()  # the name may hold spaces; fields after it don't
 
 
 def process_cpu_seconds(pid: int) -> float:

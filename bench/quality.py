@@ -11,6 +11,7 @@ fraction of the exact path. Requests stream through the engine as a worker would
 
 Writes bench/results/quality.json, quality.md and quality_grid.png (or under --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,7 @@ def parse_configs(text: str) -> list[tuple]:
     configs: list[tuple] = []
     for item in text.split(","):
         parts = item.strip().split(":")
-        if len(parts) not in (3, 4) or parts[0] not in ("attention", "step") or not parts[1].isdigit() \
-                or int(parts[1]) < 2:
+        if len(parts) not in (3, 4) or parts[0] not in ("attention", "step") or not parts[1].isdigit() or int(parts[1]) < 2:
             raise argparse.ArgumentTypeError(f"{item!r}: want attention|step:K:latent_aware[:wN] with K >= 2")
         if parts[2] not in LATENT_AWARE:
             raise argparse.ArgumentTypeError(f"{item!r}: latent_aware must be one of {', '.join(LATENT_AWARE)}")
@@ -67,19 +67,31 @@ def device_label(device: torch.device) -> str:
 
 def requests_for(prompts, policy: str, k: int, defaults: dict) -> list[GenerationRequest]:
     return [
-        validate_request(dict(
-            prompt=p.prompt, seed=p.seed, steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
-            width=defaults["width"], height=defaults["height"], cache_interval=k,
-            cache_policy=None if policy == "exact" else policy, request_id=f"q{i}",
-        ))
+        validate_request(
+            dict(
+                prompt=p.prompt,
+                seed=p.seed,
+                steps=defaults["steps"],
+                guidance_scale=defaults["guidance_scale"],
+                width=defaults["width"],
+                height=defaults["height"],
+                cache_interval=k,
+                cache_policy=None if policy == "exact" else policy,
+                request_id=f"q{i}",
+            )
+        )
         for i, p in enumerate(prompts)
     ]
 
 
 def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str, warmup: int | None = None):
     """Stream `requests` through a fresh engine; return uint8 images and fresh-step counts."""
-    config = replace(base, latent_aware=latent_aware, cache_policy="attention" if policy == "exact" else policy,
-                     warmup_steps=base.warmup_steps if warmup is None else warmup)
+    config = replace(
+        base,
+        latent_aware=latent_aware,
+        cache_policy="attention" if policy == "exact" else policy,
+        warmup_steps=base.warmup_steps if warmup is None else warmup,
+    )
     engine = Engine(config, pipe)
     fresh: dict[str, int] = {}
 
@@ -122,13 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="use the first N held-out prompts (0: all)")
     parser.add_argument("--stride", type=int, default=1, help="use every Nth held-out prompt")
     parser.add_argument("--quick", action="store_true", help="K = 3 only")
-    parser.add_argument("--configs", type=parse_configs, help="comma-separated policy:K:latent_aware "
-                        "(e.g. step:2:extrapolate2,attention:3:extrapolate); exact is always measured first")
+    parser.add_argument(
+        "--configs",
+        type=parse_configs,
+        help="comma-separated policy:K:latent_aware "
+        "(e.g. step:2:extrapolate2,attention:3:extrapolate); exact is always measured first",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                        help="fp8: FP8 against bf16 on the same seeds instead of the caching configs")
-    parser.add_argument("--engine-json", type=Path, help="with --precision fp8: note the result in this "
-                        "bench/results/engine_<card>.json")
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="fp8: FP8 against bf16 on the same seeds instead of the caching configs",
+    )
+    parser.add_argument(
+        "--engine-json", type=Path, help="with --precision fp8: note the result in this bench/results/engine_<card>.json"
+    )
     args = parser.parse_args(argv)
 
     defaults = read_model_defaults(args.model)
@@ -160,12 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         if policy == "exact":
             exact_images = images
         scale = pipe.vae_scale_factor
-        flops = step_flops(pipe.transformer.config, (defaults["height"] // scale, defaults["width"] // scale),
-                           pipe.tokenizer_max_length + engine.max_sequence_length)
-        fractions = [flop_fraction(flops, f, r.steps - f, "exact" if policy == "exact" else policy)
-                     for f, r in zip(fresh, requests)]
+        flops = step_flops(
+            pipe.transformer.config,
+            (defaults["height"] // scale, defaults["width"] // scale),
+            pipe.tokenizer_max_length + engine.max_sequence_length,
+        )
+        fractions = [
+            flop_fraction(flops, f, r.steps - f, "exact" if policy == "exact" else policy) for f, r in zip(fresh, requests)
+        ]
         row = dict(
-            policy=policy, cache_interval=k, latent_aware=latent_aware, warmup_steps=warmup,
+            policy=policy,
+            cache_interval=k,
+            latent_aware=latent_aware,
+            warmup_steps=warmup,
             judge_accuracy=judge_images(images, captions),
             ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact_images)])),
             psnr_vs_exact=float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, exact_images)])),
@@ -177,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{policy} K={k}" + (f" w{warmup}" if warmup != base.warmup_steps else "")
         columns.append((f"{label}\n{latent_aware}" if policy != "exact" else "exact\n", images))
         write_results(args, argv, rows, columns, prompts, defaults, device)
-        tqdm.write(f"{policy:9s} K={k} {latent_aware:11s} acc={row['judge_accuracy']:.3f} "
-                   f"ssim={row['ssim_vs_exact']:.4f} psnr={row['psnr_vs_exact']:.2f} flops={row['flop_fraction']:.3f}")
+        tqdm.write(
+            f"{policy:9s} K={k} {latent_aware:11s} acc={row['judge_accuracy']:.3f} "
+            f"ssim={row['ssim_vs_exact']:.4f} psnr={row['psnr_vs_exact']:.2f} flops={row['flop_fraction']:.3f}"
+        )
 
     result = write_results(args, argv, rows, columns, prompts, defaults, device)
     print(markdown_table(result))
@@ -191,9 +221,16 @@ def write_results(args, argv, rows, columns, prompts, defaults, device) -> dict:
     cached = [r for r in rows if r["policy"] == "attention" and r["cache_interval"] == 3]
     best = max(cached, key=lambda r: (r["psnr_vs_exact"], r["judge_accuracy"])) if cached else None
     result = dict(
-        model=Path(args.model).name, card=device_label(device), torch=torch.__version__, dtype=args.dtype,
-        prompts=len(prompts), steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
-        batch=args.batch, exact_accuracy=exact_accuracy, rows=rows,
+        model=Path(args.model).name,
+        card=device_label(device),
+        torch=torch.__version__,
+        dtype=args.dtype,
+        prompts=len(prompts),
+        steps=defaults["steps"],
+        guidance_scale=defaults["guidance_scale"],
+        batch=args.batch,
+        exact_accuracy=exact_accuracy,
+        rows=rows,
         best_latent_aware_attention_k3=best["latent_aware"] if best else None,
         command="python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
     )
@@ -215,8 +252,10 @@ def markdown_table(result: dict) -> str:
     ]
     for r in result["rows"]:
         p = "∞" if r["psnr_vs_exact"] >= PSNR_CAP else f"{r['psnr_vs_exact']:.2f}"
-        lines.append(f"| {r['policy']} | {r['cache_interval']} | {r['latent_aware']} | {r['judge_accuracy']:.1%} | "
-                     f"{r['ssim_vs_exact']:.4f} | {p} | {r['flop_fraction']:.3f} |")
+        lines.append(
+            f"| {r['policy']} | {r['cache_interval']} | {r['latent_aware']} | {r['judge_accuracy']:.1%} | "
+            f"{r['ssim_vs_exact']:.4f} | {p} | {r['flop_fraction']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

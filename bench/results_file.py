@@ -1,4 +1,5 @@
 """The two result files of bench/engine_bench.py (engine_<card>.json, caching_<card>.json)."""
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ the PNG goes where the API's local storage serves it from.
 
     python -m bench.rq_diffusers --model random:sd3-medium --compile --warm-sizes 1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,39 @@ def load(model: str, compile: bool) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def generate(prompt: str, negative_prompt: str = "", width: int = 1024, height: int = 1024, steps: int = 28,
-             guidance_scale: float = 7.0, seed: int = 0, **_ignored) -> dict:
+def generate(
+    prompt: str,
+    negative_prompt: str = "",
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 28,
+    guidance_scale: float = 7.0,
+    seed: int = 0,
+    **_ignored,
+) -> dict:
     start = time.perf_counter()
-    image = PIPE(prompt, negative_prompt=negative_prompt, width=width, height=height, num_inference_steps=steps,
-                 guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    image = PIPE(
+        prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
     job = get_current_job()
     assert job is not None, "run by an RQ worker"
     key = f"{KEY_PREFIX}{job.id}.png"
     STORAGE.put(key, _png(image))
-    return {"image_key": key, "image_url": STORAGE.url(key), "seed": seed, "width": width, "height": height,
-            "steps": steps, "timings": {"generate_seconds": round(time.perf_counter() - start, 4)}}
+    return {
+        "image_key": key,
+        "image_url": STORAGE.url(key),
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "timings": {"generate_seconds": round(time.perf_counter() - start, 4)},
+    }
 
 
 def _png(image) -> bytes:

@@ -1,4 +1,5 @@
 """One measured generation: diffusers' pipeline as its users call it, or the sd3serve engine."""
+
 from __future__ import annotations
 
 import itertools
@@ -25,19 +26,31 @@ def prompts(tag: str, n: int, unique: bool = True) -> list[str]:
     return [f"{tag} {i}: a {WORDS[i % 10]} {WORDS[(i * 3 + 1) % 10]} at {WORDS[(i * 7 + 2) % 10]}" for i in range(n)]
 
 
-def requests(tag: str, n: int, size: int, steps: int, k: int = 1, policy: str | None = None,
-             seed: int = 1000, unique: bool = True) -> list[GenerationRequest]:
+def requests(
+    tag: str, n: int, size: int, steps: int, k: int = 1, policy: str | None = None, seed: int = 1000, unique: bool = True
+) -> list[GenerationRequest]:
     """`n` requests of one size arriving together (distinct prompts and seeds)."""
     return [
-        validate_request(dict(prompt=p, seed=seed + i, steps=steps, width=size, height=size,
-                              guidance_scale=GUIDANCE, cache_interval=k, cache_policy=policy))
+        validate_request(
+            dict(
+                prompt=p,
+                seed=seed + i,
+                steps=steps,
+                width=size,
+                height=size,
+                guidance_scale=GUIDANCE,
+                cache_interval=k,
+                cache_policy=policy,
+            )
+        )
         for i, p in enumerate(prompts(tag, n, unique))
     ]
 
 
 def make_engine(pipe, device, dtype: str, max_batch: int, speed: SpeedOptions) -> Engine:
-    config = EngineConfig(model="random-weights", device=str(device), dtype=dtype, max_batch=max_batch,
-                          admit_per_boundary=max_batch, compile="off")
+    config = EngineConfig(
+        model="random-weights", device=str(device), dtype=dtype, max_batch=max_batch, admit_per_boundary=max_batch, compile="off"
+    )
     return Engine(config, pipe, speed=speed)
 
 
@@ -81,8 +94,15 @@ def run_engine(engine: Engine, device, reqs: list[GenerationRequest]) -> EngineR
             peaks.append(torch.cuda.max_memory_allocated(device))  # host-side counter: no sync
 
     run = timed(device, lambda: engine.generate(reqs, progress=progress), clock)
-    return EngineRun(run.seconds, run.ms_per_step, run.peak_bytes, run.step_ms, run.gc_ms, fresh,
-                     peaks[-2] if len(peaks) > 1 else run.peak_bytes)
+    return EngineRun(
+        run.seconds,
+        run.ms_per_step,
+        run.peak_bytes,
+        run.step_ms,
+        run.gc_ms,
+        fresh,
+        peaks[-2] if len(peaks) > 1 else run.peak_bytes,
+    )
 
 
 def capture_latents(engine: Engine) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ each: a closed-loop saturation run (its maximum images/min), then open-loop Pois
     python -m bench.serving --system rq-diffusers-compiled --model random:sd3-medium --size 1024 \\
         --saturate 2 --rate-fractions 0.5,0.8,1.1,1.5 --out bench/results/serving_h200.json --call a
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,16 @@ def worker_command(args: argparse.Namespace, offline_out: Path) -> list[str]:
     if args.system == "sd3serve":
         cmd = [sys.executable, "-m", "bench.serving_worker", "--warm-sizes", sizes if len(args.size) > 1 else ""]
         if args.offline_batch:
-            cmd += ["--offline-batch", str(args.offline_batch), "--offline-sizes", sizes,
-                    "--offline-steps", str(args.steps), "--offline-out", str(offline_out)]
+            cmd += [
+                "--offline-batch",
+                str(args.offline_batch),
+                "--offline-sizes",
+                sizes,
+                "--offline-steps",
+                str(args.steps),
+                "--offline-out",
+                str(offline_out),
+            ]
         return cmd
     cmd = [sys.executable, "-m", "bench.rq_diffusers", "--model", args.model, "--warm-sizes", sizes]
     return cmd + (["--compile"] if args.system == "rq-diffusers-compiled" else [])
@@ -47,13 +56,31 @@ def worker_command(args: argparse.Namespace, offline_out: Path) -> list[str]:
 
 def row_of(result: dict, system: str, call: str, size_label: str) -> dict:
     s, c = result["summary"], result["config"]
-    return dict(system=system, size=size_label, mode=c["mode"], rate_per_s=c["rate"] or None,
-                concurrency=c["concurrency"] or None, duration_s=c["duration_s"], cache_interval=c["cache_interval"],
-                submitted=s["submitted"], rejected=s["rejected"], completed=s["completed"], failed=s["failed"],
-                lost=s["lost"], duplicates=s["duplicates"], p50_s=s["p50_s"], p95_s=s["p95_s"], p99_s=s["p99_s"],
-                queue_wait_s=s["queue_wait_s"], images_per_min=s["images_per_min"], gpu_busy=s["gpu_busy"],
-                by_size=s["by_size"], call=call, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                jobs=compact_jobs(result["jobs"]))
+    return dict(
+        system=system,
+        size=size_label,
+        mode=c["mode"],
+        rate_per_s=c["rate"] or None,
+        concurrency=c["concurrency"] or None,
+        duration_s=c["duration_s"],
+        cache_interval=c["cache_interval"],
+        submitted=s["submitted"],
+        rejected=s["rejected"],
+        completed=s["completed"],
+        failed=s["failed"],
+        lost=s["lost"],
+        duplicates=s["duplicates"],
+        p50_s=s["p50_s"],
+        p95_s=s["p95_s"],
+        p99_s=s["p99_s"],
+        queue_wait_s=s["queue_wait_s"],
+        images_per_min=s["images_per_min"],
+        gpu_busy=s["gpu_busy"],
+        by_size=s["by_size"],
+        call=call,
+        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        jobs=compact_jobs(result["jobs"]),
+    )
 
 
 def compact_jobs(jobs: list[dict]) -> list[list]:
@@ -90,14 +117,29 @@ def _serve(args: argparse.Namespace, stack: Stack, modes: list, size_label: str,
     stack.start_worker(worker_command(args, offline_out), name=args.system)
     stack.wait_for_worker(timeout=args.ready_timeout)
     ready_seconds = time.monotonic() - started
-    base = LoadConfig(url=stack.api_url, duration_s=args.duration, max_seconds=args.max_seconds,
-                      sizes=tuple(args.size), steps=args.steps, guidance_scale=args.guidance,
-                      seed=args.seed, redis_url=stack.redis_url, concurrency=1)
+    base = LoadConfig(
+        url=stack.api_url,
+        duration_s=args.duration,
+        max_seconds=args.max_seconds,
+        sizes=tuple(args.size),
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        redis_url=stack.redis_url,
+        concurrency=1,
+    )
     warm = replace(base, concurrency=2, duration_s=0.5, max_requests=2 * len(args.size), max_seconds=900)
     run_load(warm)  # first jobs through the whole path (graph captures, allocator growth)
     offline = json.loads(offline_out.read_text()) if offline_out.exists() else None
-    info = dict(system=args.system, model=args.model, ready_seconds=round(ready_seconds, 1), offline=offline,
-                max_batch=args.max_batch, api_workers=args.api_workers, call=args.call)
+    info = dict(
+        system=args.system,
+        model=args.model,
+        ready_seconds=round(ready_seconds, 1),
+        offline=offline,
+        max_batch=args.max_batch,
+        api_workers=args.api_workers,
+        call=args.call,
+    )
     for system, k in modes:
         saturated = None
         if args.saturate:
@@ -136,13 +178,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, action="append", help="square side; repeat for a mixed run")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--cache-intervals", type=lambda t: [int(x) for x in t.split(",")], default=[1, 3],
-                   help="sd3serve: which of exact (1) and the default caching (3) to run")
+    p.add_argument(
+        "--cache-intervals",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[1, 3],
+        help="sd3serve: which of exact (1) and the default caching (3) to run",
+    )
     p.add_argument("--saturate", type=int, default=0, help="closed-loop concurrency (0: no saturation run)")
     p.add_argument("--sat-duration", type=float, default=60.0)
     p.add_argument("--rates", type=floats, default=[], help="open-loop arrivals per second")
-    p.add_argument("--mode-rates", type=mode_rates, default={},
-                   help="sd3serve: open-loop rates per cache interval, e.g. '3=0.6,1.1;1=0.9,1.2'")
+    p.add_argument(
+        "--mode-rates",
+        type=mode_rates,
+        default={},
+        help="sd3serve: open-loop rates per cache interval, e.g. '3=0.6,1.1;1=0.9,1.2'",
+    )
     p.add_argument("--rate-fractions", type=floats, default=[], help="open-loop rates as fractions of saturation")
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--max-seconds", type=float, default=400.0, help="hard cap per run, draining included")

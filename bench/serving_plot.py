@@ -3,6 +3,7 @@
 
     python -m bench.serving_plot bench/results/serving_h200.json --size 1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,7 @@ def plot(data: dict, size: str, out: Path) -> None:
     rows = [r for r in data["rows"] if r["size"] == size]
     top = max([r["rate_per_s"] for r in rows if r["mode"] == "open"] + [0.1])
     for system, (colour, marker) in STYLE.items():
-        open_rows = sorted((r for r in rows if r["system"] == system and r["mode"] == "open"),
-                           key=lambda r: r["rate_per_s"])
+        open_rows = sorted((r for r in rows if r["system"] == system and r["mode"] == "open"), key=lambda r: r["rate_per_s"])
         if not open_rows:
             continue
         rates = [r["rate_per_s"] for r in open_rows]
@@ -39,10 +39,15 @@ def plot(data: dict, size: str, out: Path) -> None:
         if closed:
             thr.axhline(closed[-1]["images_per_min"], color=colour, ls="--", lw=0.8)
     thr.plot([0, top], [0, 60 * top], color="black", lw=0.6, ls=":", label="offered")
-    lat.set(xlabel="arrival rate (requests/s, Poisson)", ylabel="end-to-end latency (s)", yscale="log",
-            title=f"(a) latency: p95 solid, p50 dotted — {size}²")
-    thr.set(xlabel="arrival rate (requests/s, Poisson)", ylabel="images/min",
-            title="(b) throughput; dashed: saturated (closed loop)")
+    lat.set(
+        xlabel="arrival rate (requests/s, Poisson)",
+        ylabel="end-to-end latency (s)",
+        yscale="log",
+        title=f"(a) latency: p95 solid, p50 dotted — {size}²",
+    )
+    thr.set(
+        xlabel="arrival rate (requests/s, Poisson)", ylabel="images/min", title="(b) throughput; dashed: saturated (closed loop)"
+    )
     lat.legend(fontsize=8)
     thr.legend(fontsize=8)
     for ax in (lat, thr):

@@ -1,5 +1,6 @@
 """The processes of one serving benchmark: a private redis-server, the API under uvicorn and one
 worker, each logging to a file in the run's folder, all stopped on exit."""
+
 from __future__ import annotations
 
 import os
@@ -40,20 +41,44 @@ class Stack:
         self.redis_port, self.api_port = free_port(), free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.api_url = f"http://127.0.0.1:{self.api_port}"
-        self.env = dict(os.environ, **env, SD3SERVE_REDIS_URL=self.redis_url, SD3SERVE_STORAGE="local",
-                        SD3SERVE_DATA_DIR=str(work / "data"), SD3SERVE_MAX_QUEUED="100000",
-                        SD3SERVE_QUEUE=QUEUE, PYTHONUNBUFFERED="1")
+        self.env = dict(
+            os.environ,
+            **env,
+            SD3SERVE_REDIS_URL=self.redis_url,
+            SD3SERVE_STORAGE="local",
+            SD3SERVE_DATA_DIR=str(work / "data"),
+            SD3SERVE_MAX_QUEUED="100000",
+            SD3SERVE_QUEUE=QUEUE,
+            PYTHONUNBUFFERED="1",
+        )
         self.redis_server = redis_server
         self.api_workers = api_workers
         self.processes: dict[str, subprocess.Popen] = {}
         self.worker_name = ""
 
     def __enter__(self) -> "Stack":
-        self._spawn("redis", [self.redis_server, "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no"])
+        self._spawn(
+            "redis",
+            [self.redis_server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        )
         self._wait(lambda: self._redis().ping(), "redis-server", 20)
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
-                            "--port", str(self.api_port), "--workers", str(self.api_workers), "--log-level", "warning"])
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--workers",
+                str(self.api_workers),
+                "--log-level",
+                "warning",
+            ],
+        )
         self._wait(lambda: httpx.get(f"{self.api_url}/readyz", timeout=2).raise_for_status(), "the API", 60)
         return self
 
@@ -95,8 +120,9 @@ class Stack:
 
     def _spawn(self, name: str, command: list[str], extra_env: dict[str, str] | None = None) -> None:
         log = open(self.work / f"{name}.log", "wb")
-        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                                env=dict(self.env, **(extra_env or {})))
+        self.processes[name] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(self.env, **(extra_env or {}))
+        )
 
     def _wait(self, probe, what: str, timeout: float, process: str | None = None) -> None:
         deadline = time.monotonic() + timeout

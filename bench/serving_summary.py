@@ -1,5 +1,6 @@
 """serving_<card>.json: the rows of every serving run (merged across device calls) and the
 summary the serving-under-load issue asks for, recomputed from the rows on every save."""
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,24 @@ def saturated(rows: list[dict], system: str, size: str) -> float | None:
 
 def sustained_rate(rows: list[dict], system: str, size: str) -> float | None:
     """The highest open-loop rate `system` kept up with (images out >= 95 % of jobs in, none lost)."""
-    ok = [r["rate_per_s"] for r in rows if r["system"] == system and r["size"] == size and r["mode"] == "open"
-          and r["lost"] == 0 and r["images_per_min"] >= SUSTAINED * 60 * r["rate_per_s"]]
+    ok = [
+        r["rate_per_s"]
+        for r in rows
+        if r["system"] == system
+        and r["size"] == size
+        and r["mode"] == "open"
+        and r["lost"] == 0
+        and r["images_per_min"] >= SUSTAINED * 60 * r["rate_per_s"]
+    ]
     return max(ok) if ok else None
 
 
 def open_row(rows: list[dict], system: str, size: str, rate: float) -> dict | None:
-    found = [r for r in rows if r["system"] == system and r["size"] == size and r["mode"] == "open"
-             and abs(r["rate_per_s"] - rate) <= 0.01 * rate]
+    found = [
+        r
+        for r in rows
+        if r["system"] == system and r["size"] == size and r["mode"] == "open" and abs(r["rate_per_s"] - rate) <= 0.01 * rate
+    ]
     return found[-1] if found else None
 
 
@@ -65,18 +76,20 @@ def summarize(data: dict) -> dict:
         rows=len(rows),
     )
     for baseline, suffix in ((BASELINE, ""), (EAGER, "_vs_eager")):
-        summary[f"throughput_ratio_exact_1024{suffix}"] = _ratio(saturated(rows, "sd3serve-exact", "1024"),
-                                                                 saturated(rows, baseline, "1024"))
-        summary[f"throughput_ratio_cached_1024{suffix}"] = _ratio(saturated(rows, "sd3serve-k3", "1024"),
-                                                                  saturated(rows, baseline, "1024"))
-        summary[f"throughput_ratio_exact_512{suffix}"] = _ratio(saturated(rows, "sd3serve-exact", "512"),
-                                                                saturated(rows, baseline, "512"))
+        summary[f"throughput_ratio_exact_1024{suffix}"] = _ratio(
+            saturated(rows, "sd3serve-exact", "1024"), saturated(rows, baseline, "1024")
+        )
+        summary[f"throughput_ratio_cached_1024{suffix}"] = _ratio(
+            saturated(rows, "sd3serve-k3", "1024"), saturated(rows, baseline, "1024")
+        )
+        summary[f"throughput_ratio_exact_512{suffix}"] = _ratio(
+            saturated(rows, "sd3serve-exact", "512"), saturated(rows, baseline, "512")
+        )
         rate = sustained_rate(rows, baseline, "1024")
         ours = open_row(rows, "sd3serve-k3", "1024", rate) if rate else None
         theirs = open_row(rows, baseline, "1024", rate) if rate else None
         summary[f"baseline_sustained_rate_1024{suffix}"] = rate
-        summary[f"p95_ratio_at_baseline_capacity{suffix}"] = (
-            _ratio(ours["p95_s"], theirs["p95_s"]) if ours and theirs else None)
+        summary[f"p95_ratio_at_baseline_capacity{suffix}"] = _ratio(ours["p95_s"], theirs["p95_s"]) if ours and theirs else None
     for name, system, k in (("worker_efficiency", "sd3serve-exact", 1), ("worker_efficiency_cached", "sd3serve-k3", 3)):
         offline, batch = offline_images_per_s(data, 1024, k)
         sat = saturated(rows, system, "1024")
@@ -95,8 +108,14 @@ def mixed_size_summary(rows: list[dict]) -> dict:
             continue
         for size, stats in r["by_size"].items():
             share = stats["completed"] / max(r["completed"], 1)
-            singles = [s for s in rows if s["system"] == r["system"] and s["size"] == size and s["mode"] == "open"
-                       and s["rate_per_s"] >= share * r["rate_per_s"] * 0.99]
+            singles = [
+                s
+                for s in rows
+                if s["system"] == r["system"]
+                and s["size"] == size
+                and s["mode"] == "open"
+                and s["rate_per_s"] >= share * r["rate_per_s"] * 0.99
+            ]
             single = min(singles, key=lambda s: s["rate_per_s"]) if singles else None
             key = f"mixed_p95_vs_single_{r['system']}_{size}_at_{r['rate_per_s']}"
             out[key] = _ratio(stats["p95_s"], single["p95_s"]) if single else None

@@ -9,6 +9,7 @@ worker's overhead (Redis, RQ bookkeeping, PNG encoding, storage) is a measured f
 
     SD3SERVE_MODEL=random:sd3-medium python -m bench.serving_worker --offline-batch 16 --offline-out o.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,19 @@ def offline_images_per_s(engine, batch: int, size: int, steps: int, cache_interv
     import torch
 
     def requests(tag: str) -> list[GenerationRequest]:
-        return [GenerationRequest(prompt=f"offline {tag} {i}", width=size, height=size, steps=steps,
-                                  guidance_scale=7.0, seed=i, cache_interval=cache_interval,
-                                  request_id=f"offline-{tag}-{i}") for i in range(batch)]
+        return [
+            GenerationRequest(
+                prompt=f"offline {tag} {i}",
+                width=size,
+                height=size,
+                steps=steps,
+                guidance_scale=7.0,
+                seed=i,
+                cache_interval=cache_interval,
+                request_id=f"offline-{tag}-{i}",
+            )
+            for i in range(batch)
+        ]
 
     engine.generate(requests("warm"))
     times = []
@@ -42,8 +53,14 @@ def offline_images_per_s(engine, batch: int, size: int, steps: int, cache_interv
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return dict(batch=batch, size=size, steps=steps, cache_interval=cache_interval,
-                seconds=[round(t, 3) for t in times], images_per_s=round(batch / min(times), 4))
+    return dict(
+        batch=batch,
+        size=size,
+        steps=steps,
+        cache_interval=cache_interval,
+        seconds=[round(t, 3) for t in times],
+        images_per_s=round(batch / min(times), 4),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     warm_seconds = engine.warm_up()
     for size in [int(s) for s in args.warm_sizes.split(",") if s]:
         for k in (1, 3):
-            engine.generate([GenerationRequest(prompt="warm", width=size, height=size, steps=4, seed=i,
-                                               cache_interval=k, request_id=f"warm-{size}-{k}-{i}") for i in range(2)])
+            engine.generate(
+                [
+                    GenerationRequest(
+                        prompt="warm",
+                        width=size,
+                        height=size,
+                        steps=4,
+                        seed=i,
+                        cache_interval=k,
+                        request_id=f"warm-{size}-{k}-{i}",
+                    )
+                    for i in range(2)
+                ]
+            )
     results: dict[str, Any] = dict(warm_up_seconds=round(warm_seconds, 1), runs=[])
     if args.offline_batch:
         for size in [int(s) for s in args.offline_sizes.split(",") if s]:

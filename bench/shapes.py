@@ -1,5 +1,6 @@
 """Benchmark shapes: the random-weight pipelines live in engine/random_model.py (a worker can serve
 one with `--model random:sd3-medium`); this module adds the fixed inputs of one forward."""
+
 from __future__ import annotations
 
 import torch

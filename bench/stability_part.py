@@ -9,6 +9,7 @@ the VAE decode and PIL images; not timed: text encoding (random conditioning) an
 moves of the models between host and GPU per image (timed once, in the `stability_ref` note).
 The diffusers pipeline waits on the host meanwhile, so peak memory counts the reference alone.
 """
+
 from __future__ import annotations
 
 import gc
@@ -49,22 +50,40 @@ class StabilityRefPart(BenchParts):
                     for rep in range(self.reps(batch)):
                         run, latents = self._run(ref, model, vae, size, batch, a.steps, uncond, seed=100 * rep)
                         vae_ms = run.step_ms[-1] if len(run.step_ms) > a.steps else None
-                        self.results.add("engine", row(SYSTEM, MODE, self.model, size, batch, a.steps, run, rep=rep,
-                                                       vae_decode_ms=None if vae_ms is None else round(vae_ms, 1),
-                                                       text_tokens=sr.TEXT_TOKENS, batched_through_sampler=batch > 1))
+                        self.results.add(
+                            "engine",
+                            row(
+                                SYSTEM,
+                                MODE,
+                                self.model,
+                                size,
+                                batch,
+                                a.steps,
+                                run,
+                                rep=rep,
+                                vae_decode_ms=None if vae_ms is None else round(vae_ms, 1),
+                                text_tokens=sr.TEXT_TOKENS,
+                                batched_through_sampler=batch > 1,
+                            ),
+                        )
                         finite[f"{size}_b{batch}"] = bool(torch.isfinite(latents).all())
-            self.results.note("stability_ref", dict(
-                source=f"github Stability-AI/sd3.5 at {ref.commit} (.vendor/sd3.5, not committed)",
-                model=f"MMDiTX depth {shape.depth}, patch {shape.patch_size}, {shape.in_channels} channels, "
-                      f"adm {shape.adm_in_channels}, context Linear {shape.context_in}->{64 * shape.depth}, "
-                      f"random weights, {str(dtype).removeprefix('torch.')}",
-                sampler="sd3_impls.sample_euler (fp16 autocast) over CFGDenoiser, shift 3.0, the driver's sigmas",
-                text_tokens=f"{sr.TEXT_TOKENS} (77 CLIP + 77 T5; diffusers: 77 + 256 = 333)",
-                timed=f"noise, {a.steps} sampler steps, latent format, SDVAE.decode, PIL",
-                excluded="text encoders (random conditioning: its tokenizers need the hub); the driver's "
-                         "model moves host<->GPU around each image (driver_model_moves_seconds)",
-                driver_model_moves_seconds=moves, latents_finite=finite,
-                peak_memory="the diffusers pipeline waits on the host: peak counts the reference alone"))
+            self.results.note(
+                "stability_ref",
+                dict(
+                    source=f"github Stability-AI/sd3.5 at {ref.commit} (.vendor/sd3.5, not committed)",
+                    model=f"MMDiTX depth {shape.depth}, patch {shape.patch_size}, {shape.in_channels} channels, "
+                    f"adm {shape.adm_in_channels}, context Linear {shape.context_in}->{64 * shape.depth}, "
+                    f"random weights, {str(dtype).removeprefix('torch.')}",
+                    sampler="sd3_impls.sample_euler (fp16 autocast) over CFGDenoiser, shift 3.0, the driver's sigmas",
+                    text_tokens=f"{sr.TEXT_TOKENS} (77 CLIP + 77 T5; diffusers: 77 + 256 = 333)",
+                    timed=f"noise, {a.steps} sampler steps, latent format, SDVAE.decode, PIL",
+                    excluded="text encoders (random conditioning: its tokenizers need the hub); the driver's "
+                    "model moves host<->GPU around each image (driver_model_moves_seconds)",
+                    driver_model_moves_seconds=moves,
+                    latents_finite=finite,
+                    peak_memory="the diffusers pipeline waits on the host: peak counts the reference alone",
+                ),
+            )
         finally:
             del model, vae
             gc.collect()
@@ -72,16 +91,18 @@ class StabilityRefPart(BenchParts):
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _run(self, ref: sr.Reference, model, vae, size: int, batch: int, steps: int, uncond: sr.Conditioning,
-             seed: int) -> tuple[Run, torch.Tensor]:
+    def _run(
+        self, ref: sr.Reference, model, vae, size: int, batch: int, steps: int, uncond: sr.Conditioning, seed: int
+    ) -> tuple[Run, torch.Tensor]:
         cond = sr.random_conditioning(sr.SHAPES[self.model], batch, self.device, uncond.y.dtype, seed=seed + 1)
         uncond_rows = sr.Conditioning(uncond.c_crossattn.expand(batch, -1, -1), uncond.y.expand(batch, -1))
         clock = StepClock(self.device)
         out = {}
 
         def go():
-            out["latents"], _ = sr.generate(ref, model, vae, [seed + i for i in range(batch)], size, steps,
-                                            GUIDANCE, cond, uncond_rows, mark=clock.mark)
+            out["latents"], _ = sr.generate(
+                ref, model, vae, [seed + i for i in range(batch)], size, steps, GUIDANCE, cond, uncond_rows, mark=clock.mark
+            )
 
         run = timed(self.device, go, clock)
         return run, out["latents"]

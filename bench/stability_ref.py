@@ -15,6 +15,7 @@ the hub's tokenizers and real checkpoints):
   around every decode; here both stay on the GPU (the moves are timed once, on the side);
 - its weights are fp16 under fp16 autocast, ours bf16.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -71,11 +72,13 @@ def load_reference(vendor: Path = VENDOR) -> Reference:
     if missing:
         raise ReferenceUnavailable(
             f"Stability's reference sampler is not in {vendor} (missing {', '.join(missing)}): run "
-            "`bash bench/fetch_stability_ref.sh <git mirror or checkout of Stability-AI/sd3.5>` and carry .vendor")
+            "`bash bench/fetch_stability_ref.sh <git mirror or checkout of Stability-AI/sd3.5>` and carry .vendor"
+        )
     for needed in ("einops", "safetensors", "transformers", "tqdm"):
         if importlib.util.find_spec(needed) is None:
-            raise ReferenceUnavailable(f"Stability's reference sampler imports {needed}, which is not installed "
-                                       f"(pip install {needed})")
+            raise ReferenceUnavailable(
+                f"Stability's reference sampler imports {needed}, which is not installed (pip install {needed})"
+            )
     if str(vendor) not in sys.path:
         sys.path.insert(0, str(vendor))  # its files import each other as top-level modules
     commit_file = vendor / "COMMIT"
@@ -96,13 +99,23 @@ def build_model(ref: Reference, shape: MMDiTShape, device, dtype) -> Any:
             self.control_model = None
 
     mmdit = ref.mmditx.MMDiTX(
-        input_size=None, pos_embed_scaling_factor=None, pos_embed_offset=None,
-        pos_embed_max_size=shape.pos_embed_max_size, num_patches=shape.pos_embed_max_size ** 2,
-        patch_size=shape.patch_size, in_channels=shape.in_channels, depth=shape.depth,
+        input_size=None,
+        pos_embed_scaling_factor=None,
+        pos_embed_offset=None,
+        pos_embed_max_size=shape.pos_embed_max_size,
+        num_patches=shape.pos_embed_max_size**2,
+        patch_size=shape.patch_size,
+        in_channels=shape.in_channels,
+        depth=shape.depth,
         adm_in_channels=shape.adm_in_channels,
-        context_embedder_config={"target": "torch.nn.Linear",
-                                 "params": {"in_features": shape.context_in, "out_features": 64 * shape.depth}},
-        qk_norm=None, x_block_self_attn_layers=[], device=device, dtype=dtype,
+        context_embedder_config={
+            "target": "torch.nn.Linear",
+            "params": {"in_features": shape.context_in, "out_features": 64 * shape.depth},
+        },
+        qk_norm=None,
+        x_block_self_attn_layers=[],
+        device=device,
+        dtype=dtype,
     )
     return RandomWeightsModel(mmdit).eval().requires_grad_(False).to(device)
 
@@ -132,8 +145,10 @@ class Conditioning:
 
 def random_conditioning(shape: MMDiTShape, images: int, device, dtype, seed: int, tokens: int = TEXT_TOKENS) -> Conditioning:
     g = torch.Generator("cpu").manual_seed(seed)
-    return Conditioning(torch.randn(images, tokens, shape.context_in, generator=g).to(device, dtype),
-                        torch.randn(images, shape.adm_in_channels, generator=g).to(device, dtype))
+    return Conditioning(
+        torch.randn(images, tokens, shape.context_in, generator=g).to(device, dtype),
+        torch.randn(images, shape.adm_in_channels, generator=g).to(device, dtype),
+    )
 
 
 class _MarkedDenoiser(torch.nn.Module):
@@ -150,8 +165,18 @@ class _MarkedDenoiser(torch.nn.Module):
         return out
 
 
-def generate(ref: Reference, model: Any, vae: Any, seeds: list[int], size: int,
-             steps: int, cfg_scale: float, cond: Conditioning, uncond: Conditioning, mark=None):
+def generate(
+    ref: Reference,
+    model: Any,
+    vae: Any,
+    seeds: list[int],
+    size: int,
+    steps: int,
+    cfg_scale: float,
+    cond: Conditioning,
+    uncond: Conditioning,
+    mark=None,
+):
     """One sampling call over len(seeds) images (the driver does one at a time): the driver's noise
     (a CPU generator per seed), Euler with CFG under the sampler's fp16 autocast, the latent
     format's shift, then (with `vae`) the decode and PIL images as the driver's `vae_decode`.

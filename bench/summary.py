@@ -1,4 +1,5 @@
 """Summary ratios of the benchmark JSON (recomputed from the rows every time the file is saved)."""
+
 from __future__ import annotations
 
 import statistics
@@ -26,8 +27,13 @@ TARGETS = {  # issue 6, H100
 FP8_QUALITY_TARGETS = {"fp8_reference_psnr_db": 30.0}
 FP8_MAX_ACCURACY_DROP = 1.0
 # sd3serve modes and their names in the summary
-ENGINE_MODES = (("exact-fast", "exact"), ("exact-eager", "exact_eager"), ("attention-k3-fast", "cached_k3"),
-                ("exact-fp8", "fp8"), ("attention-k3-fp8", "fp8_cached"))
+ENGINE_MODES = (
+    ("exact-fast", "exact"),
+    ("exact-eager", "exact_eager"),
+    ("attention-k3-fast", "cached_k3"),
+    ("exact-fp8", "fp8"),
+    ("attention-k3-fp8", "fp8_cached"),
+)
 LATENCY_MODES = (("exact-fast", "b1_latency"), ("exact-fp8", "fp8_b1_latency"))
 DIFFUSERS_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"))
 # other systems of the seed paper's Figure 3: name in the summary -> their systems (any mode)
@@ -68,8 +74,9 @@ def engine_summary(data: dict) -> dict:
         for name, target in {**TARGETS, **FP8_QUALITY_TARGETS}.items()
     }
     drop = out.get("fp8_reference_accuracy_drop")
-    out["targets"]["fp8_reference_accuracy_drop"] = dict(target=f"<= {FP8_MAX_ACCURACY_DROP}", value=drop,
-                                                         met=drop is not None and drop <= FP8_MAX_ACCURACY_DROP)
+    out["targets"]["fp8_reference_accuracy_drop"] = dict(
+        target=f"<= {FP8_MAX_ACCURACY_DROP}", value=drop, met=drop is not None and drop <= FP8_MAX_ACCURACY_DROP
+    )
     return out
 
 
@@ -77,8 +84,9 @@ def _vs_diffusers(ips: dict, latency: dict, model: str, size: int, suffix: str) 
     """Each engine mode's best images/s and batch-1 latency over diffusers eager (`_vs_diffusers`)
     and over the best diffusers row, eager or compiled, at that size and batch (`_vs_diffusers_best`)."""
     out: dict = {}
-    bests = {label: _best(ips, system, mode, model, size) for (system, mode), label in
-             zip(DIFFUSERS_SYSTEMS, ("eager", "compiled"))}
+    bests = {
+        label: _best(ips, system, mode, model, size) for (system, mode), label in zip(DIFFUSERS_SYSTEMS, ("eager", "compiled"))
+    }
     found = [b for b in bests.values() if b]
     if not found:
         return out
@@ -87,8 +95,11 @@ def _vs_diffusers(ips: dict, latency: dict, model: str, size: int, suffix: str) 
     if eager:
         out[f"diffusers_best_images_per_s{suffix}_{size}"] = dict(value=eager[0], batch=eager[1])
     out[f"diffusers_best_any_images_per_s{suffix}_{size}"] = dict(value=best[0], batch=best[1], system=best_label)
-    b1 = [latency[(system, mode, model, size, 1)] for system, mode in DIFFUSERS_SYSTEMS
-          if latency.get((system, mode, model, size, 1))]
+    b1 = [
+        latency[(system, mode, model, size, 1)]
+        for system, mode in DIFFUSERS_SYSTEMS
+        if latency.get((system, mode, model, size, 1))
+    ]
     d1 = latency.get(("diffusers", "eager", model, size, 1))
     for mode, name in ENGINE_MODES:
         ours = _best(ips, "sd3serve", mode, model, size)
@@ -153,9 +164,7 @@ def caching_summary(data: dict) -> dict:
     out = {
         "fraction_of_ideal_min": min(r["fraction_of_ideal"] for r in cached),
         "fraction_of_ideal_mean": round(statistics.mean(r["fraction_of_ideal"] for r in cached), 3),
-        "fraction_of_ideal_at_fresh_ratio_mean": round(
-            statistics.mean(r["fraction_of_ideal_at_fresh_ratio"] for r in cached), 3
-        ),
+        "fraction_of_ideal_at_fresh_ratio_mean": round(statistics.mean(r["fraction_of_ideal_at_fresh_ratio"] for r in cached), 3),
         "rows_at_least_85pct_of_ideal": f"{sum(r['fraction_of_ideal'] >= 0.85 for r in cached)}/{len(cached)}",
         "a_non_attention_share": {f"{r['size']}_b{r['batch']}": r["a"] for r in cached if r["mode"] == "attention"},
     }

@@ -14,6 +14,7 @@ NotImplementedError("No Accelerators ... available") (xfuser/envs.py, `get_devic
 flash-attn, yunchang's flash kernels and the `av`/`beautifulsoup4` requirements are optional for
 this path: xfuser probes flash-attn in try blocks and the SD3 path imports neither.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,10 @@ class XditUnavailable(RuntimeError):
 def import_xfuser() -> Any:
     """The `xfuser` module, or a clear refusal."""
     if not torch.cuda.is_available():
-        raise XditUnavailable("xDiT (xfuser 0.7.0) needs a CUDA GPU: on a CPU-only torch its import raises "
-                              "NotImplementedError('No Accelerators ... available')")
+        raise XditUnavailable(
+            "xDiT (xfuser 0.7.0) needs a CUDA GPU: on a CPU-only torch its import raises "
+            "NotImplementedError('No Accelerators ... available')"
+        )
     try:
         import xfuser
     except ImportError as exc:
@@ -117,10 +120,16 @@ class XditPart(BenchParts):
                 del wrapped
                 torch._dynamo.reset()
         finally:
-            self.results.note("xdit", dict(
-                xfuser=_dist_version("xfuser"), distributed_env=env, path="naive (single GPU: the pipeline's own __call__)",
-                compile="xFuserArgs(use_torch_compile=True): torch.compile(transformer.forward), default mode",
-                warmup_seconds_per_shape=compile_seconds))
+            self.results.note(
+                "xdit",
+                dict(
+                    xfuser=_dist_version("xfuser"),
+                    distributed_env=env,
+                    path="naive (single GPU: the pipeline's own __call__)",
+                    compile="xFuserArgs(use_torch_compile=True): torch.compile(transformer.forward), default mode",
+                    warmup_seconds_per_shape=compile_seconds,
+                ),
+            )
             self._destroy_distributed()
 
     def _rows(self, wrapped, system: str, mode: str, compiled: bool, compile_seconds: dict[str, float]) -> None:

@@ -19,6 +19,7 @@ With `history=2` a CACHED row gets the first-order extrapolation of its last two
 outputs, `a1 + (a1 - a0) * (t - t1) / (t1 - t0)`, in step units, instead of a constant hold;
 with `history=3` the quadratic through its last three (engine/slots.py `extrapolation_weights`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,8 +62,16 @@ class CachingAttnProcessor:
         # keyed by image size, which would guard on the size and recompile for each new one.
         self.active: SlotPool | None = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args,
-                 cache_step: CacheStep | None = None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        *args,
+        cache_step: CacheStep | None = None,
+        **kwargs,
+    ):
         # Plain bools, so a compiled block inlines the path taken and guards on nothing else.
         step = cache_step
         if step is None or not step.caching:
@@ -70,8 +79,7 @@ class CachingAttnProcessor:
         if step.pools_ready:
             # Traced into a compiled block: no graph break, and the gathers, the pool writes
             # and the merge fuse with the kernels around them.
-            return self._with_cache(False, step, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                    *args, **kwargs)
+            return self._with_cache(False, step, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         return self._growing(step, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
     @torch.compiler.disable
@@ -80,8 +88,9 @@ class CachingAttnProcessor:
         kept out of the compiled graph, which would otherwise trace the allocation."""
         return self._with_cache(True, *args, **kwargs)
 
-    def _with_cache(self, grow: bool, step: CacheStep, attn, hidden_states, encoder_hidden_states=None,
-                    attention_mask=None, *args, **kwargs):
+    def _with_cache(
+        self, grow: bool, step: CacheStep, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs
+    ):
         """Gather the FRESH rows into the wrapped processor, take CACHED rows from the pool."""
         rows = step.rows
         assert rows is not None  # a caching step always has its rows
@@ -270,8 +279,9 @@ def _read_step_flags(block, args, kwargs):
     return None
 
 
-def attention_cache_bytes(transformer_config, latent_hw: tuple[int, int], text_tokens: int, rows: int,
-                          element_size: int, history: int) -> int:
+def attention_cache_bytes(
+    transformer_config, latent_hw: tuple[int, int], text_tokens: int, rows: int, element_size: int, history: int
+) -> int:
     """Memory one request's attention cache needs: per layer, image + text stream outputs per row
     (SD3.5's dual-attention layers also keep an image-only second output), `history` fresh ones each."""
     patch = transformer_config.patch_size

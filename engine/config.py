@@ -2,6 +2,7 @@
 
 Pure Python (no torch), so the API and the worker's config can share it.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,17 @@ RANDOM_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd3.5-large": {"width": 1024, "height": 1024, "steps": 28, "guidance_scale": 3.5},
 }
 RANDOM_MODELS = tuple(RANDOM_MODEL_DEFAULTS)
-COMPILE_SETTINGS = {"auto": "auto", "on": "on", "off": "off", "true": "on", "false": "off", "1": "on", "0": "off",
-                    "yes": "on", "no": "off"}
+COMPILE_SETTINGS = {
+    "auto": "auto",
+    "on": "on",
+    "off": "off",
+    "true": "on",
+    "false": "off",
+    "1": "on",
+    "0": "off",
+    "yes": "on",
+    "no": "off",
+}
 
 
 def normalize_compile(value: Any) -> str:
@@ -101,10 +111,11 @@ def random_model_name(model: str) -> str | None:
     """The shape name of a `random:<name>` model spec, None for any other model."""
     if not model.startswith(RANDOM_MODEL_PREFIX):
         return None
-    name = model[len(RANDOM_MODEL_PREFIX):]
+    name = model[len(RANDOM_MODEL_PREFIX) :]
     if name not in RANDOM_MODEL_DEFAULTS:
-        raise ValueError(f"model {model!r}: random weights come in {', '.join(RANDOM_MODELS)} "
-                         f"(e.g. {RANDOM_MODEL_PREFIX}sd3-medium)")
+        raise ValueError(
+            f"model {model!r}: random weights come in {', '.join(RANDOM_MODELS)} (e.g. {RANDOM_MODEL_PREFIX}sd3-medium)"
+        )
     return name
 
 

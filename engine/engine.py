@@ -1,4 +1,5 @@
 """The step loop: schedule -> run -> finish. One `step()` advances one sub-batch by one step."""
+
 from __future__ import annotations
 
 import gc
@@ -36,9 +37,7 @@ class Engine:
         self.speed = speed if speed is not None else speed_options_for(config, pipe._execution_device)
         self.speed_applied = apply_speed(pipe, self.speed)
         defaults = read_model_defaults(config.model)
-        self.max_sequence_length = config.max_sequence_length or defaults.get(
-            "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH
-        )
+        self.max_sequence_length = config.max_sequence_length or defaults.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
         self.limits = limits_for_model(config.limits, config.model)
         self.latent_aware = make_latent_aware(config.latent_aware)
         self.attention = AttentionCache(pipe.transformer, history=self.latent_aware.history)
@@ -199,8 +198,10 @@ class Engine:
             return 0.0
         start = time.perf_counter()
         width, height = self.limits.default_width, self.limits.default_height
-        warm = [GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", width=width, height=height)
-                for i in range(3)]
+        warm = [
+            GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", width=width, height=height)
+            for i in range(3)
+        ]
         self.generate([replace(warm[0], steps=2)])
         # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
         self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])
@@ -223,8 +224,9 @@ class Engine:
         gc.collect()
         gc.freeze()
 
-    def run(self, requests: list[GenerationRequest],
-            progress: Callable[[StepReport], None] | None = None) -> list[FinishedRequest]:
+    def run(
+        self, requests: list[GenerationRequest], progress: Callable[[StepReport], None] | None = None
+    ) -> list[FinishedRequest]:
         """The one loop that drives the engine to completion (the CLI, the stock-RQ job function,
         tests and the bench; the batching worker calls `step` itself): admit `requests` as slots
         open, step until all are done, call `progress` after every step. Returns the finished
@@ -242,7 +244,8 @@ class Engine:
                 raise RequestFailed(report.failed)
         return finished
 
-    def generate(self, requests: list[GenerationRequest],
-                 progress: Callable[[StepReport], None] | None = None) -> dict[str, Image.Image]:
+    def generate(
+        self, requests: list[GenerationRequest], progress: Callable[[StepReport], None] | None = None
+    ) -> dict[str, Image.Image]:
         """Run `requests` to completion as one step-level batch; images by request id."""
         return {item.request.request_id: item.image for item in self.run(requests, progress)}

@@ -11,6 +11,7 @@ seconds, so one slow step (a compile, say) costs its key no long wait afterwards
 steps of a key, each other key runs for at most `max_charge` plus one of its own steps (plus
 the steps not measured yet when measurements come late).
 """
+
 from __future__ import annotations
 
 import itertools

@@ -1,5 +1,6 @@
 """Which requests compute attention (FRESH) in one step of a sub-batch: the staleness bounds,
 the budget of about sum 1/K_i refreshes per step, and the most stale first. Pure Python."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,7 @@ def fresh_budget(requests: list[ScheduledRequest], credit: float | None = None) 
     return max(1, min(ceiling, math.floor(credit + 1e-9)))
 
 
-def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int,
-               credit: float | None = None) -> tuple[list[bool], float]:
+def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int, credit: float | None = None) -> tuple[list[bool], float]:
     """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first.
 
     `credit` is the FRESH share carried from the sub-batch's previous step (None: the plain

@@ -1,5 +1,6 @@
 """Fused Q/K/V for SD3's joint attention: one projection per stream instead of three, and the
 image and text queries optionally in two SDPA calls (engine/speed.py turns this on)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,7 @@ class FusedJointProcessor:
         if encoder_hidden_states is None:
             image = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
             return attn.to_out[1](attn.to_out[0](self._merge_heads(image, q.dtype)))
-        cq, ck, cv = self._project(
-            attn.to_added_qkv, encoder_hidden_states, heads, attn.norm_added_q, attn.norm_added_k
-        )
+        cq, ck, cv = self._project(attn.to_added_qkv, encoder_hidden_states, heads, attn.norm_added_q, attn.norm_added_k)
         k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
         if self.split_queries:
             image = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)

@@ -18,6 +18,7 @@ graphs share one memory pool, which is safe because they replay one at a time on
 each output is copied out before the next replay. At most `max_graphs` are held (each keeps its
 own input and output buffers); a new shape past that runs without a graph.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,7 @@ class CapturedForward:
 
 
 class ForwardGraphs:
-    def __init__(self, transformer: Any, max_tokens: int, attention: AttentionCache | None = None,
-                 max_graphs: int = 64) -> None:
+    def __init__(self, transformer: Any, max_tokens: int, attention: AttentionCache | None = None, max_graphs: int = 64) -> None:
         """For a transformer on a CUDA device. `max_tokens`: capture forwards of at most this many
         image tokens (rows × tokens per row); larger forwards keep the GPU busy on their own.
         `attention`: the cache whose cached steps may be captured too."""

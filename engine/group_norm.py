@@ -9,6 +9,7 @@ the normalisation, affine and SiLU stay plain tensor code, which inductor fuses 
 pointwise kernel. Same arithmetic as `nn.GroupNorm` in float32 (shifted sums, so no
 cancellation), then the module's dtype.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,8 +51,7 @@ def _triton_kernels():
         tl.store(out + 1, tl.sum(acc2, axis=0))
 
     @triton.jit
-    def moments_channels_last(x_ptr, shift_ptr, out_ptr, pixels, chunk,
-                              C: tl.constexpr, G: tl.constexpr, BLOCK_P: tl.constexpr):
+    def moments_channels_last(x_ptr, shift_ptr, out_ptr, pixels, chunk, C: tl.constexpr, G: tl.constexpr, BLOCK_P: tl.constexpr):
         """One program: per-group sums over `chunk` pixels of one image in NHWC (whole rows of
         C channels, so loads stay contiguous), reduced to the G groups at the end."""
         n = tl.program_id(0)
@@ -100,8 +100,7 @@ def _moments_cuda(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Ten
         chunk = cdiv(chunk, block) * block
         splits = cdiv(pixels, chunk)
         partial = torch.empty((n, splits, groups, 2), device=x.device, dtype=torch.float32)
-        moments_channels_last[(n, splits)](x, shift, partial, pixels, chunk, C=c, G=groups, BLOCK_P=block,
-                                           num_warps=8)
+        moments_channels_last[(n, splits)](x, shift, partial, pixels, chunk, C=c, G=groups, BLOCK_P=block, num_warps=8)
         sums = partial.sum(dim=1)  # (n, groups, 2)
     else:
         x = x.contiguous()
@@ -167,9 +166,13 @@ def fuse_vae_group_norms(vae: Any) -> int:
     decoder = vae.decoder
     fused = 0
     for module in decoder.modules():
-        if (isinstance(module, ResnetBlock2D) and module.time_emb_proj is None
-                and isinstance(module.nonlinearity, torch.nn.SiLU)
-                and isinstance(module.norm1, torch.nn.GroupNorm) and isinstance(module.norm2, torch.nn.GroupNorm)):
+        if (
+            isinstance(module, ResnetBlock2D)
+            and module.time_emb_proj is None
+            and isinstance(module.nonlinearity, torch.nn.SiLU)
+            and isinstance(module.norm1, torch.nn.GroupNorm)
+            and isinstance(module.norm2, torch.nn.GroupNorm)
+        ):
             module.norm1 = GroupNormSiLU(module.norm1, silu=True)
             module.norm2 = GroupNormSiLU(module.norm2, silu=True)
             module.nonlinearity = torch.nn.Identity()  # applied inside both norms now

@@ -18,6 +18,7 @@ Strategies (one interface, chosen per worker with `latent_aware`):
 - `extrapolate-sigma`, `extrapolate2-sigma`: the same polynomials in the request's sigma instead of
   its step index (the schedule's steps are uneven: with shift 3 the last ones are ~8x the first).
 """
+
 from __future__ import annotations
 
 import torch
@@ -102,8 +103,7 @@ class Extrapolate2Sigma(Extrapolate):
     clock = "sigma"
 
 
-STRATEGIES = {cls.name: cls for cls in (LatentAware, SeedRule, Extrapolate, Extrapolate2, ExtrapolateSigma,
-                                        Extrapolate2Sigma)}
+STRATEGIES = {cls.name: cls for cls in (LatentAware, SeedRule, Extrapolate, Extrapolate2, ExtrapolateSigma, Extrapolate2Sigma)}
 
 
 def make_latent_aware(name: str) -> LatentAware:

@@ -1,4 +1,5 @@
 """Loading a diffusers SD3 pipeline, its serving defaults, and the prompt-embedding LRU cache."""
+
 from __future__ import annotations
 
 import logging

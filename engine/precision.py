@@ -10,6 +10,7 @@ the per-channel shift/scale/gate of every block, so their error multiplies into 
 FP8 needs Hopper/Ada tensor cores (compute capability >= 8.9); on anything else a worker
 refuses to start (`require_precision`) rather than run slower or wrong.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,7 @@ def fp8_missing(device: torch.device) -> list[str]:
         capability = torch.cuda.get_device_capability(device)
         if capability < FP8_MIN_CAPABILITY:
             name = torch.cuda.get_device_name(device)
-            missing.append(f"FP8 tensor cores (compute capability >= 8.9); {name} has "
-                           f"{capability[0]}.{capability[1]}")
+            missing.append(f"FP8 tensor cores (compute capability >= 8.9); {name} has {capability[0]}.{capability[1]}")
     if _torchao_float8_api() is None:
         missing.append(f"torchao's float8 inference API ({FP8_INSTALL_HINT})")
     return missing
@@ -62,8 +62,9 @@ def require_precision(precision: str, device: torch.device) -> None:
     if precision == "fp8":
         missing = fp8_missing(device)
         if missing:
-            raise PrecisionUnavailable("precision fp8 needs " + " and ".join(missing)
-                                       + "; use --precision bf16 (SD3SERVE_PRECISION=bf16)")
+            raise PrecisionUnavailable(
+                "precision fp8 needs " + " and ".join(missing) + "; use --precision bf16 (SD3SERVE_PRECISION=bf16)"
+            )
 
 
 def precision_problem(config) -> str | None:

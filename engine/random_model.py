@@ -8,6 +8,7 @@ SD3's VAE with random weights, initialised on the device in the target dtype (a 
 embedding tables have the real vocabulary sizes (49408 CLIP, 32128 T5). `tiny` gives the tiny
 test pipeline (CPU smoke runs). Images from random weights are noise: benchmark use only.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -115,8 +116,7 @@ def build_text_encoders(device, dtype) -> dict:
 
 def build_vae(device, dtype) -> AutoencoderKL:
     with building(device, dtype):
-        vae = sd3_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                      sample_size=1024)
+        vae = sd3_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024)
     return _ready(vae, device, dtype)
 
 

@@ -3,6 +3,7 @@
 The API, the Python client, the CLI and the engine all validate through `validate_request`, so a
 bad request fails with the same clear message everywhere, before any compute.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,22 +100,16 @@ def _text(data: Mapping[str, Any], name: str, limits: RequestLimits, required: b
     if required and not value.strip():
         raise RequestValidationError(name, "must not be empty")
     if len(value) > limits.max_prompt_chars:
-        raise RequestValidationError(
-            name, f"is {len(value)} characters long; the limit is {limits.max_prompt_chars}"
-        )
+        raise RequestValidationError(name, f"is {len(value)} characters long; the limit is {limits.max_prompt_chars}")
     return value
 
 
 def _side(data: Mapping[str, Any], name: str, default: int, limits: RequestLimits) -> int:
     value = _int(data, name, default)
     if not limits.min_side <= value <= limits.max_side:
-        raise RequestValidationError(
-            name, f"must be between {limits.min_side} and {limits.max_side}, got {value}"
-        )
+        raise RequestValidationError(name, f"must be between {limits.min_side} and {limits.max_side}, got {value}")
     if value % limits.size_multiple:
-        raise RequestValidationError(
-            name, f"must be a multiple of {limits.size_multiple}, got {value}"
-        )
+        raise RequestValidationError(name, f"must be a multiple of {limits.size_multiple}, got {value}")
     return value
 
 
@@ -143,9 +138,7 @@ def validate_request(data: Mapping[str, Any], limits: RequestLimits = RequestLim
     if not math.isfinite(guidance):
         raise RequestValidationError("guidance_scale", f"must be finite, got {guidance}")
     if not 0.0 <= guidance <= limits.max_guidance:
-        raise RequestValidationError(
-            "guidance_scale", f"must be between 0 and {limits.max_guidance}, got {guidance}"
-        )
+        raise RequestValidationError("guidance_scale", f"must be between 0 and {limits.max_guidance}, got {guidance}")
 
     seed_value = data.get("seed")
     if seed_value is None:

@@ -5,6 +5,7 @@ With caching off this is exactly `StableDiffusion3Pipeline.__call__` for each re
 CPU-generator noise, the same `encode_prompt` embeddings, the same scheduler sigmas and the same
 float32 Euler arithmetic, just with rows of different requests (and timesteps) side by side.
 """
+
 from __future__ import annotations
 
 import os
@@ -127,14 +128,11 @@ class Runner:
         self.prepare(list(plan.requests))
         states = [self.states[r.request_id] for r in plan.requests]
         # `step`-policy requests on a CACHED step skip the transformer and reuse their velocity.
-        in_forward = [
-            fresh or req.policy != "step" for req, fresh in zip(plan.requests, plan.fresh)
-        ]
+        in_forward = [fresh or req.policy != "step" for req, fresh in zip(plan.requests, plan.fresh)]
         velocities: list[torch.Tensor | None] = [None] * len(states)
         # FRESH requests first: the attention cache then slices their rows and concatenates the
         # cached ones after them (engine/slot_pool.py) instead of gathering and scattering.
-        forward_ids = sorted((i for i, used in enumerate(in_forward) if used),
-                             key=lambda i: not plan.computes_attention(i))
+        forward_ids = sorted((i for i, used in enumerate(in_forward) if used), key=lambda i: not plan.computes_attention(i))
         if forward_ids:
             outputs = self._forward(plan, states, forward_ids)
             for i, v in zip(forward_ids, outputs):
@@ -145,7 +143,10 @@ class Runner:
                 velocities[i] = self.latent_aware.reuse_velocity(state, plan.weights[i], older)
             elif req.policy == "step":
                 state.older_velocity, state.previous_velocity, state.velocity = (
-                    state.previous_velocity, state.velocity, velocities[i])
+                    state.previous_velocity,
+                    state.velocity,
+                    velocities[i],
+                )
         self._euler(plan, states, cast(list[torch.Tensor], velocities))  # every one is set now
 
     def _forward(self, plan: StepPlan, states: list[RequestState], ids: list[int]) -> list[torch.Tensor]:
@@ -160,8 +161,7 @@ class Runner:
             out = self.graphs(step, **inputs)
         else:
             extra = {} if step is None else step.forward_kwargs()
-            out = self.pipe.transformer(**inputs, **({"joint_attention_kwargs": extra} if extra else {}),
-                                        return_dict=False)[0]
+            out = self.pipe.transformer(**inputs, **({"joint_attention_kwargs": extra} if extra else {}), return_dict=False)[0]
         velocities = []
         for i, chunk in zip(ids, out.split(rows)):
             if states[i].rows == 2:

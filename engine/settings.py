@@ -1,5 +1,6 @@
 """Typed settings from `SD3SERVE_*` environment variables, for every process's frozen config.
 Pure Python: the API, the worker and the engine all read their variables through here."""
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -28,8 +29,9 @@ def parse_value(key: str, value: str, like: Any) -> Any:
     return value
 
 
-def env_values(cls: type, env: Mapping[str, str], skip: tuple[str, ...] = (), prefix: str = PREFIX,
-               names: Mapping[str, str] | None = None) -> dict[str, Any]:
+def env_values(
+    cls: type, env: Mapping[str, str], skip: tuple[str, ...] = (), prefix: str = PREFIX, names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The fields of dataclass `cls` that `env` sets, as `<prefix><FIELD>` (or `names[field]`)."""
     names = names or {}
     values: dict[str, Any] = {}

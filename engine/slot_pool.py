@@ -1,6 +1,7 @@
 """Storage of the attention cache: per layer, output stream and image size one tensor with a
 slot per cached row (`SlotPool`), the per-step index set every layer uses (`StepRows`), and the
 gather/extrapolate/merge of CACHED rows (`merge_cached`, traced into the compiled blocks)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace

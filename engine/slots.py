@@ -10,6 +10,7 @@ are all free keeps its capacity (and its pools, with the CUDA graphs captured on
 Memory is slots × bytes per slot (`slot_bytes_of(key)`): the one figure admission budgets and
 the worker's metrics report.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -79,8 +80,9 @@ def extrapolation_weight(step: int, refreshes: tuple[int, ...]) -> float:
     return (step - refreshes[-1]) / (refreshes[-1] - refreshes[-2])
 
 
-def extrapolation_weights(step: int, refreshes: tuple[int, ...], order: int,
-                          times: Sequence[float] | None = None) -> tuple[float, float]:
+def extrapolation_weights(
+    step: int, refreshes: tuple[int, ...], order: int, times: Sequence[float] | None = None
+) -> tuple[float, float]:
     """Weights (w1, w2) of a CACHED step's polynomial extrapolation of order `order` (at most 2)
     through the last `order + 1` FRESH steps: the cached quantity is
     a2 + (a2 - a1) * w1 + (a2 - a0) * w2, with a2 the newest refresh (w = minus the Lagrange

@@ -29,6 +29,7 @@ eager pipeline within bf16 rounding.
 
 `apply_speed(pipe, options)` must run before the attention cache wraps the processors.
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,15 +79,35 @@ class SpeedOptions:
 
     @classmethod
     def fast(cls, **overrides) -> "SpeedOptions":
-        values: dict[str, Any] = dict(compile=True, fuse_qkv=True, split_queries=True, sdpa=FAST_SDPA, gelu_epilogue=True,
-                      vae_compile=True, vae_group_norm=True, text_compile=True, cuda_graphs=True)
+        values: dict[str, Any] = dict(
+            compile=True,
+            fuse_qkv=True,
+            split_queries=True,
+            sdpa=FAST_SDPA,
+            gelu_epilogue=True,
+            vae_compile=True,
+            vae_group_norm=True,
+            text_compile=True,
+            cuda_graphs=True,
+        )
         values.update(overrides)
         return cls(**values)
 
     @property
     def any(self) -> bool:
-        return any((self.compile, self.fuse_qkv, bool(self.sdpa), self.gelu_epilogue, self.vae_compile,
-                    self.cuda_graphs, self.vae_group_norm, self.text_compile, self.precision != "bf16"))
+        return any(
+            (
+                self.compile,
+                self.fuse_qkv,
+                bool(self.sdpa),
+                self.gelu_epilogue,
+                self.vae_compile,
+                self.cuda_graphs,
+                self.vae_group_norm,
+                self.text_compile,
+                self.precision != "bf16",
+            )
+        )
 
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:

@@ -1,6 +1,7 @@
 """What one engine step reports (finished, failed and canceled requests, batch size, FRESH
 ratio, step time). Pure Python (the images are PIL images), so the worker, tests and the fleet
 simulation's fake engine share the engine's own types without importing torch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -6,6 +6,7 @@ events around each step measures the step itself; `done()` hands back the steps 
 passed, a few steps late, and never blocks. On the CPU the work is done when `run` returns, so
 the host's clock is the measure.
 """
+
 from __future__ import annotations
 
 import time

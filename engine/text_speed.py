@@ -1,6 +1,7 @@
 """Regional compile of SD3's text encoders (CLIP-L, CLIP-G, T5-XXL): each encoder layer with
 dynamic shapes, as the transformer's blocks are. Prompt encoding of new requests is on the
 critical path of their first step; eagerly it is launch-bound at small batches."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -4,6 +4,7 @@
 with projection, optional T5, a 16-channel VAE and an `SD3Transformer2DModel`) in diffusers
 format, with tokenizers made from byte-level vocabularies.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,14 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 CLIP_MAX_LENGTH = 77
 
 
-def sd3_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int,
-            scaling_factor: float = 1.5305, shift_factor: float = 0.0609, **extra) -> AutoencoderKL:
+def sd3_vae(
+    block_out_channels: tuple[int, ...],
+    layers_per_block: int,
+    norm_num_groups: int,
+    scaling_factor: float = 1.5305,
+    shift_factor: float = 0.0609,
+    **extra,
+) -> AutoencoderKL:
     """SD3's VAE architecture (16 latent channels; SD3's latent scaling and shift unless given)
     at the given widths."""
     return AutoencoderKL(

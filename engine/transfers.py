@@ -1,4 +1,5 @@
 """Host <-> device copies that do not synchronise the host with the device."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """`sd3serve` entry point. Each subcommand lives in its own module, imported only when used,
 so `sd3serve up` never loads torch in the parent process."""
+
 from __future__ import annotations
 
 import argparse

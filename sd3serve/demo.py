@@ -4,6 +4,7 @@ Starts the embedded stack (Redis, API, one worker; see `sd3serve up`) unless --u
 running API, submits the prompts at once (so the worker batches them), waits, saves the PNGs to
 outputs/ and prints a table (prompt, status, seconds, file). Stops what it started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
 
-def run_demo(url: str, prompts: list[str], out: Path, steps: int | None, timeout: float,
-             headers: dict[str, str]) -> list[dict]:
+def run_demo(url: str, prompts: list[str], out: Path, steps: int | None, timeout: float, headers: dict[str, str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with httpx.Client(base_url=url, headers=headers, timeout=60, follow_redirects=True) as http:
@@ -53,8 +53,14 @@ def run_demo(url: str, prompts: list[str], out: Path, steps: int | None, timeout
                 image.raise_for_status()
                 path = out / f"{index:02d}-{slug(prompt)}.png"
                 path.write_bytes(image.content)
-            rows.append({"prompt": prompt, "status": job["status"], "seconds": seconds,
-                         "file": str(path) if path else (job.get("error") or {}).get("message", "-")})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "status": job["status"],
+                    "seconds": seconds,
+                    "file": str(path) if path else (job.get("error") or {}).get("message", "-"),
+                }
+            )
     return rows
 
 

@@ -1,4 +1,5 @@
 """`sd3serve generate`: images from prompts on this machine, as one step-level batch."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--max-batch", type=int)
     parser.add_argument("--compile", choices=("auto", "on", "off"), help="the fast exact path; auto = on for CUDA")
-    parser.add_argument("--precision", choices=("bf16", "fp8"),
-                        help="fp8: FP8 GEMMs in the transformer; needs compute capability >= 8.9 and torchao")
-    parser.add_argument("-o", "--output", type=Path, default=Path("out.png"),
-                        help="output PNG; with several prompts, a folder (default: out.png / outputs/)")
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp8"),
+        help="fp8: FP8 GEMMs in the transformer; needs compute capability >= 8.9 and torchao",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="output PNG; with several prompts, a folder (default: out.png / outputs/)",
+    )
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -51,8 +60,13 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     try:
         config = EngineConfig.from_env(
-            model=args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-            cache_policy=args.cache_policy, latent_aware=args.latent_aware, compile=args.compile,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            cache_policy=args.cache_policy,
+            latent_aware=args.latent_aware,
+            compile=args.compile,
             precision=args.precision,
         )
     except ValueError as exc:
@@ -61,8 +75,13 @@ def run(args: argparse.Namespace) -> int:
     requests = []
     for i, prompt in enumerate(prompts):
         fields = dict(
-            prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
-            width=args.width, height=args.height, cache_interval=args.cache_interval,
+            prompt=prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            width=args.width,
+            height=args.height,
+            cache_interval=args.cache_interval,
             seed=None if args.seed is None else args.seed + i,
         )
         try:

@@ -6,6 +6,7 @@ the worker (`sd3serve worker`) run as child processes with local image storage u
 dir. Ctrl-C or SIGTERM stops them all: the worker first (it finishes or requeues its batch),
 then the API, then our Redis.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,14 @@ class Child:
         self._log: IO[bytes] | None = open(log, "ab") if log else None
         # Own session: Ctrl-C reaches only us, and we stop the children in order. On Linux they
         # also get SIGTERM if we die without cleaning up.
-        self.process = subprocess.Popen(args, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT if log else None,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(
+            args,
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT if log else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -77,9 +84,18 @@ class Child:
 class Stack:
     """Redis (ours or an existing one), the API and one worker; a context manager."""
 
-    def __init__(self, data_dir: str | Path = ".sd3serve", redis_url: str | None = None, host: str = "127.0.0.1",
-                 port: int = 8000, env: Mapping[str, str] | None = None, quiet: bool = False,
-                 model: str | None = None, device: str | None = None, start_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path = ".sd3serve",
+        redis_url: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        env: Mapping[str, str] | None = None,
+        quiet: bool = False,
+        model: str | None = None,
+        device: str | None = None,
+        start_timeout: float = 300.0,
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.redis_url = redis_url or os.environ.get("SD3SERVE_REDIS_URL", DEFAULT_REDIS_URL)
         self.host = host
@@ -120,10 +136,25 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not redis_answers(self.redis_url):
             self._start_redis()
-        env = {**self.base_env, "SD3SERVE_REDIS_URL": self.redis_url, "SD3SERVE_STORAGE": "local",
-               "SD3SERVE_DATA_DIR": str(self.data_dir), "PYTHONUNBUFFERED": "1"}
-        api = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", self.host, "--port", str(self.port),
-               "--log-level", "warning"]
+        env = {
+            **self.base_env,
+            "SD3SERVE_REDIS_URL": self.redis_url,
+            "SD3SERVE_STORAGE": "local",
+            "SD3SERVE_DATA_DIR": str(self.data_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+        api = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.app:app",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self.children.append(Child("api", api, env, self._log("api")))
         worker = [sys.executable, "-m", "sd3serve.cli", "worker"]
         self.children.append(Child("worker", worker, env, self._log("worker")))
@@ -132,13 +163,14 @@ class Stack:
     def _start_redis(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise StackError(f"no Redis answers at {self.redis_url} and redis-server is not installed "
-                             "(apt-get install redis-server, or pass --redis-url)")
+            raise StackError(
+                f"no Redis answers at {self.redis_url} and redis-server is not installed "
+                "(apt-get install redis-server, or pass --redis-url)"
+            )
         port = free_port()
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--save", "",
-                "--appendonly", "yes"]
+        args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--save", "", "--appendonly", "yes"]
         self.own_redis = Child("redis", args, self.base_env, self._log("redis") or folder / "redis.log")
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + 10
@@ -198,8 +230,11 @@ def _http_ok(url: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=os.environ.get("SD3SERVE_DATA_DIR", ".sd3serve"),
-                        help="images, logs and our Redis' data go here (default .sd3serve)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("SD3SERVE_DATA_DIR", ".sd3serve"),
+        help="images, logs and our Redis' data go here (default .sd3serve)",
+    )
     parser.add_argument("--redis-url", help="use this Redis; when nothing answers there, start our own")
     parser.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="API port (default 8000; 0 picks a free one)")
@@ -209,8 +244,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    stack = Stack(args.data_dir, redis_url=args.redis_url, host=args.host, port=args.port, quiet=args.quiet,
-                  model=args.model, device=args.device)
+    stack = Stack(
+        args.data_dir,
+        redis_url=args.redis_url,
+        host=args.host,
+        port=args.port,
+        quiet=args.quiet,
+        model=args.model,
+        device=args.device,
+    )
 
     def request_stop(signum: int, frame: object) -> None:
         stack.interrupted = True
@@ -221,8 +263,11 @@ def run(args: argparse.Namespace) -> int:
         print("starting Redis, the API and a worker (loading the model)...", flush=True)
         stack.start()
         print(f"sd3serve is up: {stack.url}  (API docs {stack.url}/docs, Redis {stack.redis_url})", flush=True)
-        print(f"try: curl -X POST {stack.url}/v1/jobs -H 'content-type: application/json' "
-              "-d '{\"prompt\": \"a red circle on a blue background\"}'", flush=True)
+        print(
+            f"try: curl -X POST {stack.url}/v1/jobs -H 'content-type: application/json' "
+            '-d \'{"prompt": "a red circle on a blue background"}\'',
+            flush=True,
+        )
         print("Ctrl-C stops everything.", flush=True)
         while not stack.interrupted:
             stack.check_children()

@@ -3,6 +3,7 @@ GPU workers' processes (each batching worker also runs one; `SD3SERVE_WEBHOOK_TH
 that off). Settings: SD3SERVE_REDIS_URL, SD3SERVE_QUEUE, SD3SERVE_WEBHOOK_*, and the storage
 variables (presigned image URLs). SIGTERM or Ctrl-C stops it; claimed deliveries it could not
 finish come due again for any deliverer."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="Redis URL (SD3SERVE_REDIS_URL)")
     parser.add_argument("--queue", help="the job queue whose webhooks to deliver (SD3SERVE_QUEUE; default sd3serve)")
     parser.add_argument("--threads", type=int, help="concurrent deliveries (SD3SERVE_WEBHOOK_THREADS; default 8)")
-    parser.add_argument("--log-level", default=os.environ.get("SD3SERVE_LOG_LEVEL", "INFO"),
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument(
+        "--log-level", default=os.environ.get("SD3SERVE_LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     deliverer.start()
-    logging.getLogger("sd3serve.webhooks").info("delivering webhooks of queue %s with %d threads", queue,
-                                                  config.threads)
+    logging.getLogger("sd3serve.webhooks").info("delivering webhooks of queue %s with %d threads", queue, config.threads)
     stop.wait()
     deliverer.stop(timeout=config.timeout + 5)
     return 0

@@ -4,6 +4,7 @@ Equivalent to `rq worker --worker-class worker.BatchWorker sd3serve`, with sd3se
 as flags. Every flag has an SD3SERVE_* variable (flags win); see worker/config.py,
 engine/config.py and worker/storage.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     queue.add_argument("--heartbeat-ttl", type=int, help="seconds before a dead worker's jobs are given back")
     queue.add_argument("--maintenance-interval", type=int, help="seconds between registry clean-ups")
     queue.add_argument("--shutdown-grace", type=float, help="on SIGTERM, seconds to finish the batch")
-    queue.add_argument("--wait-for-redis", type=float, default=60.0,
-                       help="seconds to wait for Redis at start-up (default 60)")
+    queue.add_argument("--wait-for-redis", type=float, default=60.0, help="seconds to wait for Redis at start-up (default 60)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--model", help="diffusers SD3 pipeline folder or hub id (SD3SERVE_MODEL)")
     engine.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
@@ -32,11 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--admit-per-boundary", type=int, help="new requests per chunk boundary at most")
     engine.add_argument("--cache-policy", choices=("attention", "step"))
     engine.add_argument("--latent-aware", choices=("none", "seed", "extrapolate"))
-    engine.add_argument("--compile", choices=("auto", "on", "off"),
-                        help="the fast exact path (torch.compile, fused QKV); auto = on for CUDA (SD3SERVE_COMPILE)")
-    engine.add_argument("--precision", choices=("bf16", "fp8"),
-                        help="fp8: the transformer's linears as FP8 GEMMs; needs compute capability >= 8.9 "
-                             "and torchao (SD3SERVE_PRECISION; default bf16)")
+    engine.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        help="the fast exact path (torch.compile, fused QKV); auto = on for CUDA (SD3SERVE_COMPILE)",
+    )
+    engine.add_argument(
+        "--precision",
+        choices=("bf16", "fp8"),
+        help="fp8: the transformer's linears as FP8 GEMMs; needs compute capability >= 8.9 "
+        "and torchao (SD3SERVE_PRECISION; default bf16)",
+    )
     output = parser.add_argument_group("storage and metrics")
     output.add_argument("--storage", choices=("local", "s3"), help="where images go (SD3SERVE_STORAGE)")
     output.add_argument("--data-dir", help="local storage folder (SD3SERVE_DATA_DIR)")
@@ -48,13 +54,25 @@ def build_config(args: argparse.Namespace):
     from worker.config import WorkerConfig
 
     return WorkerConfig.from_env(
-        redis_url=args.redis_url, queue=args.queue, name=args.name, heartbeat_ttl=args.heartbeat_ttl,
-        maintenance_interval=args.maintenance_interval, shutdown_grace=args.shutdown_grace,
-        metrics_port=args.metrics_port, log_level=args.log_level,
-        engine_overrides=dict(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                              admit_per_boundary=args.admit_per_boundary, cache_policy=args.cache_policy,
-                              latent_aware=args.latent_aware, compile=args.compile,
-                              precision=args.precision),
+        redis_url=args.redis_url,
+        queue=args.queue,
+        name=args.name,
+        heartbeat_ttl=args.heartbeat_ttl,
+        maintenance_interval=args.maintenance_interval,
+        shutdown_grace=args.shutdown_grace,
+        metrics_port=args.metrics_port,
+        log_level=args.log_level,
+        engine_overrides=dict(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            admit_per_boundary=args.admit_per_boundary,
+            cache_policy=args.cache_policy,
+            latent_aware=args.latent_aware,
+            compile=args.compile,
+            precision=args.precision,
+        ),
         storage_overrides=dict(backend=args.storage, data_dir=args.data_dir),
     )
 

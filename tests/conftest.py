@@ -1,5 +1,6 @@
 """Shared fixtures. Imports nothing heavy at module level: the scheduler tests also run in a
 subprocess with torch blocked."""
+
 from __future__ import annotations
 
 import os

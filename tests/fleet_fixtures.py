@@ -2,6 +2,7 @@
 loopback, the API served by uvicorn, batching workers in a thread or as `sd3serve worker`
 processes. tests/conftest.py registers this module as a plugin, so its fixtures exist once per
 session for every test module; modules import only its plain helpers."""
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,16 @@ from typing import Any, Iterator
 import pytest
 
 from tests.stack_processes import ROOT as REPO, RedisServer, free_port, wait_until
+
 PYTHON = sys.executable
 S3_KEYS = {"s3_access_key": "testing", "s3_secret_key": "testing", "s3_region": "us-east-1"}
 # Short clocks so a dead worker's jobs come back in seconds (production: heartbeat 30 s, maintenance 15 s).
-FAST_CLOCKS = {"SD3SERVE_HEARTBEAT_TTL": "2", "SD3SERVE_HEARTBEAT_EVERY": "0.3",
-               "SD3SERVE_MAINTENANCE_INTERVAL": "1", "SD3SERVE_WORKER_TTL": "20"}
+FAST_CLOCKS = {
+    "SD3SERVE_HEARTBEAT_TTL": "2",
+    "SD3SERVE_HEARTBEAT_EVERY": "0.3",
+    "SD3SERVE_MAINTENANCE_INTERVAL": "1",
+    "SD3SERVE_WORKER_TTL": "20",
+}
 
 
 @pytest.fixture(scope="session")
@@ -85,10 +91,15 @@ def s3_storage_config(s3: MotoS3, bucket: str | None = None, outage: dict[str, A
     from worker.storage import RetryPolicy, StorageConfig
 
     outage = {"spool_dir": tempfile.mkdtemp(prefix="sd3serve-spool-"), **(outage or {})}
-    return StorageConfig(backend="s3", s3_endpoint_url=s3.endpoint, s3_public_url=s3.endpoint,
-                         s3_bucket=bucket or f"b-{uuid.uuid4().hex[:10]}",
-                         retry=RetryPolicy(**retry) if retry else RetryPolicy(attempts=8, backoff=0.2, max_backoff=1.0),
-                         **S3_KEYS, **outage)
+    return StorageConfig(
+        backend="s3",
+        s3_endpoint_url=s3.endpoint,
+        s3_public_url=s3.endpoint,
+        s3_bucket=bucket or f"b-{uuid.uuid4().hex[:10]}",
+        retry=RetryPolicy(**retry) if retry else RetryPolicy(attempts=8, backoff=0.2, max_backoff=1.0),
+        **S3_KEYS,
+        **outage,
+    )
 
 
 # -- the API -----------------------------------------------------------------------------------
@@ -99,8 +110,7 @@ class ApiServer:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -156,8 +166,7 @@ def tiny_engine(tiny_model_dir):
     from engine.config import EngineConfig
     from engine.engine import Engine
 
-    return Engine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu", max_batch=8,
-                                           admit_per_boundary=4))
+    return Engine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu", max_batch=8, admit_per_boundary=4))
 
 
 class ThreadWorker:
@@ -189,8 +198,9 @@ class ThreadWorker:
             raise self.error
 
 
-def make_thread_worker(engine: Any, redis_url: str, queue: str, storage_config: Any = None,
-                       tmp_path: Path | None = None, **changes: Any) -> ThreadWorker:
+def make_thread_worker(
+    engine: Any, redis_url: str, queue: str, storage_config: Any = None, tmp_path: Path | None = None, **changes: Any
+) -> ThreadWorker:
     import redis
 
     from worker.batch_worker import BatchWorker
@@ -199,8 +209,7 @@ def make_thread_worker(engine: Any, redis_url: str, queue: str, storage_config: 
 
     if storage_config is None:
         storage_config = StorageConfig(data_dir=str(tmp_path or Path("/tmp")))
-    defaults = dict(heartbeat_ttl=3, heartbeat_every=0.5, maintenance_interval=1, progress_every=1,
-                    shutdown_grace=5.0)
+    defaults = dict(heartbeat_ttl=3, heartbeat_every=0.5, maintenance_interval=1, progress_every=1, shutdown_grace=5.0)
     defaults.update(changes)
     config = WorkerConfig(redis_url=redis_url, queue=queue, engine=engine.config, storage=storage_config, **defaults)
     worker = BatchWorker([queue], connection=redis.Redis.from_url(redis_url), config=config, engine=engine)
@@ -210,12 +219,22 @@ def make_thread_worker(engine: Any, redis_url: str, queue: str, storage_config: 
 def worker_env(model_dir: Path, redis_url: str, queue: str, data_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FAST_CLOCKS)
-    env.update({
-        "SD3SERVE_REDIS_URL": redis_url, "SD3SERVE_QUEUE": queue, "SD3SERVE_MODEL": str(model_dir),
-        "SD3SERVE_DEVICE": "cpu", "SD3SERVE_MAX_BATCH": "8", "SD3SERVE_STORAGE": "local",
-        "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PROGRESS_EVERY": "1", "PYTHONUNBUFFERED": "1",
-        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-    })
+    env.update(
+        {
+            "SD3SERVE_REDIS_URL": redis_url,
+            "SD3SERVE_QUEUE": queue,
+            "SD3SERVE_MODEL": str(model_dir),
+            "SD3SERVE_DEVICE": "cpu",
+            "SD3SERVE_MAX_BATCH": "8",
+            "SD3SERVE_STORAGE": "local",
+            "SD3SERVE_DATA_DIR": str(data_dir),
+            "SD3SERVE_PROGRESS_EVERY": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -223,8 +242,9 @@ def worker_env(model_dir: Path, redis_url: str, queue: str, data_dir: Path, **ex
 class WorkerProcess:
     """`sd3serve worker` as a child process, its output in a log file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None,
-                 command: list[str] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, args: list[str] | None = None, command: list[str] | None = None
+    ) -> None:
         self.log_path = log_path
         self.log = open(log_path, "ab")
         cmd = command or [PYTHON, "-m", "sd3serve.cli", "worker", *(args or [])]

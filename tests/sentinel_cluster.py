@@ -1,5 +1,6 @@
 """A Redis master, a replica and three sentinels as real `redis-server` processes on loopback
 ports, for failover tests; every process is stopped at the end."""
+
 from __future__ import annotations
 
 import subprocess
@@ -29,8 +30,20 @@ class SentinelCluster:
     def _server(self, name: str, *extra: str) -> None:
         folder = self.directory / name
         folder.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.ports[name]), "--dir", str(folder),
-                "--save", "", "--appendonly", "no", *extra]
+        args = [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.ports[name]),
+            "--dir",
+            str(folder),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *extra,
+        ]
         self.processes[name] = subprocess.Popen(args, stdout=open(folder / "log", "ab"), stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.ports[name], socket_timeout=2)
         wait_until(lambda: _pings(client), 10, what=f"redis-server {name}")
@@ -39,8 +52,7 @@ class SentinelCluster:
         self._server("a")
         self._server("b", "--replicaof", "127.0.0.1", str(self.ports["a"]))
         replica = redis.Redis(port=self.ports["b"], socket_timeout=2)
-        wait_until(lambda: replica.info("replication").get("master_link_status") == "up", 20,
-                   what="the replica in sync")
+        wait_until(lambda: replica.info("replication").get("master_link_status") == "up", 20, what="the replica in sync")
         for index, port in enumerate(self.sentinel_ports):
             folder = self.directory / f"sentinel{index}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -50,9 +62,12 @@ class SentinelCluster:
                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.ports['a']} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} 2000\n"
                 f"sentinel failover-timeout {SERVICE} 10000\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n")
+                f"sentinel parallel-syncs {SERVICE} 1\n"
+            )
             self.processes[f"sentinel{index}"] = subprocess.Popen(
-                ["redis-server", str(conf), "--sentinel"], stdout=open(folder / "log", "ab"), stderr=subprocess.STDOUT)
+                ["redis-server", str(conf), "--sentinel"], stdout=open(folder / "log", "ab"), stderr=subprocess.STDOUT
+            )
+
         # Ready once every sentinel knows the replica and the other two sentinels.
         def sentinels_ready() -> bool:
             for port in self.sentinel_ports:

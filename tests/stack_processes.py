@@ -1,5 +1,6 @@
 """Start the stack's processes for tests: a private redis-server, the API and workers through the
 images' entrypoint scripts, all on free loopback ports, always stopped afterwards."""
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,7 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-                "--save", ""]
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory), "--save", ""]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
@@ -122,8 +122,7 @@ def redis_server(tmp: Path) -> Iterator[str]:
 def process(args: list[str], env: Mapping[str, str], log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen]:
     """Run `args` in its own process group, output to `log`; SIGTERM (then SIGKILL) at the end."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc
         finally:
@@ -149,21 +148,35 @@ def _own_group(proc: subprocess.Popen) -> bool:
 
 
 def api_env(redis_url: str, port: int, data_dir: Path, **extra: str) -> dict[str, str]:
-    return base_env(SD3SERVE_REDIS_URL=redis_url, SD3SERVE_API_HOST="127.0.0.1", SD3SERVE_API_PORT=str(port),
-                    SD3SERVE_STORAGE="local", SD3SERVE_DATA_DIR=str(data_dir), **extra)
+    return base_env(
+        SD3SERVE_REDIS_URL=redis_url,
+        SD3SERVE_API_HOST="127.0.0.1",
+        SD3SERVE_API_PORT=str(port),
+        SD3SERVE_STORAGE="local",
+        SD3SERVE_DATA_DIR=str(data_dir),
+        **extra,
+    )
 
 
 def worker_env(redis_url: str, metrics_port: int, data_dir: Path, model: Path, **extra: str) -> dict[str, str]:
-    return base_env(SD3SERVE_REDIS_URL=redis_url, SD3SERVE_METRICS_PORT=str(metrics_port),
-                    SD3SERVE_STORAGE="local", SD3SERVE_DATA_DIR=str(data_dir), SD3SERVE_MODEL=str(model),
-                    SD3SERVE_DEVICE="cpu", OMP_NUM_THREADS="1", **extra)
+    return base_env(
+        SD3SERVE_REDIS_URL=redis_url,
+        SD3SERVE_METRICS_PORT=str(metrics_port),
+        SD3SERVE_STORAGE="local",
+        SD3SERVE_DATA_DIR=str(data_dir),
+        SD3SERVE_MODEL=str(model),
+        SD3SERVE_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
 
 
 class Stack:
     """A running private Redis + API + one worker, started through the images' entrypoints."""
 
-    def __init__(self, redis_url: str, api_port: int, metrics_port: int, worker_name: str,
-                 api_log: Path, worker_log: Path) -> None:
+    def __init__(
+        self, redis_url: str, api_port: int, metrics_port: int, worker_name: str, api_log: Path, worker_log: Path
+    ) -> None:
         self.redis_url = redis_url
         self.api = f"http://127.0.0.1:{api_port}"
         self.worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -176,8 +189,9 @@ class Stack:
 
 
 @contextmanager
-def running_stack(tmp: Path, model: Path, api_env_extra: Mapping[str, str] | None = None,
-                  worker_env_extra: Mapping[str, str] | None = None) -> Iterator[Stack]:
+def running_stack(
+    tmp: Path, model: Path, api_env_extra: Mapping[str, str] | None = None, worker_env_extra: Mapping[str, str] | None = None
+) -> Iterator[Stack]:
     """Redis, the API and a CPU worker sharing a local image folder; all stopped on exit."""
     if not (ROOT / "sd3serve" / "worker_cmd.py").exists():
         import pytest
@@ -188,11 +202,12 @@ def running_stack(tmp: Path, model: Path, api_env_extra: Mapping[str, str] | Non
     worker_name = f"test-worker-{os.getpid()}-{metrics_port}"
     with redis_server(tmp) as redis_url:
         a_env = api_env(redis_url, api_port, data, **dict(api_env_extra or {}))
-        w_env = worker_env(redis_url, metrics_port, data, model, SD3SERVE_NAME=worker_name,
-                           **dict(worker_env_extra or {}))
+        w_env = worker_env(redis_url, metrics_port, data, model, SD3SERVE_NAME=worker_name, **dict(worker_env_extra or {}))
         stack = Stack(redis_url, api_port, metrics_port, worker_name, tmp / "api.log", tmp / "worker.log")
-        with process(["sh", str(ROOT / "deploy/entrypoint-api.sh")], a_env, stack.api_log) as api_proc, \
-                process(["sh", str(ROOT / "deploy/entrypoint-worker.sh")], w_env, stack.worker_log) as worker_proc:
+        with (
+            process(["sh", str(ROOT / "deploy/entrypoint-api.sh")], a_env, stack.api_log) as api_proc,
+            process(["sh", str(ROOT / "deploy/entrypoint-worker.sh")], w_env, stack.worker_log) as worker_proc,
+        ):
             wait_http(f"{stack.api}/healthz", 60, api_proc, stack.api_log)
             wait_http(stack.worker_metrics, 180, worker_proc, stack.worker_log)
             _wait_worker_registered(redis_url, worker_name, worker_proc, stack.worker_log)

@@ -1,5 +1,6 @@
 """The REST API against a real Redis, no worker: every 4xx path, idempotency, cancel, limits,
 health and the schema. Jobs running end to end are in test_worker_batching.py."""
+
 from __future__ import annotations
 
 import json
@@ -46,19 +47,22 @@ def test_submit_returns_202_with_id_location_and_queue_position(make_client, red
     assert status.status_code == 200 and status.json()["id"] == body["id"]
 
 
-@pytest.mark.parametrize("payload, field", [
-    ({"prompt": "x", "width": 100}, "width"),  # not a multiple of 16
-    ({"prompt": "x", "height": 4096}, "height"),
-    ({"prompt": "x", "steps": 0}, "steps"),
-    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
-    ({"prompt": "x", "seed": -5}, "seed"),
-    ({"prompt": "x", "cache_interval": 99}, "cache_interval"),
-    ({"prompt": "x", "cache_policy": "fastest"}, "cache_policy"),
-    ({"prompt": "   "}, "prompt"),
-    ({"prompt": "x" * 2001}, "prompt"),
-    ({}, "prompt"),
-    ({"prompt": "x", "colour": "red"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({"prompt": "x", "width": 100}, "width"),  # not a multiple of 16
+        ({"prompt": "x", "height": 4096}, "height"),
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "x", "seed": -5}, "seed"),
+        ({"prompt": "x", "cache_interval": 99}, "cache_interval"),
+        ({"prompt": "x", "cache_policy": "fastest"}, "cache_policy"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "colour": "red"}, "colour"),
+    ],
+)
 def test_invalid_fields_get_422_naming_the_field(make_client, redis_conn, queue_name, payload, field):
     response = make_client().post("/v1/jobs", json=payload)
     assert response.status_code == 422
@@ -90,6 +94,7 @@ def test_body_over_the_limit_is_413(make_client):
     def chunks():  # no Content-Length: the limit applies while streaming
         for _ in range(4):
             yield b" " * 400
+
     response = api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
 
@@ -201,8 +206,7 @@ def test_health_readiness_and_metrics(make_client, fleet_redis, queue_name, tmp_
 
 
 def test_readiness_fails_when_redis_is_unreachable(tmp_path, queue_name):
-    with TestClient(create_app(api_config(f"redis://127.0.0.1:{free_port()}/0", queue_name,
-                                          storage=_local(tmp_path)))) as api:
+    with TestClient(create_app(api_config(f"redis://127.0.0.1:{free_port()}/0", queue_name, storage=_local(tmp_path)))) as api:
         ready = api.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("unreachable")
         down = api.post("/v1/jobs", json={"prompt": "x"})

@@ -4,6 +4,7 @@ not list.
 
 (schemathesis' pytest fixture loader does not work with this pytest version, so the cases
 come from its Hypothesis strategies directly.)"""
+
 from __future__ import annotations
 
 import pytest
@@ -22,18 +23,33 @@ KEY = "fuzz-key"
 
 @pytest.fixture
 def api_schema(fleet_redis, queue_name, tmp_path):
-    app = create_app(api_config(fleet_redis.url, queue_name, api_keys=(KEY,), max_wait=0.3, max_queued=50,
-                                docs="public", storage=StorageConfig(data_dir=str(tmp_path))))
+    app = create_app(
+        api_config(
+            fleet_redis.url,
+            queue_name,
+            api_keys=(KEY,),
+            max_wait=0.3,
+            max_queued=50,
+            docs="public",
+            storage=StorageConfig(data_dir=str(tmp_path)),
+        )
+    )
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 def _operations(schema):
     # POST /v1/images/generations waits for a worker: test_openai_fuzz.py fuzzes it with one running.
-    operations = [op for op in (result.ok() for result in schema.get_all_operations())
-                  if op.label != "POST /v1/images/generations"]
+    operations = [
+        op for op in (result.ok() for result in schema.get_all_operations()) if op.label != "POST /v1/images/generations"
+    ]
     assert {op.label for op in operations} >= {
-        "POST /v1/jobs", "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "GET /v1/jobs/{job_id}/image",
-        "GET /healthz", "GET /readyz"}
+        "POST /v1/jobs",
+        "GET /v1/jobs/{job_id}",
+        "POST /v1/jobs/{job_id}/cancel",
+        "GET /v1/jobs/{job_id}/image",
+        "GET /healthz",
+        "GET /readyz",
+    }
     return operations
 
 
@@ -43,9 +59,9 @@ def test_fuzzed_requests_never_get_a_server_error(api_schema, mode, authorized):
     headers = {"Authorization": f"Bearer {KEY}"} if authorized else {}
     seen: dict[str, set[int]] = {}
     for operation in _operations(api_schema):
+
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=25 if authorized else 8, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None)
+        @settings(max_examples=25 if authorized else 8, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             response = case.call(headers={**(case.headers or {}), **headers})
             seen.setdefault(operation.label, set()).add(response.status_code)

@@ -1,6 +1,7 @@
 """Issue 19 at the API: admission that cannot overshoot the cap (many clients, two API replicas),
 strict types, every body error a 422, job ids in the API's own format, and no internals shown to
 the world when API keys are set. Real Redis, real uvicorn servers, no worker."""
+
 from __future__ import annotations
 
 import threading
@@ -31,8 +32,7 @@ def test_twenty_clients_posting_at_once_never_overshoot_the_cap(fleet_redis, red
             base = (first, second)[index % 2].url
             with httpx.Client(base_url=base, timeout=30) as http:
                 start.wait(10)
-                return [http.post("/v1/jobs", json={"prompt": f"client {index} post {p}"}).status_code
-                        for p in range(POSTS)]
+                return [http.post("/v1/jobs", json={"prompt": f"client {index} post {p}"}).status_code for p in range(POSTS)]
 
         with ThreadPoolExecutor(CLIENTS) as pool:
             codes = [code for codes in pool.map(client, range(CLIENTS)) for code in codes]
@@ -40,10 +40,21 @@ def test_twenty_clients_posting_at_once_never_overshoot_the_cap(fleet_redis, red
     assert Queue(queue_name, connection=redis_conn).count == CAP
 
 
-@pytest.mark.parametrize("field, value", [
-    ("steps", True), ("steps", "4"), ("steps", 4.0), ("guidance_scale", True), ("guidance_scale", "5"),
-    ("width", "64"), ("height", False), ("seed", "7"), ("cache_interval", "1"), ("prompt", 5),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("steps", True),
+        ("steps", "4"),
+        ("steps", 4.0),
+        ("guidance_scale", True),
+        ("guidance_scale", "5"),
+        ("width", "64"),
+        ("height", False),
+        ("seed", "7"),
+        ("cache_interval", "1"),
+        ("prompt", 5),
+    ],
+)
 def test_strings_booleans_and_floats_are_not_integers(make_client, redis_conn, queue_name, field, value):
     payload = {"prompt": "a red circle", field: value}
     response = make_client().post("/v1/jobs", json=payload)
@@ -66,11 +77,14 @@ def test_the_engine_applies_the_same_rules():
         assert error.value.field == field
 
 
-@pytest.mark.parametrize("body", [
-    b'{"prompt": "\xff\xfe invalid utf-8"}',
-    b"[" * 1000 + b"]" * 1000,
-    b'{"prompt": "x", "seed": ' + b"[" * 1000 + b"]" * 1000 + b"}",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "\xff\xfe invalid utf-8"}',
+        b"[" * 1000 + b"]" * 1000,
+        b'{"prompt": "x", "seed": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+    ],
+)
 def test_unparseable_bodies_are_422(make_client, body):
     response = make_client().post("/v1/jobs", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
@@ -88,8 +102,11 @@ def test_job_ids_have_no_aliases(make_client):
     job_id = api.post("/v1/jobs", json={"prompt": "x"}).json()["id"]
     assert api.get(f"/v1/jobs/{job_id}").status_code == 200
     for alias in (f"{job_id}:anything", f"{job_id}:", "a b", "x" * 129):
-        for method, path in [("GET", f"/v1/jobs/{alias}"), ("POST", f"/v1/jobs/{alias}/cancel"),
-                             ("GET", f"/v1/jobs/{alias}/image")]:
+        for method, path in [
+            ("GET", f"/v1/jobs/{alias}"),
+            ("POST", f"/v1/jobs/{alias}/cancel"),
+            ("GET", f"/v1/jobs/{alias}/image"),
+        ]:
             response = api.request(method, path)
             assert response.status_code == 422 and response.json()["error"]["field"] == "job_id", (path, response.text)
     assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # the cancel attempts did nothing
@@ -114,8 +131,13 @@ def test_keys_set_hide_metrics_readiness_details_and_docs(make_client):
 
 def test_unready_with_keys_set_says_only_not_ready(tmp_path, queue_name):
     port = free_port()
-    config = api_config(f"redis://127.0.0.1:{port}/0", queue_name, api_keys=(KEY,), admin_keys=(ADMIN,),
-                        storage=StorageConfig(data_dir=str(tmp_path)))
+    config = api_config(
+        f"redis://127.0.0.1:{port}/0",
+        queue_name,
+        api_keys=(KEY,),
+        admin_keys=(ADMIN,),
+        storage=StorageConfig(data_dir=str(tmp_path)),
+    )
     with TestClient(create_app(config)) as api:
         ready = api.get("/readyz")
         assert ready.status_code == 503 and ready.json() == {"status": "not ready", "checks": {}}

@@ -1,5 +1,6 @@
 """The route handlers are module-level functions fed by FastAPI dependencies (api/deps.py), and
 the schema kept every operation it had when they were closures inside router factories."""
+
 from __future__ import annotations
 
 import inspect
@@ -41,7 +42,6 @@ OPERATIONS = [
 ]
 
 
-
 def _flatten(routes: list) -> list[APIRoute]:
     found = []
     for route in routes:
@@ -54,15 +54,17 @@ def _flatten(routes: list) -> list[APIRoute]:
 
 def test_the_schema_has_every_operation_it_had(make_client):
     schema = make_client().app.openapi()
-    operations = sorted((method.upper(), path, op["operationId"])
-                        for path, methods in schema["paths"].items() for method, op in methods.items())
+    operations = sorted(
+        (method.upper(), path, op["operationId"]) for path, methods in schema["paths"].items() for method, op in methods.items()
+    )
     assert operations == sorted(OPERATIONS)
 
 
 def test_every_route_handler_is_a_module_level_function(make_client):
     routes = _flatten(make_client().app.routes)
     assert sorted(route.name for route in routes) == sorted(
-        [op_id.split("_" + path.strip("/").split("/")[0])[0] for _, path, op_id in OPERATIONS] + ["metrics_endpoint"])
+        [op_id.split("_" + path.strip("/").split("/")[0])[0] for _, path, op_id in OPERATIONS] + ["metrics_endpoint"]
+    )
     for route in routes:
         handler = inspect.unwrap(route.endpoint)
         assert "<locals>" not in handler.__qualname__, f"{route.path}: {handler.__qualname__} is a closure"
@@ -71,8 +73,12 @@ def test_every_route_handler_is_a_module_level_function(make_client):
 
 def test_handlers_are_plain_functions_called_with_their_dependencies(fleet_redis, redis_conn, queue_name, tmp_path):
     config = api_config(fleet_redis.url, queue_name)
-    state = ApiState(config=config, redis=redis_conn, storage=LocalStorage(tmp_path),
-                     queue=CappedQueue(queue_name, connection=redis_conn, max_queued=0))
+    state = ApiState(
+        config=config,
+        redis=redis_conn,
+        storage=LocalStorage(tmp_path),
+        queue=CappedQueue(queue_name, connection=redis_conn, max_queued=0),
+    )
     assert healthz() == {"status": "ok", "checks": {}}
     card = {"id": config.served_model, "object": "model", "created": state.started, "owned_by": "sd3serve"}
     assert list_models(state, ANONYMOUS) == {"object": "list", "data": [card]}

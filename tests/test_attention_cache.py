@@ -1,5 +1,6 @@
 """The slot-pool attention cache on its own: a stand-in attention module whose output is its
 input, so every value a CACHED row receives can be computed by hand."""
+
 from __future__ import annotations
 
 import pytest
@@ -56,8 +57,9 @@ class Planned:
         for rid, keeps, at in zip(ids, caches, steps):
             req = self.requests.get(rid)
             if req is None:
-                request = GenerationRequest(prompt=rid, request_id=rid, height=group[0], width=group[1],
-                                            steps=100, guidance_scale=1.0)  # one row per request
+                request = GenerationRequest(
+                    prompt=rid, request_id=rid, height=group[0], width=group[1], steps=100, guidance_scale=1.0
+                )  # one row per request
                 req = self.requests[rid] = ScheduledRequest(request, "attention", 2)
                 req.slots = self.slots.allocate(group, 1) if keeps else ()
             req.policy = "attention" if keeps else "exact"
@@ -188,13 +190,17 @@ def test_slots_are_reused_and_idle_pools_are_kept_until_trimmed():
 
 FROZEN_PLANS = {
     # one FRESH row of three, anywhere: the merge gathers and scatters
-    "scattered": [(["a", "b", "c"], [False, True, False], [0.0, 5.0, 0.0]),
-                  (["a", "b", "c"], [False, False, True], [0.0, 0.0, 6.0]),
-                  (["a", "b", "c"], [False, True, False], [0.0, 7.0, 0.0])],
+    "scattered": [
+        (["a", "b", "c"], [False, True, False], [0.0, 5.0, 0.0]),
+        (["a", "b", "c"], [False, False, True], [0.0, 0.0, 6.0]),
+        (["a", "b", "c"], [False, True, False], [0.0, 7.0, 0.0]),
+    ],
     # the FRESH request first, as the runner orders a batch: the merge is a concatenation
-    "fresh_first": [(["b", "a", "c"], [True, False, False], [5.0, 0.0, 0.0]),
-                    (["c", "a", "b"], [True, False, False], [6.0, 0.0, 0.0]),
-                    (["a", "b", "c"], [True, False, False], [7.0, 0.0, 0.0])],
+    "fresh_first": [
+        (["b", "a", "c"], [True, False, False], [5.0, 0.0, 0.0]),
+        (["c", "a", "b"], [True, False, False], [6.0, 0.0, 0.0]),
+        (["a", "b", "c"], [True, False, False], [7.0, 0.0, 0.0]),
+    ],
 }
 
 
@@ -231,8 +237,7 @@ def test_sizes_have_their_own_pools_and_rows_without_cache_keep_nothing():
     step(cache, module, ["a"], [True], [0], [1.0], group=(8, 8))
     step(cache, module, ["b", "x"], [True, True], [0, 0], [2.0, 3.0], caches=[True, False], group=(16, 16))
     assert cache.nbytes() == 2 * ((3 * 2 + 2 * 2) * 4)  # a and b; the exact row x keeps nothing
-    assert step(cache, module, ["b", "x"], [False, True], [1, 1], [0.0, 6.0], caches=[True, False],
-                group=(16, 16)) == [2.0, 6.0]
+    assert step(cache, module, ["b", "x"], [False, True], [1, 1], [0.0, 6.0], caches=[True, False], group=(16, 16)) == [2.0, 6.0]
     with pytest.raises(RuntimeError, match="must be FRESH"):
         step(cache, module, ["x"], [False], [2], [0.0], group=(16, 16))
 

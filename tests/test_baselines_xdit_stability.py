@@ -1,6 +1,7 @@
 """The seed paper's other baselines in the engine bench (issue 21): Stability's reference sampler
 on a tiny MMDiTX, xDiT's refusal on the CPU (and its wrapper on a GPU), the summary ratios, the
 merge rule and the Figure-3 plot."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ def _reference() -> sr.Reference:
 
 
 # -- Stability's reference sampler --------------------------------------------------------------
+
 
 def test_reference_refuses_clearly_without_its_files(tmp_path):
     with pytest.raises(sr.ReferenceUnavailable, match="fetch_stability_ref.sh"):
@@ -62,8 +64,12 @@ def test_reference_sampler_is_flow_matching_euler_with_cfg_on_a_tiny_mmditx():
     sched = sr.sigmas(model, steps)
     with torch.no_grad():
         for sigma, sigma_next in zip(sched[:-1], sched[1:]):
-            v = model.diffusion_model(torch.cat([x, x]), (sigma * 1000).expand(4),
-                                      y=torch.cat([cond.y, uncond.y]), context=torch.cat([cond.c_crossattn, uncond.c_crossattn]))
+            v = model.diffusion_model(
+                torch.cat([x, x]),
+                (sigma * 1000).expand(4),
+                y=torch.cat([cond.y, uncond.y]),
+                context=torch.cat([cond.c_crossattn, uncond.c_crossattn]),
+            )
             v_cond, v_uncond = v.chunk(2)
             x = x + (sigma_next - sigma) * (v_uncond + cfg * (v_cond - v_uncond))
     expected = x / 1.5305 + 0.0609  # SD3's latent format, as the driver applies after sampling
@@ -86,14 +92,28 @@ def test_reference_decodes_to_pil_images_and_marks_every_step():
 @pytest.mark.slow
 def test_engine_bench_stability_ref_part_writes_rows(tmp_path):
     _reference()
-    cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--out-dir", str(tmp_path), "--parts", "stability-ref",
-           "--stability-batches", "1,2", "--small-reps", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.engine_bench",
+        "--smoke",
+        "--out-dir",
+        str(tmp_path),
+        "--parts",
+        "stability-ref",
+        "--stability-batches",
+        "1,2",
+        "--small-reps",
+        "1",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     engine = json.loads((tmp_path / "engine_cpu.json").read_text())
     rows = engine["rows"]
     assert {(r["system"], r["batch"], r["batched_through_sampler"]) for r in rows} == {
-        ("stability-ref", 1, False), ("stability-ref", 2, True)}
+        ("stability-ref", 1, False),
+        ("stability-ref", 2, True),
+    }
     for r in rows:
         assert r["text_tokens"] == 154 and r["steps"] == 3 and r["images_per_s"] > 0 and r["ms_per_step"] > 0
         assert r["vae_decode_ms"] > 0
@@ -103,6 +123,7 @@ def test_engine_bench_stability_ref_part_writes_rows(tmp_path):
 
 
 # -- xDiT ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
 def test_xdit_part_refuses_on_the_cpu_before_building_anything(tmp_path):
@@ -143,20 +164,36 @@ def test_xdit_wrapper_computes_what_diffusers_computes_on_one_gpu():
 
 # -- summary, merge, plot -----------------------------------------------------------------------
 
+
 def _row(system: str, mode: str, size: int, batch: int, ips: float, **extra) -> dict:
-    return dict(system=system, mode=mode, model="sd3-medium", size=size, batch=batch, images_per_s=ips,
-                seconds_per_image_latency=batch / ips, ms_per_step=10.0, **extra)
+    return dict(
+        system=system,
+        mode=mode,
+        model="sd3-medium",
+        size=size,
+        batch=batch,
+        images_per_s=ips,
+        seconds_per_image_latency=batch / ips,
+        ms_per_step=10.0,
+        **extra,
+    )
 
 
 ROWS = [
-    _row("diffusers", "eager", 1024, 1, 0.60), _row("diffusers", "eager", 1024, 16, 0.70),
-    _row("xdit", "eager", 1024, 1, 0.58), _row("xdit", "eager", 1024, 16, 0.69),
-    _row("xdit-compile", "compiled", 1024, 16, 0.80), _row("xdit-compile", "compiled", 1024, 4, 0.75),
-    _row("stability-ref", "euler-cfg-fp16", 1024, 1, 0.50), _row("stability-ref", "euler-cfg-fp16", 1024, 1, 0.54),
+    _row("diffusers", "eager", 1024, 1, 0.60),
+    _row("diffusers", "eager", 1024, 16, 0.70),
+    _row("xdit", "eager", 1024, 1, 0.58),
+    _row("xdit", "eager", 1024, 16, 0.69),
+    _row("xdit-compile", "compiled", 1024, 16, 0.80),
+    _row("xdit-compile", "compiled", 1024, 4, 0.75),
+    _row("stability-ref", "euler-cfg-fp16", 1024, 1, 0.50),
+    _row("stability-ref", "euler-cfg-fp16", 1024, 1, 0.54),
     _row("stability-ref", "euler-cfg-fp16", 1024, 1, 0.52),
-    _row("sd3serve", "exact-fast", 1024, 1, 0.78), _row("sd3serve", "exact-fast", 1024, 16, 0.96),
+    _row("sd3serve", "exact-fast", 1024, 1, 0.78),
+    _row("sd3serve", "exact-fast", 1024, 16, 0.96),
     _row("sd3serve", "attention-k3-fast", 1024, 16, 1.40),
-    _row("xdit", "eager", 512, 16, 2.5), _row("sd3serve", "exact-fast", 512, 16, 2.0),
+    _row("xdit", "eager", 512, 16, 2.5),
+    _row("sd3serve", "exact-fast", 512, 16, 2.0),
 ]
 
 

@@ -1,5 +1,6 @@
 """The engine benchmark's summary ratios: each engine mode against diffusers eager (kept) and
 against the best diffusers row, eager or compiled (issue 17), from known rows."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,31 @@ from bench.summary import engine_summary
 
 
 def _row(system: str, mode: str, size: int, batch: int, images_per_s: float, latency: float) -> dict:
-    return dict(system=system, mode=mode, model="sd3-medium", size=size, batch=batch, images_per_s=images_per_s,
-                seconds_per_image_latency=latency, ms_per_step=10.0)
+    return dict(
+        system=system,
+        mode=mode,
+        model="sd3-medium",
+        size=size,
+        batch=batch,
+        images_per_s=images_per_s,
+        seconds_per_image_latency=latency,
+        ms_per_step=10.0,
+    )
 
 
 ROWS = [
-    _row("diffusers", "eager", 1024, 1, 0.50, 2.00), _row("diffusers", "eager", 1024, 16, 0.60, 26.7),
-    _row("diffusers-compiled", "compiled", 1024, 1, 0.80, 1.25), _row("diffusers-compiled", "compiled", 1024, 16, 0.90, 17.8),
-    _row("sd3serve", "exact-fast", 1024, 1, 0.85, 1.00), _row("sd3serve", "exact-fast", 1024, 16, 0.99, 16.2),
-    _row("sd3serve", "exact-fp8", 1024, 1, 1.10, 0.80), _row("sd3serve", "exact-fp8", 1024, 16, 1.35, 11.9),
+    _row("diffusers", "eager", 1024, 1, 0.50, 2.00),
+    _row("diffusers", "eager", 1024, 16, 0.60, 26.7),
+    _row("diffusers-compiled", "compiled", 1024, 1, 0.80, 1.25),
+    _row("diffusers-compiled", "compiled", 1024, 16, 0.90, 17.8),
+    _row("sd3serve", "exact-fast", 1024, 1, 0.85, 1.00),
+    _row("sd3serve", "exact-fast", 1024, 16, 0.99, 16.2),
+    _row("sd3serve", "exact-fp8", 1024, 1, 1.10, 0.80),
+    _row("sd3serve", "exact-fp8", 1024, 16, 1.35, 11.9),
     _row("sd3serve", "attention-k3-fp8", 1024, 16, 1.70, 9.4),
     # at 512² diffusers eager is the faster one (compile did not pay): the best row is eager's
-    _row("diffusers", "eager", 512, 1, 2.0, 0.50), _row("diffusers-compiled", "compiled", 512, 1, 1.6, 0.60),
+    _row("diffusers", "eager", 512, 1, 2.0, 0.50),
+    _row("diffusers-compiled", "compiled", 512, 1, 1.6, 0.60),
     _row("sd3serve", "exact-fast", 512, 1, 2.5, 0.40),
 ]
 
@@ -44,8 +58,12 @@ def test_twins_divide_by_the_best_diffusers_row_and_keep_the_eager_ratios():
 
 
 def test_fp8_reference_quality_enters_the_summary():
-    s = engine_summary(dict(rows=ROWS, fp8_reference_quality=dict(
-        fp8_reference_psnr_db=34.2, fp8_reference_ssim=0.97, fp8_reference_accuracy_drop=0.4)))
+    s = engine_summary(
+        dict(
+            rows=ROWS,
+            fp8_reference_quality=dict(fp8_reference_psnr_db=34.2, fp8_reference_ssim=0.97, fp8_reference_accuracy_drop=0.4),
+        )
+    )
     assert s["fp8_reference_psnr_db"] == 34.2 and s["fp8_reference_accuracy_drop"] == 0.4
     assert s["targets"]["fp8_reference_psnr_db"]["met"] and s["targets"]["fp8_reference_accuracy_drop"]["met"]
     worse = engine_summary(dict(rows=ROWS, fp8_reference_quality=dict(fp8_reference_accuracy_drop=1.5)))

@@ -1,5 +1,6 @@
 """bench/cache_dit_part.py's settings and FLOP accounting, and bench.quality's config parsing.
 The run against cache-dit itself needs its venv (bench/README.md); elsewhere it is skipped."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def test_skipped_fraction_counts_the_middle_blocks_of_cached_steps():
 
 def test_quality_configs_parse_and_refuse_bad_ones():
     assert parse_configs("step:2:extrapolate,attention:3:extrapolate2-sigma:w4") == [
-        ("step", 2, "extrapolate"), ("attention", 3, "extrapolate2-sigma", 4)]
+        ("step", 2, "extrapolate"),
+        ("attention", 3, "extrapolate2-sigma", 4),
+    ]
     for bad in ("step:1:extrapolate", "exact:2:none", "step:2:taylor", "step:2:none:x4", "step:2"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_configs(bad)

@@ -1,4 +1,5 @@
 """Attention caching, the `step` policy and latent-aware rules on the tiny model."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,18 @@ def run_all(engine, requests):
 
 def batch(k: int, policy: str | None = None, n: int = 3, steps: int = 8):
     return [
-        validate_request(dict(prompt=f"prompt {i}", seed=100 + i, steps=steps, guidance_scale=4.0,
-                              width=64, height=64, cache_interval=k, cache_policy=policy))
+        validate_request(
+            dict(
+                prompt=f"prompt {i}",
+                seed=100 + i,
+                steps=steps,
+                guidance_scale=4.0,
+                width=64,
+                height=64,
+                cache_interval=k,
+                cache_policy=policy,
+            )
+        )
         for i in range(n)
     ]
 
@@ -116,8 +127,10 @@ def test_extrapolation_orders_and_clocks_change_cached_steps_only(tiny_model_dir
     """Each extrapolation (order 1 or 2, in steps or in sigma) gives its own images at K = 3, all
     close to exact: the orders and clocks really reach the cached quantity."""
     exact = run_all(make_engine(tiny_model_dir), batch(1, steps=10))
-    images = {la: run_all(make_engine(tiny_model_dir, latent_aware=la), batch(3, policy, steps=10))
-              for la in ("extrapolate", "extrapolate2", "extrapolate-sigma", "extrapolate2-sigma")}
+    images = {
+        la: run_all(make_engine(tiny_model_dir, latent_aware=la), batch(3, policy, steps=10))
+        for la in ("extrapolate", "extrapolate2", "extrapolate-sigma", "extrapolate2-sigma")
+    }
     for la, cached in images.items():
         assert max(np.abs(a - b).mean() for a, b in zip(exact, cached)) < 25, la
     distinct = {tuple(np.concatenate([im.ravel() for im in cached])[:4096].tolist()) for cached in images.values()}
@@ -129,8 +142,11 @@ def test_step_policy_skips_transformer_rows(tiny_model_dir, monkeypatch):
     engine = make_engine(tiny_model_dir)
     rows_in_forward = []
     real_forward = engine.pipe.transformer.forward
-    monkeypatch.setattr(engine.pipe.transformer, "forward",
-                        lambda *a, **kw: (rows_in_forward.append(kw["hidden_states"].shape[0]), real_forward(*a, **kw))[1])
+    monkeypatch.setattr(
+        engine.pipe.transformer,
+        "forward",
+        lambda *a, **kw: (rows_in_forward.append(kw["hidden_states"].shape[0]), real_forward(*a, **kw))[1],
+    )
     for r in batch(4, "step", n=4, steps=9):
         engine.add(r)
     fresh_rows = []
@@ -162,6 +178,7 @@ def test_seed_rule_matches_hand_computed_values():
     values = [0.0, 1.0, 2.0, 4.0]
     mean = sum(values) / 4
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)  # unbiased, as torch.std
+
     def sig(z):
         return 1 / (1 + math.exp(-z))
 

@@ -1,4 +1,5 @@
 """`sd3serve generate`: prompts in, PNGs out; bad input gives a one-line error, not a traceback."""
+
 from __future__ import annotations
 
 import os
@@ -12,16 +13,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sd3serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sd3serve.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "sd3serve.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_generate_a_batch_from_a_prompts_file(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
     out = tmp_path / "images"
-    result = sd3serve("generate", "--model", str(tiny_model_dir), "--prompts-file", str(prompts), "--seed", "5",
-                      "--steps", "3", "--width", "80", "-o", str(out))
+    result = sd3serve(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompts-file",
+        str(prompts),
+        "--seed",
+        "5",
+        "--steps",
+        "3",
+        "--width",
+        "80",
+        "-o",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["000-5.png", "001-6.png"]
@@ -40,8 +60,15 @@ def test_generate_rejects_bad_input_before_loading(tiny_model_dir, tmp_path):
 
 def test_generate_over_the_cache_budget_is_a_clear_error(tmp_path):
     # the reference model's cache is ~2 MB per request (6 layers, 88 tokens, CFG, extrapolation)
-    result = sd3serve("generate", "a red circle on a blue background", "--cache-interval", "3",
-                      "-o", str(tmp_path / "x.png"), env={"SD3SERVE_CACHE_BUDGET_MB": "1"})
+    result = sd3serve(
+        "generate",
+        "a red circle on a blue background",
+        "--cache-interval",
+        "3",
+        "-o",
+        str(tmp_path / "x.png"),
+        env={"SD3SERVE_CACHE_BUDGET_MB": "1"},
+    )
     assert result.returncode != 0
     assert "more attention-cache memory than the budget" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,5 +1,6 @@
 """The Python client (`worker.client`) and plain RQ against a real Redis: what gets enqueued,
 how jobs read back, cancel and wait. No worker runs here (see test_worker_batching.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,7 +42,8 @@ def test_queue_positions_follow_the_queue(redis_conn, queue_name):
 
 def test_plain_rq_jobs_read_back_like_client_jobs(redis_conn, queue_name):
     job = Queue(queue_name, connection=redis_conn).enqueue(
-        "worker.jobs.generate", prompt="a green square", steps=3, retry=Retry(max=1))
+        "worker.jobs.generate", prompt="a green square", steps=3, retry=Retry(max=1)
+    )
     info = client.status(redis_conn, job.id)
     assert info.status == "queued"
     assert info.request == {"prompt": "a green square", "steps": 3}

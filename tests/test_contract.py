@@ -1,5 +1,6 @@
 """The typed job contract (worker/contract.py): one status vocabulary, and a result whose stored
 JSON is the one older workers wrote, so their jobs still read."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LEGACY_RESULT = {
     "image_key": "jobs/j1.webp",
     "image_url": "file:///srv/jobs/j1.webp",
-    "images": [{"key": "jobs/j1.webp", "url": "file:///srv/jobs/j1.webp", "seed": 7, "index": 0},
-               {"key": "jobs/j1-1.webp", "url": "file:///srv/jobs/j1-1.webp", "seed": 8, "index": 1}],
+    "images": [
+        {"key": "jobs/j1.webp", "url": "file:///srv/jobs/j1.webp", "seed": 7, "index": 0},
+        {"key": "jobs/j1-1.webp", "url": "file:///srv/jobs/j1-1.webp", "seed": 8, "index": 1},
+    ],
     "n": 2,
     "output_format": "webp",
     "content_type": "image/webp",
@@ -41,13 +44,17 @@ LEGACY_RESULT = {
 
 
 def test_build_result_stores_the_same_json_as_before():
-    spec = ImageJob(GenerationRequest(prompt="a red circle", width=64, height=64, steps=4, seed=7, cache_interval=2),
-                    n=2, output_format="webp")
+    spec = ImageJob(
+        GenerationRequest(prompt="a red circle", width=64, height=64, steps=4, seed=7, cache_interval=2),
+        n=2,
+        output_format="webp",
+    )
     enqueued = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    stored = [StoredImage("jobs/j1-1.webp", "file:///srv/jobs/j1-1.webp", tries=2, seconds=0.2, index=1, seed=8),
-              StoredImage("jobs/j1.webp", "file:///srv/jobs/j1.webp", tries=1, seconds=0.1, index=0, seed=7)]
-    result = build_result(spec, stored, 0.25, enqueued, enqueued + timedelta(seconds=1.5),
-                          enqueued + timedelta(seconds=3), "w1")
+    stored = [
+        StoredImage("jobs/j1-1.webp", "file:///srv/jobs/j1-1.webp", tries=2, seconds=0.2, index=1, seed=8),
+        StoredImage("jobs/j1.webp", "file:///srv/jobs/j1.webp", tries=1, seconds=0.1, index=0, seed=7),
+    ]
+    result = build_result(spec, stored, 0.25, enqueued, enqueued + timedelta(seconds=1.5), enqueued + timedelta(seconds=3), "w1")
     assert result == LEGACY_RESULT
     assert list(result) == list(LEGACY_RESULT)  # same key order too: the JSON text is identical
     assert json.dumps(result) == json.dumps(LEGACY_RESULT)
@@ -55,16 +62,16 @@ def test_build_result_stores_the_same_json_as_before():
 
 def test_a_result_without_timings_keeps_only_the_known_ones():
     spec = ImageJob(GenerationRequest(prompt="x", seed=3))
-    result = build_result(spec, StoredImage("k.png", "u", tries=1, seconds=0.0), 1.0, None, None,
-                          datetime.now(timezone.utc), "")
+    result = build_result(spec, StoredImage("k.png", "u", tries=1, seconds=0.0), 1.0, None, None, datetime.now(timezone.utc), "")
     assert result["timings"] == {"generate_seconds": 1.0, "store_seconds": 0.0}
     assert result["images"] == [{"key": "k.png", "url": "u", "seed": 3, "index": 0}]
 
 
 def test_job_result_needs_an_image():
     with pytest.raises(ValueError, match="at least one image"):
-        contract.JobResult(images=(), n=1, output_format="png", content_type="image/png", seed=1, width=64,
-                           height=64, steps=1, cache_interval=1)
+        contract.JobResult(
+            images=(), n=1, output_format="png", content_type="image/png", seed=1, width=64, height=64, steps=1, cache_interval=1
+        )
 
 
 def test_results_of_older_workers_still_read():
@@ -94,7 +101,10 @@ def test_one_status_vocabulary():
 def test_no_other_module_defines_the_status_words():
     """The vocabulary lives in worker/contract.py; a second list of the words elsewhere is drift."""
     listing = re.compile(r'"(queued|running|succeeded|failed|canceled)"\s*,\s*"(queued|running|succeeded|failed|canceled)"')
-    offenders = [str(path.relative_to(REPO)) for folder in ("api", "worker")
-                 for path in (REPO / folder).rglob("*.py")
-                 if path.name != "contract.py" and listing.search(path.read_text())]
+    offenders = [
+        str(path.relative_to(REPO))
+        for folder in ("api", "worker")
+        for path in (REPO / folder).rglob("*.py")
+        if path.name != "contract.py" and listing.search(path.read_text())
+    ]
     assert offenders == []

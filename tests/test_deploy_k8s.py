@@ -1,5 +1,6 @@
 """deploy/k8s: the manifests parse and every name they refer to exists (ConfigMaps, Secrets and
 their keys, Services and their targets, selectors, the KEDA target and its Redis list)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,8 +66,9 @@ def test_services_select_pods_and_target_named_ports() -> None:
             target = port.get("targetPort", port["port"])
             for workload in matched:
                 ports = [p for c in _containers(workload) for p in c.get("ports", [])]
-                assert any(target in (p.get("name"), p["containerPort"]) for p in ports), \
+                assert any(target in (p.get("name"), p["containerPort"]) for p in ports), (
                     f"Service {name}: no container port {target!r} in {workload['metadata']['name']}"
+                )
     for name, statefulset in _by_kind("StatefulSet").items():
         assert statefulset["spec"]["serviceName"] in _by_kind("Service"), name
 

@@ -1,4 +1,5 @@
 """The GPU benchmark script runs end to end in its CPU smoke mode and writes the promised JSON."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_engine_bench_smoke_writes_both_result_files(tmp_path):
-    cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--out-dir", str(tmp_path),
-           "--parts", "e2e,diffusers-compiled,accuracy,caching,memory", "--batches", "1,2", "--caching-batches", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.engine_bench",
+        "--smoke",
+        "--out-dir",
+        str(tmp_path),
+        "--parts",
+        "e2e,diffusers-compiled,accuracy,caching,memory",
+        "--batches",
+        "1,2",
+        "--caching-batches",
+        "2",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     engine = json.loads((tmp_path / "engine_cpu.json").read_text())
@@ -22,16 +35,30 @@ def test_engine_bench_smoke_writes_both_result_files(tmp_path):
 
     assert {"card", "torch", "diffusers", "rows", "summary"} <= engine.keys()
     systems = {(r["system"], r["mode"]) for r in engine["rows"]}
-    assert systems == {("diffusers", "eager"), ("diffusers-compiled", "compiled"), ("sd3serve", "exact-eager"),
-                       ("sd3serve", "exact-fast"), ("sd3serve", "attention-k3-fast")}
+    assert systems == {
+        ("diffusers", "eager"),
+        ("diffusers-compiled", "compiled"),
+        ("sd3serve", "exact-eager"),
+        ("sd3serve", "exact-fast"),
+        ("sd3serve", "attention-k3-fast"),
+    }
     compiled = [r for r in engine["rows"] if r["system"] == "diffusers-compiled"]
     # warmed up (and compiled) at every measured shape before timing, its time in the row
     assert {(r["size"], r["batch"]) for r in compiled} == {(64, 1), (64, 2)}
     assert all(r["compile_seconds"] > 0 for r in compiled)
     assert engine["diffusers_compiled"]["warmup_seconds_per_shape"].keys() == {"64_b1", "64_b2"}
     for r in engine["rows"]:
-        assert {"system", "mode", "size", "batch", "steps", "images_per_s", "seconds_per_image_latency",
-                "ms_per_step", "peak_mem_gb"} <= r.keys()
+        assert {
+            "system",
+            "mode",
+            "size",
+            "batch",
+            "steps",
+            "images_per_s",
+            "seconds_per_image_latency",
+            "ms_per_step",
+            "peak_mem_gb",
+        } <= r.keys()
         assert r["images_per_s"] > 0 and r["ms_per_step"] > 0
     # float32 on the CPU: the fast path (fused QKV, compiled blocks) and the engine equal diffusers
     assert all(v < 1e-4 for k, v in engine["accuracy"].items() if "latents" in k or "forward" in k), engine["accuracy"]

@@ -5,6 +5,7 @@ ops per row, but batched matmuls may round differently in the last float32 bit, 
 a pixel's rounding to uint8: we allow at most 1/255 (one level) per channel, and in practice
 the float images agree to ~1e-6.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """`GET /v1/jobs/{id}/events` over real HTTP (uvicorn on 127.0.0.1) with a real batching worker."""
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,14 @@ def read_events(response: httpx.Response, comments: list[str] | None = None):
 
 @pytest.fixture
 def api_server(fleet_redis, queue_name, tmp_path):
-    config = api_config(fleet_redis.url, queue_name, storage=StorageConfig(data_dir=str(tmp_path)),
-                        event_heartbeat=0.3, event_poll=0.02)
+    config = api_config(
+        fleet_redis.url, queue_name, storage=StorageConfig(data_dir=str(tmp_path)), event_heartbeat=0.3, event_poll=0.02
+    )
     with ApiServer(create_app(config)) as server:
         yield server
 
 
-def test_a_real_job_streams_increasing_steps_and_ends_with_succeeded(api_server, fleet_redis, queue_name,
-                                                                     tiny_engine, tmp_path):
+def test_a_real_job_streams_increasing_steps_and_ends_with_succeeded(api_server, fleet_redis, queue_name, tiny_engine, tmp_path):
     with httpx.Client(base_url=api_server.url, timeout=30) as http:
         job_id = http.post("/v1/jobs", json={"prompt": PROMPT, "steps": 80, "seed": 3}).json()["id"]
         with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
@@ -53,8 +54,9 @@ def test_a_real_job_streams_increasing_steps_and_ends_with_succeeded(api_server,
                 events.append(event)
                 if worker is None:  # the first event arrives while queued; only now may the job run
                     assert event[0] == "queued" and event[1]["queue_position"] == 0
-                    worker = make_thread_worker(tiny_engine, fleet_redis.url, queue_name,
-                                                StorageConfig(data_dir=str(tmp_path)), progress_every=1).__enter__()
+                    worker = make_thread_worker(
+                        tiny_engine, fleet_redis.url, queue_name, StorageConfig(data_dir=str(tmp_path)), progress_every=1
+                    ).__enter__()
         worker.stop()
         final = http.get(f"/v1/jobs/{job_id}").json()
     steps = [data["step"] for name, data in events if name == "running"]

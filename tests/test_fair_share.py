@@ -3,6 +3,7 @@ scheduler). Pure: tests/test_purity.py runs this file again with torch blocked f
 
 Steps run on a simulated clock: each plan costs the seconds `cost(key, batch)` says, and the
 test reports them back through `Scheduler.observe`, as the engine does with measured steps."""
+
 from __future__ import annotations
 
 import random
@@ -21,16 +22,16 @@ SMALL, LARGE = (64, 64), (128, 128)
 
 
 def req(i: int, size: int, steps: int = 200) -> GenerationRequest:
-    return GenerationRequest(prompt=f"p{i}", steps=steps, cache_interval=1, width=size, height=size,
-                             request_id=f"r{i}")
+    return GenerationRequest(prompt=f"p{i}", steps=steps, cache_interval=1, width=size, height=size, request_id=f"r{i}")
 
 
 def timed_scheduler(**kwargs) -> Scheduler:
     return Scheduler(max_batch=16, admit_per_boundary=16, step_costs=StepCosts(), **kwargs)
 
 
-def run(s: Scheduler, cost: Callable[[StepPlan], float], lag: int = 0,
-        max_steps: int = 20_000) -> Iterator[tuple[float, StepPlan, float]]:
+def run(
+    s: Scheduler, cost: Callable[[StepPlan], float], lag: int = 0, max_steps: int = 20_000
+) -> Iterator[tuple[float, StepPlan, float]]:
     """Drive `s`; yield (start time, plan, seconds) per step. Measurements reach the scheduler
     `lag` steps late, as CUDA events do."""
     now = 0.0
@@ -58,7 +59,7 @@ def test_cheap_key_gets_ten_steps_per_step_of_a_key_ten_times_dearer():
     for i in range(4):
         s.add(req(i, 64, steps=400) if i % 2 else req(i, 128, steps=100))
     keys = [plan.key for _, plan, _ in run(s, per_key({SMALL: 0.03, LARGE: 0.3}))]
-    both = keys[:len(keys) - keys[::-1].index(SMALL)]  # while both sizes have work
+    both = keys[: len(keys) - keys[::-1].index(SMALL)]  # while both sizes have work
     runs: list[int] = []  # SMALL steps between consecutive LARGE steps
     for key in both:
         if key == LARGE:
@@ -101,7 +102,7 @@ def test_a_lone_key_gets_every_step():
     keys = [plan.key for _, plan, _ in run(s, per_key({SMALL: 0.01, LARGE: 0.2}))]
     assert keys.count(SMALL) == 5
     last_small = len(keys) - 1 - keys[::-1].index(SMALL)
-    assert keys[last_small + 1:] == [LARGE] * (len(keys) - last_small - 1)  # then all of them, back to back
+    assert keys[last_small + 1 :] == [LARGE] * (len(keys) - last_small - 1)  # then all of them, back to back
     assert len(keys) == 45  # and no plan came back empty meanwhile
 
 
@@ -130,10 +131,14 @@ def test_one_slow_step_counts_for_at_most_max_charge():
 
 
 @settings(max_examples=60, deadline=None)
-@given(costs=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=4), lag=st.integers(0, 3),
-       steps=st.lists(st.integers(1, 60), min_size=4, max_size=4), max_charge=st.floats(0.05, 3.0))
+@given(
+    costs=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=4),
+    lag=st.integers(0, 3),
+    steps=st.lists(st.integers(1, 60), min_size=4, max_size=4),
+    max_charge=st.floats(0.05, 3.0),
+)
 def test_no_key_waits_more_than_a_bounded_time(costs, lag, steps, max_charge):
-    sizes = [64, 128, 192, 256][:len(costs)]
+    sizes = [64, 128, 192, 256][: len(costs)]
     cost_of = {(size, size): c for size, c in zip(sizes, costs)}
     s = timed_scheduler(share=FairShare(max_charge=max_charge))
     for i, size in enumerate(sizes):
@@ -195,8 +200,14 @@ def p95_latency(sizes: list[int], rate: float, fair: bool, n: int = 240) -> dict
     arrivals, t = deque(), 0.0
     for i in range(n):
         t += rng.expovariate(rate)
-        arrivals.append((t, GenerationRequest(prompt="p", steps=28, cache_interval=1, request_id=f"r{i}",
-                                              width=(size := rng.choice(sizes)), height=size)))
+        arrivals.append(
+            (
+                t,
+                GenerationRequest(
+                    prompt="p", steps=28, cache_interval=1, request_id=f"r{i}", width=(size := rng.choice(sizes)), height=size
+                ),
+            )
+        )
     now = [0.0]
     s = Scheduler(max_batch=16, admit_per_boundary=4, clock=lambda: now[0], step_costs=StepCosts() if fair else None)
     pending: deque = deque()

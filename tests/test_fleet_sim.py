@@ -1,6 +1,7 @@
 """bench/fleet_sim.py: the fake engine keeps the engine contract `BatchWorker` uses, the fake
 workers never import torch, and a short simulation with 3 fake worker processes behind a real
 Redis and the real API loses nothing, finishes nothing twice, and its workers registered with RQ."""
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,7 @@ def test_fake_workers_do_not_import_torch():
 
 
 def test_short_simulation_loses_nothing_and_workers_register(tmp_path):
-    config = SimConfig(workers=3, duration_s=6.0, step_seconds=0.05, steps=8, batch=2, size=64,
-                       register_timeout_s=30.0)
+    config = SimConfig(workers=3, duration_s=6.0, step_seconds=0.05, steps=8, batch=2, size=64, register_timeout_s=30.0)
     start = time.monotonic()
     run = simulate(config, tmp_path)
     row = run["row"]

@@ -1,6 +1,7 @@
 """FP8 on the GPU (skipped without a CUDA GPU of compute capability >= 8.9 and torchao): the fast
 path in FP8 (compiled blocks, CUDA graphs) runs a mixed batch of exact and attention-cached
 requests arriving over several step boundaries, and stays close to bf16 on the same seeds."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,11 @@ from models.reference.judge import accuracy
 
 
 def _fp8_ready() -> bool:
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-            and importlib.util.find_spec("torchao") is not None)
+    return (
+        torch.cuda.is_available()
+        and torch.cuda.get_device_capability() >= (8, 9)
+        and importlib.util.find_spec("torchao") is not None
+    )
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _fp8_ready(), reason="needs an FP8 GPU (>= 8.9) and torchao")]
@@ -30,16 +34,21 @@ PROMPTS = held_out_prompts()[::20]  # 14 prompts
 
 
 def _engine(precision: str) -> Engine:
-    config = EngineConfig(device="cuda", dtype="bfloat16", compile="auto", max_batch=16, admit_per_boundary=4,
-                          precision=precision)
+    config = EngineConfig(
+        device="cuda", dtype="bfloat16", compile="auto", max_batch=16, admit_per_boundary=4, precision=precision
+    )
     return Engine(config, load_pipeline(config))
 
 
 def _mixed_run(engine: Engine):
     """Every other request uses the attention cache (K=3); 4 join per step boundary."""
-    requests = [validate_request(dict(prompt=p.prompt, seed=p.seed, cache_interval=1 if i % 2 else 3,
-                                      cache_policy=None if i % 2 else "attention"), engine.limits)
-                for i, p in enumerate(PROMPTS)]
+    requests = [
+        validate_request(
+            dict(prompt=p.prompt, seed=p.seed, cache_interval=1 if i % 2 else 3, cache_policy=None if i % 2 else "attention"),
+            engine.limits,
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
     reports = []
     images = engine.generate(requests, progress=reports.append)
     arrays = [np.asarray(images[r.request_id].convert("RGB"), dtype=np.int16) for r in requests]

@@ -1,5 +1,6 @@
 """GPU checks (skipped on CPU CI): the fast path on CUDA in bf16, exact and cached, on the
 reference model, against diffusers' own pipeline on the same card."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,9 @@ def engine():
 
 
 def run(engine, cache_interval):
-    requests = [validate_request(dict(prompt=p.prompt, seed=p.seed, cache_interval=cache_interval), engine.limits)
-                for p in PROMPTS]
+    requests = [
+        validate_request(dict(prompt=p.prompt, seed=p.seed, cache_interval=cache_interval), engine.limits) for p in PROMPTS
+    ]
     images = engine.generate(requests)
     return [np.asarray(images[r.request_id].convert("RGB"), dtype=np.int16) for r in requests]
 
@@ -39,9 +41,15 @@ def test_fast_bf16_engine_matches_diffusers_on_cuda(engine):
     limits = engine.limits
     ref = []
     for p in PROMPTS:
-        image = pipe(p.prompt, num_inference_steps=limits.default_steps, guidance_scale=limits.default_guidance,
-                     width=limits.default_width, height=limits.default_height, max_sequence_length=8,
-                     generator=torch.Generator("cpu").manual_seed(p.seed)).images[0]
+        image = pipe(
+            p.prompt,
+            num_inference_steps=limits.default_steps,
+            guidance_scale=limits.default_guidance,
+            width=limits.default_width,
+            height=limits.default_height,
+            max_sequence_length=8,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+        ).images[0]
         ref.append(np.asarray(image, dtype=np.int16))
     mine = run(engine, 1)
     mean_diff = float(np.mean([np.abs(a - b).mean() for a, b in zip(mine, ref)]))

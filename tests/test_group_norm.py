@@ -1,5 +1,6 @@
 """The VAE decoder's GroupNorm with our statistics kernel (engine/group_norm.py): the same
 numbers as `nn.GroupNorm` + SiLU, in every layout, compiled or not; the Triton kernel on CUDA."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Image jobs (`n` images, output formats): validation, what the Python client enqueues, and the
 stock `worker.jobs.generate` path making all n images (real Redis, the tiny engine, real files)."""
+
 from __future__ import annotations
 
 import io
@@ -15,12 +16,20 @@ from worker.durable_upload import DurableUploader
 from worker.storage import StorageConfig, LocalStorage, RetryPolicy
 
 
-@pytest.mark.parametrize("fields,field", [
-    ({"n": 0}, "n"), ({"n": MAX_IMAGES + 1}, "n"), ({"n": "3"}, "n"), ({"n": True}, "n"),
-    ({"output_format": "gif"}, "output_format"), ({"output_format": "jpeg", "output_compression": 101}, "output_compression"),
-    ({"output_compression": 50}, "output_compression"),  # png is lossless: a compression would be ignored
-    ({"seed": MAX_SEED, "n": 2}, "seed"), ({"width": 65}, "width"),
-])
+@pytest.mark.parametrize(
+    "fields,field",
+    [
+        ({"n": 0}, "n"),
+        ({"n": MAX_IMAGES + 1}, "n"),
+        ({"n": "3"}, "n"),
+        ({"n": True}, "n"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"output_format": "jpeg", "output_compression": 101}, "output_compression"),
+        ({"output_compression": 50}, "output_compression"),  # png is lossless: a compression would be ignored
+        ({"seed": MAX_SEED, "n": 2}, "seed"),
+        ({"width": 65}, "width"),
+    ],
+)
 def test_bad_job_fields_name_the_field(fields, field):
     with pytest.raises(RequestValidationError) as caught:
         validate_job({"prompt": "a cat", **fields})
@@ -43,8 +52,7 @@ def test_n_images_are_n_requests_with_consecutive_seeds():
 
 def test_client_enqueues_n_format_and_owner(redis_conn, queue_name):
     owner = keys.owner_id("some-api-key")
-    job_id = client.submit(redis_conn, prompt="a red circle", n=3, output_format="jpeg", seed=4, queue=queue_name,
-                           owner=owner)
+    job_id = client.submit(redis_conn, prompt="a red circle", n=3, output_format="jpeg", seed=4, queue=queue_name, owner=owner)
     job = Job.fetch(job_id, connection=redis_conn)
     assert job.kwargs["n"] == 3 and job.kwargs["output_format"] == "jpeg" and job.kwargs["seed"] == 4
     info = client.status(redis_conn, job_id)
@@ -57,9 +65,13 @@ def test_client_enqueues_n_format_and_owner(redis_conn, queue_name):
 def test_stock_generate_makes_all_n_images(tiny_engine, tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path)
     uploader = DurableUploader(storage, StorageConfig(data_dir=str(tmp_path)), threads=1)
-    monkeypatch.setattr(jobs, "_runtime", jobs._Runtime(engine=tiny_engine, storage=storage, key_prefix="",
-                                                        retry=RetryPolicy(attempts=1), progress_every=1,
-                                                        uploader=uploader))
+    monkeypatch.setattr(
+        jobs,
+        "_runtime",
+        jobs._Runtime(
+            engine=tiny_engine, storage=storage, key_prefix="", retry=RetryPolicy(attempts=1), progress_every=1, uploader=uploader
+        ),
+    )
     result = jobs.generate(prompt="a green circle", steps=2, n=3, seed=5, output_format="webp")
     assert result["n"] == 3 and [image["seed"] for image in result["images"]] == [5, 6, 7]
     job_id = result["image_key"].removesuffix(".webp")

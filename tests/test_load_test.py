@@ -1,5 +1,6 @@
 """bench/load_test.py: the arrival plan, the numbers it reports, the serving summary, and a short
 smoke run against `sd3serve up` on the reference model (CPU) in which nothing may be lost."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,15 @@ def test_arrival_plan_is_seeded_poisson_and_capped():
     assert len(capped) == 7
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(rate=1.0, concurrency=2), "either a rate"),
-    (dict(), "either a rate"),
-    (dict(rate=1.0, duration_s=60, max_seconds=30), "max_seconds"),
-    (dict(rate=1.0, sizes=(100,)), "multiples of 16"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rate=1.0, concurrency=2), "either a rate"),
+        (dict(), "either a rate"),
+        (dict(rate=1.0, duration_s=60, max_seconds=30), "max_seconds"),
+        (dict(rate=1.0, sizes=(100,)), "multiples of 16"),
+    ],
+)
 def test_load_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoadConfig(**kwargs)
@@ -46,14 +50,25 @@ def test_cli_reports_bad_settings_as_an_error(capsys):
 
 
 def _record(submit: float, status: str, finished: float | None = None, image: int = 100, size: int = 64) -> JobRecord:
-    return JobRecord(size=size, submit=submit, job_id=f"j{submit}", status=status, created=submit,
-                     started=submit + 0.5 if finished else None, finished=finished, image_bytes=image)
+    return JobRecord(
+        size=size,
+        submit=submit,
+        job_id=f"j{submit}",
+        status=status,
+        created=submit,
+        started=submit + 0.5 if finished else None,
+        finished=finished,
+        image_bytes=image,
+    )
 
 
 def test_summary_counts_lost_jobs_and_percentiles():
     records = [_record(float(i), "succeeded", i + 2.0) for i in range(10)]
-    records += [_record(20.0, "succeeded", 22.0, image=0),  # succeeded without an image: lost
-                _record(21.0, "unfinished"), _record(22.0, "failed", 23.0)]
+    records += [
+        _record(20.0, "succeeded", 22.0, image=0),  # succeeded without an image: lost
+        _record(21.0, "unfinished"),
+        _record(22.0, "failed", 23.0),
+    ]
     s = summarize(records, rejected=1, duration_s=30, mode="open", t0=0.0)
     assert (s["submitted"], s["completed"], s["lost"], s["failed"], s["rejected"]) == (13, 10, 2, 1, 1)
     assert s["p50_s"] == 2.0 and s["queue_wait_s"] == 0.5
@@ -70,19 +85,33 @@ def test_closed_loop_throughput_leaves_out_the_start_up_fill_and_the_drain():
 
 
 def _row(system, mode, rate, per_min, p95, lost=0, size="1024"):
-    return dict(system=system, size=size, mode=mode, rate_per_s=rate, images_per_min=per_min, p95_s=p95,
-                lost=lost, duplicates=0, by_size={}, completed=1)
+    return dict(
+        system=system,
+        size=size,
+        mode=mode,
+        rate_per_s=rate,
+        images_per_min=per_min,
+        p95_s=p95,
+        lost=lost,
+        duplicates=0,
+        by_size={},
+        completed=1,
+    )
 
 
 def test_serving_summary_ratios():
-    rows = [_row("rq-diffusers-compiled", "closed", None, 40.0, 3.0),
-            _row("rq-diffusers-compiled", "open", 0.5, 29.0, 5.0),  # 97 % of 30/min: sustained
-            _row("rq-diffusers-compiled", "open", 0.6, 33.0, 9.0),  # 92 % of 36/min: not sustained
-            _row("sd3serve-exact", "closed", None, 60.0, 9.0),
-            _row("sd3serve-k3", "closed", None, 80.0, 9.0),
-            _row("sd3serve-k3", "open", 0.5, 30.0, 1.5)]
-    data = dict(rows=rows, systems={"sd3serve@x": dict(offline=dict(runs=[
-        dict(size=1024, cache_interval=1, images_per_s=1.0, batch=16)]))})
+    rows = [
+        _row("rq-diffusers-compiled", "closed", None, 40.0, 3.0),
+        _row("rq-diffusers-compiled", "open", 0.5, 29.0, 5.0),  # 97 % of 30/min: sustained
+        _row("rq-diffusers-compiled", "open", 0.6, 33.0, 9.0),  # 92 % of 36/min: not sustained
+        _row("sd3serve-exact", "closed", None, 60.0, 9.0),
+        _row("sd3serve-k3", "closed", None, 80.0, 9.0),
+        _row("sd3serve-k3", "open", 0.5, 30.0, 1.5),
+    ]
+    data = dict(
+        rows=rows,
+        systems={"sd3serve@x": dict(offline=dict(runs=[dict(size=1024, cache_interval=1, images_per_s=1.0, batch=16)]))},
+    )
     s = serving_summary(data)
     assert s["throughput_ratio_exact_1024"] == 1.5 and s["throughput_ratio_cached_1024"] == 2.0
     assert s["baseline_sustained_rate_1024"] == 0.5 and s["p95_ratio_at_baseline_capacity"] == 0.3
@@ -95,10 +124,28 @@ def test_load_test_against_sd3serve_up_on_the_reference_model_loses_nothing(tmp_
     redis_port = free_port()  # nothing answers here, so `up` starts its own redis-server
     with open(log_path, "w+") as log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "sd3serve.cli", "up", "--port", "0", "--data-dir", str(tmp_path / "data"),
-             "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--device", "cpu", "--quiet"],
-            cwd=ROOT, env=base_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "sd3serve.cli",
+                "up",
+                "--port",
+                "0",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--redis-url",
+                f"redis://127.0.0.1:{redis_port}/0",
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+            cwd=ROOT,
+            env=base_env(OMP_NUM_THREADS="1"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
+
             def url() -> str | None:
                 assert up.poll() is None, log_path.read_text()
                 found = re.search(r"sd3serve is up: (http://\S+)", log_path.read_text())
@@ -106,10 +153,24 @@ def test_load_test_against_sd3serve_up_on_the_reference_model_loses_nothing(tmp_
 
             base = wait_until(url, 180, interval=0.2, what="`sd3serve up` to report its URL")
             redis_url = re.search(r"Redis (redis://127.0.0.1:\d+/\d+)", log_path.read_text()).group(1)
-            common = ["--url", base, "--size", "64", "--steps", "4", "--guidance", "3", "--max-seconds", "120",
-                      "--redis-url", redis_url]
-            for name, mode in (("open", ["--rate", "2", "--duration", "3"]),
-                               ("closed", ["--concurrency", "2", "--duration", "3"])):
+            common = [
+                "--url",
+                base,
+                "--size",
+                "64",
+                "--steps",
+                "4",
+                "--guidance",
+                "3",
+                "--max-seconds",
+                "120",
+                "--redis-url",
+                redis_url,
+            ]
+            for name, mode in (
+                ("open", ["--rate", "2", "--duration", "3"]),
+                ("closed", ["--concurrency", "2", "--duration", "3"]),
+            ):
                 out = tmp_path / f"{name}.json"
                 assert main([*common, *mode, "--out", str(out)]) == 0, log_path.read_text()[-3000:]
                 result = json.loads(out.read_text())

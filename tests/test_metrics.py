@@ -1,5 +1,6 @@
 """api/metrics.py and worker/metrics.py on their own: names, buckets, the scrape-time queue depth,
 route-template labels and the worker's metrics HTTP server."""
+
 from __future__ import annotations
 
 import subprocess
@@ -116,8 +117,9 @@ def test_files_under_a_mount_share_one_route_label(tmp_path) -> None:
 def _count(method: str, route: str, status: str) -> float:
     from prometheus_client import REGISTRY
 
-    value = REGISTRY.get_sample_value("sd3serve_http_request_duration_seconds_count",
-                                      {"method": method, "route": route, "status": status})
+    value = REGISTRY.get_sample_value(
+        "sd3serve_http_request_duration_seconds_count", {"method": method, "route": route, "status": status}
+    )
     return value or 0.0
 
 
@@ -131,15 +133,27 @@ def test_worker_metrics_server_serves_the_worker_metrics() -> None:
         server.close()
     families = {f.name: f for f in text_string_to_metric_families(body)}
     assert families["sd3serve_jobs_completed"].type == "counter"
-    assert any(s.name == "sd3serve_jobs_completed_total" and s.labels == {"status": "succeeded"} and s.value >= 2
-               for s in families["sd3serve_jobs_completed"].samples)
-    bucket_8 = [s.value for s in families["sd3serve_batch_size"].samples
-                if s.name == "sd3serve_batch_size_bucket" and s.labels["le"] == "8.0"]
+    assert any(
+        s.name == "sd3serve_jobs_completed_total" and s.labels == {"status": "succeeded"} and s.value >= 2
+        for s in families["sd3serve_jobs_completed"].samples
+    )
+    bucket_8 = [
+        s.value
+        for s in families["sd3serve_batch_size"].samples
+        if s.name == "sd3serve_batch_size_bucket" and s.labels["le"] == "8.0"
+    ]
     assert bucket_8 and bucket_8[0] >= 1
-    for name in ("sd3serve_running_requests", "sd3serve_attention_fresh_ratio", "sd3serve_attention_cache_bytes",
-                 "sd3serve_attention_cache_allocated_bytes",
-                 "sd3serve_gpu_memory_bytes", "sd3serve_step_duration_seconds", "sd3serve_queue_wait_seconds",
-                 "sd3serve_job_latency_seconds", "sd3serve_images_generated"):
+    for name in (
+        "sd3serve_running_requests",
+        "sd3serve_attention_fresh_ratio",
+        "sd3serve_attention_cache_bytes",
+        "sd3serve_attention_cache_allocated_bytes",
+        "sd3serve_gpu_memory_bytes",
+        "sd3serve_step_duration_seconds",
+        "sd3serve_queue_wait_seconds",
+        "sd3serve_job_latency_seconds",
+        "sd3serve_images_generated",
+    ):
         assert name in families, name
 
 

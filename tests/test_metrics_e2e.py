@@ -1,5 +1,6 @@
 """Real jobs through the API and a worker (both started by their images' entrypoints, tiny model
 on CPU): the API's and the worker's /metrics move by exactly the amounts the jobs imply."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ STEPS = 4
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples
+    }
 
 
 def delta(before: dict, after: dict, name: str, **labels: str) -> float:
@@ -34,9 +36,12 @@ def delta(before: dict, after: dict, name: str, **labels: str) -> float:
 
 
 def call(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{base}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=90) as response:
             return response.status, json.loads(response.read())
@@ -68,8 +73,12 @@ def test_counters_and_histograms_move_by_the_right_amounts(tmp_path: Path, tiny_
 
         jobs = []
         for seed in range(N_JOBS):
-            status, job = call(stack.api, "POST", "/v1/jobs", {"prompt": f"a red circle {seed}", "seed": seed,
-                                                               "width": 64, "height": 64, "steps": STEPS})
+            status, job = call(
+                stack.api,
+                "POST",
+                "/v1/jobs",
+                {"prompt": f"a red circle {seed}", "seed": seed, "width": 64, "height": 64, "steps": STEPS},
+            )
             assert status == 202, job
             jobs.append(job["id"])
         status, _ = call(stack.api, "POST", "/v1/jobs", {"prompt": "bad size", "width": 65})
@@ -100,11 +109,9 @@ def test_counters_and_histograms_move_by_the_right_amounts(tmp_path: Path, tiny_
 
         # ... whose sums agree with the timings the REST status reports for the same jobs.
         latency = sum(_seconds(j["created_at"], j["finished_at"]) for j in finished)
-        assert delta(worker_before, worker_after, "sd3serve_job_latency_seconds_sum") == pytest.approx(
-            latency, abs=0.5 * N_JOBS)
+        assert delta(worker_before, worker_after, "sd3serve_job_latency_seconds_sum") == pytest.approx(latency, abs=0.5 * N_JOBS)
         waits = sum(_seconds(j["created_at"], j["started_at"]) for j in finished)
-        assert delta(worker_before, worker_after, "sd3serve_queue_wait_seconds_sum") == pytest.approx(
-            waits, abs=0.25 * N_JOBS)
+        assert delta(worker_before, worker_after, "sd3serve_queue_wait_seconds_sum") == pytest.approx(waits, abs=0.25 * N_JOBS)
 
         # Steps: every job spends exactly STEPS steps in the running batch, so the batch-size sum
         # is N*STEPS however the jobs were batched; the step count and times match the worker's
@@ -115,7 +122,8 @@ def test_counters_and_histograms_move_by_the_right_amounts(tmp_path: Path, tiny_
         assert delta(worker_before, worker_after, "sd3serve_batch_size_count") == len(ran)
         assert delta(worker_before, worker_after, "sd3serve_step_duration_seconds_count") == len(ran)
         assert delta(worker_before, worker_after, "sd3serve_step_duration_seconds_sum") == pytest.approx(
-            sum(float(s["step_seconds"]) for s in ran), abs=1e-4 * len(ran) + 1e-3)
+            sum(float(s["step_seconds"]) for s in ran), abs=1e-4 * len(ran) + 1e-3
+        )
         # cache_interval 1 (the default): every running request computes attention every step.
         assert worker_after[("sd3serve_attention_fresh_ratio", frozenset())] == 1.0
         assert worker_after[("sd3serve_running_requests", frozenset())] == 0

@@ -1,5 +1,6 @@
 """monitoring/: every metric the dashboard and the alerts query is exported by the code, and
 Prometheus' own tool accepts the config, the rules and the rules' unit tests."""
+
 from __future__ import annotations
 
 import json
@@ -105,7 +106,8 @@ def test_dashboard_uses_the_provisioned_datasource_and_is_regenerated() -> None:
     uid = datasources["datasources"][0]["uid"]
     board = json.loads(DASHBOARD.read_text())
     used = {p["datasource"]["uid"] for p in board["panels"]} | {
-        t["datasource"]["uid"] for p in board["panels"] for t in p["targets"]}
+        t["datasource"]["uid"] for p in board["panels"] for t in p["targets"]
+    }
     assert used == {uid}
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -120,8 +122,7 @@ def test_dashboard_uses_the_provisioned_datasource_and_is_regenerated() -> None:
 def test_alerts_cover_backlog_dead_workers_failures_and_latency() -> None:
     rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
     names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
-    assert {"SD3ServeBacklogGrowing", "SD3ServeNoWorkerAlive", "SD3ServeHighFailureRate",
-            "SD3ServeLatencyP95High"} <= names
+    assert {"SD3ServeBacklogGrowing", "SD3ServeNoWorkerAlive", "SD3ServeHighFailureRate", "SD3ServeLatencyP95High"} <= names
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """schemathesis over the routes issue 18 added (OpenAI images and models, the caller's job list,
 DELETE, signed files), valid and invalid requests, against a real Redis and a batching worker
 with the tiny model (so valid image requests really run): never a 5xx."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,25 @@ from tests.fleet_fixtures import api_config, make_thread_worker
 from worker.storage import StorageConfig
 
 KEY = "fuzz-openai-key"
-NEW_ROUTES = {"POST /v1/images/generations", "GET /v1/models", "GET /v1/models/{model}", "GET /v1/jobs",
-              "DELETE /v1/jobs/{job_id}", "GET /v1/files/{key}"}
+NEW_ROUTES = {
+    "POST /v1/images/generations",
+    "GET /v1/models",
+    "GET /v1/models/{model}",
+    "GET /v1/jobs",
+    "DELETE /v1/jobs/{job_id}",
+    "GET /v1/files/{key}",
+}
 # Small enough that every valid request finishes in well under a second on the CPU.
-LIMITS = RequestLimits(min_side=64, max_side=64, default_width=64, default_height=64, max_steps=2, default_steps=1,
-                       max_cache_interval=2, max_prompt_chars=200)
+LIMITS = RequestLimits(
+    min_side=64,
+    max_side=64,
+    default_width=64,
+    default_height=64,
+    max_steps=2,
+    default_steps=1,
+    max_cache_interval=2,
+    max_prompt_chars=200,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +42,18 @@ def fuzz_stack(fleet_redis, tiny_engine, tmp_path_factory):
     data = tmp_path_factory.mktemp("fuzz-openai")
     storage = StorageConfig(data_dir=str(data))
     queue = "sd3serve-fuzz-openai"
-    app = create_app(api_config(fleet_redis.url, queue, api_keys=(KEY,), limits=LIMITS, storage=storage,
-                                images_timeout=60, max_queued=50, docs="public"))
+    app = create_app(
+        api_config(
+            fleet_redis.url,
+            queue,
+            api_keys=(KEY,),
+            limits=LIMITS,
+            storage=storage,
+            images_timeout=60,
+            max_queued=50,
+            docs="public",
+        )
+    )
     with make_thread_worker(tiny_engine, fleet_redis.url, queue, storage):
         yield schemathesis.openapi.from_asgi("/openapi.json", app)
 
@@ -44,12 +69,12 @@ def test_new_routes_never_answer_a_server_error(fuzz_stack, mode, authorized):
 
     def checker(operation):
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=20 if authorized else 6, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None)
+        @settings(max_examples=20 if authorized else 6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             response = case.call(headers={**(case.headers or {}), **headers})
             seen.setdefault(operation.label, set()).add(response.status_code)
             assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text}"
+
         return check
 
     for operation in operations:

@@ -1,6 +1,7 @@
 """OpenAI's Images API against the live stack on 127.0.0.1, through the real `openai` SDK: a real
 Redis, the API under uvicorn, a batching worker with the tiny model, local storage. Also `n`
 images per native job, exact per image against diffusers, sharing one prompt encoding."""
+
 from __future__ import annotations
 
 import base64
@@ -30,8 +31,7 @@ def stack(fleet_redis, tiny_engine, tmp_path_factory):
     queue = f"sd3serve-openai-{uuid.uuid4().hex[:8]}"
     data = tmp_path_factory.mktemp("openai-stack")
     storage = StorageConfig(data_dir=str(data))
-    app = create_app(api_config(fleet_redis.url, queue, storage=storage, api_keys=(KEY,), model_name=MODEL,
-                                images_timeout=120))
+    app = create_app(api_config(fleet_redis.url, queue, storage=storage, api_keys=(KEY,), model_name=MODEL, images_timeout=120))
     worker = make_thread_worker(tiny_engine, fleet_redis.url, queue, storage)
     with ApiServer(app) as api, worker:
         api.data_dir = data
@@ -51,8 +51,14 @@ def _decode(b64: str) -> Image.Image:
 
 
 def test_sdk_b64_json_gives_n_distinct_images_of_the_size(sdk):
-    result = sdk.images.generate(model=MODEL, prompt="a red circle on a blue background", n=3, size="128x128",
-                                 response_format="b64_json", extra_body={"steps": 2, "seed": 40})
+    result = sdk.images.generate(
+        model=MODEL,
+        prompt="a red circle on a blue background",
+        n=3,
+        size="128x128",
+        response_format="b64_json",
+        extra_body={"steps": 2, "seed": 40},
+    )
     assert len(result.data) == 3
     images = [_decode(item.b64_json) for item in result.data]
     assert all(image.format == "PNG" and image.size == (128, 128) for image in images)
@@ -63,8 +69,14 @@ def test_sdk_b64_json_gives_n_distinct_images_of_the_size(sdk):
 
 
 def test_sdk_urls_download_without_a_key_and_are_signed(sdk, stack):
-    result = sdk.images.generate(model=MODEL, prompt="a green square on a white background", n=2, size="64x64",
-                                 response_format="url", extra_body={"steps": 2})
+    result = sdk.images.generate(
+        model=MODEL,
+        prompt="a green square on a white background",
+        n=2,
+        size="64x64",
+        response_format="url",
+        extra_body={"steps": 2},
+    )
     urls = [item.url for item in result.data]
     assert len(urls) == 2 and len(set(urls)) == 2
     for url in urls:
@@ -84,9 +96,16 @@ def test_sdk_urls_download_without_a_key_and_are_signed(sdk, stack):
 
 @pytest.mark.parametrize("fmt,pil_format", [("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_sdk_output_formats_decode_in_that_format(sdk, fmt, pil_format):
-    result = sdk.images.generate(model=MODEL, prompt="a yellow triangle", n=1, size="64x64",
-                                 response_format="b64_json", output_format=fmt, output_compression=80,
-                                 extra_body={"steps": 2})
+    result = sdk.images.generate(
+        model=MODEL,
+        prompt="a yellow triangle",
+        n=1,
+        size="64x64",
+        response_format="b64_json",
+        output_format=fmt,
+        output_compression=80,
+        extra_body={"steps": 2},
+    )
     image = _decode(result.data[0].b64_json)
     assert image.format == pil_format and image.size == (64, 64)
     assert result.output_format == fmt
@@ -124,8 +143,7 @@ def test_wrong_key_gets_openai_401_shape(stack):
 
 def test_oversized_and_malformed_bodies_get_openai_errors(stack):
     headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
-    huge = httpx.post(f"{stack.url}/v1/images/generations", content=b'{"prompt": "' + b"x" * 100_000 + b'"}',
-                      headers=headers)
+    huge = httpx.post(f"{stack.url}/v1/images/generations", content=b'{"prompt": "' + b"x" * 100_000 + b'"}', headers=headers)
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
     broken = httpx.post(f"{stack.url}/v1/images/generations", content=b'{"prompt": ', headers=headers)
     assert broken.status_code == 400 and broken.json()["error"]["message"] == "the body is not valid JSON"
@@ -135,8 +153,9 @@ def test_oversized_and_malformed_bodies_get_openai_errors(stack):
 
 def test_no_worker_in_time_gives_504_with_the_job_id_and_the_job_goes_on(fleet_redis, tmp_path):
     queue = f"sd3serve-noworker-{uuid.uuid4().hex[:8]}"
-    app = create_app(api_config(fleet_redis.url, queue, storage=StorageConfig(data_dir=str(tmp_path)),
-                                model_name=MODEL, images_timeout=0.5))
+    app = create_app(
+        api_config(fleet_redis.url, queue, storage=StorageConfig(data_dir=str(tmp_path)), model_name=MODEL, images_timeout=0.5)
+    )
     with ApiServer(app) as api:
         sdk = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.APIStatusError) as caught:
@@ -148,13 +167,11 @@ def test_no_worker_in_time_gives_504_with_the_job_id_and_the_job_goes_on(fleet_r
         assert job["status"] == "queued"  # not lost: a worker will still run it
 
 
-def test_native_job_with_n_images_is_exact_per_image_and_encodes_the_prompt_once(
-        stack, tiny_engine, tiny_model_dir, redis_conn):
+def test_native_job_with_n_images_is_exact_per_image_and_encodes_the_prompt_once(stack, tiny_engine, tiny_model_dir, redis_conn):
     headers = {"Authorization": f"Bearer {KEY}"}
     prompts = tiny_engine.runner.prompts
     misses_before = prompts.misses
-    fields = dict(prompt="a blue square on a red background, n images", seed=77, steps=3, guidance_scale=4.0,
-                  width=64, height=64)
+    fields = dict(prompt="a blue square on a red background, n images", seed=77, steps=3, guidance_scale=4.0, width=64, height=64)
     created = httpx.post(f"{stack.url}/v1/jobs", json={**fields, "n": 3, "output_format": "png"}, headers=headers)
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
@@ -177,8 +194,11 @@ def test_native_job_with_n_images_is_exact_per_image_and_encodes_the_prompt_once
 
 def test_native_output_format_webp(stack):
     headers = {"Authorization": f"Bearer {KEY}"}
-    created = httpx.post(f"{stack.url}/v1/jobs", headers=headers,
-                         json={"prompt": "a white circle", "steps": 2, "output_format": "webp", "output_compression": 60})
+    created = httpx.post(
+        f"{stack.url}/v1/jobs",
+        headers=headers,
+        json={"prompt": "a white circle", "steps": 2, "output_format": "webp", "output_compression": 60},
+    )
     job_id = created.json()["id"]
     done = httpx.get(f"{stack.url}/v1/jobs/{job_id}", params={"wait": 60}, headers=headers, timeout=70).json()
     assert done["status"] == "succeeded" and done["output_format"] == "webp"
@@ -186,6 +206,7 @@ def test_native_output_format_webp(stack):
     assert response.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(response.content)).format == "WEBP"
     assert (stack.data_dir / "images" / f"{job_id}.webp").exists()
-    bad = httpx.post(f"{stack.url}/v1/jobs", headers=headers,
-                     json={"prompt": "x", "output_format": "png", "output_compression": 50})
+    bad = httpx.post(
+        f"{stack.url}/v1/jobs", headers=headers, json={"prompt": "x", "output_format": "png", "output_compression": 50}
+    )
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "output_compression"

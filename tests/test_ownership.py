@@ -1,6 +1,7 @@
 """Jobs belong to the key that made them (keys A and B on a live stack: the API under uvicorn, a
 batching worker, local storage and moto's S3), `GET /v1/jobs` lists the caller's own, `DELETE`
 removes the job and its images, and per-key limits answer 429 with Retry-After."""
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,12 @@ def test_another_key_gets_404_for_status_cancel_image_and_delete(local_stack, tm
     A, B = api.keys
     job = _run(api, A)
     job_id = job["id"]
-    for method, path in [("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel"),
-                         ("GET", f"/v1/jobs/{job_id}/image"), ("DELETE", f"/v1/jobs/{job_id}")]:
+    for method, path in [
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ("GET", f"/v1/jobs/{job_id}/image"),
+        ("DELETE", f"/v1/jobs/{job_id}"),
+    ]:
         as_b = httpx.request(method, f"{api.url}{path}", headers=_auth(B))
         assert as_b.status_code == 404, (method, path, as_b.text)
         assert as_b.json()["error"]["message"] == f"no job with id {job_id!r}"  # same as a job that never existed
@@ -68,8 +73,7 @@ def test_list_shows_each_key_its_own_jobs_newest_first_paginated(local_stack):
     theirs = _run(api, B)["id"]
     first = httpx.get(f"{api.url}/v1/jobs", params={"limit": 2}, headers=_auth(A)).json()
     assert [j["id"] for j in first["data"]] == [mine[2], mine[1]] and first["next_cursor"]
-    second = httpx.get(f"{api.url}/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]},
-                       headers=_auth(A)).json()
+    second = httpx.get(f"{api.url}/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]}, headers=_auth(A)).json()
     assert [j["id"] for j in second["data"]] == [mine[0]] and second["next_cursor"] is None
     assert all(j["status"] == "succeeded" and j["images"] for j in first["data"] + second["data"])
     b_list = httpx.get(f"{api.url}/v1/jobs", headers=_auth(B)).json()
@@ -100,8 +104,13 @@ def test_delete_removes_the_s3_object(fleet_redis, tiny_engine, queue_name, moto
     storage = s3_storage_config(moto_s3)
     A, B = _new_keys()
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage, api_keys=(A, B)))
-    s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint, aws_access_key_id=S3_KEYS["s3_access_key"],
-                      aws_secret_access_key=S3_KEYS["s3_secret_key"], region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_s3.endpoint,
+        aws_access_key_id=S3_KEYS["s3_access_key"],
+        aws_secret_access_key=S3_KEYS["s3_secret_key"],
+        region_name="us-east-1",
+    )
     with ApiServer(app) as api, make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage):
         job = _run(api, A)
         key = f"images/{job['id']}.png"
@@ -118,8 +127,9 @@ def test_delete_removes_the_s3_object(fleet_redis, tiny_engine, queue_name, moto
 
 def test_expiry_rule_keeps_the_buckets_other_rules(moto_s3):
     config = s3_storage_config(moto_s3)
-    s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                      region_name="us-east-1")
+    s3 = boto3.client(
+        "s3", endpoint_url=moto_s3.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
     s3.create_bucket(Bucket=config.s3_bucket)
     other = {"ID": "logs", "Filter": {"Prefix": "logs/"}, "Status": "Enabled", "Expiration": {"Days": 30}}
     s3.put_bucket_lifecycle_configuration(Bucket=config.s3_bucket, LifecycleConfiguration={"Rules": [other]})
@@ -147,8 +157,7 @@ def limited_api(fleet_redis, queue_name, tmp_path):
     keys = (f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}")
 
     def make(**limits) -> TestClient:
-        config = api_config(fleet_redis.url, queue_name, storage=StorageConfig(data_dir=str(tmp_path)),
-                            api_keys=keys, **limits)
+        config = api_config(fleet_redis.url, queue_name, storage=StorageConfig(data_dir=str(tmp_path)), api_keys=keys, **limits)
         return TestClient(create_app(config))
 
     make.keys = keys
@@ -197,8 +206,14 @@ def test_jobs_in_flight_limit_frees_up_when_a_job_ends(limited_api):
 
 def test_openai_sdk_sees_429_as_rate_limit_error(fleet_redis, queue_name, tmp_path):
     key = f"sdk-{uuid.uuid4().hex}"
-    config = api_config(fleet_redis.url, queue_name, storage=StorageConfig(data_dir=str(tmp_path)),
-                        api_keys=(key,), requests_per_minute=1, images_timeout=0.2)
+    config = api_config(
+        fleet_redis.url,
+        queue_name,
+        storage=StorageConfig(data_dir=str(tmp_path)),
+        api_keys=(key,),
+        requests_per_minute=1,
+        images_timeout=0.2,
+    )
     with ApiServer(create_app(config)) as api:
         sdk = openai.OpenAI(base_url=f"{api.url}/v1", api_key=key, max_retries=0)
         with pytest.raises(openai.APIStatusError) as first:  # no worker: the first waits out its timeout

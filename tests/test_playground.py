@@ -3,6 +3,7 @@ real API and worker that require a bearer key: a prompt goes in, the finished im
 
 Set SD3SERVE_UPDATE_SCREENSHOT=1 to refresh docs/playground.png from this run.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,14 @@ import pytest
 from tests import stack_processes as sp
 
 CHROMIUM = os.environ.get("SD3SERVE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 API_KEY = "playground-test-key"
 SCREENSHOT = sp.ROOT / "docs" / "playground.png"
 STATIC = sp.ROOT / "api" / "static"
@@ -25,16 +32,26 @@ REFERENCE_MODEL = sp.ROOT / "models" / "sd3-shapes"
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser test)")
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} missing: `apt-get install -y chromium` in make test's setup (never `playwright install`)",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} missing: `apt-get install -y chromium` in make test's setup (never `playwright install`)",
+        allow_module_level=True,
+    )
 
 
 def test_static_files_are_plain_and_reference_each_other() -> None:
     html = (STATIC / "index.html").read_text()
     assert 'src="app.js"' in html and 'href="style.css"' in html
     js = (STATIC / "app.js").read_text()
-    for route in ("v1/jobs", "/events", "text/event-stream", "/cancel", "?wait=", "Authorization", "localStorage",
-                  "openapi.json"):
+    for route in (
+        "v1/jobs",
+        "/events",
+        "text/event-stream",
+        "/cancel",
+        "?wait=",
+        "Authorization",
+        "localStorage",
+        "openapi.json",
+    ):
         assert route in js, route
     assert re.search(r"^\s*(import|export)\s", js, flags=re.M) is None, "plain script: no modules, no build step"
     assert 'type="module"' not in html
@@ -48,10 +65,14 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
         model, side, steps = REFERENCE_MODEL, 128, 20
     # The API's defaults (read by the page from /openapi.json) fit the model.
     # With keys set the schema is hidden unless SD3SERVE_DOCS=public (the page then uses the server's defaults).
-    api_env = {"SD3SERVE_API_KEYS": API_KEY, "SD3SERVE_DOCS": "public", "SD3SERVE_DEFAULT_WIDTH": str(side),
-               "SD3SERVE_DEFAULT_HEIGHT": str(side), "SD3SERVE_DEFAULT_STEPS": str(steps)}
-    with sp.running_stack(tmp_path, model, api_env_extra=api_env) as stack, \
-            playwright_api.sync_playwright() as p:
+    api_env = {
+        "SD3SERVE_API_KEYS": API_KEY,
+        "SD3SERVE_DOCS": "public",
+        "SD3SERVE_DEFAULT_WIDTH": str(side),
+        "SD3SERVE_DEFAULT_HEIGHT": str(side),
+        "SD3SERVE_DEFAULT_STEPS": str(steps),
+    }
+    with sp.running_stack(tmp_path, model, api_env_extra=api_env) as stack, playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 820})
@@ -75,8 +96,9 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             page.fill("#seed", "7")
             page.click("#submit")
             page.wait_for_selector("#current[data-status=succeeded]", timeout=120_000)
-            page.wait_for_function("(() => { const i = document.getElementById('result-image');"
-                                   " return i.complete && i.naturalWidth > 0; })()")
+            page.wait_for_function(
+                "(() => { const i = document.getElementById('result-image'); return i.complete && i.naturalWidth > 0; })()"
+            )
             assert page.eval_on_selector("#result-image", "i => [i.naturalWidth, i.naturalHeight]") == [side, side]
             assert "seed 7" in page.inner_text("#status")
             # The page followed the job over its event stream, not by polling.
@@ -99,8 +121,11 @@ def test_playground_submits_a_prompt_and_shows_the_image(tmp_path: Path, tiny_mo
             page.fill("#n", "2")
             page.select_option("#output_format", "webp")
             page.click("#submit")
-            page.wait_for_function("document.querySelectorAll('#result-more img').length === 1"
-                                   " && document.querySelector('#result-more img').naturalWidth > 0", timeout=120_000)
+            page.wait_for_function(
+                "document.querySelectorAll('#result-more img').length === 1"
+                " && document.querySelector('#result-more img').naturalWidth > 0",
+                timeout=120_000,
+            )
             assert "seeds 7–8" in page.inner_text("#result-caption") and "webp" in page.inner_text("#result-caption")
             assert page_errors == [], page_errors
 

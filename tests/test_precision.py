@@ -1,6 +1,7 @@
 """The FP8 precision mode on the CPU: which layers it picks (the tiny model, after QKV fusion),
 its setting (SD3SERVE_PRECISION / --precision), and that every entry point refuses FP8 on a
 machine without FP8 tensor cores or torchao, with a message naming what is missing."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,12 +44,22 @@ def test_fp8_picks_the_block_linears_and_leaves_embedders_projection_and_adaln_i
     all_linears = {n for n, m in fused_transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     kept = all_linears - picked
     # every linear left in bf16 is an embedder, the final norm/projection or an adaLN modulation
-    assert kept and all(n.split(".")[0] in ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
-                        or ".norm1.linear" in n or ".norm1_context.linear" in n for n in kept), kept
-    assert {"context_embedder", "proj_out", "norm_out.linear", "transformer_blocks.0.norm1.linear",
-            "transformer_blocks.0.norm1_context.linear"} <= kept
-    assert not any(n.startswith("transformer_blocks.0.attn.to_q") and n != "transformer_blocks.0.attn.to_qkv"
-                   for n in picked)  # applied after fusion: the fused projection, not the separate ones
+    assert kept and all(
+        n.split(".")[0] in ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+        or ".norm1.linear" in n
+        or ".norm1_context.linear" in n
+        for n in kept
+    ), kept
+    assert {
+        "context_embedder",
+        "proj_out",
+        "norm_out.linear",
+        "transformer_blocks.0.norm1.linear",
+        "transformer_blocks.0.norm1_context.linear",
+    } <= kept
+    assert not any(
+        n.startswith("transformer_blocks.0.attn.to_q") and n != "transformer_blocks.0.attn.to_qkv" for n in picked
+    )  # applied after fusion: the fused projection, not the separate ones
 
 
 def test_fp8_skips_linears_whose_gemm_dimensions_fp8_kernels_cannot_take():
@@ -86,8 +97,9 @@ def test_engine_refuses_fp8_on_the_cpu(tiny_model_dir):
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # an unreachable Redis: the worker must refuse before it waits for one
     run_env = dict(os.environ, SD3SERVE_REDIS_URL="redis://127.0.0.1:1/0", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "sd3serve.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=run_env)
+    return subprocess.run(
+        [sys.executable, "-m", "sd3serve.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=run_env
+    )
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
@@ -101,16 +113,16 @@ def test_worker_refuses_fp8_on_the_cpu_before_reaching_redis(how):
 
 def test_generate_refuses_fp8_on_the_cpu(tiny_model_dir, tmp_path):
     out = tmp_path / "x.png"
-    result = _cli("generate", "a red circle", "--model", str(tiny_model_dir), "--device", "cpu",
-                  "--precision", "fp8", "-o", str(out))
+    result = _cli(
+        "generate", "a red circle", "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp8", "-o", str(out)
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: {CPU_REFUSAL}" in result.stderr
     assert not out.exists()
 
 
 def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path):
-    cmd = [sys.executable, "-m", "bench.quality", "--precision", "fp8", "--device", "cpu", "--limit", "2",
-           "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "bench.quality", "--precision", "fp8", "--device", "cpu", "--limit", "2", "--out", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert f"error: {CPU_REFUSAL}" in result.stderr

@@ -1,4 +1,5 @@
 """The pure modules import no torch: the scheduler's and slot table's tests pass with torch blocked."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,7 +31,7 @@ def test_scheduler_tests_pass_without_torch():
 
 def test_light_modules_do_not_import_torch():
     code = (
-        "import sys, engine, engine.request, engine.config, engine.scheduler, engine.slots, engine.fresh_plan\n"
+        "import sys, engine, engine.request, engine.config, engine.scheduler, engine.step_plan, engine.slots, engine.fresh_plan\n"
         "import engine.fair_share\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

@@ -6,6 +6,7 @@ prompts, float32 on an H200) gave 93.9 % exact and 92.1 % for attention K=3 with
 latent-aware strategy (98 % of exact). On this CPU set (every third held-out prompt, 93
 prompts) exact passed 88 and K=3 passed 88. A set this size is needed: with 12 or 40 prompts
 one image moves the ratio by 3-8 %, more than the margin being tested."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ def pipe():
 
 def generate(pipe, prompts, cache_interval: int) -> list[np.ndarray]:
     engine = Engine(EngineConfig(device="cpu", dtype="float32", max_batch=8), pipe)
-    requests = [validate_request(dict(prompt=p.prompt, seed=p.seed, cache_interval=cache_interval), engine.limits)
-                for p in prompts]
+    requests = [
+        validate_request(dict(prompt=p.prompt, seed=p.seed, cache_interval=cache_interval), engine.limits) for p in prompts
+    ]
     images = engine.generate(requests)
     return [np.asarray(images[r.request_id].convert("RGB")) for r in requests]
 

@@ -1,4 +1,5 @@
 """Sentinel URLs and SD3SERVE_REDIS_SENTINELS (worker/redis_conn.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,7 @@ def test_sentinel_urls_parse():
 
 
 def test_sentinels_from_the_environment_for_api_and_worker():
-    env = {"SD3SERVE_REDIS_SENTINELS": "s1:26379, s2:26379", "SD3SERVE_REDIS_MASTER": "jobs",
-           "SD3SERVE_REDIS_WAIT_REPLICAS": "1"}
+    env = {"SD3SERVE_REDIS_SENTINELS": "s1:26379, s2:26379", "SD3SERVE_REDIS_MASTER": "jobs", "SD3SERVE_REDIS_WAIT_REPLICAS": "1"}
     api = ApiConfig.from_env(env)
     assert api.redis_url == "redis+sentinel://s1:26379,s2:26379/jobs/0" and api.redis_wait_replicas == 1
     assert WorkerConfig.from_env(env).redis_url == api.redis_url
@@ -39,8 +39,10 @@ def test_a_sentinel_connection_follows_the_master(tmp_path):
 def test_failure_texts_shown_to_clients_carry_no_address():
     from worker.client import scrub
 
-    raw = ('redis.exceptions.ConnectionError: Error 111 connecting to 10.1.2.3:6379. Connection refused. '
-           'Could not connect to the endpoint URL: "http://minio:9000/bucket/images/x.png"')
+    raw = (
+        "redis.exceptions.ConnectionError: Error 111 connecting to 10.1.2.3:6379. Connection refused. "
+        'Could not connect to the endpoint URL: "http://minio:9000/bucket/images/x.png"'
+    )
     clean = scrub(raw)
     assert "10.1.2.3" not in clean and "6379" not in clean and "minio" not in clean and "http" not in clean
     assert clean.startswith("redis.exceptions.ConnectionError: Error 111 connecting to <internal>")

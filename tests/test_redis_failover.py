@@ -1,6 +1,7 @@
 """Redis failover without losing an accepted job: a master, a replica and three sentinels
 (tests/sentinel_cluster.py), the real API (Sentinel URL, WAIT for one replica) and a real
 `sd3serve worker` process. 100 jobs go in at a steady rate; the master gets `kill -9` mid-run."""
+
 from __future__ import annotations
 
 import threading
@@ -27,32 +28,44 @@ JOBS, EVERY, KILL_AT = 100, 0.15, 30  # a job every 0.15 s; the master dies afte
 def test_a_master_killed_mid_run_loses_no_accepted_job(tmp_path, queue_name, tiny_model_dir):
     with sentinel_cluster(tmp_path / "redis") as cluster:
         storage = StorageConfig(data_dir=str(tmp_path / "data"))
-        config = api_config(cluster.url, queue_name, storage=storage, redis_wait_replicas=1,
-                            redis_wait_timeout_ms=500, max_queued=1000)
+        config = api_config(
+            cluster.url, queue_name, storage=storage, redis_wait_replicas=1, redis_wait_timeout_ms=500, max_queued=1000
+        )
         env = worker_env(tiny_model_dir, cluster.url, queue_name, tmp_path / "data", SD3SERVE_NAME="failover-worker")
         worker = WorkerProcess(env, tmp_path / "worker.log")
         try:
             with ApiServer(create_app(config)) as api:
                 redis = connect(cluster.url, socket_timeout=5)
-                wait_until(lambda: any(w.name == "failover-worker" for w in Worker.all(connection=redis)), 120,
-                           interval=0.3, what=f"the worker registered:\n{worker.output()}")
+                wait_until(
+                    lambda: any(w.name == "failover-worker" for w in Worker.all(connection=redis)),
+                    120,
+                    interval=0.3,
+                    what=f"the worker registered:\n{worker.output()}",
+                )
                 outcome = _submit_while_killing_the_master(api, cluster)
                 accepted = outcome["accepted"]
                 assert sorted(accepted) == list(range(JOBS)), f"not every job got a 202: {outcome['gave_up']}"
                 ids = [accepted[i] for i in range(JOBS)]
                 assert len(set(ids)) == JOBS
                 # 503, never 202, between the kill and the election of the new master.
-                blind = [code for start, end, code in outcome["attempts"]
-                         if start > outcome["killed_at"] and end < outcome["elected_at"]]
+                blind = [
+                    code
+                    for start, end, code in outcome["attempts"]
+                    if start > outcome["killed_at"] and end < outcome["elected_at"]
+                ]
                 assert blind and set(blind) == {503}, blind
                 codes = [code for _, _, code in outcome["attempts"]]
-                print(f"failover: elected {outcome['elected_at'] - outcome['killed_at']:.2f} s after the kill; "
-                      f"{len(codes)} attempts: {codes.count(202)} x 202, {codes.count(503)} x 503, "
-                      f"{codes.count(409)} x 409, {len(blind)} of them (all 503) while no master was elected")
+                print(
+                    f"failover: elected {outcome['elected_at'] - outcome['killed_at']:.2f} s after the kill; "
+                    f"{len(codes)} attempts: {codes.count(202)} x 202, {codes.count(503)} x 503, "
+                    f"{codes.count(409)} x 409, {len(blind)} of them (all 503) while no master was elected"
+                )
                 finals = _final_statuses(api, ids, timeout=150)
                 assert set(finals.values()) == {"succeeded"}, (
                     {s: sum(v == s for v in finals.values()) for s in set(finals.values())},
-                    worker.output(), cluster.logs())
+                    worker.output(),
+                    cluster.logs(),
+                )
                 queue = Queue(queue_name, connection=redis)
                 assert sorted(queue.finished_job_registry.get_job_ids()) == sorted(ids)
                 assert queue.failed_job_registry.count == 0 and queue.count == 0
@@ -99,8 +112,11 @@ def _submit_while_killing_the_master(api: ApiServer, cluster) -> dict:
             while time.monotonic() < deadline:
                 start = time.monotonic()
                 try:
-                    response = http.post("/v1/jobs", json={"prompt": f"a red circle {index}", "steps": 2, "seed": index},
-                                         headers={"Idempotency-Key": f"failover-{index}"})
+                    response = http.post(
+                        "/v1/jobs",
+                        json={"prompt": f"a red circle {index}", "steps": 2, "seed": index},
+                        headers={"Idempotency-Key": f"failover-{index}"},
+                    )
                     code = response.status_code
                 except httpx.HTTPError:
                     code = 0

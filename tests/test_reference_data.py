@@ -1,4 +1,5 @@
 """The procedural data set: captions, combos, held-out split, rendering."""
+
 from __future__ import annotations
 
 import random

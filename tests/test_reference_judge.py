@@ -1,5 +1,6 @@
 """The deterministic judge: validated on the generator's own images, and it must reject
 mismatches (a judge that passes everything would make every quality number meaningless)."""
+
 from __future__ import annotations
 
 import numpy as np

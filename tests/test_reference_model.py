@@ -1,6 +1,7 @@
 """The shipped reference model (models/sd3-shapes): its folder, its loading, and a CPU quality
 regression check: images generated through diffusers' own pipeline at the model's serving
 defaults must match their prompts according to the judge."""
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,15 @@ def serve() -> dict:
 def images(pipe, serve):
     gens = [torch.Generator("cpu").manual_seed(p.seed) for p in REGRESSION_PROMPTS]
     with torch.inference_mode():
-        out = pipe([p.prompt for p in REGRESSION_PROMPTS], num_inference_steps=serve["steps"],
-                   guidance_scale=serve["guidance_scale"], height=serve["height"], width=serve["width"],
-                   max_sequence_length=serve["max_sequence_length"], generator=gens)
+        out = pipe(
+            [p.prompt for p in REGRESSION_PROMPTS],
+            num_inference_steps=serve["steps"],
+            guidance_scale=serve["guidance_scale"],
+            height=serve["height"],
+            width=serve["width"],
+            max_sequence_length=serve["max_sequence_length"],
+            generator=gens,
+        )
     return out.images
 
 

@@ -1,6 +1,7 @@
 """worker/rq_adapter.py: the RQ internals the batching worker uses exist with the parameters we
 pass (this file fails loudly when an RQ upgrade changes one), and they do on a real Redis what
 the worker relies on: a job started and ended through them lands in RQ's own registries."""
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """The pure scheduler: admission, sub-batches and the FRESH/CACHED plan. No torch here:
 tests/test_purity.py runs this file again with torch blocked from import."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,9 @@ from engine.scheduler import Scheduler, forced_fresh, fresh_budget
 
 
 def req(i: int, steps: int = 10, k: int = 3, size: int = 64, policy: str | None = None) -> GenerationRequest:
-    return GenerationRequest(prompt=f"p{i}", steps=steps, cache_interval=k, width=size, height=size,
-                             request_id=f"r{i}", cache_policy=policy)
+    return GenerationRequest(
+        prompt=f"p{i}", steps=steps, cache_interval=k, width=size, height=size, request_id=f"r{i}", cache_policy=policy
+    )
 
 
 def drain(s: Scheduler, arrivals: dict[int, list[GenerationRequest]], max_iters: int = 10_000):
@@ -160,8 +162,9 @@ def test_cancel_waiting_and_running():
 
 
 def test_cache_budget_limits_admission():
-    s = Scheduler(max_batch=8, admit_per_boundary=8, cache_budget_bytes=250,
-                  slot_bytes_of=lambda key: 50)  # a CFG request of the `attention` policy: two slots
+    s = Scheduler(
+        max_batch=8, admit_per_boundary=8, cache_budget_bytes=250, slot_bytes_of=lambda key: 50
+    )  # a CFG request of the `attention` policy: two slots
     for i in range(3):
         s.add(req(i, k=2))
     s.add(req(9, k=1))  # exact: needs no cache

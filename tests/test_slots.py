@@ -1,6 +1,7 @@
 """The scheduler's bookkeeping of attention-cache slots and refresh history (engine/slots.py,
 engine/scheduler.py). No torch here: tests/test_purity.py runs this file again with torch
 blocked from import."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,19 @@ from engine.scheduler import Scheduler
 from engine.slots import SlotTable, extrapolation_weight, extrapolation_weights
 
 
-def req(i: int, steps: int = 10, k: int = 3, size: int = 64, policy: str | None = None,
-        guidance: float = 5.0) -> GenerationRequest:
-    return GenerationRequest(prompt=f"p{i}", steps=steps, cache_interval=k, width=size, height=size,
-                             request_id=f"r{i}", cache_policy=policy, guidance_scale=guidance)
+def req(
+    i: int, steps: int = 10, k: int = 3, size: int = 64, policy: str | None = None, guidance: float = 5.0
+) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=f"p{i}",
+        steps=steps,
+        cache_interval=k,
+        width=size,
+        height=size,
+        request_id=f"r{i}",
+        cache_policy=policy,
+        guidance_scale=guidance,
+    )
 
 
 def test_slot_table_hands_out_the_lowest_free_slots_and_remembers_its_high_water():
@@ -111,9 +121,16 @@ def test_an_idle_size_is_let_go_when_another_size_plans():
 
 
 request_specs = st.lists(
-    st.tuples(st.integers(0, 20), st.integers(1, 10), st.integers(1, 4), st.sampled_from([64, 128]),
-              st.sampled_from([None, "attention", "step"]), st.sampled_from([1.0, 5.0])),
-    min_size=1, max_size=16,
+    st.tuples(
+        st.integers(0, 20),
+        st.integers(1, 10),
+        st.integers(1, 4),
+        st.sampled_from([64, 128]),
+        st.sampled_from([None, "attention", "step"]),
+        st.sampled_from([1.0, 5.0]),
+    ),
+    min_size=1,
+    max_size=16,
 )
 
 
@@ -150,7 +167,7 @@ def test_planned_slots_and_refresh_history(specs, max_batch, cancel_every):
                     assert weight == 0.0
                     history.append(r.step)
                 else:
-                    a0, a1 = (history[-2:] if len(history) > 1 else (None, history[-1]))
+                    a0, a1 = history[-2:] if len(history) > 1 else (None, history[-1])
                     assert weight == (0.0 if a0 is None else (r.step - a1) / (a1 - a0))
             assert s.cache_bytes() == sum(r.request.size[0] * len(r.slots) for r in s.running_requests())
             s.complete(plan)

@@ -4,6 +4,7 @@ torch.compile runs with the `aot_eager` backend here (dynamo tracing, graph brea
 are the same as with inductor; only the kernel code generation is skipped, which takes minutes
 on two cores). The GPU test at the end runs inductor on CUDA.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,9 +36,19 @@ def test_compile_setting_accepts_auto_on_off_and_booleans():
 
 def _transformer(**kw) -> SD3Transformer2DModel:
     torch.manual_seed(0)
-    args = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
-                num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32)
+    args = dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        out_channels=16,
+        pos_embed_max_size=32,
+    )
     args.update(kw)
     return SD3Transformer2DModel(**args).eval()
 
@@ -71,8 +82,18 @@ def test_fused_projections_equal_separate_ones(variant, split_queries):
 
 def _requests(n, k=1, policy=None, steps=5, size=64):
     return [
-        validate_request(dict(prompt=f"prompt {i}", seed=50 + i, steps=steps, guidance_scale=4.0,
-                              width=size, height=size, cache_interval=k, cache_policy=policy))
+        validate_request(
+            dict(
+                prompt=f"prompt {i}",
+                seed=50 + i,
+                steps=steps,
+                guidance_scale=4.0,
+                width=size,
+                height=size,
+                cache_interval=k,
+                cache_policy=policy,
+            )
+        )
         for i in range(n)
     ]
 
@@ -158,8 +179,12 @@ def test_graphs_past_their_limit_run_plain_forwards():
     model = _transformer()
     graphs = ForwardGraphs(model, max_tokens=10**6, max_graphs=0)
     g = torch.Generator().manual_seed(2)
-    inputs = dict(hidden_states=torch.randn(2, 16, 8, 8, generator=g), timestep=torch.tensor([900.0, 10.0]),
-                  encoder_hidden_states=torch.randn(2, 10, 32, generator=g), pooled_projections=torch.randn(2, 32, generator=g))
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 8, 8, generator=g),
+        timestep=torch.tensor([900.0, 10.0]),
+        encoder_hidden_states=torch.randn(2, 10, 32, generator=g),
+        pooled_projections=torch.randn(2, 32, generator=g),
+    )
     with torch.no_grad():
         want = model(**inputs, return_dict=False)[0]
         assert graphs.applies(inputs["hidden_states"])

@@ -1,5 +1,6 @@
 """Measured step seconds reach the scheduler: engine/step_timer.py on the CPU and on CUDA, and the
 engine's seam (plain floats into `Scheduler.observe`)."""
+
 from __future__ import annotations
 
 import time

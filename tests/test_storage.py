@@ -1,4 +1,5 @@
 """Image storage against a real S3 server on loopback (moto server mode) and a local folder."""
+
 from __future__ import annotations
 
 import threading
@@ -101,11 +102,17 @@ def test_permanent_errors_are_not_retried(moto_s3):
 
 
 def test_storage_config_from_env():
-    config = StorageConfig.from_env({
-        "SD3SERVE_STORAGE": "s3", "SD3SERVE_S3_ENDPOINT_URL": "http://minio:9000",
-        "SD3SERVE_S3_PUBLIC_URL": "http://localhost:9000", "SD3SERVE_S3_BUCKET": "imgs",
-        "SD3SERVE_S3_PREFIX": "out/", "SD3SERVE_STORAGE_ATTEMPTS": "3", "SD3SERVE_S3_CREATE_BUCKET": "0",
-    })
+    config = StorageConfig.from_env(
+        {
+            "SD3SERVE_STORAGE": "s3",
+            "SD3SERVE_S3_ENDPOINT_URL": "http://minio:9000",
+            "SD3SERVE_S3_PUBLIC_URL": "http://localhost:9000",
+            "SD3SERVE_S3_BUCKET": "imgs",
+            "SD3SERVE_S3_PREFIX": "out/",
+            "SD3SERVE_STORAGE_ATTEMPTS": "3",
+            "SD3SERVE_S3_CREATE_BUCKET": "0",
+        }
+    )
     assert (config.backend, config.s3_bucket, config.key_prefix) == ("s3", "imgs", "out/")
     assert config.retry.attempts == 3 and not config.s3_create_bucket
     with pytest.raises(ValueError, match="storage backend"):

@@ -1,6 +1,7 @@
 """Finished images survive storage outages (worker/durable_upload.py): the real API, a BatchWorker
 with the tiny engine in a thread, a real Redis and moto's S3 server on loopback, stopped and
 restarted on the same port."""
+
 from __future__ import annotations
 
 import time
@@ -42,21 +43,22 @@ def _internals(storage, moto_s3) -> list[str]:
 
 
 @pytest.mark.slow
-def test_storage_down_60s_while_8_images_finish_then_all_succeed(fleet_redis, redis_conn, queue_name, moto_s3,
-                                                                  tiny_engine):
-    storage = s3_storage_config(moto_s3, outage={"storage_deadline": 180.0}, attempts=3, backoff=0.2,
-                                max_backoff=2.0)
+def test_storage_down_60s_while_8_images_finish_then_all_succeed(fleet_redis, redis_conn, queue_name, moto_s3, tiny_engine):
+    storage = s3_storage_config(moto_s3, outage={"storage_deadline": 180.0}, attempts=3, backoff=0.2, max_backoff=2.0)
     S3Storage(storage).ensure_ready()
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage))
     spool = storage.spool_path
-    with ApiServer(app) as api, make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage,
-                                                   heartbeat_ttl=2, heartbeat_every=0.3):
+    with (
+        ApiServer(app) as api,
+        make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage, heartbeat_ttl=2, heartbeat_every=0.3),
+    ):
         moto_s3.stop()
         down_at = time.monotonic()
         try:
             ids = [_submit(api, prompt=f"a blue circle {i}", steps=3, seed=i) for i in range(8)]
-            wait_until(lambda: all(_state(redis_conn, i) == "storing" for i in ids), 60,
-                       what="all 8 images made and held for storage")
+            wait_until(
+                lambda: all(_state(redis_conn, i) == "storing" for i in ids), 60, what="all 8 images made and held for storage"
+            )
             # Held on the worker's disk (one spool file per image), the jobs still running and ours.
             wait_until(lambda: len(list(spool.glob("*.png"))) == 8, 30, what="8 images in the spool")
             while time.monotonic() - down_at < OUTAGE_SECONDS:
@@ -67,8 +69,13 @@ def test_storage_down_60s_while_8_images_finish_then_all_succeed(fleet_redis, re
             moto_s3.start()
         results = [_job(api, i, wait=60) for i in ids]
     assert [r["status"] for r in results] == ["succeeded"] * 8, results
-    s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint, aws_access_key_id=S3_KEYS["s3_access_key"],
-                      aws_secret_access_key=S3_KEYS["s3_secret_key"], region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_s3.endpoint,
+        aws_access_key_id=S3_KEYS["s3_access_key"],
+        aws_secret_access_key=S3_KEYS["s3_secret_key"],
+        region_name="us-east-1",
+    )
     stored = {o["Key"] for o in s3.list_objects_v2(Bucket=storage.s3_bucket)["Contents"]}
     assert stored >= {f"images/{i}.png" for i in ids}
     for job_id, done in zip(ids, results):
@@ -81,7 +88,8 @@ def test_storage_down_60s_while_8_images_finish_then_all_succeed(fleet_redis, re
 
 
 def test_storage_down_past_the_deadline_fails_through_rq_retries_with_no_internal_address(
-        fleet_redis, redis_conn, queue_name, moto_s3, tiny_engine):
+    fleet_redis, redis_conn, queue_name, moto_s3, tiny_engine
+):
     storage = s3_storage_config(moto_s3, outage={"storage_deadline": 1.5}, attempts=2, backoff=0.1, max_backoff=0.3)
     S3Storage(storage).ensure_ready()
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage, retries=1))
@@ -104,20 +112,24 @@ def test_storage_down_past_the_deadline_fails_through_rq_retries_with_no_interna
     assert list(storage.spool_path.glob("*.png")) == []
 
 
-def test_a_bucket_deleted_under_a_running_worker_is_created_again(fleet_redis, redis_conn, queue_name, moto_s3,
-                                                                  tiny_engine):
+def test_a_bucket_deleted_under_a_running_worker_is_created_again(fleet_redis, redis_conn, queue_name, moto_s3, tiny_engine):
     storage = s3_storage_config(moto_s3)
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage))
-    s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint, aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3", endpoint_url=moto_s3.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
     with ApiServer(app) as api, make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage):
         first = _submit(api, prompt="a red circle", steps=2)
         assert _job(api, first, wait=60)["status"] == "succeeded"
         s3.delete_object(Bucket=storage.s3_bucket, Key=f"images/{first}.png")
         s3.delete_bucket(Bucket=storage.s3_bucket)
         # With no job coming, the worker's maintenance brings it back, and the API is ready again.
-        wait_until(lambda: httpx.get(f"{api.url}/readyz").status_code == 200, 30, interval=0.2,
-                   what="the bucket recreated by the idle worker")
+        wait_until(
+            lambda: httpx.get(f"{api.url}/readyz").status_code == 200,
+            30,
+            interval=0.2,
+            what="the bucket recreated by the idle worker",
+        )
         s3.delete_bucket(Bucket=storage.s3_bucket)  # and once more, right before a job's upload
         second = _submit(api, prompt="a green circle", steps=2)
         done = _job(api, second, wait=60)
@@ -126,14 +138,18 @@ def test_a_bucket_deleted_under_a_running_worker_is_created_again(fleet_redis, r
 
 
 def test_a_missing_bucket_the_worker_may_not_create_fails_with_the_documented_message(
-        fleet_redis, redis_conn, queue_name, moto_s3, tiny_engine):
+    fleet_redis, redis_conn, queue_name, moto_s3, tiny_engine
+):
     storage = s3_storage_config(moto_s3, outage={"s3_create_bucket": False})
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage))
     with ApiServer(app) as api, make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage):
         failed = _job(api, _submit(api, prompt="a red circle", steps=2), wait=60)
     assert failed["status"] == "failed"
-    assert failed["error"] == {"code": "storage_bucket_missing", "field": None, "message": (
-        "the storage bucket does not exist and the worker may not create it (SD3SERVE_S3_CREATE_BUCKET=0)")}
+    assert failed["error"] == {
+        "code": "storage_bucket_missing",
+        "field": None,
+        "message": ("the storage bucket does not exist and the worker may not create it (SD3SERVE_S3_CREATE_BUCKET=0)"),
+    }
     for internal in _internals(storage, moto_s3):
         assert internal not in failed["error"]["message"]
 

@@ -1,4 +1,5 @@
 """Every bad request fails before any compute with a message naming the field."""
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,10 @@ def test_limits_and_config_from_env(tmp_path):
 
 
 def test_max_side_follows_the_models_position_embedding(tmp_path):
-    for part, config in (("transformer", '{"pos_embed_max_size": 64, "patch_size": 2}'),
-                         ("vae", '{"block_out_channels": [32, 64, 128, 128]}')):
+    for part, config in (
+        ("transformer", '{"pos_embed_max_size": 64, "patch_size": 2}'),
+        ("vae", '{"block_out_channels": [32, 64, 128, 128]}'),
+    ):
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text(config)
     limits = limits_for_model(RequestLimits(max_side=2048), str(tmp_path))

@@ -3,6 +3,7 @@ step stream) with 50 deliveries to a slow receiver pending is the same as withou
 
 The deliverer runs in the worker's own process (threads), as it does in `sd3serve worker`, so this
 also measures what its threads cost the step loop under the GIL."""
+
 from __future__ import annotations
 
 import statistics
@@ -27,25 +28,28 @@ TOLERANCE = 1.35  # the machine is shared: steps move by 10-20 % between phases 
 def step_times(redis_conn, worker_name: str, queue, since: str) -> tuple[list[float], str]:
     """Run ROUNDS batches of JOBS jobs; the step_seconds the worker recorded meanwhile."""
     for _ in range(ROUNDS):
-        ids = [client.enqueue(queue, validate_request(
-            {"prompt": PROMPT, "steps": STEPS, "seed": i, "width": SIZE, "height": SIZE}))
-               for i in range(JOBS)]
-        wait_until(lambda ids=ids: all(client.status(redis_conn, i).done for i in ids), 300, interval=0.1,
-                   what="batch")
+        ids = [
+            client.enqueue(queue, validate_request({"prompt": PROMPT, "steps": STEPS, "seed": i, "width": SIZE, "height": SIZE}))
+            for i in range(JOBS)
+        ]
+        wait_until(lambda ids=ids: all(client.status(redis_conn, i).done for i in ids), 300, interval=0.1, what="batch")
     entries = redis_conn.xrange(keys.step_log_key(worker_name), min=f"({since}")
     seconds = [float(fields[b"step_seconds"]) for _, fields in entries if int(fields[b"batch_size"]) > 0]
     return seconds, entries[-1][0].decode() if entries else since
 
 
 def test_step_time_unchanged_while_50_deliveries_to_a_slow_receiver_are_pending(
-        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path):
+    fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path
+):
     secret = new_secret()
     hooks = WebhookConfig(secret=secret, allow_loopback=True, timeout=120, threads=8)
     queue = Queue(queue_name, connection=redis_conn)
     side_queue = Queue(f"{queue_name}-side", connection=redis_conn)
     storage = StorageConfig(data_dir=str(tmp_path))
-    with make_thread_worker(tiny_engine, fleet_redis.url,
-                            queue_name, storage, step_log_len=100000) as worker, Receiver(then=-120) as slow:
+    with (
+        make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage, step_log_len=100000) as worker,
+        Receiver(then=-120) as slow,
+    ):
         wait_until(lambda: worker.worker.name and redis_conn.exists(worker.worker.key), 30, what="registration")
         name = worker.worker.name
         warm, last = step_times(redis_conn, name, queue, "0")  # warm-up round (first steps are slower)
@@ -54,8 +58,7 @@ def test_step_time_unchanged_while_50_deliveries_to_a_slow_receiver_are_pending(
         # 50 deliveries of jobs that will never run, to a receiver that holds every call for 2 min.
         sub = subscribe(slow.url, None, hooks)
         for _ in range(50):
-            job = client.fetch_job(redis_conn, client.enqueue(side_queue, validate_request({"prompt": PROMPT}),
-                                                              webhook=sub))
+            job = client.fetch_job(redis_conn, client.enqueue(side_queue, validate_request({"prompt": PROMPT}), webhook=sub))
             assert webhook_queue.notify(redis_conn, job, "completed")
         deliverer = Deliverer(redis_conn, side_queue.name, hooks).start()  # in the worker's process
         wait_until(lambda: len(slow.requests()) == hooks.threads, 30, what="calls held by the slow receiver")
@@ -69,7 +72,6 @@ def test_step_time_unchanged_while_50_deliveries_to_a_slow_receiver_are_pending(
     deliverer.stop()  # the receiver has let its held calls go
     mean = {k: statistics.fmean(v) for k, v in (("before", before), ("during", during), ("after", after))}
     median = {k: statistics.median(v) for k, v in (("before", before), ("during", during), ("after", after))}
-    print(f"\nmean step seconds {mean}\nmedian step seconds {median}\n"
-          f"steps measured: {len(before)}, {len(during)}, {len(after)}")
+    print(f"\nmean step seconds {mean}\nmedian step seconds {median}\nsteps measured: {len(before)}, {len(during)}, {len(after)}")
     assert min(len(before), len(during), len(after)) >= STEPS * ROUNDS
     assert mean["during"] <= TOLERANCE * max(mean["before"], mean["after"]), mean

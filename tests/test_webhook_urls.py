@@ -1,4 +1,5 @@
 """Webhook URLs at submit time (422 naming the field) and the address rules behind them."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -19,6 +20,7 @@ PROMPT = "a red circle on a blue background"
 @pytest.fixture
 def make_api(make_client):
     """make(**webhook settings) -> a started API test client (a fresh secret unless given)."""
+
     def make(**hooks) -> TestClient:
         hooks.setdefault("secret", new_secret())
         return make_client(webhook=WebhookConfig(**hooks))
@@ -62,11 +64,18 @@ def test_bad_webhook_urls_get_422_naming_the_field(make_api, redis_conn, queue_n
 
 
 def test_a_public_address_is_accepted_and_shows_its_webhook_state(make_api):
-    response = make_api().post("/v1/jobs", json={"prompt": PROMPT, "webhook": "https://8.8.8.8/hook",
-                                                  "webhook_events_filter": ["start", "completed"]})
+    response = make_api().post(
+        "/v1/jobs", json={"prompt": PROMPT, "webhook": "https://8.8.8.8/hook", "webhook_events_filter": ["start", "completed"]}
+    )
     assert response.status_code == 202, response.text
-    assert response.json()["webhook"] == {"event": None, "attempts": 0, "last_status": None, "delivered": False,
-                                          "gave_up": False, "last_error": None}
+    assert response.json()["webhook"] == {
+        "event": None,
+        "attempts": 0,
+        "last_status": None,
+        "delivered": False,
+        "gave_up": False,
+        "last_error": None,
+    }
 
 
 def test_loopback_is_allowed_only_with_the_setting(make_api):
@@ -88,8 +97,9 @@ def test_the_allow_list_admits_only_its_hosts(make_api):
 
 @pytest.mark.parametrize("events", [["finished"], [], "completed", [1]])
 def test_bad_event_filters_get_422_naming_the_field(make_api, events):
-    response = make_api().post("/v1/jobs", json={"prompt": PROMPT, "webhook": "https://8.8.8.8/",
-                                                  "webhook_events_filter": events})
+    response = make_api().post(
+        "/v1/jobs", json={"prompt": PROMPT, "webhook": "https://8.8.8.8/", "webhook_events_filter": events}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["field"].startswith("webhook_events_filter")
 
@@ -105,8 +115,7 @@ def test_the_python_client_checks_the_same_rules(redis_conn, queue_name, monkeyp
         client.submit(redis_conn, prompt=PROMPT, queue=queue_name, webhook="http://10.1.2.3/")
     assert caught.value.field == "webhook"
     with pytest.raises(RequestValidationError) as caught:
-        client.submit(redis_conn, prompt=PROMPT, queue=queue_name, webhook="https://8.8.8.8/",
-                      webhook_events_filter=["done"])
+        client.submit(redis_conn, prompt=PROMPT, queue=queue_name, webhook="https://8.8.8.8/", webhook_events_filter=["done"])
     assert caught.value.field == "webhook_events_filter"
     job_id = client.submit(redis_conn, prompt=PROMPT, queue=queue_name, webhook="https://8.8.8.8/")
     assert client.status(redis_conn, job_id).meta["webhook"] == {"url": "https://8.8.8.8/", "events": ["completed"]}

@@ -1,5 +1,6 @@
 """Webhooks end to end against receivers on 127.0.0.1: the real API, a real batching worker with
 its deliverer, the tiny model, a test-owned Redis. Signatures are checked with `standardwebhooks`."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,7 @@ from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from api.app import create_app
-from tests.fleet_fixtures import (WorkerProcess, api_config, kill_hard, make_thread_worker,
-                                  worker_env, worker_processes)
+from tests.fleet_fixtures import WorkerProcess, api_config, kill_hard, make_thread_worker, worker_env, worker_processes
 from tests.stack_processes import wait_until
 from tests.test_events import unsigned
 from tests.webhook_receiver import Receiver, new_secret
@@ -41,8 +41,7 @@ def stack(fleet_redis, queue_name, tiny_engine, tmp_path):
         secret = new_secret()
         hooks = webhook_config(secret, **changes)
         storage = StorageConfig(data_dir=str(tmp_path))
-        api = TestClient(create_app(api_config(fleet_redis.url, queue_name, storage=storage, webhook=hooks,
-                                               public_url=PUBLIC)))
+        api = TestClient(create_app(api_config(fleet_redis.url, queue_name, storage=storage, webhook=hooks, public_url=PUBLIC)))
         api.__enter__()
         worker = make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage, webhook=hooks).__enter__()
         started.extend([worker, api])
@@ -82,15 +81,25 @@ def test_one_signed_completed_call_per_job_with_image_urls(stack):
         assert call.headers["webhook-id"] == f"msg_{payload['id']}_completed"
         final = next(f for f in finals if f["id"] == payload["id"])
         # Signed like the status endpoint's URLs (their expiry follows the signing time)
-        assert [_unsigned(u) for u in payload["images"]] == [_unsigned(u) for u in final["images"]] == [
-            f"{PUBLIC}/v1/files/{payload['id']}.png"]
-        delivered = api.get(payload["image_url"][len(PUBLIC):])
+        assert (
+            [_unsigned(u) for u in payload["images"]]
+            == [_unsigned(u) for u in final["images"]]
+            == [f"{PUBLIC}/v1/files/{payload['id']}.png"]
+        )
+        delivered = api.get(payload["image_url"][len(PUBLIC) :])
         assert delivered.status_code == 200 and delivered.content.startswith(b"\x89PNG")  # its signature is valid
         # The status endpoint's JSON (the webhook state moves on after the call, so it is left out).
         assert unsigned({k: v for k, v in payload.items() if k != "webhook"}) == unsigned(
-            {k: v for k, v in final.items() if k != "webhook"})
-        assert final["webhook"] == {"event": "completed", "attempts": 1, "last_status": 200, "delivered": True,
-                                    "gave_up": False, "last_error": None}
+            {k: v for k, v in final.items() if k != "webhook"}
+        )
+        assert final["webhook"] == {
+            "event": "completed",
+            "attempts": 1,
+            "last_status": 200,
+            "delivered": True,
+            "gave_up": False,
+            "last_error": None,
+        }
         tampered = call.body.replace(b'"succeeded"', b'"failed"')
         assert tampered != call.body
         with pytest.raises(WebhookVerificationError):
@@ -157,8 +166,7 @@ def test_delivery_resolves_again_and_refuses_an_address_that_became_internal(fle
     secret = new_secret()
     with Receiver() as receiver:
         sub = subscribe(receiver.url, None, webhook_config(secret))
-        job_id = client.enqueue(Queue(queue_name, connection=redis_conn), validate_request({"prompt": PROMPT}),
-                                webhook=sub)
+        job_id = client.enqueue(Queue(queue_name, connection=redis_conn), validate_request({"prompt": PROMPT}), webhook=sub)
         job = client.fetch_job(redis_conn, job_id)
         assert webhook_queue.notify(redis_conn, job, "completed")
         assert not webhook_queue.notify(redis_conn, job, "completed")  # once per job and event
@@ -173,10 +181,15 @@ def test_delivery_resolves_again_and_refuses_an_address_that_became_internal(fle
 
 
 def test_python_client_submits_a_webhook_and_a_killed_worker_s_delivery_arrives_once(
-        fleet_redis, redis_conn, queue_name, tiny_model_dir, tmp_path, monkeypatch):
+    fleet_redis, redis_conn, queue_name, tiny_model_dir, tmp_path, monkeypatch
+):
     secret = new_secret()
-    settings = {"SD3SERVE_WEBHOOK_SECRET": secret, "SD3SERVE_WEBHOOK_ALLOW_LOOPBACK": "1",
-                "SD3SERVE_WEBHOOK_BACKOFF": "3", "SD3SERVE_WEBHOOK_TIMEOUT": "2"}
+    settings = {
+        "SD3SERVE_WEBHOOK_SECRET": secret,
+        "SD3SERVE_WEBHOOK_ALLOW_LOOPBACK": "1",
+        "SD3SERVE_WEBHOOK_BACKOFF": "3",
+        "SD3SERVE_WEBHOOK_TIMEOUT": "2",
+    }
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
     env = worker_env(tiny_model_dir, fleet_redis.url, queue_name, tmp_path, **settings)
@@ -188,8 +201,12 @@ def test_python_client_submits_a_webhook_and_a_killed_worker_s_delivery_arrives_
         assert client.status(redis_conn, job_id).status == "succeeded"
         assert webhook_queue.pending_count(redis_conn, queue_name) == 1
         procs.append(WorkerProcess(env, tmp_path / "w2.log"))
-        wait_until(lambda: client.status(redis_conn, job_id).webhook["delivered"], 120, interval=0.2,
-                   what=f"delivery after the restart:\n{procs[-1].output()}")
+        wait_until(
+            lambda: client.status(redis_conn, job_id).webhook["delivered"],
+            120,
+            interval=0.2,
+            what=f"delivery after the restart:\n{procs[-1].output()}",
+        )
         time.sleep(1.0)
         calls = receiver.requests()
     assert [c.answered for c in calls] == [503, 200]
@@ -209,16 +226,21 @@ def test_sd3serve_webhooks_delivers_on_its_own_and_stops_on_sigterm(fleet_redis,
     from worker.webhook_subscription import subscribe
 
     secret = new_secret()
-    env = base_env(SD3SERVE_REDIS_URL=fleet_redis.url, SD3SERVE_QUEUE=queue_name, SD3SERVE_WEBHOOK_SECRET=secret,
-                   SD3SERVE_WEBHOOK_ALLOW_LOOPBACK="1", SD3SERVE_DATA_DIR=str(tmp_path))
+    env = base_env(
+        SD3SERVE_REDIS_URL=fleet_redis.url,
+        SD3SERVE_QUEUE=queue_name,
+        SD3SERVE_WEBHOOK_SECRET=secret,
+        SD3SERVE_WEBHOOK_ALLOW_LOOPBACK="1",
+        SD3SERVE_DATA_DIR=str(tmp_path),
+    )
     with Receiver() as receiver:
         sub = subscribe(receiver.url, None, webhook_config(secret))
-        job_id = client.enqueue(Queue(queue_name, connection=redis_conn), validate_request({"prompt": PROMPT}),
-                                webhook=sub)
+        job_id = client.enqueue(Queue(queue_name, connection=redis_conn), validate_request({"prompt": PROMPT}), webhook=sub)
         assert webhook_queue.notify(redis_conn, client.fetch_job(redis_conn, job_id), "completed")
         log = open(tmp_path / "webhooks.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "sd3serve.cli", "webhooks"], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sd3serve.cli", "webhooks"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             wait_until(lambda: receiver.requests(), 60, interval=0.1, what="the delivery")
             proc.send_signal(signal.SIGTERM)
@@ -239,7 +261,7 @@ def test_the_readme_s_verification_snippet_accepts_our_signature_and_rejects_a_t
     from worker.webhook_delivery import encode_body, signed_headers
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Webhooks and event streams"):]
+    section = readme[readme.index("### Webhooks and event streams") :]
     snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     secret = new_secret()
     namespace: dict = {}

@@ -1,5 +1,6 @@
 """End to end in one process: the real API under uvicorn, a BatchWorker running the real tiny
 engine in a thread, a real Redis and a real S3 server (moto) on loopback."""
+
 from __future__ import annotations
 
 import io
@@ -37,8 +38,9 @@ def _submit(api: ApiServer, **fields) -> dict:
 
 
 def _step_log(redis_conn, worker_name: str) -> list[dict]:
-    return [{k.decode(): v.decode() for k, v in fields.items()}
-            for _, fields in redis_conn.xrange(keys.step_log_key(worker_name))]
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_conn.xrange(keys.step_log_key(worker_name))
+    ]
 
 
 def _successes(redis_conn, job_id: str) -> int:
@@ -68,15 +70,20 @@ def test_rest_round_trip_through_s3(fleet_redis, redis_conn, queue_name, moto_s3
 
 
 def test_twenty_concurrent_submissions_batch_and_grow_at_chunk_boundaries(
-        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path):
+    fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path
+):
     interval = 2  # cache_interval K: new requests may join only every K steps
     storage = StorageConfig(data_dir=str(tmp_path))
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage))
     worker = make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage)
     with ApiServer(app) as api, worker:
         with ThreadPoolExecutor(20) as pool:
-            created = list(pool.map(lambda i: _submit(api, prompt=f"a blue square number {i}", steps=6,
-                                                      cache_interval=interval, seed=i), range(20)))
+            created = list(
+                pool.map(
+                    lambda i: _submit(api, prompt=f"a blue square number {i}", steps=6, cache_interval=interval, seed=i),
+                    range(20),
+                )
+            )
         ids = [c["id"] for c in created]
         assert len(set(ids)) == 20
         finished = [_job(api, job_id, wait=60) for job_id in ids]
@@ -105,7 +112,8 @@ def test_plain_rq_job_is_processed_and_visible_over_rest(fleet_redis, redis_conn
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage))
     with ApiServer(app) as api, make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage):
         job = Queue(queue_name, connection=redis_conn).enqueue(
-            "worker.jobs.generate", prompt="a yellow triangle on a black background", steps=3)
+            "worker.jobs.generate", prompt="a yellow triangle on a black background", steps=3
+        )
         done = _job(api, job.id, wait=60)
         assert done["status"] == "succeeded", done
         assert isinstance(done["seed"], int)  # drawn by the worker, reported back
@@ -158,15 +166,17 @@ def test_s3_down_while_jobs_finish_then_back(fleet_redis, redis_conn, queue_name
     storage = s3_storage_config(moto_s3, attempts=30, backoff=0.2, max_backoff=0.5)
     S3Storage(storage).ensure_ready()  # the bucket exists; then the server goes away
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage))
-    with ApiServer(app) as api, make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage,
-                                                   heartbeat_ttl=2, heartbeat_every=0.3):
+    with (
+        ApiServer(app) as api,
+        make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage, heartbeat_ttl=2, heartbeat_every=0.3),
+    ):
         moto_s3.stop()
         try:
             ids = [_submit(api, prompt=f"a green circle {i}", steps=4)["id"] for i in range(3)]
 
             def all_storing() -> bool:
-                return all(Job.fetch(i, connection=redis_conn).get_meta().get(keys.META_STATE) == "storing"
-                           for i in ids)
+                return all(Job.fetch(i, connection=redis_conn).get_meta().get(keys.META_STATE) == "storing" for i in ids)
+
             wait_until(all_storing, 30, what="every image computed and waiting for S3")
             time.sleep(2.5)  # longer than the heartbeat TTL: the jobs must stay ours meanwhile
             assert [_job(api, i)["status"] for i in ids] == ["running"] * 3
@@ -180,15 +190,13 @@ def test_s3_down_while_jobs_finish_then_back(fleet_redis, redis_conn, queue_name
             assert httpx.get(done["image_url"]).status_code == 200
 
 
-def test_stop_past_the_grace_period_requeues_the_batch_at_the_front(
-        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path):
+def test_stop_past_the_grace_period_requeues_the_batch_at_the_front(fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path):
     storage = StorageConfig(data_dir=str(tmp_path))
     ids = [client.submit(redis_conn, prompt=f"a white square {i}", steps=100, queue=queue_name) for i in range(8)]
     later = client.submit(redis_conn, prompt="queued behind them", steps=2, queue=queue_name)  # batch is full
     worker = make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage, shutdown_grace=0.0)
     with worker:
-        wait_until(lambda: all(client.status(redis_conn, i).progress["step"] >= 2 for i in ids), 30,
-                   what="the batch running")
+        wait_until(lambda: all(client.status(redis_conn, i).progress["step"] >= 2 for i in ids), 30, what="the batch running")
         # What SIGTERM does (a thread gets no signals): stop admitting, then requeue at the deadline.
         worker.worker._stop_requested = True
         worker.thread.join(30)

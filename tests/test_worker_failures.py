@@ -2,6 +2,7 @@
 request (re-run through RQ's retry), a broken step re-runs its requests, the others carry on;
 ordinary RQ jobs in the same queue run (or fail) the stock way. Real tiny engine; the faults are
 injected into its runner."""
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,11 @@ def _fail_once(engine, monkeypatch, exc: Exception, when) -> list[int]:
 
 
 def test_out_of_memory_fails_only_the_newest_request_which_is_retried(
-        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path, monkeypatch):
-    fired = _fail_once(tiny_engine, monkeypatch, torch.OutOfMemoryError("CUDA out of memory (injected)"),
-                       lambda plan: len(plan.requests) >= 3)
+    fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path, monkeypatch
+):
+    fired = _fail_once(
+        tiny_engine, monkeypatch, torch.OutOfMemoryError("CUDA out of memory (injected)"), lambda plan: len(plan.requests) >= 3
+    )
     ids = [client.submit(redis_conn, prompt=f"a purple circle {i}", steps=6, queue=queue_name) for i in range(4)]
     with make_thread_worker(tiny_engine, fleet_redis.url, queue_name, StorageConfig(data_dir=str(tmp_path))):
         finals = [client.wait(redis_conn, i, timeout=60) for i in ids]
@@ -46,9 +49,9 @@ def test_out_of_memory_fails_only_the_newest_request_which_is_retried(
 
 
 def test_a_broken_step_reruns_its_requests_and_the_worker_goes_on(
-        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path, monkeypatch):
-    fired = _fail_once(tiny_engine, monkeypatch, RuntimeError("kernel exploded (injected)"),
-                       lambda plan: True)
+    fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path, monkeypatch
+):
+    fired = _fail_once(tiny_engine, monkeypatch, RuntimeError("kernel exploded (injected)"), lambda plan: True)
     ids = [client.submit(redis_conn, prompt=f"an orange square {i}", steps=4, queue=queue_name) for i in range(3)]
     with make_thread_worker(tiny_engine, fleet_redis.url, queue_name, StorageConfig(data_dir=str(tmp_path))):
         finals = [client.wait(redis_conn, i, timeout=60) for i in ids]
@@ -60,8 +63,7 @@ def test_a_broken_step_reruns_its_requests_and_the_worker_goes_on(
     assert retries.count(client.DEFAULT_RETRIES - 1) == fired[0]  # exactly the requests of the broken step re-ran
 
 
-def test_retries_exhausted_fail_with_the_engine_error(
-        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path, monkeypatch):
+def test_retries_exhausted_fail_with_the_engine_error(fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path, monkeypatch):
     def always_broken(plan):
         raise RuntimeError("kernel exploded (injected)")
 
@@ -74,7 +76,8 @@ def test_retries_exhausted_fail_with_the_engine_error(
 
 
 def test_other_rq_jobs_in_the_queue_run_the_stock_way_between_generations(
-        fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path):
+    fleet_redis, redis_conn, queue_name, tiny_engine, tmp_path
+):
     queue = Queue(queue_name, connection=redis_conn)
     first = client.submit(redis_conn, prompt="before", steps=2, queue=queue_name)
     plain = queue.enqueue("os.getpid")
@@ -82,7 +85,6 @@ def test_other_rq_jobs_in_the_queue_run_the_stock_way_between_generations(
     last = client.submit(redis_conn, prompt="after", steps=2, queue=queue_name)
     with make_thread_worker(tiny_engine, fleet_redis.url, queue_name, StorageConfig(data_dir=str(tmp_path))):
         assert [client.wait(redis_conn, j, timeout=60).status for j in (first, last)] == ["succeeded"] * 2
-        wait_until(lambda: plain.get_status() == "finished" and broken.get_status() == "failed", 30,
-                   what="the plain RQ jobs")
+        wait_until(lambda: plain.get_status() == "finished" and broken.get_status() == "failed", 30, what="the plain RQ jobs")
     assert plain.return_value() == os.getpid()  # ran in the worker's own process (a SimpleWorker: no fork)
     assert broken.get_status() == "failed" and "TypeError" in broken.latest_result().exc_string

@@ -1,5 +1,6 @@
 """A webhook receiver for tests: a real HTTP server on 127.0.0.1 that records every request and
 answers from a script (status codes, or "hang" to answer only after a delay)."""
+
 from __future__ import annotations
 
 import base64
@@ -44,8 +45,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver._lock:
                     status = receiver.answers.pop(0) if receiver.answers else receiver.then
-                    record = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, None,
-                                      time.time())
+                    record = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, None, time.time())
                     receiver.received.append(record)
                 if status < 0:
                     receiver.release.wait(-status)

@@ -5,6 +5,7 @@ RQ worker.
 `worker.keys`) never pulls in the worker's dependencies:
 `rq worker --worker-class worker.BatchWorker sd3serve` resolves it through `__getattr__`.
 """
+
 from __future__ import annotations
 
 from typing import Any

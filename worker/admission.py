@@ -6,6 +6,7 @@ replicas sharing one Redis never admit more than the cap. With `wait_replicas` >
 connection then runs `WAIT`, and a job that no replica acknowledged in time is taken back out
 (so a Sentinel failover cannot lose a job the caller was told about).
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,9 @@ class NotReplicated(RuntimeError):
 
 
 class CappedQueue(Queue):
-    def __init__(self, name: str, *args: Any, max_queued: int, wait_replicas: int = 0,
-                 wait_timeout_ms: int = 1000, **kwargs: Any) -> None:
+    def __init__(
+        self, name: str, *args: Any, max_queued: int, wait_replicas: int = 0, wait_timeout_ms: int = 1000, **kwargs: Any
+    ) -> None:
         super().__init__(name, *args, **kwargs)
         self.max_queued = max_queued
         self.wait_replicas = wait_replicas
@@ -100,11 +102,16 @@ class CappedQueue(Queue):
             raise QueueFull(f"the queue holds {self.max_queued} jobs")
         if self.wait_replicas and int(results[1]) < self.wait_replicas:
             taken_back = not getattr(self._calls, "keep", False) and bool(
-                self._take_back_script(keys=[self.key, job.key], args=[job.id]))
-            log.warning("job %s not on %d replicas within %d ms (%s)", job.id, self.wait_replicas,
-                        self.wait_timeout_ms, "taken back" if taken_back else "left queued")
-            raise NotReplicated(f"{results[1]} of {self.wait_replicas} replicas acknowledged job {job.id}",
-                                taken_back=taken_back)
+                self._take_back_script(keys=[self.key, job.key], args=[job.id])
+            )
+            log.warning(
+                "job %s not on %d replicas within %d ms (%s)",
+                job.id,
+                self.wait_replicas,
+                self.wait_timeout_ms,
+                "taken back" if taken_back else "left queued",
+            )
+            raise NotReplicated(f"{results[1]} of {self.wait_replicas} replicas acknowledged job {job.id}", taken_back=taken_back)
         return job
 
     def replicated(self) -> bool:

@@ -1,5 +1,6 @@
 """The batching worker's view of one job it is running (its RQ objects and where it stands), and
 the state the worker's parts (batch_worker, batch_admission, batch_steps, bookkeeping) share."""
+
 from __future__ import annotations
 
 import enum

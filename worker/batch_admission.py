@@ -3,6 +3,7 @@ has free slots, registering each with RQ as started, and handing its images to t
 
 A mixin of `BatchWorker` (worker/batch_worker.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,10 +70,23 @@ class BatchAdmission(BatchBookkeeping):
         if job.enqueued_at:
             metrics.QUEUE_WAIT.observe(max((job.started_at - job.enqueued_at).total_seconds(), 0.0))
         job.meta.pop(keys.META_ERROR, None)
-        job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: entry.request.steps,
-                         keys.META_SEED: entry.request.seed, keys.META_STATE: Phase.RUNNING.value})
+        job.meta.update(
+            {
+                keys.META_STEP: 0,
+                keys.META_TOTAL: entry.request.steps,
+                keys.META_SEED: entry.request.seed,
+                keys.META_STATE: Phase.RUNNING.value,
+            }
+        )
         job.save_meta()
         webhook_queue.notify(self.connection, job, "start")
-        log.info("admitted job %s (%d x %dx%d, %d steps), %d in batch", job.id, len(entry.request_ids),
-                 entry.request.width, entry.request.height, entry.request.steps, len(self._entries))
+        log.info(
+            "admitted job %s (%d x %dx%d, %d steps), %d in batch",
+            job.id,
+            len(entry.request_ids),
+            entry.request.width,
+            entry.request.height,
+            entry.request.steps,
+            len(self._entries),
+        )
         return entry

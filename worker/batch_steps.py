@@ -4,6 +4,7 @@ threads, and finished uploads turned into job results. No Redis here (worker/boo
 
 A mixin of `BatchWorker` (worker/batch_worker.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,10 +68,16 @@ class BatchStepping(BatchWorkerState):
             metrics.FRESH_RATIO.set(report.fresh_ratio)
         metrics.RUNNING_REQUESTS.set(len(self.engine.running_ids()))
         if self.config.step_log_len:
-            self._step_records.append({
-                "t": f"{time.time():.4f}", "batch_size": report.batch_size, "fresh_ratio": f"{report.fresh_ratio:.3f}",
-                "step_seconds": f"{report.step_seconds:.5f}", "finished": len(report.finished),
-                "running": len(self.engine.running_ids())})
+            self._step_records.append(
+                {
+                    "t": f"{time.time():.4f}",
+                    "batch_size": report.batch_size,
+                    "fresh_ratio": f"{report.fresh_ratio:.3f}",
+                    "step_seconds": f"{report.step_seconds:.5f}",
+                    "finished": len(report.finished),
+                    "running": len(self.engine.running_ids()),
+                }
+            )
         self._collect_uploads()
 
     def _uploader(self) -> DurableUploader:
@@ -92,6 +99,7 @@ class BatchStepping(BatchWorkerState):
                 entry.fail("storage_error", "the image could not be stored (see the worker log)", retry=True)
                 continue
             assert entry.spec is not None  # a job is validated before its images run
-            entry.result = build_result(entry.spec, stored, entry.generate_seconds, entry.job.enqueued_at,
-                                        entry.job.started_at, now(), self.name)
+            entry.result = build_result(
+                entry.spec, stored, entry.generate_seconds, entry.job.enqueued_at, entry.job.started_at, now(), self.name
+            )
             entry.phase = Phase.SUCCEEDED

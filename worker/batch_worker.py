@@ -15,6 +15,7 @@ unreachable the sync is retried on the next iteration and nothing computed is lo
 The parts: RQ's hooks and the loop here; admission in batch_admission.py; the engine step and the
 uploads in batch_steps.py; the Redis side in bookkeeping.py; their shared state in batch.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,15 @@ class BatchWorker(BatchAdmission, BatchStepping, SimpleWorker):
     # Reconnect to a restarted Redis within seconds, not RQ's one minute.
     max_connection_wait_time = 5.0
 
-    def __init__(self, queues: Any = None, *args: Any, config: WorkerConfig | None = None,
-                 engine: Any = None, storage: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        queues: Any = None,
+        *args: Any,
+        config: WorkerConfig | None = None,
+        engine: Any = None,
+        storage: Any = None,
+        **kwargs: Any,
+    ) -> None:
         self.config = config or WorkerConfig.from_env()
         queues = queues or [self.config.queue]
         if kwargs.get("connection") is None and all(isinstance(q, str) for q in _as_list(queues)):
@@ -57,7 +65,8 @@ class BatchWorker(BatchAdmission, BatchStepping, SimpleWorker):
         # The RQ CLI always passes its defaults (10-minute maintenance, 7-minute TTL): take the
         # shorter of those and ours, so a dead worker's jobs come back within a minute.
         kwargs["maintenance_interval"] = min(
-            kwargs.get("maintenance_interval") or DEFAULT_MAINTENANCE_TASK_INTERVAL, self.config.maintenance_interval)
+            kwargs.get("maintenance_interval") or DEFAULT_MAINTENANCE_TASK_INTERVAL, self.config.maintenance_interval
+        )
         ttl = min(kwargs.get("worker_ttl") or DEFAULT_WORKER_TTL, self.config.worker_ttl)
         kwargs["worker_ttl"] = ttl
         kwargs.pop("default_worker_ttl", None)
@@ -166,8 +175,7 @@ class BatchWorker(BatchAdmission, BatchStepping, SimpleWorker):
         if self.config.webhook.enabled and self.config.webhook.threads and self.deliverer is None:
             from worker.webhook_deliverer import start_for_worker
 
-            self.deliverer = start_for_worker(self.connection, self.config.queue, self.config.webhook,
-                                              self.storage)
+            self.deliverer = start_for_worker(self.connection, self.config.queue, self.config.webhook, self.storage)
         if self.config.metrics_port and self.metrics_server is None:
             self.metrics_server = metrics.start_metrics_server(self.config.metrics_port)
             log.info("metrics on port %d", self.metrics_server.port)
@@ -211,8 +219,11 @@ class BatchWorker(BatchAdmission, BatchStepping, SimpleWorker):
         self._flush_step_log()
         if rq_adapter.stop_requested(self) and self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + self.config.shutdown_grace
-            log.info("stop requested: finishing %d jobs (grace %.0fs), admitting no more",
-                     len(self._entries), self.config.shutdown_grace)
+            log.info(
+                "stop requested: finishing %d jobs (grace %.0fs), admitting no more",
+                len(self._entries),
+                self.config.shutdown_grace,
+            )
         if self._stop_deadline is None:
             self._admit_more()
         if self.should_run_maintenance_tasks:

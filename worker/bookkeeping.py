@@ -4,6 +4,7 @@ ending jobs through RQ's own success/failure handling (or giving them back to th
 A mixin of `BatchWorker`; every method may raise a Redis connection error, after which the
 worker retries the whole sync on its next iteration, so each is safe to repeat.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,6 @@ class GenerationError(RuntimeError):
 
 
 class BatchBookkeeping(BatchWorkerState):
-
     def _heartbeat_if_due(self) -> None:
         if time.monotonic() < self._next_heartbeat:
             return
@@ -54,8 +54,7 @@ class BatchBookkeeping(BatchWorkerState):
             states = pipe.execute()
         for entry, (status, worker_name) in zip(entries, states):
             status = as_text(status) if status else None
-            if entry.finalizing and status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.QUEUED,
-                                               JobStatus.SCHEDULED):
+            if entry.finalizing and status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.QUEUED, JobStatus.SCHEDULED):
                 self._entries.pop(entry.job_id, None)  # an earlier finalization got through
                 continue
             if status == JobStatus.STARTED and as_text(worker_name or b"") == self.name:
@@ -96,8 +95,7 @@ class BatchBookkeeping(BatchWorkerState):
                 progress = self._job_progress(entry)
                 if progress and progress[0] != entry.reported_step:
                     entry.reported_step = progress[0]
-                    meta.update({keys.META_STEP: progress[0], keys.META_TOTAL: progress[1],
-                                 keys.META_BATCH_SIZE: size})
+                    meta.update({keys.META_STEP: progress[0], keys.META_TOTAL: progress[1], keys.META_BATCH_SIZE: size})
                     changed.append(entry)
         if changed:
             with self.connection.pipeline() as pipe:
@@ -122,8 +120,9 @@ class BatchBookkeeping(BatchWorkerState):
         self._step_records.clear()
 
     def _finish_success(self, entry: BatchEntry) -> None:
-        entry.job.meta.update({keys.META_STEP: entry.request.steps, keys.META_TOTAL: entry.request.steps,
-                               keys.META_STATE: contract.META_STORED})
+        entry.job.meta.update(
+            {keys.META_STEP: entry.request.steps, keys.META_TOTAL: entry.request.steps, keys.META_STATE: contract.META_STORED}
+        )
         entry.job.save_meta()
         entry.finalizing = True
         rq_adapter.finalize_success(self, entry.job, entry.queue, entry.execution, entry.result)

@@ -20,6 +20,7 @@ Plain RQ works as well, and such jobs show up in `client.status` and the REST AP
 Requests are validated here, before anything is enqueued, with the same rules as the API
 (`engine.request.validate_request`); a missing seed is drawn now, so it is known at once.
 """
+
 from __future__ import annotations
 
 import re
@@ -141,13 +142,19 @@ def submit(
     subscription = None
     if webhook is not None or webhook_events_filter is not None:
         subscription = subscribe(webhook, webhook_events_filter)
-    return enqueue(Queue(queue, connection=connection), spec, job_id=job_id, options=options, owner=owner,
-                   webhook=subscription)
+    return enqueue(Queue(queue, connection=connection), spec, job_id=job_id, options=options, owner=owner, webhook=subscription)
 
 
-def enqueue(queue: Queue, generation: GenerationRequest | ImageJob, *, job_id: str | None = None,
-            options: JobOptions = JobOptions(), owner: str | None = None,
-            meta: Mapping[str, Any] | None = None, webhook: "Subscription | None" = None) -> str:
+def enqueue(
+    queue: Queue,
+    generation: GenerationRequest | ImageJob,
+    *,
+    job_id: str | None = None,
+    options: JobOptions = JobOptions(),
+    owner: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    webhook: "Subscription | None" = None,
+) -> str:
     """Enqueue an already validated request or image job. Returns the job id."""
     spec = generation if isinstance(generation, ImageJob) else ImageJob(generation)
     generation = spec.generation
@@ -220,8 +227,7 @@ def job_info(job: Job) -> JobInfo:
         result=result,
         error=error,
         meta=dict(meta),
-        webhook=(webhook_queue.status_of(job.connection, job.id)
-                 if webhook_queue.subscription(meta) is not None else None),
+        webhook=(webhook_queue.status_of(job.connection, job.id) if webhook_queue.subscription(meta) is not None else None),
     )
 
 

@@ -1,4 +1,5 @@
 """The batching worker's frozen configuration, from SD3SERVE_* variables and CLI flags."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ from worker.keys import DEFAULT_QUEUE, DEFAULT_REDIS_URL
 from worker.redis_conn import redis_url_from_env
 from worker.storage import StorageConfig
 from worker.webhook_config import WebhookConfig
-
 
 
 @dataclass(frozen=True)

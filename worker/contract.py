@@ -5,6 +5,7 @@ succeeded job stores in Redis (`job.return_value()`). The JSON a result serialis
 one workers have always stored, so jobs finished by older workers read the same (a result from
 before `images` existed has only `image_key` / `image_url`). Torch-free: the API imports it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

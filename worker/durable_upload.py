@@ -15,6 +15,7 @@ with the same image (same request, same seed) instead of adding a second one.
 Errors raised here carry a public message (no hosts, ports or bucket names); the details go to
 the worker's log.
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,8 +95,7 @@ class DurableUploader:
         self._pool.submit(self._first_try, job_id, image, made_at, future, spec, index)
         return future
 
-    def store(self, job_id: str, image: Any, made_at: float, spec: ImageJob | None = None,
-              index: int = 0) -> StoredImage:
+    def store(self, job_id: str, image: Any, made_at: float, spec: ImageJob | None = None, index: int = 0) -> StoredImage:
         """Store one image and wait for it (the stock-worker path). Raises StoreFailed."""
         future: Future[StoredImage] = Future()
         self._first_try(job_id, image, made_at, future, spec, index)
@@ -107,12 +107,12 @@ class DurableUploader:
             self._wake.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for held in list(self._held):
-            self._settle(held, error=StoreFailed("storage_unavailable", "the worker stopped while storage "
-                                                 "was down", retry=True))
+            self._settle(held, error=StoreFailed("storage_unavailable", "the worker stopped while storage was down", retry=True))
 
     # -- the first try, in the pool ---------------------------------------------------------------
-    def _first_try(self, job_id: str, image: Any, made_at: float, future: "Future[StoredImage]",
-                   spec: ImageJob | None = None, index: int = 0) -> None:
+    def _first_try(
+        self, job_id: str, image: Any, made_at: float, future: "Future[StoredImage]", spec: ImageJob | None = None, index: int = 0
+    ) -> None:
         try:
             output_format = spec.output_format if spec else "png"
             seed = spec.seeds[index] if spec else None
@@ -123,24 +123,30 @@ class DurableUploader:
             delays = iter(self.config.retry.delays())
             tries, exc = self._try(key, lambda: data)
             if exc is None:
-                future.set_result(StoredImage(key=key, url=self.storage.url(key), tries=tries,
-                                              seconds=time.monotonic() - start, index=index, seed=seed))
+                future.set_result(
+                    StoredImage(
+                        key=key, url=self.storage.url(key), tries=tries, seconds=time.monotonic() - start, index=index, seed=seed
+                    )
+                )
                 return
             path = self.spool.keep(data)
             if path is None:
                 log.error("spool full (%d bytes held); cannot keep %s: %s", self.spool.bytes, key, exc)
-                raise StoreFailed("storage_unavailable", "storage is unreachable and this worker holds as many "
-                                  "images as it may; the job is retried", retry=True)
-            held = _Held(key, path, len(data), made_at + self.config.storage_deadline, start, future, delays, tries,
-                         index=index, seed=seed)
+                raise StoreFailed(
+                    "storage_unavailable",
+                    "storage is unreachable and this worker holds as many images as it may; the job is retried",
+                    retry=True,
+                )
+            held = _Held(
+                key, path, len(data), made_at + self.config.storage_deadline, start, future, delays, tries, index=index, seed=seed
+            )
             log.warning("storage unavailable (%s); holding %s on disk (%d bytes held)", exc, key, self.spool.bytes)
             self._hold(held)
         except StoreFailed as failure:
             future.set_exception(failure)
         except Exception:  # never leave a job's future unset
             log.exception("storing the image of job %s failed", job_id)
-            future.set_exception(StoreFailed("storage_error", "the image could not be stored (see the worker "
-                                             "log)", retry=True))
+            future.set_exception(StoreFailed("storage_error", "the image could not be stored (see the worker log)", retry=True))
 
     def _try(self, key: str, read: Callable[[], bytes]) -> tuple[int, StorageError | None]:
         """One put (two if the bucket had to be created again). Returns (tries, the transient error or None);
@@ -169,24 +175,27 @@ class DurableUploader:
             if not stopped:
                 self._held.append(held)
                 if self._retry_thread is None:
-                    self._retry_thread = threading.Thread(target=self._retry_loop, name="sd3serve-storage-retry",
-                                                          daemon=True)
+                    self._retry_thread = threading.Thread(target=self._retry_loop, name="sd3serve-storage-retry", daemon=True)
                     self._retry_thread.start()
                 self._wake.notify_all()
         if stopped:
-            self._settle(held, error=StoreFailed("storage_unavailable", "the worker stopped while storage was "
-                                                 "down", retry=True))
+            self._settle(held, error=StoreFailed("storage_unavailable", "the worker stopped while storage was down", retry=True))
 
     def _schedule(self, held: _Held, exc: StorageError | None) -> bool:
         """Set the next try; False (and the job failed) if it would fall past the deadline."""
         delay = next(held.delays, self.config.retry.max_backoff)
         if time.monotonic() + delay > held.deadline:
-            log.error("giving up on %s after %d tries (deadline %.0f s): %s", held.key, held.tries,
-                      self.config.storage_deadline, exc)
-            self._settle(held, error=StoreFailed(
-                "storage_unavailable",
-                f"the image was made but storage stayed unreachable for {self.config.storage_deadline:.0f} s",
-                retry=True))
+            log.error(
+                "giving up on %s after %d tries (deadline %.0f s): %s", held.key, held.tries, self.config.storage_deadline, exc
+            )
+            self._settle(
+                held,
+                error=StoreFailed(
+                    "storage_unavailable",
+                    f"the image was made but storage stayed unreachable for {self.config.storage_deadline:.0f} s",
+                    retry=True,
+                ),
+            )
             return False
         held.next_try = time.monotonic() + delay
         return True
@@ -208,11 +217,18 @@ class DurableUploader:
                     continue
                 held.tries += tries
                 if exc is None:
-                    log.info("stored %s after %d tries (%.1f s held)", held.key, held.tries,
-                             time.monotonic() - held.started)
-                    self._settle(held, result=StoredImage(key=held.key, url=self.storage.url(held.key),
-                                                          tries=held.tries, seconds=time.monotonic() - held.started,
-                                                          index=held.index, seed=held.seed))
+                    log.info("stored %s after %d tries (%.1f s held)", held.key, held.tries, time.monotonic() - held.started)
+                    self._settle(
+                        held,
+                        result=StoredImage(
+                            key=held.key,
+                            url=self.storage.url(held.key),
+                            tries=held.tries,
+                            seconds=time.monotonic() - held.started,
+                            index=held.index,
+                            seed=held.seed,
+                        ),
+                    )
                 elif self._schedule(held, exc):
                     log.warning("storing %s failed (try %d): %s", held.key, held.tries, exc)
 
@@ -255,7 +271,9 @@ class DurableUploader:
 
 def _refused(exc: StorageError) -> StoreFailed:
     if exc.missing_bucket:
-        return StoreFailed("storage_bucket_missing", "the storage bucket does not exist and the worker may not "
-                           "create it (SD3SERVE_S3_CREATE_BUCKET=0)", retry=False)
-    return StoreFailed("storage_error", f"storage refused the image ({exc.code or 'see the worker log'})",
-                       retry=False)
+        return StoreFailed(
+            "storage_bucket_missing",
+            "the storage bucket does not exist and the worker may not create it (SD3SERVE_S3_CREATE_BUCKET=0)",
+            retry=False,
+        )
+    return StoreFailed("storage_error", f"storage refused the image ({exc.code or 'see the worker log'})", retry=False)

@@ -5,6 +5,7 @@ images are `n` engine requests that differ only in their seed (seed, seed+1, ...
 their request id (`<job_id>/<i>`): they run as rows of the same step-level batch and share one
 prompt encoding (the engine's prompt cache is keyed by text).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -48,8 +49,7 @@ class ImageJob:
 
     def image_requests(self, job_id: str) -> list[GenerationRequest]:
         """The engine requests of this job, image i with seed + i and id `<job_id>/<i>`."""
-        return [replace(self.generation, seed=seed, request_id=image_request_id(job_id, i))
-                for i, seed in enumerate(self.seeds)]
+        return [replace(self.generation, seed=seed, request_id=image_request_id(job_id, i)) for i, seed in enumerate(self.seeds)]
 
 
 def image_request_id(job_id: str, index: int) -> str:

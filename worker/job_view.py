@@ -1,5 +1,6 @@
 """The JSON a job's status is shown as: the body of `GET /v1/jobs/{id}`, of webhook deliveries and
 of the event stream's final event, built in one place so they cannot drift apart."""
+
 from __future__ import annotations
 
 from typing import Any

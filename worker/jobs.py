@@ -6,6 +6,7 @@ process and produces that one image on its own — the one-job-at-a-time baselin
 worker (`worker.BatchWorker`) never calls it: it recognises jobs whose function is
 `worker.jobs.generate` and feeds their requests to one shared step loop instead.
 """
+
 from __future__ import annotations
 
 import io
@@ -167,8 +168,7 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
     req = spec.generation
     started_at = now()
     if job is not None:
-        job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: req.steps, keys.META_SEED: req.seed,
-                         keys.META_BATCH_SIZE: spec.n})
+        job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: req.steps, keys.META_SEED: req.seed, keys.META_BATCH_SIZE: spec.n})
         job.save_meta()
     engine = runtime.engine
     stored: list = []
@@ -199,5 +199,12 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
     if len(stored) != spec.n:
         raise GenerationFailed("engine_error", "the engine stopped without finishing the request")
     enqueued = job.enqueued_at if job is not None else started_at
-    return build_result(spec, stored, max(item.seconds for item in finished), enqueued, started_at, now(),
-                        (job.worker_name or "") if job is not None else "")
+    return build_result(
+        spec,
+        stored,
+        max(item.seconds for item in finished),
+        enqueued,
+        started_at,
+        now(),
+        (job.worker_name or "") if job is not None else "",
+    )

@@ -3,6 +3,7 @@
 Everything the fleet stores in Redis outside RQ's own keys is named here, so the API and the
 workers cannot drift apart.
 """
+
 from __future__ import annotations
 
 import hashlib

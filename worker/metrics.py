@@ -3,6 +3,7 @@
 Torch-free on purpose: `sample_gpu_memory()` imports torch only when it is called, so the
 definitions can be imported (and checked by tests) anywhere.
 """
+
 from __future__ import annotations
 
 import threading

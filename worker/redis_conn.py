@@ -8,6 +8,7 @@ A Sentinel URL names the sentinels and the master's service name:
 `Sentinel.master_for`: every new connection asks the sentinels where the master is, so after a
 failover the next command (after one `ConnectionError`) goes to the new master.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,7 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     sentinels = tuple(_host_port(h) for h in hosts.split(",") if h.strip())
     path = [p for p in parts.path.split("/") if p]
     if not sentinels or not path or len(path) > 2:
-        raise ValueError(f"a Sentinel URL looks like {SENTINEL_SCHEME}://host:26379,host2:26379/mymaster/0, "
-                         f"got {url!r}")
+        raise ValueError(f"a Sentinel URL looks like {SENTINEL_SCHEME}://host:26379,host2:26379/mymaster/0, got {url!r}")
     db = int(path[1]) if len(path) == 2 else 0
     username, _, password = credentials.partition(":") if credentials else ("", "", "")
     return SentinelAddress(sentinels, unquote(path[0]), db, unquote(password) or None, unquote(username) or None)
@@ -82,8 +82,7 @@ def connect(url: str, **options: Any) -> Redis:
     address = parse_sentinel_url(url)
     sentinel_options = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
     sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_options or None, **options)
-    return sentinel.master_for(address.service, db=address.db, password=address.password,
-                               username=address.username)
+    return sentinel.master_for(address.service, db=address.db, password=address.password, username=address.username)
 
 
 def display_url(url: str) -> str:

@@ -7,6 +7,7 @@ so it calls methods RQ does not document as public (`_finalize_success`, `_final
 tests/test_rq_adapter.py fails loudly when an RQ upgrade changes one, and `require_contract`
 refuses to start a worker on such an RQ.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -89,8 +90,13 @@ def stop_requested(worker: SimpleWorker) -> bool:
 def dequeue_now(worker: SimpleWorker) -> tuple[Job, Queue] | None:
     """The next job of the worker's queues without blocking (`dequeue_any` with no timeout), or None."""
     return worker.queue_class.dequeue_any(
-        worker._ordered_queues, None, connection=worker.connection, job_class=worker.job_class,
-        serializer=worker.serializer, death_penalty_class=worker.death_penalty_class)
+        worker._ordered_queues,
+        None,
+        connection=worker.connection,
+        job_class=worker.job_class,
+        serializer=worker.serializer,
+        death_penalty_class=worker.death_penalty_class,
+    )
 
 
 def clean_queue(worker: SimpleWorker, queue: Queue) -> None:

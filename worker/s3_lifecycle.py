@@ -1,4 +1,5 @@
 """The bucket lifecycle rule that expires sd3serve's images with their jobs (S3, MinIO, moto)."""
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@
 The signature is an HMAC-SHA256 of the key and the expiry under a secret every API replica
 shares (SD3SERVE_URL_SIGNING_KEY, or one drawn once and kept in Redis), so a URL cannot be made
 from a job id, and stops working when it expires."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """The spool: images waiting on the worker's disk for storage to come back, bounded in bytes."""
+
 from __future__ import annotations
 
 import builtins

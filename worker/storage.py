@@ -6,6 +6,7 @@ the worker talks to (a compose network name, for example). Transient errors (con
 timeouts, 5xx, throttling) are retried with exponential backoff by `store_with_retries`; anything
 else, or a transient error that outlasts the retry budget, raises `StorageError`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,19 @@ log = logging.getLogger("sd3serve.storage")
 
 BACKENDS = ("local", "s3")
 TRANSIENT_S3_CODES = frozenset(
-    {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException",
-     "ServiceUnavailable", "InternalError", "503", "500", "502", "504"}
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "ServiceUnavailable",
+        "InternalError",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
 )
 
 
@@ -194,8 +206,9 @@ class S3Storage:
         self._signer = session.client("s3", endpoint_url=public, config=client_config)
 
     def put(self, key: str, data: bytes, content_type: str = "image/png") -> None:
-        self._call("upload", key, lambda: self._client.put_object(
-            Bucket=self.bucket, Key=key, Body=data, ContentType=content_type))
+        self._call(
+            "upload", key, lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        )
 
     def get(self, key: str) -> bytes:
         response = self._call("download", key, lambda: self._client.get_object(Bucket=self.bucket, Key=key))
@@ -240,7 +253,8 @@ class S3Storage:
             transient = status >= 500 or code in TRANSIENT_S3_CODES
             raise StorageError(
                 f"S3 {what} failed for {self.bucket}/{key}: {code or status} {error.get('Message', '')}".rstrip(),
-                transient=transient, code=code,
+                transient=transient,
+                code=code,
             ) from exc
         except BotoCoreError as exc:  # connection refused, timeouts, closed connections
             raise StorageError(f"S3 {what} failed for {self.bucket}/{key}: {exc}", transient=True) from exc
@@ -273,7 +287,6 @@ def store_with_retries(
             if not exc.transient or attempt == policy.attempts:
                 raise StorageError(f"{exc} (gave up after {attempt} tries)", transient=exc.transient) from exc
             delay = delays[attempt - 1]
-            log.warning("storing %s failed (try %d of %d): %s; retrying in %.1fs",
-                        key, attempt, policy.attempts, exc, delay)
+            log.warning("storing %s failed (try %d of %d): %s; retrying in %.1fs", key, attempt, policy.attempts, exc, delay)
             sleep(delay)
     raise AssertionError("unreachable")

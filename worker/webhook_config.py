@@ -1,5 +1,6 @@
 """Webhook settings, one frozen config shared by the API (submit-time checks), the client and the
 deliverers, from SD3SERVE_WEBHOOK_* variables."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ class WebhookConfig:
             try:
                 Webhook(self.secret)
             except Exception as exc:
-                raise ValueError(f"SD3SERVE_WEBHOOK_SECRET is not a Standard Webhooks secret "
-                                 f"('whsec_' + base64): {exc}") from None
+                raise ValueError(
+                    f"SD3SERVE_WEBHOOK_SECRET is not a Standard Webhooks secret ('whsec_' + base64): {exc}"
+                ) from None
 
     @property
     def enabled(self) -> bool:
@@ -54,8 +56,15 @@ class WebhookConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "WebhookConfig":
         env = os.environ if env is None else env
-        values = env_values(cls, env, prefix="SD3SERVE_WEBHOOK_", names={"public_url": "SD3SERVE_PUBLIC_URL",
-                                                                             "url_signing_key": "SD3SERVE_URL_SIGNING_KEY",
-                                                                             "image_url_ttl": "SD3SERVE_IMAGE_URL_TTL"})
+        values = env_values(
+            cls,
+            env,
+            prefix="SD3SERVE_WEBHOOK_",
+            names={
+                "public_url": "SD3SERVE_PUBLIC_URL",
+                "url_signing_key": "SD3SERVE_URL_SIGNING_KEY",
+                "image_url_ttl": "SD3SERVE_IMAGE_URL_TTL",
+            },
+        )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

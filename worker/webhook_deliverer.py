@@ -6,6 +6,7 @@ until `attempts` or `max_seconds` run out. Any number of deliverers may share on
 inside every batching worker, and `sd3serve webhooks` runs one on its own. A deliverer that dies
 loses nothing: its claimed deliveries come due again when their lease lapses.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,14 +29,17 @@ from worker.webhook_delivery import encode_body, message_id, post, signed_header
 from worker.webhook_urls import WebhookURLError, check_url
 
 log = logging.getLogger("sd3serve.webhooks")
-ATTEMPTS = Counter("sd3serve_webhook_attempts_total",
-                   "Webhook delivery attempts by outcome: delivered, retry, gave_up, blocked, job_expired.",
-                   ["outcome"])
+ATTEMPTS = Counter(
+    "sd3serve_webhook_attempts_total",
+    "Webhook delivery attempts by outcome: delivered, retry, gave_up, blocked, job_expired.",
+    ["outcome"],
+)
 BodyFor = Callable[[str], Any]
 
 
 def status_json(connection: Redis, image_urls_for: Callable[[client.JobInfo], list[str]]) -> BodyFor:
     """The job's status JSON, as `GET /v1/jobs/{id}` shows it."""
+
     def body_for(job_id: str) -> Any:
         info = client.status(connection, job_id)
         urls = image_urls_for(info) if info.status == contract.SUCCEEDED and info.result else []
@@ -64,8 +68,9 @@ def image_url_function(storage: Any, config: WebhookConfig, connection: Redis) -
 
 
 class Deliverer:
-    def __init__(self, connection: Redis, queue: str, config: WebhookConfig, body_for: BodyFor | None = None,
-                 poll_interval: float = 0.2) -> None:
+    def __init__(
+        self, connection: Redis, queue: str, config: WebhookConfig, body_for: BodyFor | None = None, poll_interval: float = 0.2
+    ) -> None:
         if not config.enabled:
             raise ValueError("webhook delivery needs SD3SERVE_WEBHOOK_SECRET")
         self.connection = connection
@@ -74,8 +79,7 @@ class Deliverer:
         self.signer = Webhook(config.secret)
         self.body_for = body_for or status_json(connection, image_url_function(None, config, connection))
         self.poll_interval = poll_interval
-        self._wait = wait_exponential(multiplier=config.backoff, max=config.max_backoff) + wait_random(
-            0, config.backoff / 4)
+        self._wait = wait_exponential(multiplier=config.backoff, max=config.max_backoff) + wait_random(0, config.backoff / 4)
         self._pool = ThreadPoolExecutor(max(config.threads, 1), thread_name_prefix="sd3serve-webhook")
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -160,12 +164,10 @@ class Deliverer:
             payload = encode_body(self.body_for(job_id))
         except JobNotFound:
             return self._give_up(job_id, event, "job_expired", "the job no longer exists")
-        outcome = post(target, payload, signed_headers(self.signer, message_id(job_id, event), payload),
-                       self.config.timeout)
+        outcome = post(target, payload, signed_headers(self.signer, message_id(job_id, event), payload), self.config.timeout)
         if outcome.delivered:
             log.info("webhook %s of job %s delivered (attempt %d, %s)", event, job_id, number, outcome.status)
-            webhook_queue.record_outcome(self.connection, self.queue, job_id, event, outcome.status, None,
-                                         delivered=True)
+            webhook_queue.record_outcome(self.connection, self.queue, job_id, event, outcome.status, None, delivered=True)
             ATTEMPTS.labels(outcome="delivered").inc()
             return
         retry_at = None
@@ -173,10 +175,15 @@ class Deliverer:
             due = time.time() + self.backoff(number)
             if due - first_at <= self.config.max_seconds:
                 retry_at = due
-        log.warning("webhook %s of job %s: attempt %d got %s%s", event, job_id, number, outcome.status,
-                    "; retrying" if retry_at else "; giving up")
-        webhook_queue.record_outcome(self.connection, self.queue, job_id, event, outcome.status, outcome.error,
-                                     retry_at=retry_at)
+        log.warning(
+            "webhook %s of job %s: attempt %d got %s%s",
+            event,
+            job_id,
+            number,
+            outcome.status,
+            "; retrying" if retry_at else "; giving up",
+        )
+        webhook_queue.record_outcome(self.connection, self.queue, job_id, event, outcome.status, outcome.error, retry_at=retry_at)
         ATTEMPTS.labels(outcome="retry" if retry_at else "gave_up").inc()
 
 

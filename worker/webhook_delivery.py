@@ -1,5 +1,6 @@
 """One webhook attempt: the status JSON, signed by the Standard Webhooks scheme, POSTed to the
 address the URL check resolved (never re-resolved by the HTTP client), redirects not followed."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,12 @@ def post(target: WebhookTarget, payload: str, headers: dict[str, str], timeout: 
     for address in target.addresses:
         netloc = f"[{address}]:{target.port}" if ":" in address else f"{address}:{target.port}"
         pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        request_headers = {"content-type": "application/json", "user-agent": USER_AGENT,
-                           "host": parts.netloc.rsplit("@", 1)[-1], **headers}
+        request_headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "host": parts.netloc.rsplit("@", 1)[-1],
+            **headers,
+        }
         try:
             with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as http:
                 response = http.post(pinned, content=payload.encode(), headers=request_headers, extensions=sni)

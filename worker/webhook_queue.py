@@ -8,6 +8,7 @@ members by pushing their score a lease ahead, so a deliverer that dies mid-attem
 member to come due again: deliveries survive restarts.
 Outcomes go to the hash `sd3serve:webhook:<job id>` (`<event>:attempts`, `:last_status`, ...).
 """
+
 from __future__ import annotations
 
 import time
@@ -67,8 +68,11 @@ def notify(connection: Redis, job: Any, event: str) -> bool:
     if sub is None or event not in sub.get("events", ()):
         return False
     now = time.time()
-    return bool(connection.eval(_ENQUEUE, 2, record_key(job.id), due_key(job.origin), event, f"{job.id}|{event}", now,
-                                sub["url"], RECORD_TTL))
+    return bool(
+        connection.eval(
+            _ENQUEUE, 2, record_key(job.id), due_key(job.origin), event, f"{job.id}|{event}", now, sub["url"], RECORD_TTL
+        )
+    )
 
 
 def claim(connection: Redis, queue: str, limit: int, lease: float) -> list[tuple[str, str]]:
@@ -125,12 +129,24 @@ def start_attempt(connection: Redis, job_id: str, event: str) -> int:
     return int(attempts)
 
 
-def record_outcome(connection: Redis, queue: str, job_id: str, event: str, status: str | int, error: str | None,
-                   *, delivered: bool = False, retry_at: float | None = None) -> None:
+def record_outcome(
+    connection: Redis,
+    queue: str,
+    job_id: str,
+    event: str,
+    status: str | int,
+    error: str | None,
+    *,
+    delivered: bool = False,
+    retry_at: float | None = None,
+) -> None:
     """Store an attempt's outcome; then either reschedule the delivery or take it off the queue."""
     key = record_key(job_id)
-    fields: dict[FieldT, EncodableT] = {f"{event}:last_status": str(status), f"{event}:last_error": error or "",
-              f"{event}:last_at": f"{time.time():.3f}"}
+    fields: dict[FieldT, EncodableT] = {
+        f"{event}:last_status": str(status),
+        f"{event}:last_error": error or "",
+        f"{event}:last_at": f"{time.time():.3f}",
+    }
     if delivered:
         fields[f"{event}:delivered"] = "1"
     elif retry_at is None:

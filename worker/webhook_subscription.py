@@ -1,5 +1,6 @@
 """A job's webhook subscription as submitted (`webhook`, `webhook_events_filter`), checked the same
 way by the API and the Python client."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,6 +46,5 @@ def parse_events(events_filter: Any) -> tuple[str, ...]:
         raise RequestValidationError("webhook_events_filter", "must name at least one event")
     for event in events_filter:
         if event not in EVENTS:
-            raise RequestValidationError("webhook_events_filter",
-                                         f"unknown event {event!r}; choose from {list(EVENTS)}")
+            raise RequestValidationError("webhook_events_filter", f"unknown event {event!r}; choose from {list(EVENTS)}")
     return tuple(e for e in EVENTS if e in events_filter)

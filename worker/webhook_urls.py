@@ -7,6 +7,7 @@ of one. The API checks at submit time; the deliverer resolves again before every
 connects to the address it checked, so a name re-pointed at an internal address (DNS rebinding)
 is refused then too.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -19,8 +20,9 @@ from worker.webhook_config import WebhookConfig
 
 MAX_URL_CHARS = 2048
 # Metadata services reachable by name (their addresses are link-local, refused anyway).
-METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
-                            "instance-data.ec2.internal", "metadata.azure.com"})
+METADATA_HOSTS = frozenset(
+    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal", "metadata.azure.com"}
+)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 

@@ -7,6 +7,7 @@ trained with the rest, so `StableDiffusion3Pipeline.from_pretrained(path)` needs
 arguments; its `max_sequence_length` (sd3serve.json) is 8, one token per caption word plus </s>,
 which keeps the joint attention short. CLIP prompts are 16 tokens (tokenizer model_max_length).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,34 +56,65 @@ class ServeDefaults:
 
 def transformer(spec: ModelSpec) -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE // 8, patch_size=2, in_channels=16, out_channels=16,
-        num_layers=spec.layers, attention_head_dim=64, num_attention_heads=spec.width // 64,
-        joint_attention_dim=spec.joint_dim, caption_projection_dim=spec.width,
-        pooled_projection_dim=spec.joint_dim, pos_embed_max_size=spec.pos_embed_max_size,
+        sample_size=IMAGE_SIZE // 8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=spec.layers,
+        attention_head_dim=64,
+        num_attention_heads=spec.width // 64,
+        joint_attention_dim=spec.joint_dim,
+        caption_projection_dim=spec.width,
+        pooled_projection_dim=spec.joint_dim,
+        pos_embed_max_size=spec.pos_embed_max_size,
     )
 
 
 def vae(spec: ModelSpec, scaling_factor: float = 1.0, shift_factor: float = 0.0) -> AutoencoderKL:
-    return sd3_vae(spec.vae_channels, layers_per_block=1, norm_num_groups=spec.vae_groups,
-                   scaling_factor=scaling_factor, shift_factor=shift_factor, sample_size=IMAGE_SIZE)
+    return sd3_vae(
+        spec.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=spec.vae_groups,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        sample_size=IMAGE_SIZE,
+    )
 
 
 def text_encoder(spec: ModelSpec, width: int, vocab_size: int, bos: int, eos: int) -> CLIPTextModelWithProjection:
     cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, projection_dim=width,
-        num_hidden_layers=spec.clip_layers, num_attention_heads=max(1, width // 32),
-        max_position_embeddings=spec.clip_max_length, hidden_act="gelu",
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        projection_dim=width,
+        num_hidden_layers=spec.clip_layers,
+        num_attention_heads=max(1, width // 32),
+        max_position_embeddings=spec.clip_max_length,
+        hidden_act="gelu",
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
     return CLIPTextModelWithProjection(cfg)
 
 
 def t5_encoder(spec: ModelSpec, vocab_size: int) -> T5EncoderModel:
     cfg = T5Config(
-        vocab_size=vocab_size, d_model=spec.joint_dim, d_kv=32, d_ff=2 * spec.joint_dim,
-        num_layers=spec.t5_layers, num_heads=spec.joint_dim // 32, relative_attention_num_buckets=8,
-        relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False,
+        vocab_size=vocab_size,
+        d_model=spec.joint_dim,
+        d_kv=32,
+        d_ff=2 * spec.joint_dim,
+        num_layers=spec.t5_layers,
+        num_heads=spec.joint_dim // 32,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        is_encoder_decoder=False,
+        use_cache=False,
     )
     return T5EncoderModel(cfg)
 
@@ -95,14 +127,19 @@ def build_pipeline(spec: ModelSpec, work_dir: str | Path, seed: int = 0) -> Stab
     """A randomly initialised pipeline; `work_dir` receives the tokenizer files."""
     torch.manual_seed(seed)
     work_dir = Path(work_dir)
-    toks = [write_tokenizer(work_dir / name, list(CAPTION_WORDS), spec.clip_max_length)
-            for name in ("tokenizer", "tokenizer_2")]
+    toks = [write_tokenizer(work_dir / name, list(CAPTION_WORDS), spec.clip_max_length) for name in ("tokenizer", "tokenizer_2")]
     encoders = [text_encoder(spec, w, len(t), t.bos_token_id, t.eos_token_id) for w, t in zip(spec.clip_widths, toks)]
     t5_tok = write_t5_tokenizer(work_dir / "tokenizer_3", list(CAPTION_WORDS))
     return StableDiffusion3Pipeline(
-        transformer=transformer(spec), scheduler=scheduler(spec), vae=vae(spec),
-        text_encoder=encoders[0], tokenizer=toks[0], text_encoder_2=encoders[1], tokenizer_2=toks[1],
-        text_encoder_3=t5_encoder(spec, len(t5_tok)), tokenizer_3=t5_tok,
+        transformer=transformer(spec),
+        scheduler=scheduler(spec),
+        vae=vae(spec),
+        text_encoder=encoders[0],
+        tokenizer=toks[0],
+        text_encoder_2=encoders[1],
+        tokenizer_2=toks[1],
+        text_encoder_3=t5_encoder(spec, len(t5_tok)),
+        tokenizer_3=t5_tok,
     )
 
 

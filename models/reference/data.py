@@ -4,6 +4,7 @@ Shapes are defined in unit coordinates (u, v) = ((x - cx) / r, (y - cy) / r) so 
 formulas render training images (torch, batched, on any device) and the judge's templates
 (numpy). Captions read "a red circle on a blue background".
 """
+
 from __future__ import annotations
 
 import random
@@ -117,8 +118,16 @@ def random_spec(rng: random.Random, combo: tuple[str, str, str]) -> Spec:
     shape, colour, background = combo
     r = rng.uniform(MIN_RADIUS, MAX_RADIUS)
     lo, hi = r + MARGIN, IMAGE_SIZE - r - MARGIN
-    return Spec(shape, colour, background, rng.uniform(lo, hi), rng.uniform(lo, hi), r,
-                _jitter(rng, COLOURS[colour]), _jitter(rng, COLOURS[background]))
+    return Spec(
+        shape,
+        colour,
+        background,
+        rng.uniform(lo, hi),
+        rng.uniform(lo, hi),
+        r,
+        _jitter(rng, COLOURS[colour]),
+        _jitter(rng, COLOURS[background]),
+    )
 
 
 def sample_specs(n: int, seed: int, combos: list[tuple[str, str, str]] | None = None) -> list[Spec]:

@@ -6,6 +6,7 @@ Generates every held-out prompt (data.held_out_prompts: 280 prompts, 22 of them 
 trained on) at the model's serving defaults (sd3serve.json), judges each image, and times
 single-image generation on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import torch
 
 from engine.config import read_model_defaults
 from models.reference import data, judge
-
 
 
 _POOL: Any = None
@@ -58,39 +58,66 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
     return pipe
 
 
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
-             max_sequence_length: int = 8, batch: int = 280, size: int = data.IMAGE_SIZE) -> list:
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    max_sequence_length: int = 8,
+    batch: int = 280,
+    size: int = data.IMAGE_SIZE,
+) -> list:
     """Images for (prompt, seed) pairs; each seed drives its own CPU generator, as the engine does."""
     images = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch]]
         with torch.inference_mode():
-            out = pipe(list(prompts[i : i + batch]), num_inference_steps=steps, guidance_scale=guidance,
-                       generator=gens, height=size, width=size, max_sequence_length=max_sequence_length)
+            out = pipe(
+                list(prompts[i : i + batch]),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                height=size,
+                width=size,
+                max_sequence_length=max_sequence_length,
+            )
         images.extend(out.images)
     return images
 
 
-def evaluate(pipe, prompts: Sequence[data.HeldOutPrompt], steps: int, guidance: float,
-             max_sequence_length: int = 8, batch: int = 280) -> dict[str, Any]:
-    images = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], steps, guidance,
-                      max_sequence_length, batch)
+def evaluate(
+    pipe, prompts: Sequence[data.HeldOutPrompt], steps: int, guidance: float, max_sequence_length: int = 8, batch: int = 280
+) -> dict[str, Any]:
+    images = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], steps, guidance, max_sequence_length, batch)
     verdicts = [judge.judge(img, p.prompt) for img, p in zip(images, prompts)]
     oks = [v.ok for v in verdicts]
     unseen = [ok for ok, p in zip(oks, prompts) if p.held_out_combo]
     by_shape = {s: [v.ok for v in verdicts if v.expected[0] == s] for s in data.SHAPES}
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return {"steps": steps, "guidance": guidance, "n": len(oks), "accuracy": mean(oks),
-            "held_out_combos": len(unseen), "held_out_combo_accuracy": mean(unseen),
-            "shape_accuracy": mean([v.shape_ok for v in verdicts]),
-            "colour_accuracy": mean([v.colour_ok for v in verdicts]),
-            "background_accuracy": mean([v.background_ok for v in verdicts]),
-            "accuracy_by_shape": {s: mean(xs) for s, xs in by_shape.items()},
-            "_images": images}
+    return {
+        "steps": steps,
+        "guidance": guidance,
+        "n": len(oks),
+        "accuracy": mean(oks),
+        "held_out_combos": len(unseen),
+        "held_out_combo_accuracy": mean(unseen),
+        "shape_accuracy": mean([v.shape_ok for v in verdicts]),
+        "colour_accuracy": mean([v.colour_ok for v in verdicts]),
+        "background_accuracy": mean([v.background_ok for v in verdicts]),
+        "accuracy_by_shape": {s: mean(xs) for s, xs in by_shape.items()},
+        "_images": images,
+    }
 
 
-def sweep(pipe, prompts: Sequence[data.HeldOutPrompt], steps: Sequence[int], guidances: Sequence[float],
-          shifts: Sequence[float], max_sequence_length: int = 8) -> list[dict[str, Any]]:
+def sweep(
+    pipe,
+    prompts: Sequence[data.HeldOutPrompt],
+    steps: Sequence[int],
+    guidances: Sequence[float],
+    shifts: Sequence[float],
+    max_sequence_length: int = 8,
+) -> list[dict[str, Any]]:
     """Judge accuracy for each (steps, guidance, scheduler shift); restores the scheduler after."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -107,8 +134,9 @@ def sweep(pipe, prompts: Sequence[data.HeldOutPrompt], steps: Sequence[int], gui
                     oks = judge_oks(imgs, captions)  # judged once; both accuracies come from it
                     acc = sum(oks) / len(oks)
                     acc_unseen = sum(oks[i] for i in unseen) / len(unseen) if unseen else float("nan")
-                    rows.append({"steps": n, "guidance": g, "shift": shift, "accuracy": acc,
-                                 "held_out_combo_accuracy": acc_unseen})
+                    rows.append(
+                        {"steps": n, "guidance": g, "shift": shift, "accuracy": acc, "held_out_combo_accuracy": acc_unseen}
+                    )
     finally:
         pipe.scheduler = original
     return rows

@@ -5,6 +5,7 @@ largest 4-connected region of pixels far from the background colour; its colour 
 nearest palette colour to the median of its eroded interior; its kind is the template
 (drawn into the region's bounding box) with the highest IoU. Pure numpy, no learned parts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     labels = np.where(mask, np.arange(h * w).reshape(h, w), big)
     while True:
         padded = np.pad(labels, 1, constant_values=big)
-        neighbours = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1],
-                                        padded[1:-1, :-2], padded[1:-1, 2:]])
+        neighbours = np.minimum.reduce(
+            [padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        )
         new = np.where(mask, neighbours, big)
         if np.array_equal(new, labels):
             break

@@ -1,6 +1,7 @@
 """Prompt encoding for training, exactly as StableDiffusion3Pipeline.encode_prompt does it:
 both CLIPs' penultimate hidden states side by side (zero-padded to the joint width), the T5's
 `max_sequence_length` outputs after them, and the two CLIP pooled projections."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ class TextBatcher:
         self._ids = [self._tokenize(t, n, device) for t, n in zip(tokenizers, lengths)]
 
     def _tokenize(self, tok: PreTrainedTokenizerBase, length: int, device: str) -> torch.Tensor:
-        return tok(self.captions, padding="max_length", max_length=length, truncation=True,
-                   add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        return tok(
+            self.captions, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt"
+        ).input_ids.to(device)
 
     def index(self, caption: str) -> int:
         return self._index[caption]
@@ -29,8 +31,11 @@ class TextBatcher:
         return [ids[rows] for ids in self._ids]
 
 
-def encode_tokens(encoders: tuple[CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel],
-                  ids: list[torch.Tensor], joint_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_tokens(
+    encoders: tuple[CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel],
+    ids: list[torch.Tensor],
+    joint_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     enc1, enc2, enc3 = encoders
     out1 = enc1(ids[0], output_hidden_states=True)
     out2 = enc2(ids[1], output_hidden_states=True)

@@ -4,6 +4,7 @@ The vocabulary holds CLIP's 256 byte-level symbols and their end-of-word forms (
 tokenizes), the two special tokens, and BPE merges learned from the caption words until each
 caption word is a single token.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,15 @@ def write_tokenizer(folder: str | Path, words: list[str], model_max_length: int)
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length,
-                        bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=model_max_length,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
+    )
     tok.save_pretrained(folder)
     return tok
 

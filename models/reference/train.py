@@ -8,11 +8,11 @@ the SD3 transformer and the three text encoders together with rectified-flow mat
 Training budgets are wall-clock seconds, so a run ends on time whatever the card. Data is
 rendered on the fly on the training device (models.reference.data); nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import tempfile
 import time
@@ -26,8 +26,9 @@ from diffusers.utils import logging as diffusers_logging
 
 from models.reference import data
 from models.reference.build import SERVE_FILE, ModelSpec, ServeDefaults, build_pipeline, param_count, save_pipeline
-from models.reference.evaluate import generate, judge_images, save_grid, sweep
+from models.reference.evaluate import generate, save_grid, sweep
 from models.reference.text import TextBatcher, encode_tokens
+from models.reference.train_vae import log, lr_at, train_vae
 
 
 @dataclass(frozen=True)
@@ -56,85 +57,6 @@ class TrainConfig:
     max_serve_steps: int = 28  # serving defaults must keep a CPU image under ~1 s
 
 
-def log(msg: str, sink: list[str]) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    sink.append(line)
-
-
-def lr_at(elapsed: float, budget: float, step: int, peak: float, warmup: int) -> float:
-    """Linear warmup by steps; constant; cosine decay to 10 % over the last 40 % of the time."""
-    warm = min(1.0, (step + 1) / warmup)
-    frac = elapsed / budget
-    decay = 1.0 if frac < 0.6 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - 0.6) / 0.4)))
-    return peak * warm * decay
-
-
-def vae_judge(vae: torch.nn.Module, cfg: TrainConfig) -> tuple[float, float, torch.Tensor]:
-    """Judge accuracy and MSE of reconstructions of held-out generator images."""
-    specs = data.sample_specs(cfg.eval_images, seed=cfg.seed + 99, combos=data.all_combos())
-    vae.eval()
-    with torch.no_grad():
-        x = data.render_torch(specs, device=cfg.device)
-        rec = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(64)])
-        mse = F.mse_loss(rec, x).item()
-    vae.train()
-    return judge_images(to_uint8(rec), [s.caption for s in specs]), mse, rec
-
-
-def train_vae(vae: torch.nn.Module, cfg: TrainConfig, logs: list[str]) -> dict[str, float]:
-    """Train for `vae_seconds`; then, while the judge fails the reconstructions, 20 s more at a
-    time, up to `vae_extra_seconds`."""
-    dev = cfg.device
-    vae.to(dev).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    stream = data.batches(cfg.vae_batch, seed=cfg.seed + 1)
-    start, last_log, step, deadline = time.perf_counter(), 0.0, 0, cfg.vae_seconds
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
-    while True:
-        while (elapsed := time.perf_counter() - start) < deadline:
-            x = data.render_torch(next(stream), device=dev)
-            with amp:
-                post = vae.encode(x).latent_dist
-                rec = vae.decode(post.sample()).sample.float()
-            rec_loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
-            kl = post.kl().float().mean() / x[0].numel()
-            loss = rec_loss + cfg.kl_weight * kl
-            for g in opt.param_groups:
-                g["lr"] = lr_at(min(elapsed, cfg.vae_seconds), cfg.vae_seconds, step, cfg.vae_lr, 100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            step += 1
-            if elapsed - last_log > cfg.log_every:
-                last_log = elapsed
-                log(f"vae step {step} t={elapsed:.0f}s rec={rec_loss.item():.5f} kl={kl.item():.3f}", logs)
-        acc, mse, rec = vae_judge(vae, cfg)
-        log(f"vae at {step} steps, {elapsed:.0f}s: rec loss {rec_loss.item():.5f}, eval mse {mse:.5f}, "
-            f"judge on reconstructions {acc:.3f}", logs)
-        if acc >= cfg.vae_target or deadline >= cfg.vae_seconds + cfg.vae_extra_seconds:
-            break
-        deadline += 20.0
-    vae.eval()
-    if cfg.artifacts:
-        specs = data.sample_specs(16, seed=cfg.seed + 99, combos=data.all_combos())
-        x = data.render_torch(specs, device=dev)
-        pics = to_uint8(torch.cat([x, rec[:16]]))
-        from PIL import Image
-
-        save_grid([Image.fromarray(p) for p in pics], str(Path(cfg.artifacts) / "vae_recon.png"))
-    return {"vae_steps": step, "vae_rec_loss": rec_loss.item(), "vae_eval_mse": mse, "vae_recon_judge": acc,
-            "vae_seconds_used": elapsed}
-
-
-def to_uint8(x: torch.Tensor) -> list:
-    import numpy as np
-
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [np.ascontiguousarray(a) for a in arr]
-
-
 @torch.no_grad()
 def encode_pool(vae: torch.nn.Module, cfg: TrainConfig, text: TextBatcher) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Latents of `cfg.pool` training images plus their caption ids; and shift/scale factors."""
@@ -155,8 +77,9 @@ def encode_pool(vae: torch.nn.Module, cfg: TrainConfig, text: TextBatcher) -> tu
 def train_transformer(pipe, cfg: TrainConfig, logs: list[str]) -> dict[str, float]:
     dev = cfg.device
     t5_len = ServeDefaults().max_sequence_length
-    text = TextBatcher([pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
-                       [data.caption(*c) for c in data.all_combos()], t5_len, dev)
+    text = TextBatcher(
+        [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], [data.caption(*c) for c in data.all_combos()], t5_len, dev
+    )
     latents, caption_ids, shift, scale = encode_pool(pipe.vae, cfg, text)
     if cfg.resume:  # the transformer already learned the saved normalisation
         shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
@@ -185,8 +108,13 @@ def train_transformer(pipe, cfg: TrainConfig, logs: list[str]) -> dict[str, floa
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         with amp:
             prompt_embeds, pooled = encode_tokens(encoders, text.ids(cap), pipe.transformer.config.joint_attention_dim)
-            pred = pipe.transformer(hidden_states=xt, encoder_hidden_states=prompt_embeds,
-                                    pooled_projections=pooled, timestep=t * 1000, return_dict=False)[0]
+            pred = pipe.transformer(
+                hidden_states=xt,
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled,
+                timestep=t * 1000,
+                return_dict=False,
+            )[0]
         loss = F.mse_loss(pred.float(), noise - x0)
         for g in opt.param_groups:
             g["lr"] = lr_at(elapsed, cfg.dit_seconds, step, cfg.lr, cfg.warmup)
@@ -207,8 +135,16 @@ def train_transformer(pipe, cfg: TrainConfig, logs: list[str]) -> dict[str, floa
     raw = [p.detach().clone() for p in params]
     for m in modules:
         m.eval()
-    return {"dit_steps": step, "dit_final_loss": final, "samples_seen": step * cfg.batch,
-            "shift_factor": shift, "scaling_factor": scale, "_params": params, "_ema": ema, "_raw": raw}
+    return {
+        "dit_steps": step,
+        "dit_final_loss": final,
+        "samples_seen": step * cfg.batch,
+        "shift_factor": shift,
+        "scaling_factor": scale,
+        "_params": params,
+        "_ema": ema,
+        "_raw": raw,
+    }
 
 
 def round_to_saved_precision(pipe) -> None:
@@ -243,17 +179,30 @@ def main(argv: list[str] | None = None) -> None:
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(cfg.resume, dtype=torch.float32)
-        spec = ModelSpec(**{**asdict(spec), "layers": pipe.transformer.config.num_layers,
-                            "width": pipe.transformer.config.num_attention_heads * 64})
+        spec = ModelSpec(
+            **{
+                **asdict(spec),
+                "layers": pipe.transformer.config.num_layers,
+                "width": pipe.transformer.config.num_attention_heads * 64,
+            }
+        )
         before = json.loads((Path(cfg.resume) / "training_stats.json").read_text())
         before.pop("sweep", None)
     else:
         pipe = build_pipeline(spec, tempfile.mkdtemp(), seed=cfg.seed)
-    log(f"spec {spec} on {card}; transformer {param_count(pipe.transformer) / 1e6:.2f}M, "
-        f"vae {param_count(pipe.vae) / 1e6:.2f}M params", logs)
-    stats: dict = {"card": card, "spec": asdict(spec), "config": asdict(cfg),
-                   "params": {n: param_count(getattr(pipe, n)) for n in
-                              ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")}}
+    log(
+        f"spec {spec} on {card}; transformer {param_count(pipe.transformer) / 1e6:.2f}M, "
+        f"vae {param_count(pipe.vae) / 1e6:.2f}M params",
+        logs,
+    )
+    stats: dict = {
+        "card": card,
+        "spec": asdict(spec),
+        "config": asdict(cfg),
+        "params": {
+            n: param_count(getattr(pipe, n)) for n in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        },
+    }
     if cfg.resume:
         stats["previous_run"] = before
         pipe.vae.to(cfg.device).eval()
@@ -285,8 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     steps = tuple(int(n) for n in cfg.sweep_steps.split(","))
     grid = sweep(pipe, prompts, steps=steps, guidances=(3.0, 5.0, 7.0), shifts=(1.0, 3.0))
     for row in grid:
-        log(f"sweep steps={row['steps']} cfg={row['guidance']} shift={row['shift']}: {row['accuracy']:.3f} "
-            f"(held-out combos {row['held_out_combo_accuracy']:.3f})", logs)
+        log(
+            f"sweep steps={row['steps']} cfg={row['guidance']} shift={row['shift']}: {row['accuracy']:.3f} "
+            f"(held-out combos {row['held_out_combo_accuracy']:.3f})",
+            logs,
+        )
     fast = [r for r in grid if r["steps"] <= cfg.max_serve_steps] or grid
     best = max(fast, key=lambda r: (r["accuracy"], r["guidance"] == 5.0, -r["steps"]))
     pipe.scheduler.register_to_config(shift=best["shift"])
@@ -296,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     stats |= {"sweep": grid, "chosen": best, "wall_seconds": time.perf_counter() - t0}
     (out / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     if cfg.artifacts:
-        samples = generate(pipe, [p.prompt for p in prompts[:40]], [p.seed for p in prompts[:40]],
-                           serve.steps, serve.guidance_scale)
+        samples = generate(
+            pipe, [p.prompt for p in prompts[:40]], [p.seed for p in prompts[:40]], serve.steps, serve.guidance_scale
+        )
         save_grid(samples, str(Path(cfg.artifacts) / "samples.png"))
     log(f"done: {out} with {serve}, shift {best['shift']}; total {time.perf_counter() - t0:.0f}s", logs)
 
