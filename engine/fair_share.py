@@ -5,10 +5,10 @@ multiplied by the key's weight; the next step goes to the key with the least vir
 the keys with work (ties: the key with the shorter jobs, then the key that joined first). The
 weight of a key is how many times longer its jobs are than the shortest jobs running (device
 seconds a job of it needs at the current batch, `Scheduler.job_seconds`), capped at `max_ratio`:
-two sizes whose jobs take 0.5 s and 6 s share the device 12:1 (with max_ratio >= 12) while both
-have work, so every job is stretched by about the same factor and a short job does not wait
-behind a long one's steps (equal shares stretched 512² jobs ~2x in a mixed SD3 workload, see
-tests/test_fair_share.py). `max_ratio=1` is equal shares of device time.
+two sizes whose jobs take 0.4 s and 1.6 s share the device 4:1 while both have work, so every
+job is stretched by about the same factor and a short job does not wait behind a long one's
+steps (equal shares stretched 512² jobs ~2x in a mixed SD3 workload, see
+tests/test_fair_share_mixed.py). `max_ratio=1` is equal shares of device time.
 
 A step counts at its estimated cost when it completes (`StepCosts`: learned seconds per unit of
 work, the work being pixels x transformer rows) until the caller reports its measured cost,

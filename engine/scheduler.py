@@ -144,14 +144,19 @@ class Scheduler:
     def _admit(self) -> list[ScheduledRequest]:
         admitted: list[ScheduledRequest] = []
         per_key: dict[BatchKey, int] = {}
+        reserved = 0  # cache bytes kept for earlier requests that did not fit
         for request in list(self.waiting):
             key = request.size
             if not self.at_boundary(key) or per_key.get(key, 0) >= self.admit_per_boundary:
                 continue
             policy = self.policy_of(request)
             cost = self.cache_bytes_of(request, policy)
-            if self.cache_budget_bytes and self.cache_bytes() + cost > self.cache_budget_bytes:
-                continue  # stays waiting until running requests free cache memory
+            if cost and self.cache_budget_bytes and self.cache_bytes() + reserved + cost > self.cache_budget_bytes:
+                # It waits until running requests free cache memory, and what they free is kept
+                # for it: smaller requests behind it, which would fit, would starve it otherwise.
+                # (A request needing no cache memory takes none of it and always goes in.)
+                reserved += cost
+                continue
             self.waiting.remove(request)
             req = ScheduledRequest(
                 request,

@@ -30,9 +30,7 @@ def arrivals(sizes: list[int], rate: float, n: int, seed: int) -> deque[tuple[fl
     for i in range(n):
         t += rng.expovariate(rate)
         size = rng.choice(sizes)
-        out.append(
-            (t, GenerationRequest(prompt="p", steps=STEPS, cache_interval=1, request_id=f"r{i}", width=size, height=size))
-        )
+        out.append((t, GenerationRequest(prompt="p", steps=STEPS, cache_interval=1, request_id=f"r{i}", width=size, height=size)))
     return out
 
 
@@ -58,8 +56,8 @@ def latencies(scheduler: Scheduler, jobs: deque[tuple[float, GenerationRequest]]
         now[0] += seconds
         for done in scheduler.complete(plan):
             out.setdefault(done.request.width, []).append(now[0] - arrived[done.request_id])
-        if scheduler.step_costs is not None:
-            scheduler.observe(plan.charge, seconds)  # type: ignore[arg-type]
+        if scheduler.step_costs is not None and plan.charge is not None:
+            scheduler.observe(plan.charge, seconds)
     return out
 
 

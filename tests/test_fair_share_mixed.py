@@ -5,8 +5,9 @@ file again with torch blocked from import.
 
 With every size getting equal device seconds, the 512² p95 was 1.99x / 2.14x / 2.23x its p95
 alone at 0.3 / 0.5 / 0.8 req/s: a 512² job (~0.5 s of device alone) got half the device while a
-1024² batch had work. Weighted by job length (engine/fair_share.py), 512² runs ~12 of every 13
-device seconds while both have work, and waits mostly for the 1024² step already running."""
+1024² batch had work. Weighted by job length (engine/fair_share.py), 512² gets ~4 of every 5
+device seconds (up to 8 of 9) while both have work, and waits mostly for the 1024² step already
+running."""
 
 from __future__ import annotations
 
