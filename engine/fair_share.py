@@ -16,8 +16,8 @@ which on a GPU comes a few steps later, and then counts at that. A key that join
 current least virtual time, so it neither monopolises the device to "catch up" nor waits behind
 the others' history. A step counts for at most `max_charge` seconds (times its weight), so one
 slow step (a compile, say) costs its key no long wait afterwards. Between two steps of a key,
-each other key runs for at most `max_ratio * max_charge` plus one of its own steps (plus the
-steps not measured yet when measurements come late): no size starves.
+each other key runs for at most `max_ratio * max(max_charge, its step)` plus one of its own
+steps (plus the steps not measured yet when measurements come late): no size starves.
 """
 
 from __future__ import annotations
