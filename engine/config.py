@@ -19,6 +19,8 @@ LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate", "extrapolate2", "extra
 DTYPES = ("float32", "bfloat16", "float16")
 # bf16: the model's dtype throughout; fp8: the transformer blocks' linears as FP8 GEMMs (engine/precision.py)
 PRECISIONS = ("bf16", "fp8")
+# bf16: torch SDPA; fp8: per-head FP8 Q/K/V through FlashAttention-3 (engine/fp8_attention.py)
+ATTENTION_PRECISIONS = ("bf16", "fp8")
 # `--model random:<name>`: random weights at a real model's shapes, built in the worker process,
 # for load tests on machines without the real weights (engine/random_model.py). Benchmark use only:
 # the images are noise. Serving defaults are the real models' (SD3: 1024², 28 steps, CFG 7).
@@ -67,6 +69,7 @@ class EngineConfig:
     max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256
     compile: str = "auto"  # the fast exact path (engine/speed.py): auto = on for CUDA, off for CPU
     precision: str = "bf16"  # fp8: needs a GPU of compute capability >= 8.9 and torchao
+    attention_precision: str = "bf16"  # fp8: needs a Hopper GPU (9.x) and fa3-fwd; opt-in
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES} or 'auto', got {self.dtype!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.attention_precision not in ATTENTION_PRECISIONS:
+            raise ValueError(
+                f"attention_precision must be one of {', '.join(ATTENTION_PRECISIONS)}, got {self.attention_precision!r}"
+            )
         if self.max_batch < 1 or self.admit_per_boundary < 1:
             raise ValueError("max_batch and admit_per_boundary must be >= 1")
         if self.warmup_steps < 0:

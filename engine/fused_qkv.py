@@ -4,7 +4,8 @@ image and text queries optionally in two SDPA calls (engine/speed.py turns this 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from engine.fp8_attention import Attend, SdpaAttend
 
 
 class FusedJointProcessor:
@@ -17,23 +18,24 @@ class FusedJointProcessor:
     the copy that joins the queries, and each output comes out in the (batch, tokens, heads, dim)
     order of its queries, so the output projections read it without a transposing copy."""
 
-    def __init__(self, split_queries: bool = False) -> None:
+    def __init__(self, split_queries: bool = False, attend: Attend | None = None) -> None:
         self.split_queries = split_queries
+        # How softmax(QKᵀ)V is computed (engine/fp8_attention.py): torch SDPA unless told otherwise.
+        self.attend: Attend = attend if attend is not None else SdpaAttend()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, image_tokens, _ = hidden_states.shape
         heads = attn.heads
         q, k, v = self._project(attn.to_qkv, hidden_states, heads, attn.norm_q, attn.norm_k)
         if encoder_hidden_states is None:
-            image = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+            (image,) = self.attend([q], k, v)
             return attn.to_out[1](attn.to_out[0](self._merge_heads(image, q.dtype)))
         cq, ck, cv = self._project(attn.to_added_qkv, encoder_hidden_states, heads, attn.norm_added_q, attn.norm_added_k)
         k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
         if self.split_queries:
-            image = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-            text = F.scaled_dot_product_attention(cq, k, v, dropout_p=0.0, is_causal=False)
+            image, text = self.attend([q, cq], k, v)
         else:
-            out = F.scaled_dot_product_attention(torch.cat([q, cq], dim=2), k, v, dropout_p=0.0, is_causal=False)
+            (out,) = self.attend([torch.cat([q, cq], dim=2)], k, v)
             image, text = out[:, :, :image_tokens], out[:, :, image_tokens:]
         image = attn.to_out[1](attn.to_out[0](self._merge_heads(image, q.dtype)))
         text = self._merge_heads(text, q.dtype)
@@ -63,9 +65,10 @@ def _attention_modules(transformer: torch.nn.Module):
 
 
 @torch.no_grad()
-def fuse_qkv(transformer: torch.nn.Module, split_queries: bool = False) -> int:
+def fuse_qkv(transformer: torch.nn.Module, split_queries: bool = False, attend: Attend | None = None) -> int:
     """Fuse each attention's Q/K/V weights (and the text stream's) into one linear layer, drop
-    the separate ones, and install `FusedJointProcessor`. Returns the modules fused."""
+    the separate ones, and install `FusedJointProcessor` with the `attend` strategy (SDPA by
+    default). Returns the modules fused."""
     fused = 0
     for attn in _attention_modules(transformer):
         if getattr(attn, "to_qkv", None) is not None or attn.is_cross_attention:
@@ -76,7 +79,7 @@ def fuse_qkv(transformer: torch.nn.Module, split_queries: bool = False) -> int:
             attn.to_added_qkv = _concat_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
             del attn.add_q_proj, attn.add_k_proj, attn.add_v_proj
         attn.fused_projections = True
-        attn.set_processor(FusedJointProcessor(split_queries))
+        attn.set_processor(FusedJointProcessor(split_queries, attend))
         fused += 1
     return fused
 

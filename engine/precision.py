@@ -68,14 +68,18 @@ def require_precision(precision: str, device: torch.device) -> None:
 
 
 def precision_problem(config) -> str | None:
-    """Why an `EngineConfig`'s precision can't run here (None: it can); for the CLIs, which
-    refuse to start before loading a model or reaching Redis."""
-    if config.precision == "bf16":
+    """Why an `EngineConfig`'s precision or attention precision can't run here (None: they can);
+    for the CLIs, which refuse to start before loading a model or reaching Redis."""
+    attention_precision = getattr(config, "attention_precision", "bf16")
+    if config.precision == "bf16" and attention_precision == "bf16":
         return None
+    from engine.fp8_attention import require_attention_precision
     from engine.loader import resolve_device
 
     try:
-        require_precision(config.precision, resolve_device(config.device))
+        device = resolve_device(config.device)
+        require_precision(config.precision, device)
+        require_attention_precision(attention_precision, device)
     except (PrecisionUnavailable, ValueError) as exc:
         return str(exc)
     return None

@@ -26,6 +26,10 @@ eager pipeline within bf16 rounding.
 - FP8 precision (`precision="fp8"`, engine/precision.py): the blocks' linears as torchao float8
   GEMMs, applied after QKV fusion and before compile, so compile, CUDA graphs and the attention
   cache run over the FP8 layers; the bf16 GELU epilogue is then left off.
+- FP8 attention (`attention_precision="fp8"`, engine/fp8_attention.py; opt-in, off by default):
+  the fused processor's SDPA calls become per-head FP8 Q/K/V into FlashAttention-3's FP8 forward
+  (Hopper only). It implies fused Q/K/V (the strategy lives in `FusedJointProcessor`), and the
+  attention cache wraps that processor, so FRESH rows of cached steps take it too.
 
 `apply_speed(pipe, options)` must run before the attention cache wraps the processors.
 """
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.fp8_attention import attention_strategy
 from engine.fused_qkv import fuse_qkv
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ class SpeedOptions:
     cuda_graphs: bool = False  # replay small forwards, exact and cached, as CUDA graphs (engine/graphs.py)
     graph_max_tokens: int = 8192  # ... of at most this many image tokens: 8 rows at 512², 2 at 1024²
     precision: str = "bf16"  # fp8: the blocks' linears as FP8 GEMMs (engine/precision.py)
+    attention_precision: str = "bf16"  # fp8: FP8 attention through FA3 (engine/fp8_attention.py)
     backend: str = "inductor"  # torch.compile backend ("aot_eager" / "eager" for tests)
     mode: str | None = None  # torch.compile mode
 
@@ -106,17 +112,20 @@ class SpeedOptions:
                 self.vae_group_norm,
                 self.text_compile,
                 self.precision != "bf16",
+                self.attention_precision != "bf16",
             )
         )
 
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:
     """The engine's choice: everything on when `config.compile` is on (auto: on CUDA), in the
-    config's precision."""
-    precision = getattr(config, "precision", "bf16")
+    config's precision and attention precision."""
+    precisions = dict(
+        precision=getattr(config, "precision", "bf16"), attention_precision=getattr(config, "attention_precision", "bf16")
+    )
     if config.compile_enabled(device.type):
-        return SpeedOptions.fast(precision=precision)
-    return SpeedOptions(precision=precision)
+        return SpeedOptions.fast(**precisions)
+    return SpeedOptions(**precisions)
 
 
 @torch.library.custom_op("sd3serve::linear_gelu_tanh", mutates_args=())
@@ -235,8 +244,12 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
     if not options.any:
         return done
     transformer = pipe.transformer
-    if options.fuse_qkv:
-        done["fused_attention_modules"] = fuse_qkv(transformer, options.split_queries)
+    attend = None
+    if options.attention_precision != "bf16":  # refuses here, before any weights change
+        attend = attention_strategy(options.attention_precision, next(transformer.parameters()).device)
+        done["attention_precision"] = options.attention_precision
+    if options.fuse_qkv or attend is not None:
+        done["fused_attention_modules"] = fuse_qkv(transformer, options.split_queries, attend)
         done["split_queries"] = options.split_queries
     if options.precision == "fp8":  # after QKV fusion, before the GELU epilogue and compile
         from engine.precision import quantize_fp8

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp8: FP8 GEMMs in the transformer; needs compute capability >= 8.9 and torchao",
     )
     parser.add_argument(
+        "--attention-precision",
+        choices=("bf16", "fp8"),
+        help="fp8: FP8 attention through FlashAttention-3; needs a Hopper GPU (9.x) and fa3-fwd",
+    )
+    parser.add_argument(
         "-o",
         "--output",
         type=Path,
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             latent_aware=args.latent_aware,
             compile=args.compile,
             precision=args.precision,
+            attention_precision=args.attention_precision,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

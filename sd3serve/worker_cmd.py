@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp8: the transformer's linears as FP8 GEMMs; needs compute capability >= 8.9 "
         "and torchao (SD3SERVE_PRECISION; default bf16)",
     )
+    engine.add_argument(
+        "--attention-precision",
+        choices=("bf16", "fp8"),
+        help="fp8: attention with per-head FP8 Q/K/V through FlashAttention-3; needs a Hopper GPU (9.x) "
+        "and fa3-fwd (SD3SERVE_ATTENTION_PRECISION; default bf16)",
+    )
     output = parser.add_argument_group("storage and metrics")
     output.add_argument("--storage", choices=("local", "s3"), help="where images go (SD3SERVE_STORAGE)")
     output.add_argument("--data-dir", help="local storage folder (SD3SERVE_DATA_DIR)")
@@ -72,6 +78,7 @@ def build_config(args: argparse.Namespace):
             latent_aware=args.latent_aware,
             compile=args.compile,
             precision=args.precision,
+            attention_precision=args.attention_precision,
         ),
         storage_overrides=dict(backend=args.storage, data_dir=args.data_dir),
     )
