@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# one quantizer and one FA3 call, the engine's: the probe times what `--attention-precision fp8` runs
+from engine.fp8_attention import fa3_fp8_kernel, quantize_per_head
+
 
 PACKAGE_FACTS: dict[str, dict[str, Any]] = {
     "fa3-fwd": dict(
@@ -108,28 +110,6 @@ def _require_cuda(device: torch.device, major: int | None = None) -> None:
         raise Unavailable(f"needs compute capability {major}.x, this GPU is {cc}")
 
 
-def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, heads, tokens, dim) -> float8_e4m3fn of the same strides and its float32 descale
-    (batch, heads): x ≈ x8 * descale. The scale is rounded to x's dtype first so the descale
-    undoes exactly the factor that was applied."""
-    amax = x.abs().amax(dim=(2, 3)).float().clamp(min=1e-12)
-    scale = (FP8_MAX / amax).to(x.dtype)
-    x8 = (x * scale[:, :, None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return x8, scale.float().reciprocal()
-
-
-def _fa3_fp8_run(fa3) -> Callable[..., torch.Tensor]:
-    def run(q8, k8, v8, dq, dk, dv):
-        # FA3 wants (batch, tokens, heads, dim) with a unit last stride: transposed views will do
-        out = fa3.flash_attn_func(
-            q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2), q_descale=dq, k_descale=dk, v_descale=dv
-        )
-        out = out[0] if isinstance(out, tuple) else out
-        return out.transpose(1, 2)
-
-    return run
-
-
 def load_fa3_fp8(device: torch.device) -> Kernel:
     fa3 = _import("fa3_fwd_interface")
     _require_cuda(device, major=9)
@@ -138,14 +118,14 @@ def load_fa3_fp8(device: torch.device) -> Kernel:
         (q8, dq), (k8, dk), (v8, dv) = (quantize_per_head(t) for t in (q, k, v))
         return q8, k8, v8, dq, dk, dv
 
-    return Kernel(prepare, _fa3_fp8_run(fa3))
+    return Kernel(prepare, fa3_fp8_kernel(fa3))
 
 
 def load_fa3_fp8_torchao_quant(device: torch.device) -> Kernel:
     fa3 = _import("fa3_fwd_interface")
     quant = _import("torchao.prototype.attention.quantization.triton_qkv_quantization")
     _require_cuda(device, major=9)
-    return Kernel(lambda q, k, v: quant.triton_fp8_sdpa_quantize(q, k, v), _fa3_fp8_run(fa3))
+    return Kernel(lambda q, k, v: quant.triton_fp8_sdpa_quantize(q, k, v), fa3_fp8_kernel(fa3))
 
 
 def load_fa3_bf16(device: torch.device) -> Kernel:

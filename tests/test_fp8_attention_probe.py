@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.fp8_attention_kernels import CANDIDATES, FP8_MAX, Kernel, quantize_per_head
+from bench.fp8_attention_kernels import CANDIDATES, Kernel
+from engine.fp8_attention import FP8_MAX, quantize_per_head
 from bench.fp8_attention_probe import INPUT_KINDS, _probe_kernel, attention_inputs, fp32_attention, main
 
 ROOT = Path(__file__).resolve().parent.parent
