@@ -4,7 +4,8 @@ Random weights at the real shapes (bench/shapes.py), 28 steps, CFG, 512² and 10
 - `e2e`: diffusers end to end (text encoders, 28 steps, VAE, PIL) at batch 1..16 (one call with
   that many prompts), then the engine on the same kind of requests arriving together: exact
   eager (no speed work), exact fast (engine/speed.py) and `attention` K=3; with `--fp8` also
-  the fast path in FP8, exact and `attention` K=3 (bench/fp8_part.py).
+  the fast path in FP8, exact and `attention` K=3 (bench/fp8_part.py); with `--fp8-attention` the
+  same with FP8 attention too.
 - `diffusers-compiled`: diffusers with its documented speed-ups (fused QKV, torch.compile of the
   transformer and `vae.decode`), warmed up at every shape (bench/diffusers_compiled.py).
 - `xdit`, `stability-ref` (named only): xDiT eager and compiled around the same pipeline's parts

@@ -49,6 +49,12 @@ def parse_args(argv=None):
         action="store_true",
         help="e2e and accuracy also run the fast path in FP8 (needs compute capability >= 8.9 and torchao)",
     )
+    p.add_argument(
+        "--fp8-attention",
+        action="store_true",
+        help="implies --fp8; also the FP8 path with FP8 attention (rows exact-fp8-attn, attention-k3-fp8-attn; "
+        "needs a Hopper GPU and fa3-fwd)",
+    )
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--small-reps", type=int, default=3, help="repetitions at batch <= 2")
@@ -86,6 +92,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.sizes = [s for s in args.sizes if s <= 128] or [64]
         args.steps = min(args.steps, 3)
+    args.fp8 = args.fp8 or args.fp8_attention
     unknown = set(args.parts) - set(ALL_PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(ALL_PARTS)}")

@@ -23,6 +23,9 @@ def keep_row(args: Any, model: str, large: str, which: str, row: dict) -> bool:
     system = row.get("system")
     if system in PART_OF_SYSTEM:
         return PART_OF_SYSTEM[system] not in parts
-    if str(row.get("mode", "")).endswith("-fp8"):
+    mode = str(row.get("mode", ""))
+    if mode.endswith("-fp8-attn"):
+        return not ("e2e" in parts and getattr(args, "fp8_attention", False))
+    if mode.endswith("-fp8"):
         return not ("e2e" in parts and args.fp8)
     return not (("e2e" in parts and row.get("model") == model) or ("large" in parts and row.get("model") == large))

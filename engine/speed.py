@@ -120,12 +120,11 @@ class SpeedOptions:
 def speed_options_for(config, device: torch.device) -> SpeedOptions:
     """The engine's choice: everything on when `config.compile` is on (auto: on CUDA), in the
     config's precision and attention precision."""
-    precisions = dict(
-        precision=getattr(config, "precision", "bf16"), attention_precision=getattr(config, "attention_precision", "bf16")
-    )
+    precision: str = getattr(config, "precision", "bf16")
+    attention_precision: str = getattr(config, "attention_precision", "bf16")
     if config.compile_enabled(device.type):
-        return SpeedOptions.fast(**precisions)
-    return SpeedOptions(**precisions)
+        return SpeedOptions.fast(precision=precision, attention_precision=attention_precision)
+    return SpeedOptions(precision=precision, attention_precision=attention_precision)
 
 
 @torch.library.custom_op("sd3serve::linear_gelu_tanh", mutates_args=())
