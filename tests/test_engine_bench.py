@@ -82,3 +82,26 @@ def test_engine_bench_fp8_refuses_on_the_cpu(tmp_path):
     assert result.returncode != 0
     assert "precision fp8 needs a CUDA GPU with FP8 tensor cores" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "engine_cpu.json").exists()  # refused before building or measuring anything
+
+
+def test_engine_bench_fp8_attention_refuses_on_the_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--fp8-attention", "--out-dir", str(tmp_path), "--parts", "e2e"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "attention precision fp8 needs a Hopper GPU" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "engine_cpu.json").exists()
+
+
+def test_fp8_attention_rows_are_replaced_only_by_a_run_that_makes_them():
+    from bench import merge_rows
+    from bench.engine_bench_args import parse_args
+
+    rows = [dict(system="sd3serve", mode=mode, model="sd3-medium", size=1024) for mode in ("exact-fp8", "exact-fp8-attn")]
+    fp8 = parse_args(["--parts", "e2e", "--sizes", "1024", "--fp8"])
+    fp8_attention = parse_args(["--parts", "e2e", "--sizes", "1024", "--fp8-attention"])
+    assert fp8_attention.fp8  # implied
+
+    def kept(args):
+        return [r["mode"] for r in rows if merge_rows.keep_row(args, "sd3-medium", "sd3.5-large", "engine", r)]
+
+    assert kept(fp8) == ["exact-fp8-attn"] and kept(fp8_attention) == []
