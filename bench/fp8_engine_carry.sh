@@ -2,8 +2,8 @@
 # Builds .fp8engine/, the one carry for measuring FP8 attention in the engine on the device
 # (bench.engine_bench --fp8-attention and the GPU tests): fa3-fwd's files (xz archive, from
 # .fp8attn/, built by bench/fp8_attention_wheels.sh when missing), torchao (FP8 linears),
-# diffusers, einops and pytest with its dependencies, taken from .whl/. About 21 MB: with the
-# repo (~44.5 MB) under the 64 MiB a device call carries, where .whl + .fp8attn (30 MB) is not.
+# diffusers, einops and pytest with its dependencies, taken from .whl/. 20.7 MB: with the repo
+# (44.5 MB) 65.3 MB, under the 64 MiB (67.1 MB) a device call carries; .whl + .fp8attn (30 MB) is not.
 # Run here, in the repo root: sh bench/fp8_engine_carry.sh   (then carry [".fp8engine"])
 set -eu
 WHL=${WHL:-.whl}
