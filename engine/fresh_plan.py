@@ -10,13 +10,14 @@ if TYPE_CHECKING:
     from engine.scheduler import ScheduledRequest
 
 
-def forced_fresh(req: ScheduledRequest, warmup_steps: int) -> bool:
-    """Steps where a request must compute attention whatever the budget."""
+def forced_fresh(req: ScheduledRequest, warmup_steps: int, final_steps: int = 1) -> bool:
+    """Steps where a request must compute attention whatever the budget: the first
+    `warmup_steps` and the last `final_steps` (at least one each), and the staleness bound."""
     return (
         req.policy == "exact"
         or req.interval <= 1
         or req.step < max(warmup_steps, 1)  # new requests and the warm-up
-        or req.step == req.total - 1  # the last step
+        or req.step >= req.total - max(final_steps, 1)  # the last steps (final detail)
         or req.steps_since_fresh >= req.interval - 1  # staleness bound
     )
 
@@ -36,14 +37,16 @@ def fresh_budget(requests: list[ScheduledRequest], credit: float | None = None) 
     return max(1, min(ceiling, math.floor(credit + 1e-9)))
 
 
-def plan_fresh(requests: list[ScheduledRequest], warmup_steps: int, credit: float | None = None) -> tuple[list[bool], float]:
+def plan_fresh(
+    requests: list[ScheduledRequest], warmup_steps: int, credit: float | None = None, final_steps: int = 1
+) -> tuple[list[bool], float]:
     """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first.
 
     `credit` is the FRESH share carried from the sub-batch's previous step (None: the plain
     ceil(N/K) budget). Returns the plan and the credit to carry: this step's share is added, the
     FRESH requests are paid from it, and a debt is not carried (forced refreshes of new requests
     would otherwise starve the steps after them and bunch refreshes together)."""
-    fresh = [forced_fresh(r, warmup_steps) for r in requests]
+    fresh = [forced_fresh(r, warmup_steps, final_steps) for r in requests]
     accrued = None if credit is None else credit + fresh_share(requests)
     spare = fresh_budget(requests, accrued) - sum(fresh)
     if spare > 0:

@@ -42,6 +42,7 @@ class Scheduler:
     max_batch: int = 16  # running requests, all sub-batches together
     admit_per_boundary: int = 4
     warmup_steps: int = 1
+    final_fresh_steps: int = 1  # last steps of a request that are always FRESH
     default_policy: str = "attention"  # for requests with cache_interval > 1 and no policy
     cache_budget_bytes: int = 0  # 0: unlimited
     slot_bytes_of: Callable[[BatchKey], int] = lambda key: 0  # one cache slot (one row) of a key
@@ -189,7 +190,7 @@ class Scheduler:
             return None
         requests = self.running[key]
         credit = self.fresh_credit.get(key, 0.0) if self.fractional_budget else None
-        fresh, carried = plan_fresh(requests, self.warmup_steps, credit)
+        fresh, carried = plan_fresh(requests, self.warmup_steps, credit, self.final_fresh_steps)
         if self.fractional_budget:
             self.fresh_credit[key] = carried
         if not requests:
