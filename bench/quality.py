@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             latent_aware=latent_aware,
             warmup_steps=config.warmup_steps,
             final_fresh_steps=config.final_fresh_steps,
+            interval_growth=config.interval_growth,
             setting=setting.name,
             judge_accuracy=judge_images(images, captions),
             ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact_images)])),
@@ -189,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds=round(seconds, 2),
         )
         rows.append(row)
-        label = f"{policy} K={k}" + "".join(
-            f" {letter}{value}" for letter, value in (("w", setting.warmup), ("f", setting.final)) if value is not None
-        )
+        label = f"{policy} K={k}" + "".join(f" {letter}{value}" for letter, value in setting.options() if value is not None)
         columns.append((f"{label}\n{latent_aware}" if policy != "exact" else "exact\n", images))
         write_results(args, argv, rows, columns, prompts, defaults, device)
         tqdm.write(

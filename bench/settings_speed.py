@@ -35,6 +35,7 @@ def use_setting(engine: Engine, setting: CacheSetting) -> None:
     scheduler = engine.scheduler
     scheduler.warmup_steps = engine.config.warmup_steps if setting.warmup is None else setting.warmup
     scheduler.final_fresh_steps = engine.config.final_fresh_steps if setting.final is None else setting.final
+    scheduler.interval_growth = engine.config.interval_growth if setting.growth is None else setting.growth
     scheduler.extrapolation_order = strategy.order
     scheduler.extrapolation_times = engine.sigmas_of if strategy.clock == "sigma" else None
     engine.runner.latent_aware = strategy

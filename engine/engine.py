@@ -52,6 +52,7 @@ class Engine:
             admit_per_boundary=config.admit_per_boundary,
             warmup_steps=config.warmup_steps,
             final_fresh_steps=config.final_fresh_steps,
+            interval_growth=config.interval_growth,
             default_policy=config.cache_policy,
             cache_budget_bytes=config.cache_budget_mb * 2**20,
             slot_bytes_of=self.slot_bytes,

@@ -43,6 +43,7 @@ class Scheduler:
     admit_per_boundary: int = 4
     warmup_steps: int = 1
     final_fresh_steps: int = 1  # last steps of a request that are always FRESH
+    interval_growth: int = 0  # > 0: the CACHED-run bound grows from 2 to K, one every this many steps
     default_policy: str = "attention"  # for requests with cache_interval > 1 and no policy
     cache_budget_bytes: int = 0  # 0: unlimited
     slot_bytes_of: Callable[[BatchKey], int] = lambda key: 0  # one cache slot (one row) of a key
@@ -190,7 +191,7 @@ class Scheduler:
             return None
         requests = self.running[key]
         credit = self.fresh_credit.get(key, 0.0) if self.fractional_budget else None
-        fresh, carried = plan_fresh(requests, self.warmup_steps, credit, self.final_fresh_steps)
+        fresh, carried = plan_fresh(requests, self.warmup_steps, credit, self.final_fresh_steps, self.interval_growth)
         if self.fractional_budget:
             self.fresh_credit[key] = carried
         if not requests:

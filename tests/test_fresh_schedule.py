@@ -1,0 +1,87 @@
+"""A request's FRESH schedule under the scheduler's schedule knobs: the last `final_fresh_steps`
+steps FRESH, and the CACHED-run bound growing from 2 to K (`interval_growth`). Pure: runs with
+torch blocked too (tests/test_purity.py)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.fresh_plan import current_interval
+from engine.request import GenerationRequest
+from engine.scheduler import ScheduledRequest, Scheduler
+
+
+def requests(n: int, steps: int, k: int, policy: str = "step") -> list[GenerationRequest]:
+    return [
+        GenerationRequest(
+            prompt=f"p{i}", steps=steps, cache_interval=k, width=64, height=64, request_id=f"r{i}", cache_policy=policy
+        )
+        for i in range(n)
+    ]
+
+
+def schedules(s: Scheduler, reqs: list[GenerationRequest]) -> dict[str, str]:
+    """Each request's steps as F (FRESH) / . (CACHED), fed as a worker feeds them."""
+    pending, marks = list(reqs), {r.request_id: "" for r in reqs}
+    for _ in range(10_000):
+        for _ in range(min(s.admission_slots(), len(pending))):
+            s.add(pending.pop(0))
+        if not (pending or s.has_work()):
+            return marks
+        plan = s.plan()
+        if plan is not None:
+            for r, fresh in zip(plan.requests, plan.fresh):
+                marks[r.request_id] += "F" if fresh else "."
+            s.complete(plan)
+    raise AssertionError("scheduler did not drain")
+
+
+def test_final_steps_are_fresh():
+    plain = schedules(Scheduler(max_batch=8, warmup_steps=2), requests(8, 12, 4))
+    final = schedules(Scheduler(max_batch=8, warmup_steps=2, final_fresh_steps=3), requests(8, 12, 4))
+    assert all(m.endswith("FFF") for m in final.values())
+    assert not all(m.endswith("FFF") for m in plain.values())  # the knob, not the bound, does it
+    assert all(m.startswith("FF") for m in final.values())
+
+
+def test_current_interval_grows_from_two_to_k_after_the_warm_up():
+    r = ScheduledRequest(requests(1, 20, 6)[0], "step", 6)
+    seen = []
+    for step in range(20):
+        r.step = step
+        seen.append(current_interval(r, warmup_steps=4, growth=2))
+    assert seen == [2] * 6 + [3, 3, 4, 4, 5, 5] + [6] * 8
+    assert current_interval(r, warmup_steps=4, growth=0) == 6  # off: K from the first step
+    r.interval = 2
+    assert current_interval(r, warmup_steps=4, growth=1) == 2
+
+
+def test_growing_interval_puts_refreshes_early():
+    marks = schedules(Scheduler(max_batch=8, warmup_steps=4, interval_growth=2), requests(8, 20, 8))
+    plain = schedules(Scheduler(max_batch=8, warmup_steps=4), requests(8, 20, 8))
+    early = sum(m[4:10].count("F") for m in marks.values())
+    late = sum(m[10:19].count("F") for m in marks.values())
+    assert early > late  # denser refreshes right after the warm-up than late
+    assert early > sum(m[4:10].count("F") for m in plain.values())
+    for m in marks.values():
+        assert ".." not in m[3:6]  # steps 4 and 5: the bound is 2, a CACHED run of at most 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 10),
+    steps=st.integers(2, 24),
+    k=st.integers(2, 8),
+    warmup=st.integers(0, 6),
+    final=st.integers(1, 4),
+    growth=st.integers(0, 4),
+    policy=st.sampled_from(["step", "attention"]),
+)
+def test_schedule_bounds_hold(n, steps, k, warmup, final, growth, policy):
+    s = Scheduler(max_batch=4, warmup_steps=warmup, final_fresh_steps=final, interval_growth=growth)
+    for m in schedules(s, requests(n, steps, k, policy)).values():
+        assert len(m) == steps
+        assert "." * k not in m  # never more than K-1 CACHED steps in a row
+        assert set(m[: max(warmup, 1)]) == {"F"}
+        assert set(m[-final:]) == {"F"}
