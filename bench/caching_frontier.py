@@ -31,6 +31,10 @@ def row_setting(row: dict) -> str:
     return CacheSetting(row["policy"], k, la, *knobs).canonical()
 
 
+def canonical_name(name: str) -> str:
+    return parse_setting(name).canonical()
+
+
 def speed_table(paths: list[Path], steps: int, size: int, batch: int, key) -> dict[str, tuple[float, str]]:
     """setting -> (speed-up, source) from GPU speed JSONs, rows at these steps, size and batch only."""
     table: dict[str, tuple[float, str]] = {}
@@ -149,23 +153,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dit", type=Path, nargs="*", default=[], help="cache_dit_part quality JSONs")
     parser.add_argument("--speed", type=Path, nargs="*", default=[], help="engine_bench caching JSONs with setting rows")
     parser.add_argument("--cache-dit-speed", type=Path, nargs="*", default=[], help="cache_dit_part speed JSONs")
+    parser.add_argument(
+        "--confirm",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="bench/quality.py JSONs of sd3serve on a larger prompt set (e.g. all 280): their own summary, "
+        "under summary_confirmed (cache-dit is compared on the --quality prompt set only)",
+    )
     parser.add_argument("--size", type=int, default=1024, help="the GPU rows' image size to use")
     parser.add_argument("--batch", type=int, default=16, help="the GPU rows' batch to use")
     parser.add_argument("--out", type=Path, default=RESULTS / "caching_frontier.json")
     parser.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
     args = parser.parse_args(argv)
 
-    for path in [*args.quality, *args.cache_dit, *args.speed, *args.cache_dit_speed]:
+    for path in [*args.quality, *args.cache_dit, *args.speed, *args.cache_dit_speed, *args.confirm]:
         if not path.is_file():
             raise SystemExit(f"error: {path} does not exist")
     ours = {p: json.loads(p.read_text()) for p in args.quality}
     theirs = {p: json.loads(p.read_text()) for p in args.cache_dit}
     prompts, steps = check_same_prompts({**ours, **theirs})
-    speeds = speed_table(args.speed, steps, args.size, args.batch, lambda name: parse_setting(name).canonical())
+    speeds = speed_table(args.speed, steps, args.size, args.batch, canonical_name)
     # cache-dit's speed mode runs batch 1 (cache-dit decides per pipeline call)
     cd_speeds = speed_table(args.cache_dit_speed, steps, args.size, 1, lambda name: name)
     points_ours = [p for data in ours.values() for p in sd3serve_points(data, speeds)]
     points_theirs = [p for data in theirs.values() for p in cache_dit_points(data, cd_speeds)]
+    confirmed = None
+    if args.confirm:
+        files = {p: json.loads(p.read_text()) for p in args.confirm}
+        confirm_prompts, confirm_steps = check_same_prompts(files)
+        confirm_speeds = speed_table(args.speed, confirm_steps, args.size, args.batch, canonical_name)
+        confirm_points = [p for data in files.values() for p in sd3serve_points(data, confirm_speeds)]
+        confirmed = dict(
+            prompts=confirm_prompts,
+            exact_accuracy={str(p): d["exact_accuracy"] for p, d in files.items()},
+            summary=frontier_summary(confirm_points, []),
+            points=[p.as_dict() for p in confirm_points],
+        )
     result = dict(
         description=(
             "Issue 16: caching fidelity frontier on the reference model. PSNR/SSIM vs exact on the same seeds and "
@@ -188,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         summary=frontier_summary(points_ours, points_theirs),
         points=[p.as_dict() for p in points_ours + points_theirs],
     )
+    if confirmed:
+        result["summary_confirmed"] = confirmed
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     title = f"reference model, {prompts} prompts, {steps} steps"

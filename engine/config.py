@@ -64,6 +64,7 @@ class EngineConfig:
     warmup_steps: int = 1  # first steps of a request that are always FRESH
     final_fresh_steps: int = 1  # last steps of a request that are always FRESH
     interval_growth: int = 0  # > 0: a request's CACHED-run bound grows 2 -> K, +1 every this many steps
+    cache_presets: bool = True  # cache_interval 2 and 3 without a policy: engine/cache_presets.py
     cache_budget_mb: int = 0  # 0: no limit on attention-cache memory
     prompt_cache_size: int = 256
     max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256

@@ -15,8 +15,14 @@ if TYPE_CHECKING:
     from engine.scheduler import ScheduledRequest
 
 
+def own(value: int | None, default: int) -> int:
+    """A request's own schedule knob (engine/cache_presets.py) or the scheduler's."""
+    return default if value is None else value
+
+
 def current_interval(req: ScheduledRequest, warmup_steps: int = 1, growth: int = 0) -> int:
     """The interval bounding `req`'s CACHED run at its current step."""
+    warmup_steps, growth = own(req.warmup_steps, warmup_steps), own(req.interval_growth, growth)
     if growth <= 0 or req.interval <= 2:
         return req.interval
     return min(req.interval, 2 + max(0, req.step - max(warmup_steps, 1)) // growth)
@@ -25,6 +31,7 @@ def current_interval(req: ScheduledRequest, warmup_steps: int = 1, growth: int =
 def forced_fresh(req: ScheduledRequest, warmup_steps: int, final_steps: int = 1, growth: int = 0) -> bool:
     """Steps where a request must compute attention whatever the budget: the first
     `warmup_steps` and the last `final_steps` (at least one each), and the staleness bound."""
+    warmup_steps, final_steps = own(req.warmup_steps, warmup_steps), own(req.final_fresh_steps, final_steps)
     return (
         req.policy == "exact"
         or req.interval <= 1

@@ -128,3 +128,24 @@ def test_frontier_refuses_quality_files_of_different_prompt_sets(tmp_path):
         main(["--quality", str(a), str(b), "--out", str(tmp_path / "f.json")])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--quality", str(tmp_path / "missing.json"), "--out", str(tmp_path / "f.json")])
+
+
+def test_confirm_files_get_their_own_summary(tmp_path):
+    small = quality_file(tmp_path / "small.json", [row(3, 4, 32.0, 0.97, 0.925, 0.5)])
+    big = quality_file(
+        tmp_path / "big.json",
+        [row(6, 3, 33.0, 0.975, 0.93, 0.47), row(4, 6, 38.0, 0.988, 0.936, 0.59)],
+        prompts=280,
+        stride=1,
+        exact=0.936,
+    )
+    out = tmp_path / "f.json"
+    assert main(["--quality", str(small), "--confirm", str(big), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    confirmed = result["summary_confirmed"]
+    assert confirmed["prompts"] == 280 and result["prompts"] == 40
+    ideal = confirmed["summary"]["flops_ideal"]
+    assert (ideal["setting_at_2x"], ideal["meets_2x_bar"]) == ("step:6:extrapolate:w3", True)
+    assert ideal["accuracy_drop_at_2x"] == pytest.approx(0.006)
+    assert (ideal["setting_at_1_5x"], ideal["best_psnr_at_1_5x_db"]) == ("step:4:extrapolate:w6", 38.0)
+    assert confirmed["summary"]["best_psnr_at_2x_db"] is None  # no GPU rows

@@ -85,3 +85,47 @@ def test_schedule_bounds_hold(n, steps, k, warmup, final, growth, policy):
         assert "." * k not in m  # never more than K-1 CACHED steps in a row
         assert set(m[: max(warmup, 1)]) == {"F"}
         assert set(m[-final:]) == {"F"}
+
+
+def test_cache_interval_presets_apply_only_without_a_policy():
+    from engine.cache_presets import CACHE_PRESETS
+
+    preset = CACHE_PRESETS[3]
+    s = Scheduler(max_batch=8, presets=CACHE_PRESETS)
+    asked = GenerationRequest(prompt="p", steps=20, cache_interval=3, width=64, height=64, request_id="preset")
+    literal = GenerationRequest(
+        prompt="p", steps=20, cache_interval=3, width=64, height=64, request_id="literal", cache_policy="attention"
+    )
+    beyond = GenerationRequest(prompt="p", steps=20, cache_interval=5, width=64, height=64, request_id="k5")
+    for r in (asked, literal, beyond):
+        s.add(r)
+    s.plan()
+    running = {r.request_id: r for r in s.running_requests()}
+    assert (running["preset"].policy, running["preset"].interval) == (preset.policy, preset.interval)
+    assert (running["preset"].warmup_steps, running["preset"].interval_growth) == (preset.warmup_steps, preset.interval_growth)
+    assert (running["literal"].policy, running["literal"].interval, running["literal"].warmup_steps) == ("attention", 3, None)
+    assert (running["k5"].policy, running["k5"].interval) == ("attention", 5)
+    assert s.cache_bytes_of(asked, s.policy_of(asked)) == 0 or preset.policy == "attention"
+
+
+def test_preset_schedule_and_boundaries_follow_the_asked_interval():
+    from engine.cache_presets import CACHE_PRESETS
+
+    s = Scheduler(max_batch=8, admit_per_boundary=4, presets=CACHE_PRESETS)
+    reqs = [
+        GenerationRequest(prompt=f"p{i}", steps=20, cache_interval=3, width=64, height=64, request_id=f"r{i}") for i in range(8)
+    ]
+    marks = schedules(s, reqs)
+    preset = CACHE_PRESETS[3]
+    for m in marks.values():
+        assert set(m[: preset.warmup_steps]) == {"F"} and m.endswith("F")
+        assert "." * preset.interval not in m
+    assert max(len(run) for m in marks.values() for run in m.split("F")) >= 3  # the interval grew past 3
+    # new requests join at boundaries of the asked interval (3 steps), not of the preset's K (6)
+    s = Scheduler(max_batch=8, presets=CACHE_PRESETS)
+    s.add(reqs[0])
+    boundaries = []
+    for _ in range(7):
+        s.complete(s.plan())
+        boundaries.append(s.at_boundary((64, 64)))
+    assert boundaries == [False, False, True, False, False, True, False]
