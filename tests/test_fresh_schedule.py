@@ -4,9 +4,12 @@ torch blocked too (tests/test_purity.py)."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.cache_presets import CACHE_PRESETS
+from engine.config import EngineConfig
 from engine.fresh_plan import current_interval
 from engine.request import GenerationRequest
 from engine.scheduler import ScheduledRequest, Scheduler
@@ -88,8 +91,6 @@ def test_schedule_bounds_hold(n, steps, k, warmup, final, growth, policy):
 
 
 def test_cache_interval_presets_apply_only_without_a_policy():
-    from engine.cache_presets import CACHE_PRESETS
-
     preset = CACHE_PRESETS[3]
     s = Scheduler(max_batch=8, presets=CACHE_PRESETS)
     asked = GenerationRequest(prompt="p", steps=20, cache_interval=3, width=64, height=64, request_id="preset")
@@ -109,8 +110,6 @@ def test_cache_interval_presets_apply_only_without_a_policy():
 
 
 def test_preset_schedule_and_boundaries_follow_the_asked_interval():
-    from engine.cache_presets import CACHE_PRESETS
-
     s = Scheduler(max_batch=8, admit_per_boundary=4, presets=CACHE_PRESETS)
     reqs = [
         GenerationRequest(prompt=f"p{i}", steps=20, cache_interval=3, width=64, height=64, request_id=f"r{i}") for i in range(8)
@@ -129,3 +128,14 @@ def test_preset_schedule_and_boundaries_follow_the_asked_interval():
         s.complete(s.plan())
         boundaries.append(s.at_boundary((64, 64)))
     assert boundaries == [False, False, True, False, False, True, False]
+
+
+def test_schedule_knobs_come_from_the_environment_and_bad_values_are_refused():
+    env = {"SD3SERVE_CACHE_PRESETS": "0", "SD3SERVE_INTERVAL_GROWTH": "3", "SD3SERVE_FINAL_FRESH_STEPS": "2"}
+    config = EngineConfig.from_env(env)
+    assert (config.cache_presets, config.interval_growth, config.final_fresh_steps) == (False, 3, 2)
+    assert EngineConfig.from_env({}).cache_presets is True
+    with pytest.raises(ValueError, match="final_fresh_steps"):
+        EngineConfig(final_fresh_steps=0)
+    with pytest.raises(ValueError, match="interval_growth"):
+        EngineConfig(interval_growth=-1)
