@@ -57,7 +57,7 @@ class EngineConfig:
     model: str = str(REFERENCE_MODEL_DIR)
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    max_batch: int = 16  # running requests per sub-batch
+    max_batch: int = 16  # running requests, all sub-batches (sizes) together
     admit_per_boundary: int = 4  # new requests admitted at one chunk boundary
     cache_policy: str = "attention"  # used when a request has cache_interval > 1
     latent_aware: str = "extrapolate"  # best fidelity at every K in bench/results/quality.json

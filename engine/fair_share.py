@@ -1,21 +1,30 @@
-"""Which sub-batch runs next: fair in device time, not in steps. Pure Python.
+"""Which sub-batch runs next: fair in device time weighted by job length, not in steps. Pure Python.
 
-Each batch key (image size) keeps a virtual time, the device seconds its steps have cost; the
-next step goes to the key with the least virtual time among the keys with work (ties: the key
-that joined first). A step counts at its estimated cost when it completes (`StepCosts`: learned
-seconds per unit of work, the work being pixels x transformer rows) until the caller reports
-its measured cost, which on a GPU comes a few steps later, and then counts at that. A key
-that joins starts at the current least virtual time, so it neither monopolises the device to
-"catch up" nor waits behind the others' history. A step counts for at most `max_charge`
-seconds, so one slow step (a compile, say) costs its key no long wait afterwards. Between two
-steps of a key, each other key runs for at most `max_charge` plus one of its own steps (plus
-the steps not measured yet when measurements come late).
+Each batch key (image size) keeps a virtual time, the device seconds its steps have cost, each
+multiplied by the key's weight; the next step goes to the key with the least virtual time among
+the keys with work (ties: the key with the shorter jobs, then the key that joined first). The
+weight of a key is how many times longer its jobs are than the shortest jobs running (device
+seconds a job of it needs at the current batch, `Scheduler.job_seconds`), capped at `max_ratio`:
+two sizes whose jobs take 0.4 s and 1.6 s share the device 4:1 while both have work, so every
+job is stretched by about the same factor and a short job does not wait behind a long one's
+steps (equal shares stretched 512² jobs ~2x in a mixed SD3 workload, see
+tests/test_fair_share_mixed.py). `max_ratio=1` is equal shares of device time.
+
+A step counts at its estimated cost when it completes (`StepCosts`: learned seconds per unit of
+work, the work being pixels x transformer rows) until the caller reports its measured cost,
+which on a GPU comes a few steps later, and then counts at that. A key that joins starts at the
+current least virtual time, so it neither monopolises the device to "catch up" nor waits behind
+the others' history. A step counts for at most `max_charge` seconds (times its weight), so one
+slow step (a compile, say) costs its key no long wait afterwards. Between two steps of a key,
+each other key runs for at most `max_ratio * max(max_charge, its step)` plus one of its own
+steps (plus the steps not measured yet when measurements come late): no size starves.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Mapping
 
 BatchKey = tuple[int, int]
 
@@ -24,11 +33,13 @@ __all__ = ["BatchKey", "FairShare", "StepCharge", "StepCosts"]
 
 @dataclass(frozen=True)
 class StepCharge:
-    """What one step was charged: its key, its work (pixels x rows) and its estimated seconds."""
+    """What one step was charged: its key, its work (pixels x rows), its estimated seconds and
+    its key's weight (`FairShare.weights`)."""
 
     key: BatchKey
     work: float
     cost: float
+    weight: float = 1.0  # the key's weight when it ran: the seconds count this many times
 
 
 @dataclass
@@ -73,6 +84,7 @@ class FairShare:
     """Virtual device time per batch key with work: settled seconds plus estimates on hold."""
 
     max_charge: float = 5.0  # seconds one step may count for at most (a compiling step takes more)
+    max_ratio: float = 8.0  # the largest weight: how far a key with long jobs yields to short ones
     settled: dict[BatchKey, float] = field(default_factory=dict)
     held: dict[BatchKey, float] = field(default_factory=dict)  # estimates not measured yet
     _joined: dict[BatchKey, int] = field(default_factory=dict)
@@ -81,6 +93,8 @@ class FairShare:
     def __post_init__(self) -> None:
         if self.max_charge <= 0:
             raise ValueError("max_charge must be > 0")
+        if not self.max_ratio >= 1:
+            raise ValueError(f"max_ratio must be >= 1 (1: equal shares of device time), got {self.max_ratio}")
 
     def vtime(self, key: BatchKey) -> float:
         return self.settled[key] + self.held[key]
@@ -96,24 +110,38 @@ class FairShare:
         for table in (self.settled, self.held, self._joined):
             table.pop(key, None)
 
-    def pick(self) -> BatchKey | None:
-        """The key that runs next: least virtual time, then the earliest joined."""
+    def pick(self, job_seconds: Mapping[BatchKey, float] | None = None) -> BatchKey | None:
+        """The key that runs next: least virtual time, then the shorter jobs, then the earliest joined."""
         if not self.settled:
             return None
-        return min(self.settled, key=lambda k: (self.vtime(k), self._joined[k]))
+        jobs = job_seconds or {}
+        return min(self.settled, key=lambda k: (self.vtime(k), jobs.get(k, 0.0), self._joined[k]))
 
-    def charge(self, key: BatchKey, seconds: float) -> None:
+    def weights(self, job_seconds: Mapping[BatchKey, float]) -> dict[BatchKey, float]:
+        """Each key's weight: its jobs' device seconds over the shortest jobs', in [1, max_ratio]."""
+        if any(not seconds >= 0 for seconds in job_seconds.values()):
+            raise ValueError(f"job seconds must be >= 0, got {dict(job_seconds)}")
+        shortest = min(job_seconds.values(), default=0.0)
+
+        def weight(seconds: float) -> float:
+            if seconds <= shortest:
+                return 1.0
+            return self.max_ratio if shortest == 0 else min(seconds / shortest, self.max_ratio)
+
+        return {k: weight(seconds) for k, seconds in job_seconds.items()}
+
+    def charge(self, key: BatchKey, seconds: float, weight: float = 1.0) -> None:
         """A step of `key` cost `seconds`. A key that left is not charged."""
         if key in self.settled:
-            self.settled[key] += min(seconds, self.max_charge)
+            self.settled[key] += min(seconds, self.max_charge) * weight
 
-    def hold(self, key: BatchKey, estimate: float) -> None:
+    def hold(self, key: BatchKey, estimate: float, weight: float = 1.0) -> None:
         """A step of `key` ran; count its estimate until `settle` replaces it by its measure."""
         if key in self.held:
-            self.held[key] += min(estimate, self.max_charge)
+            self.held[key] += min(estimate, self.max_charge) * weight
 
-    def settle(self, key: BatchKey, estimate: float, seconds: float) -> None:
-        """The step held at `estimate` was measured at `seconds`."""
+    def settle(self, key: BatchKey, estimate: float, seconds: float, weight: float = 1.0) -> None:
+        """The step held at `estimate` (at `weight`) was measured at `seconds`."""
         if key in self.held:
-            self.held[key] -= min(estimate, self.max_charge)
-            self.charge(key, seconds)
+            self.held[key] -= min(estimate, self.max_charge) * weight
+            self.charge(key, seconds, weight)

@@ -2,8 +2,9 @@
 
 The scheduler never touches tensors; the runner executes the `StepPlan` it returns. Requests of
 different sizes live in different sub-batches (batch key = (height, width)); each `plan()` picks
-the key whose steps have cost the least device seconds (engine/fair_share.py), so a 512² step
-does not wait behind every 1024² step; with `step_costs` unset a step costs 1 (round-robin).
+the key whose steps have cost the least device seconds, weighted by how long its jobs are
+(engine/fair_share.py), so a 512² job does not wait behind 1024² steps; with `step_costs` unset
+a step costs 1 (round-robin).
 
 Admission is progressive: waiting requests join a sub-batch only at its chunk boundaries (every
 `chunk` steps of that sub-batch's own step counter, `chunk` being the largest cache interval in
@@ -93,6 +94,19 @@ class Scheduler:
     def cache_rows(request: GenerationRequest, policy: str) -> int:
         return (2 if request.uses_cfg else 1) if policy == "attention" else 0
 
+    def job_seconds(self) -> dict[BatchKey, float]:
+        """Estimated device seconds a job of each running size needs at that size's current batch:
+        its requests' mean steps times the estimated cost of one step of all of them (every row
+        FRESH, so caching policies do not change a size's rank). Empty without `step_costs`."""
+        if self.step_costs is None:
+            return {}
+        jobs: dict[BatchKey, float] = {}
+        for key, reqs in self.running.items():
+            if reqs:
+                step = self.step_costs.estimate(key, float(key[0] * key[1] * sum(r.rows for r in reqs)))
+                jobs[key] = step * sum(r.total for r in reqs) / len(reqs)
+        return jobs
+
     def at_boundary(self, key: BatchKey) -> bool:
         reqs = self.running.get(key)
         if not reqs:
@@ -140,14 +154,19 @@ class Scheduler:
     def _admit(self) -> list[ScheduledRequest]:
         admitted: list[ScheduledRequest] = []
         per_key: dict[BatchKey, int] = {}
+        reserved = 0  # cache bytes kept for earlier requests that did not fit
         for request in list(self.waiting):
             key = request.size
             if not self.at_boundary(key) or per_key.get(key, 0) >= self.admit_per_boundary:
                 continue
             policy = self.policy_of(request)
             cost = self.cache_bytes_of(request, policy)
-            if self.cache_budget_bytes and self.cache_bytes() + cost > self.cache_budget_bytes:
-                continue  # stays waiting until running requests free cache memory
+            if cost and self.cache_budget_bytes and self.cache_bytes() + reserved + cost > self.cache_budget_bytes:
+                # It waits until running requests free cache memory, and what they free is kept
+                # for it: smaller requests behind it, which would fit, would starve it otherwise.
+                # (A request needing no cache memory takes none of it and always goes in.)
+                reserved += cost
+                continue
             self.waiting.remove(request)
             preset = self.preset_of(request) if policy != "exact" else None
             req = ScheduledRequest(
@@ -196,9 +215,10 @@ class Scheduler:
             self.share.leave(key)
 
     def plan(self) -> StepPlan | None:
-        """Admit at boundaries, then plan one forward of the sub-batch with the least device time."""
+        """Admit at boundaries, then plan one forward of the sub-batch with the least weighted device time."""
         admitted = self._admit()
-        key = self.share.pick()
+        jobs = self.job_seconds()
+        key = self.share.pick(jobs)
         if key is None:
             return None
         requests = self.running[key]
@@ -218,8 +238,10 @@ class Scheduler:
             self.extrapolation_times,
         )
         work = float(key[0] * key[1] * sum(r.rows for r, f in zip(requests, fresh) if f or r.policy != "step"))
-        cost = 1.0 if self.step_costs is None else self.step_costs.estimate(key, work)
-        return replace(plan, charge=StepCharge(key, work, cost))
+        if self.step_costs is None:
+            return replace(plan, charge=StepCharge(key, work, 1.0))
+        weight = self.share.weights(jobs)[key]
+        return replace(plan, charge=StepCharge(key, work, self.step_costs.estimate(key, work), weight))
 
     def complete(self, plan: StepPlan) -> list[ScheduledRequest]:
         """Record that `plan` ran; return the requests that have finished."""
@@ -231,7 +253,7 @@ class Scheduler:
                 self._release(req)
         self.key_steps[plan.key] = self.key_steps.get(plan.key, 0) + 1
         if self.step_costs is not None and plan.charge is not None:
-            self.share.hold(plan.key, plan.charge.cost)  # until `observe` brings its seconds
+            self.share.hold(plan.key, plan.charge.cost, plan.charge.weight)  # until `observe` brings its seconds
         else:
             self.share.charge(plan.key, 1.0)
         if finished:
@@ -244,4 +266,4 @@ class Scheduler:
         if self.step_costs is None:
             raise ValueError("this scheduler counts steps (step_costs=None); it takes no measured seconds")
         self.step_costs.observe(charge.key, charge.work, seconds)
-        self.share.settle(charge.key, charge.cost, seconds)
+        self.share.settle(charge.key, charge.cost, seconds, charge.weight)

@@ -216,3 +216,22 @@ def test_fractional_budget_keeps_every_bound(n, k):
     assert all(1 <= c <= math.ceil(n / k) for c in counts)
     if n <= k:
         assert set(counts) <= {1}
+
+
+def test_a_large_request_blocked_by_the_cache_budget_is_not_starved_by_smaller_ones():
+    # 64² costs 2 bytes (two CFG rows), 128² costs 4; the budget holds two 64² or one 128².
+    s = Scheduler(max_batch=16, admit_per_boundary=4, cache_budget_bytes=5, slot_bytes_of=lambda key: key[0] // 64)
+    large_admitted_at = None
+    for step in range(200):
+        if step % 5 == 0:  # 10-step 64² requests every 5 steps: one or two run at all times
+            s.add(req(100 + step, steps=10, k=2, size=64))
+        if step == 6:
+            s.add(req(1, steps=10, k=2, size=128))
+        plan = s.plan()
+        if any(r.request_id == "r1" for r in s.running_requests()):
+            large_admitted_at = step
+            break
+        s.complete(plan)
+        assert s.cache_bytes() <= 5
+    # Memory freed after it waits is kept for it: it runs once the two 64² before it are done.
+    assert large_admitted_at == 16
