@@ -58,7 +58,12 @@ def images_request_model(limits: RequestLimits) -> type[BaseModel]:
         seed=(Optional[int], Field(None, ge=0, le=MAX_SEED, description="The first image's seed; random if absent.")),
         cache_interval=(
             Optional[int],
-            Field(None, ge=1, le=limits.max_cache_interval, description="1 = exact; K > 1 reuses cached attention."),
+            Field(
+                None,
+                ge=1,
+                le=limits.max_cache_interval,
+                description="1 = exact; 2 and 3: the ~1.6x and ~2x caching presets; other K: the worker's policy at interval K.",
+            ),
         ),
         cache_policy=(one_of(CACHE_POLICIES) | None, Field(None)),
     )

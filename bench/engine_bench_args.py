@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bench.cache_settings import parse_settings
+
 ALL_PARTS = (
     "probe",
     "ablation",
@@ -39,6 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--no-xdit-compile", action="store_true", help="the xdit part measures xDiT eager only")
     p.add_argument("--caching-batches", default="4,8")
     p.add_argument("--large-batches", default="1,2,4")
+    p.add_argument(
+        "--caching-settings",
+        type=parse_settings,
+        default=None,
+        help="the caching part times these policy:K:latent_aware[:wN][:fM] settings (wall clock vs exact, "
+        "bench/settings_speed.py) instead of its fixed modes",
+    )
+    p.add_argument("--caching-admit", type=int, default=4, help="with --caching-settings: requests admitted per boundary")
     p.add_argument("--probe-batches", default="16,32")
     p.add_argument("--max-probe-batch", type=int, default=256)
     p.add_argument(

@@ -6,9 +6,11 @@ import gc
 
 import torch
 
+from bench.cache_settings import CacheSetting
 from bench.measure import GIB, synchronize
 from bench.parts_base import BenchParts
 from bench.runs import clear, requests, run_engine, step_time_all_rows
+from bench.settings_speed import speed_rows
 
 
 class CachingAndMemoryParts(BenchParts):
@@ -16,6 +18,9 @@ class CachingAndMemoryParts(BenchParts):
 
     def caching_part(self) -> None:
         a, engine = self.args, self.engine_fast
+        if a.caching_settings:
+            self.caching_settings_part()
+            return
         modes = [
             ("exact", 1, None),
             ("attention", 2, "attention"),
@@ -64,6 +69,24 @@ class CachingAndMemoryParts(BenchParts):
                             all_cached_step_ms_direct=round(t_cached if mode != "step" else t_skip, 2),
                         ),
                     )
+
+    def caching_settings_part(self) -> None:
+        """`--caching-settings`: wall-clock speed-ups of named settings (bench/settings_speed.py)."""
+        a = self.args
+
+        def make(size: int):
+            def make_requests(tag: str, n: int, setting: CacheSetting):
+                policy = None if setting.policy == "exact" else setting.policy
+                return requests(f"{tag}{size}", n, size, a.steps, k=setting.k, policy=policy)
+
+            return make_requests
+
+        for size in a.sizes:
+            for batch in a.caching_batches:
+                rows = speed_rows(self.engine_fast, self.device, a.caching_settings, make(size), size, batch, a.caching_admit)
+                for row in rows:
+                    self.results.add("caching", dict(row, steps=a.steps))
+                    print(f"caching {row['setting']:36s} {size} b{batch}: x{row['speedup_vs_exact']}", flush=True)
 
     def memory_part(self) -> None:
         a = self.args

@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from bench.flops import flop_fraction, step_flops
 from bench.image_metrics import psnr, ssim
+from bench.cache_settings import EXACT, CacheSetting, parse_settings
 from engine.config import LATENT_AWARE_STRATEGIES, REFERENCE_MODEL_DIR, EngineConfig, read_model_defaults
 from engine.engine import Engine
 from engine.loader import load_pipeline
@@ -36,27 +36,16 @@ from models.reference.data import held_out_prompts
 from models.reference.evaluate import judge_images
 
 LATENT_AWARE = LATENT_AWARE_STRATEGIES
-FULL_CONFIGS = [("exact", 1, "none")] + [
-    (policy, k, la) for policy in ("attention", "step") for k in (2, 3, 4) for la in LATENT_AWARE
+FULL_CONFIGS = [EXACT] + [
+    CacheSetting(policy, k, la) for policy in ("attention", "step") for k in (2, 3, 4) for la in LATENT_AWARE
 ]
-QUICK_CONFIGS = [("exact", 1, "none")] + [(p, 3, la) for p in ("attention", "step") for la in LATENT_AWARE]
+QUICK_CONFIGS = [EXACT] + [CacheSetting(p, 3, la) for p in ("attention", "step") for la in LATENT_AWARE]
 PSNR_CAP = 100.0  # identical images have infinite PSNR; JSON gets this cap
 
 
-def parse_configs(text: str) -> list[tuple]:
-    """`policy:K:latent_aware[:w<warmup steps>],...` as config tuples, each part checked."""
-    configs: list[tuple] = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        if len(parts) not in (3, 4) or parts[0] not in ("attention", "step") or not parts[1].isdigit() or int(parts[1]) < 2:
-            raise argparse.ArgumentTypeError(f"{item!r}: want attention|step:K:latent_aware[:wN] with K >= 2")
-        if parts[2] not in LATENT_AWARE:
-            raise argparse.ArgumentTypeError(f"{item!r}: latent_aware must be one of {', '.join(LATENT_AWARE)}")
-        if len(parts) == 4 and not (parts[3][:1] == "w" and parts[3][1:].isdigit()):
-            raise argparse.ArgumentTypeError(f"{item!r}: the fourth part is w<warmup steps>, e.g. w4")
-        warmup = (int(parts[3][1:]),) if len(parts) == 4 else ()
-        configs.append((parts[0], int(parts[1]), parts[2], *warmup))
-    return configs
+def parse_configs(text: str) -> list[CacheSetting]:
+    """`policy:K:latent_aware[:wN][:fM],...` (bench/cache_settings.py)."""
+    return parse_settings(text)
 
 
 def device_label(device: torch.device) -> str:
@@ -84,15 +73,9 @@ def requests_for(prompts, policy: str, k: int, defaults: dict) -> list[Generatio
     ]
 
 
-def run_config(pipe, base: EngineConfig, requests, policy: str, latent_aware: str, warmup: int | None = None):
+def run_config(pipe, base: EngineConfig, requests, setting: CacheSetting):
     """Stream `requests` through a fresh engine; return uint8 images and fresh-step counts."""
-    config = replace(
-        base,
-        latent_aware=latent_aware,
-        cache_policy="attention" if policy == "exact" else policy,
-        warmup_steps=base.warmup_steps if warmup is None else warmup,
-    )
-    engine = Engine(config, pipe)
+    engine = Engine(setting.engine_config(base), pipe)
     fresh: dict[str, int] = {}
 
     def record(report) -> None:
@@ -172,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     columns = []
     exact_images: list[np.ndarray] = []
-    for policy, k, latent_aware, *override in tqdm(configs, desc="configs", unit="config"):
-        warmup = override[0] if override else base.warmup_steps
+    for setting in tqdm(configs, desc="configs", unit="config"):
+        policy, k, latent_aware = setting.policy, setting.k, setting.latent_aware
+        config = setting.engine_config(base)
         start = time.perf_counter()
         requests = requests_for(prompts, policy, k, defaults)
-        images, fresh, engine = run_config(pipe, base, requests, policy, latent_aware, warmup)
+        images, fresh, engine = run_config(pipe, base, requests, setting)
         seconds = time.perf_counter() - start
         if policy == "exact":
             exact_images = images
@@ -193,20 +177,24 @@ def main(argv: list[str] | None = None) -> int:
             policy=policy,
             cache_interval=k,
             latent_aware=latent_aware,
-            warmup_steps=warmup,
+            warmup_steps=config.warmup_steps,
+            final_fresh_steps=config.final_fresh_steps,
+            interval_growth=config.interval_growth,
+            setting=setting.name,
             judge_accuracy=judge_images(images, captions),
             ssim_vs_exact=float(np.mean([ssim(a, b) for a, b in zip(images, exact_images)])),
             psnr_vs_exact=float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, exact_images)])),
             flop_fraction=float(np.mean(fractions)),
+            fresh_fraction=float(np.mean([f / r.steps for f, r in zip(fresh, requests)])),
             attention_share=flops.attention_share,
             seconds=round(seconds, 2),
         )
         rows.append(row)
-        label = f"{policy} K={k}" + (f" w{warmup}" if warmup != base.warmup_steps else "")
+        label = f"{policy} K={k}" + "".join(f" {letter}{value}" for letter, value in setting.options() if value is not None)
         columns.append((f"{label}\n{latent_aware}" if policy != "exact" else "exact\n", images))
         write_results(args, argv, rows, columns, prompts, defaults, device)
         tqdm.write(
-            f"{policy:9s} K={k} {latent_aware:11s} acc={row['judge_accuracy']:.3f} "
+            f"{setting.name:32s} acc={row['judge_accuracy']:.3f} "
             f"ssim={row['ssim_vs_exact']:.4f} psnr={row['psnr_vs_exact']:.2f} flops={row['flop_fraction']:.3f}"
         )
 

@@ -158,10 +158,13 @@ def _mfu(data: dict, step_ms: dict, ips: dict) -> dict | None:
 
 def caching_summary(data: dict) -> dict:
     rows = data.get("rows", [])
-    cached = [r for r in rows if r["mode"] != "exact"]
+    named = [r for r in rows if "setting" in r and r["mode"] != "exact"]  # --caching-settings rows
+    cached = [r for r in rows if r["mode"] != "exact" and "setting" not in r]
+    settings = {f"{r['setting']}@{r['size']}_b{r['batch']}": r["speedup_vs_exact"] for r in named}
     if not cached:
-        return {}
-    out = {
+        return {"settings_speedup": settings} if settings else {}
+    out: dict = {"settings_speedup": settings} if settings else {}
+    out |= {
         "fraction_of_ideal_min": min(r["fraction_of_ideal"] for r in cached),
         "fraction_of_ideal_mean": round(statistics.mean(r["fraction_of_ideal"] for r in cached), 3),
         "fraction_of_ideal_at_fresh_ratio_mean": round(statistics.mean(r["fraction_of_ideal_at_fresh_ratio"] for r in cached), 3),

@@ -64,6 +64,9 @@ class EngineConfig:
     cache_policy: str = "attention"  # used when a request has cache_interval > 1
     latent_aware: str = "extrapolate"  # best fidelity at every K in bench/results/quality.json
     warmup_steps: int = 1  # first steps of a request that are always FRESH
+    final_fresh_steps: int = 1  # last steps of a request that are always FRESH
+    interval_growth: int = 0  # > 0: a request's CACHED-run bound grows 2 -> K, +1 every this many steps
+    cache_presets: bool = True  # cache_interval 2 and 3 without a policy: engine/cache_presets.py
     cache_budget_mb: int = 0  # 0: no limit on attention-cache memory
     prompt_cache_size: int = 256
     max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256
@@ -89,6 +92,10 @@ class EngineConfig:
             raise ValueError("max_batch and admit_per_boundary must be >= 1")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        if self.final_fresh_steps < 1:
+            raise ValueError("final_fresh_steps must be >= 1 (the last step is always FRESH)")
+        if self.interval_growth < 0:
+            raise ValueError("interval_growth must be >= 0 (0: the interval is K from the first step)")
         object.__setattr__(self, "compile", normalize_compile(self.compile))
         random_model_name(self.model)  # an unknown random:<name> fails here, before any loading
 

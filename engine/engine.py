@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from engine.attention import AttentionCache, attention_cache_bytes
+from engine.cache_presets import CACHE_PRESETS
 from engine.config import EngineConfig, limits_for_model, read_model_defaults
 from engine.fair_share import StepCharge, StepCosts
 from engine.graphs import ForwardGraphs
@@ -51,6 +52,9 @@ class Engine:
             max_batch=config.max_batch,
             admit_per_boundary=config.admit_per_boundary,
             warmup_steps=config.warmup_steps,
+            final_fresh_steps=config.final_fresh_steps,
+            interval_growth=config.interval_growth,
+            presets=CACHE_PRESETS if config.cache_presets else {},
             default_policy=config.cache_policy,
             cache_budget_bytes=config.cache_budget_mb * 2**20,
             slot_bytes_of=self.slot_bytes,

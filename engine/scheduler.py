@@ -17,7 +17,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
+
+from engine.cache_presets import CachePreset
 
 from engine.fair_share import FairShare, StepCharge, StepCosts
 from engine.fresh_plan import forced_fresh, fresh_budget, fresh_share, plan_fresh
@@ -43,6 +45,10 @@ class Scheduler:
     max_batch: int = 16  # running requests, all sub-batches together
     admit_per_boundary: int = 4
     warmup_steps: int = 1
+    final_fresh_steps: int = 1  # last steps of a request that are always FRESH
+    interval_growth: int = 0  # > 0: the CACHED-run bound grows from 2 to K, one every this many steps
+    # cache_interval -> the setting it asks for when a request names no policy (engine/cache_presets.py)
+    presets: Mapping[int, CachePreset] = field(default_factory=dict)
     default_policy: str = "attention"  # for requests with cache_interval > 1 and no policy
     cache_budget_bytes: int = 0  # 0: unlimited
     slot_bytes_of: Callable[[BatchKey], int] = lambda key: 0  # one cache slot (one row) of a key
@@ -105,7 +111,7 @@ class Scheduler:
         reqs = self.running.get(key)
         if not reqs:
             return True
-        chunk = max(r.interval for r in reqs)
+        chunk = max(r.request.cache_interval if r.policy != "exact" else 1 for r in reqs)
         return self.key_steps.get(key, 0) % chunk == 0
 
     def admission_slots(self) -> int:
@@ -117,10 +123,14 @@ class Scheduler:
         return min(free, self.admit_per_boundary) if keys_open else 0
 
     # -- changes -------------------------------------------------------------------------------
+    def preset_of(self, request: GenerationRequest) -> CachePreset | None:
+        return self.presets.get(request.cache_interval) if request.cache_policy is None else None
+
     def policy_of(self, request: GenerationRequest) -> str:
         if request.cache_interval <= 1:
             return "exact"
-        return request.cache_policy or self.default_policy
+        preset = self.preset_of(request)
+        return preset.policy if preset else request.cache_policy or self.default_policy
 
     def add(self, request: GenerationRequest) -> None:
         if self.cache_budget_bytes and self.cache_bytes_of(request, self.policy_of(request)) > self.cache_budget_bytes:
@@ -158,13 +168,17 @@ class Scheduler:
                 reserved += cost
                 continue
             self.waiting.remove(request)
+            preset = self.preset_of(request) if policy != "exact" else None
             req = ScheduledRequest(
                 request,
                 policy,
-                1 if policy == "exact" else request.cache_interval,
+                1 if policy == "exact" else preset.interval if preset else request.cache_interval,
                 slots=self.slots.allocate(key, self.cache_rows(request, policy)),
                 admitted_at=self.clock(),
             )
+            if preset:
+                req.warmup_steps, req.interval_growth = preset.warmup_steps, preset.interval_growth
+                req.final_fresh_steps = preset.final_fresh_steps
             if key not in self.running:
                 self.running[key] = []
                 self.share.join(key)
@@ -209,7 +223,7 @@ class Scheduler:
             return None
         requests = self.running[key]
         credit = self.fresh_credit.get(key, 0.0) if self.fractional_budget else None
-        fresh, carried = plan_fresh(requests, self.warmup_steps, credit)
+        fresh, carried = plan_fresh(requests, self.warmup_steps, credit, self.final_fresh_steps, self.interval_growth)
         if self.fractional_budget:
             self.fresh_credit[key] = carried
         if not requests:

@@ -27,6 +27,10 @@ class ScheduledRequest:
     slots: tuple[int, ...] = ()  # attention-cache slot of each CFG row (the `attention` policy)
     refreshes: tuple[int, ...] = ()  # the steps of its last three FRESH steps, oldest first
     admitted_at: float = 0.0  # scheduler clock (time.monotonic) at admission
+    # The request's own FRESH schedule (engine/cache_presets.py); None: the scheduler's
+    warmup_steps: int | None = None
+    final_fresh_steps: int | None = None
+    interval_growth: int | None = None
 
     @property
     def request_id(self) -> str:

@@ -20,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of the first image (the next ones get seed+1, ...)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
-    parser.add_argument("--cache-interval", type=int, help="1 = exact; K > 1 reuses attention K-1 steps of K")
+    parser.add_argument(
+        "--cache-interval",
+        type=int,
+        help="1 = exact; 2 and 3 (without --cache-policy): the ~1.6x and ~2x presets; other K: the policy at interval K",
+    )
     parser.add_argument("--cache-policy", choices=("attention", "step"))
     parser.add_argument("--latent-aware", choices=("none", "seed", "extrapolate"))
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
@@ -88,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             width=args.width,
             height=args.height,
             cache_interval=args.cache_interval,
+            cache_policy=args.cache_policy,  # named here, K has its literal meaning (no preset)
             seed=None if args.seed is None else args.seed + i,
         )
         try:

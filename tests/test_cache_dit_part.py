@@ -30,11 +30,13 @@ def test_skipped_fraction_counts_the_middle_blocks_of_cached_steps():
 
 
 def test_quality_configs_parse_and_refuse_bad_ones():
-    assert parse_configs("step:2:extrapolate,attention:3:extrapolate2-sigma:w4") == [
-        ("step", 2, "extrapolate"),
-        ("attention", 3, "extrapolate2-sigma", 4),
+    assert parse_configs("step:2:extrapolate,attention:3:extrapolate2-sigma:w4,step:6:extrapolate:w4:f2:g3") == [
+        ("step", 2, "extrapolate", None, None, None),
+        ("attention", 3, "extrapolate2-sigma", 4, None, None),
+        ("step", 6, "extrapolate", 4, 2, 3),
     ]
-    for bad in ("step:1:extrapolate", "exact:2:none", "step:2:taylor", "step:2:none:x4", "step:2"):
+    bad_ones = ("step:1:extrapolate", "exact:2:none", "step:2:taylor", "step:2:none:x4", "step:2", "step:2:none:w1:w2")
+    for bad in bad_ones + ("step:2:none:f0", "step:2:none:g", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_configs(bad)
 

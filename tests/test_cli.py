@@ -65,6 +65,8 @@ def test_generate_over_the_cache_budget_is_a_clear_error(tmp_path):
         "a red circle on a blue background",
         "--cache-interval",
         "3",
+        "--cache-policy",
+        "attention",  # without a policy, 3 is the step-policy preset, which keeps no attention cache
         "-o",
         str(tmp_path / "x.png"),
         env={"SD3SERVE_CACHE_BUDGET_MB": "1"},

@@ -22,7 +22,8 @@ def test_scheduler_tests_pass_without_torch():
     code = BLOCK_TORCH + (
         "import pytest\n"
         "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_scheduler.py', 'tests/test_slots.py',\n"
-        "                      'tests/test_fair_share.py', 'tests/test_fair_share_mixed.py', 'tests/test_validation.py']))\n"
+        "                      'tests/test_fair_share.py', 'tests/test_fair_share_mixed.py', 'tests/test_validation.py',\n"
+        "                      'tests/test_fresh_schedule.py']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

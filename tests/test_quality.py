@@ -1,11 +1,12 @@
 """Quality regression on the reference model (CPU): the exact path draws what the prompt says,
-and the default caching policy keeps at least 95 % of the exact path's judge accuracy.
+and the caching a user gets by asking (`cache_interval` 3, the ~2x preset, and 2, the ~1.6x one;
+engine/cache_presets.py) keeps the exact path's judge accuracy (one image at most) at >= 30 dB
+and SSIM >= 0.95 (3) and >= 35 dB (2) against the exact images.
 
-Thresholds come from measurement. The full harness (bench/results/quality.json, 280 held-out
-prompts, float32 on an H200) gave 93.9 % exact and 92.1 % for attention K=3 with the default
-latent-aware strategy (98 % of exact). On this CPU set (every third held-out prompt, 93
-prompts) exact passed 88 and K=3 passed 88. A set this size is needed: with 12 or 40 prompts
-one image moves the ratio by 3-8 %, more than the margin being tested."""
+Thresholds come from measurement (issue 16). On all 280 held-out prompts (CPU, float32,
+bench/results/caching_cpu_280.json) exact passed 93.9 %, preset 3 93.6 % at 34.0 dB / SSIM 0.980,
+preset 2 93.6 % at 39.6 dB / 0.992. This set is every third held-out prompt (93): one image
+is 1.1 points of accuracy, so "within one point" is tested as "at most one image fewer"."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from engine.request import validate_request
 from models.reference.data import held_out_prompts
 from models.reference.judge import accuracy as judge_accuracy
 
-DEFAULT_CACHE_INTERVAL = 3
+DEFAULT_CACHE_INTERVAL = 3  # the ~2x preset (engine/cache_presets.py)
+FAITHFUL_CACHE_INTERVAL = 2  # the ~1.6x preset
 EXACT_ACCURACY_TARGET = 0.90  # issue 5: exact-path judge accuracy >= 90 %
 
 
@@ -57,15 +59,23 @@ def test_exact_path_draws_the_prompt(exact_images, prompts):
 
 
 @pytest.mark.slow
-def test_default_caching_keeps_95_percent_of_exact_accuracy(pipe, exact_images, prompts):
+def test_default_caching_keeps_exact_accuracy_and_30_db(pipe, exact_images, prompts):
     captions = [p.prompt for p in prompts]
     cached = generate(pipe, prompts, DEFAULT_CACHE_INTERVAL)
     exact_accuracy = judge_accuracy(exact_images, captions)
     cached_accuracy = judge_accuracy(cached, captions)
-    assert cached_accuracy >= 0.95 * exact_accuracy
+    assert cached_accuracy >= exact_accuracy - 1 / len(prompts) - 1e-9  # one image at most
     fidelity = np.mean([psnr(a, b) for a, b in zip(cached, exact_images)])
-    assert 18.0 < fidelity < 60.0  # close to exact, and caching really changed the images
-    assert np.mean([ssim(a, b) for a, b in zip(cached, exact_images)]) > 0.85
+    assert 30.0 <= fidelity < 60.0  # close to exact, and caching really changed the images
+    assert np.mean([ssim(a, b) for a, b in zip(cached, exact_images)]) >= 0.95
+
+
+@pytest.mark.slow
+def test_faithful_caching_keeps_35_db(pipe, exact_images, prompts):
+    captions = [p.prompt for p in prompts]
+    cached = generate(pipe, prompts, FAITHFUL_CACHE_INTERVAL)
+    assert judge_accuracy(cached, captions) >= judge_accuracy(exact_images, captions) - 1 / len(prompts) - 1e-9
+    assert 35.0 <= np.mean([psnr(a, b) for a, b in zip(cached, exact_images)]) < 60.0
 
 
 def test_image_metrics_behave():

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.request import GenerationRequest
-from engine.scheduler import Scheduler, forced_fresh, fresh_budget
+from engine.scheduler import ScheduledRequest, Scheduler, forced_fresh, fresh_budget
 
 
 def req(i: int, steps: int = 10, k: int = 3, size: int = 64, policy: str | None = None) -> GenerationRequest:
@@ -181,7 +181,7 @@ def test_cache_budget_limits_admission():
 
 
 def test_budget_formula():
-    reqs = [type("R", (), {"interval": 3})() for _ in range(7)]
+    reqs = [ScheduledRequest(req(i), "attention", 3) for i in range(7)]
     assert fresh_budget(reqs) == math.ceil(7 / 3)
 
 
