@@ -38,6 +38,7 @@ def offline_images_per_s(engine, batch: int, size: int, steps: int, cache_interv
                 guidance_scale=7.0,
                 seed=i,
                 cache_interval=cache_interval,
+                cache_policy="attention" if cache_interval > 1 else None,  # as bench/serving.py's rows
                 request_id=f"offline-{tag}-{i}",
             )
             for i in range(batch)
