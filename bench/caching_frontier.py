@@ -52,51 +52,30 @@ def speed_table(paths: list[Path], steps: int, size: int, batch: int, key) -> di
     return table
 
 
+def _point(system: str, name: str, row: dict, exact_accuracy: float, speeds: dict[str, tuple[float, str]]) -> Point:
+    """One frontier point from a quality row; the GPU speed-up of `name` if measured, else FLOP-ideal."""
+    speedup, source = speeds.get(name, (1.0 / row["flop_fraction"], FLOPS))
+    return Point(
+        system,
+        name,
+        row["psnr_vs_exact"],
+        row["ssim_vs_exact"],
+        row["judge_accuracy"],
+        round(exact_accuracy - row["judge_accuracy"], 6),
+        row["flop_fraction"],
+        speedup,
+        source,
+    )
+
+
 def sd3serve_points(data: dict, speeds: dict[str, tuple[float, str]]) -> list[Point]:
     exact = data["exact_accuracy"]
-    points = []
-    for row in data["rows"]:
-        if row["policy"] == "exact":
-            continue
-        name = row_setting(row)
-        speedup, source = speeds.get(name, (1.0 / row["flop_fraction"], FLOPS))
-        points.append(
-            Point(
-                "sd3serve",
-                name,
-                row["psnr_vs_exact"],
-                row["ssim_vs_exact"],
-                row["judge_accuracy"],
-                round(exact - row["judge_accuracy"], 6),
-                row["flop_fraction"],
-                speedup,
-                source,
-            )
-        )
-    return points
+    return [_point("sd3serve", row_setting(row), row, exact, speeds) for row in data["rows"] if row["policy"] != "exact"]
 
 
 def cache_dit_points(data: dict, speeds: dict[str, tuple[float, str]]) -> list[Point]:
     exact = next(r["judge_accuracy"] for r in data["rows"] if r["setting"] == "exact")
-    points = []
-    for row in data["rows"]:
-        if row["setting"] == "exact":
-            continue
-        speedup, source = speeds.get(row["setting"], (1.0 / row["flop_fraction"], FLOPS))
-        points.append(
-            Point(
-                "cache-dit",
-                row["setting"],
-                row["psnr_vs_exact"],
-                row["ssim_vs_exact"],
-                row["judge_accuracy"],
-                round(exact - row["judge_accuracy"], 6),
-                row["flop_fraction"],
-                speedup,
-                source,
-            )
-        )
-    return points
+    return [_point("cache-dit", row["setting"], row, exact, speeds) for row in data["rows"] if row["setting"] != "exact"]
 
 
 def check_same_prompts(files: dict[Path, dict]) -> tuple[int, int]:
