@@ -100,8 +100,7 @@ CACHED_POLICY = "attention"
 
 
 def run_system(args: argparse.Namespace) -> None:
-    modes = [("sd3serve-exact", 1), ("sd3serve-k3", 3)] if args.system == "sd3serve" else [(args.system, 1)]
-    modes = [m for m in modes if m[1] in args.cache_intervals] if args.system == "sd3serve" else modes
+    modes = sweep_modes(args)
     size_label = "+".join(str(s) for s in args.size)
     work = Path(tempfile.mkdtemp(prefix="sd3serve-serving-"))
     offline_out = work / "offline.json"
@@ -156,10 +155,28 @@ def _serve(args: argparse.Namespace, stack: Stack, modes: list, size_label: str,
             save_rows(args.out, [row], info, card_name())
             saturated = row["images_per_min"] / 60.0
             log.info("%s saturated: %.3f images/s", system, saturated)
-        rates = list(args.rates) + [round(f * saturated, 3) for f in args.rate_fractions if saturated]
+        rates = open_loop_rates(args, k) + [round(f * saturated, 3) for f in args.rate_fractions if saturated]
         for rate in rates:
             config = replace(base, concurrency=0, rate=rate, cache_interval=k, cache_policy=policy_of(k))
             save_rows(args.out, [row_of(run_load(config), system, args.call, size_label)], info, card_name())
+
+
+def sweep_modes(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(row system name, cache interval) for each mode the call runs, in order: for sd3serve the
+    `--cache-intervals`, or the intervals of `--mode-rates` in the order they were written."""
+    if args.system != "sd3serve":
+        return [(args.system, 1)]
+    names = {1: "sd3serve-exact", 3: "sd3serve-k3"}
+    intervals = list(args.mode_rates) if args.mode_rates else args.cache_intervals
+    unknown = [k for k in intervals if k not in names]
+    if unknown:
+        raise SystemExit(f"cache intervals {unknown}: the serving bench runs 1 (exact) and 3 (default caching)")
+    return [(names[k], k) for k in intervals]
+
+
+def open_loop_rates(args: argparse.Namespace, cache_interval: int) -> list[float]:
+    """The fixed open-loop rates of one mode: its `--mode-rates` entry, else `--rates`."""
+    return list(args.mode_rates.get(cache_interval, [])) if args.mode_rates else list(args.rates)
 
 
 def policy_of(cache_interval: int) -> str | None:

@@ -188,9 +188,17 @@ def test_load_test_against_sd3serve_up_on_the_reference_model_loses_nothing(tmp_
 
 
 def test_serving_cli_reads_per_mode_rates():
-    from bench.serving import parse_args
+    from bench.serving import open_loop_rates, parse_args, sweep_modes
 
     args = parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "3=0.6,1.1;1=0.9"])
     assert args.mode_rates == {3: [0.6, 1.1], 1: [0.9]} and args.size == [1024]
+    assert sweep_modes(args) == [("sd3serve-k3", 3), ("sd3serve-exact", 1)]
+    assert open_loop_rates(args, 3) == [0.6, 1.1] and open_loop_rates(args, 1) == [0.9]
+    plain = parse_args(["--system", "sd3serve", "--out", "x.json", "--rates", "0.5", "--cache-intervals", "1"])
+    assert sweep_modes(plain) == [("sd3serve-exact", 1)] and open_loop_rates(plain, 1) == [0.5]
+    baseline = parse_args(["--system", "rq-diffusers-compiled", "--out", "x.json", "--rates", "0.5,0.6"])
+    assert sweep_modes(baseline) == [("rq-diffusers-compiled", 1)] and open_loop_rates(baseline, 1) == [0.5, 0.6]
+    with pytest.raises(SystemExit):
+        sweep_modes(parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "2=0.5"]))
     with pytest.raises(SystemExit):
         parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "3"])
