@@ -104,7 +104,7 @@ def run_system(args: argparse.Namespace) -> None:
     size_label = "+".join(str(s) for s in args.size)
     work = Path(tempfile.mkdtemp(prefix="sd3serve-serving-"))
     offline_out = work / "offline.json"
-    env = {"SD3SERVE_MODEL": args.model, "SD3SERVE_MAX_BATCH": str(args.max_batch)}
+    env = {"SD3SERVE_MODEL": args.model, "SD3SERVE_MAX_BATCH": str(args.max_batch), **args.worker_env}
     try:
         with Stack(work, env, redis_server=args.redis_server, api_workers=args.api_workers) as stack:
             _serve(args, stack, modes, size_label, offline_out)
@@ -165,8 +165,9 @@ def sweep_modes(args: argparse.Namespace) -> list[tuple[str, int]]:
     """(row system name, cache interval) for each mode the call runs, in order: for sd3serve the
     `--cache-intervals`, or the intervals of `--mode-rates` in the order they were written."""
     if args.system != "sd3serve":
-        return [(args.system, 1)]
-    names = {1: "sd3serve-exact", 3: "sd3serve-k3"}
+        return [(args.system + (f"+{args.variant}" if args.variant else ""), 1)]
+    suffix = f"+{args.variant}" if args.variant else ""
+    names = {1: f"sd3serve-exact{suffix}", 3: f"sd3serve-k3{suffix}"}
     intervals = list(args.mode_rates) if args.mode_rates else args.cache_intervals
     unknown = [k for k in intervals if k not in names]
     if unknown:
@@ -183,6 +184,14 @@ def policy_of(cache_interval: int) -> str | None:
     """The `sd3serve-k3` rows' policy, named so that the presets behind a bare `cache_interval`
     (engine/cache_presets.py) do not change what the rows measure."""
     return CACHED_POLICY if cache_interval > 1 else None
+
+
+def env_pair(text: str) -> tuple[str, str]:
+    """'SD3SERVE_MIN_FRESH_PER_STEP=0' -> the pair; only SD3SERVE_* settings travel."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("SD3SERVE_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write SD3SERVE_<SETTING>=<value>")
+    return name, value
 
 
 def floats(text: str) -> list[float]:
@@ -232,10 +241,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-server", default=os.environ.get("SD3SERVE_REDIS_SERVER", "redis-server"))
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--worker-env",
+        type=env_pair,
+        action="append",
+        default=[],
+        help="an SD3SERVE_* setting for the worker (repeatable); name the rows with --variant",
+    )
+    p.add_argument(
+        "--variant", default="", help="suffix of this call's row names (system+variant), e.g. for a --worker-env trial"
+    )
     p.add_argument("--call", default="", help="label of this device call, kept in every row")
     p.add_argument("--logs-dir", type=Path, help="copy the stack's logs here at the end")
     args = p.parse_args(argv)
     args.size = args.size or [1024]
+    if args.worker_env and not args.variant:
+        p.error("--worker-env changes what the rows measure: name them with --variant")
+    args.worker_env = dict(args.worker_env)
     return args
 
 

@@ -66,6 +66,10 @@ class EngineConfig:
     warmup_steps: int = 1  # first steps of a request that are always FRESH
     final_fresh_steps: int = 1  # last steps of a request that are always FRESH
     interval_growth: int = 0  # > 0: a request's CACHED-run bound grows 2 -> K, +1 every this many steps
+    # 1: at least one running request computes per step (the seed paper's rule: with N <= K
+    # requests exactly one is FRESH, so a lone request is never cached); 0: each request keeps its
+    # own interval, so a lone request gets its caching speed-up too (engine/fresh_plan.py)
+    min_fresh_per_step: int = 1
     cache_presets: bool = True  # cache_interval 2 and 3 without a policy: engine/cache_presets.py
     cache_budget_mb: int = 0  # 0: no limit on attention-cache memory
     prompt_cache_size: int = 256
@@ -94,6 +98,8 @@ class EngineConfig:
             raise ValueError("warmup_steps must be >= 0")
         if self.final_fresh_steps < 1:
             raise ValueError("final_fresh_steps must be >= 1 (the last step is always FRESH)")
+        if self.min_fresh_per_step not in (0, 1):
+            raise ValueError(f"min_fresh_per_step must be 0 or 1, got {self.min_fresh_per_step!r}")
         if self.interval_growth < 0:
             raise ValueError("interval_growth must be >= 0 (0: the interval is K from the first step)")
         object.__setattr__(self, "compile", normalize_compile(self.compile))

@@ -54,6 +54,7 @@ class Engine:
             warmup_steps=config.warmup_steps,
             final_fresh_steps=config.final_fresh_steps,
             interval_growth=config.interval_growth,
+            min_fresh_per_step=config.min_fresh_per_step,
             presets=CACHE_PRESETS if config.cache_presets else {},
             default_policy=config.cache_policy,
             cache_budget_bytes=config.cache_budget_mb * 2**20,

@@ -47,19 +47,28 @@ def fresh_share(requests: list[ScheduledRequest], warmup_steps: int = 1, growth:
     return sum(1.0 / max(current_interval(r, warmup_steps, growth), 1) for r in requests)
 
 
-def fresh_budget(requests: list[ScheduledRequest], credit: float | None = None, share: float | None = None) -> int:
+def fresh_budget(
+    requests: list[ScheduledRequest], credit: float | None = None, share: float | None = None, min_fresh: int = 1
+) -> int:
     """FRESH requests allowed this step. Without `credit`: ceil(sum 1/K_i). With it (the share
     accrued and not yet spent, see `plan_fresh`): floor(credit), so that over steps the average is
-    sum 1/K_i itself, not its ceiling; never above the ceiling, and at least one. `share`: sum
-    1/K_i when the caller has it (current intervals)."""
+    sum 1/K_i itself, not its ceiling; never above the ceiling, and at least `min_fresh`. With
+    `min_fresh` 1 (the seed paper's rule) N <= K requests refresh one per step, a lone request
+    every step; with 0 a step may have no FRESH request, and each keeps its own interval.
+    `share`: sum 1/K_i when the caller has it (current intervals)."""
     ceiling = math.ceil((fresh_share(requests) if share is None else share) - 1e-9)
     if credit is None:
         return ceiling
-    return max(1, min(ceiling, math.floor(credit + 1e-9)))
+    return max(min_fresh, min(ceiling, math.floor(credit + 1e-9)))
 
 
 def plan_fresh(
-    requests: list[ScheduledRequest], warmup_steps: int, credit: float | None = None, final_steps: int = 1, growth: int = 0
+    requests: list[ScheduledRequest],
+    warmup_steps: int,
+    credit: float | None = None,
+    final_steps: int = 1,
+    growth: int = 0,
+    min_fresh: int = 1,
 ) -> tuple[list[bool], float]:
     """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first.
 
@@ -70,7 +79,7 @@ def plan_fresh(
     fresh = [forced_fresh(r, warmup_steps, final_steps, growth) for r in requests]
     share = fresh_share(requests, warmup_steps, growth)
     accrued = None if credit is None else credit + share
-    spare = fresh_budget(requests, accrued, share) - sum(fresh)
+    spare = fresh_budget(requests, accrued, share, min_fresh) - sum(fresh)
     if spare > 0:
         candidates = sorted(
             (i for i, f in enumerate(fresh) if not f),

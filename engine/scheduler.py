@@ -47,6 +47,7 @@ class Scheduler:
     warmup_steps: int = 1
     final_fresh_steps: int = 1  # last steps of a request that are always FRESH
     interval_growth: int = 0  # > 0: the CACHED-run bound grows from 2 to K, one every this many steps
+    min_fresh_per_step: int = 1  # the fractional budget's floor (EngineConfig.min_fresh_per_step)
     # cache_interval -> the setting it asks for when a request names no policy (engine/cache_presets.py)
     presets: Mapping[int, CachePreset] = field(default_factory=dict)
     default_policy: str = "attention"  # for requests with cache_interval > 1 and no policy
@@ -223,7 +224,9 @@ class Scheduler:
             return None
         requests = self.running[key]
         credit = self.fresh_credit.get(key, 0.0) if self.fractional_budget else None
-        fresh, carried = plan_fresh(requests, self.warmup_steps, credit, self.final_fresh_steps, self.interval_growth)
+        fresh, carried = plan_fresh(
+            requests, self.warmup_steps, credit, self.final_fresh_steps, self.interval_growth, self.min_fresh_per_step
+        )
         if self.fractional_budget:
             self.fresh_credit[key] = carried
         if not requests:

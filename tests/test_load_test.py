@@ -200,5 +200,18 @@ def test_serving_cli_reads_per_mode_rates():
     assert sweep_modes(baseline) == [("rq-diffusers-compiled", 1)] and open_loop_rates(baseline, 1) == [0.5, 0.6]
     with pytest.raises(SystemExit):
         sweep_modes(parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "2=0.5"]))
+
+
+def test_serving_cli_worker_settings_name_their_rows():
+    from bench.serving import parse_args, sweep_modes
+
+    base = ["--system", "sd3serve", "--out", "x.json", "--cache-intervals", "3"]
+    trial = parse_args(base + ["--worker-env", "SD3SERVE_MIN_FRESH_PER_STEP=0", "--variant", "floor0"])
+    assert trial.worker_env == {"SD3SERVE_MIN_FRESH_PER_STEP": "0"}
+    assert sweep_modes(trial) == [("sd3serve-k3+floor0", 3)]  # not mixed into the default rows
+    assert parse_args(base).worker_env == {} and sweep_modes(parse_args(base)) == [("sd3serve-k3", 3)]
+    for bad in (["--worker-env", "SD3SERVE_MIN_FRESH_PER_STEP=0"], ["--worker-env", "PATH=/x", "--variant", "v"]):
+        with pytest.raises(SystemExit):
+            parse_args(base + bad)
     with pytest.raises(SystemExit):
         parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "3"])
