@@ -215,3 +215,12 @@ def test_serving_cli_worker_settings_name_their_rows():
             parse_args(base + bad)
     with pytest.raises(SystemExit):
         parse_args(["--system", "sd3serve", "--out", "x.json", "--mode-rates", "3"])
+
+
+def test_queue_sim_sees_queueing_only_near_capacity():
+    from bench.queue_sim import window
+
+    light = [window(0.1, 120, service=1.5, extra=0.3, seed=s) for s in range(20)]
+    near = [window(0.63, 120, service=1.5, extra=0.3, seed=s) for s in range(20)]
+    assert all(p95 < 3.0 and sustained for p95, sustained in light)  # about one service time
+    assert sorted(p for p, _ in near)[10] > 2 * max(p for p, _ in light)  # the queue builds
