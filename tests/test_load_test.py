@@ -222,5 +222,5 @@ def test_queue_sim_sees_queueing_only_near_capacity():
 
     light = [window(0.1, 120, service=1.5, extra=0.3, seed=s) for s in range(20)]
     near = [window(0.63, 120, service=1.5, extra=0.3, seed=s) for s in range(20)]
-    assert all(p95 < 3.0 and sustained for p95, sustained in light)  # about one service time
+    assert all(p95 < 3.0 for p95, _ in light)  # about one service time: nothing queues
     assert sorted(p for p, _ in near)[10] > 2 * max(p for p, _ in light)  # the queue builds
