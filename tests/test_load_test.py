@@ -222,5 +222,6 @@ def test_queue_sim_sees_queueing_only_near_capacity():
 
     light = [window(0.1, 120, service=1.5, extra=0.3, seed=s) for s in range(20)]
     near = [window(0.63, 120, service=1.5, extra=0.3, seed=s) for s in range(20)]
-    assert all(p95 < 3.0 for p95, _ in light)  # about one service time: nothing queues
-    assert sorted(p for p, _ in near)[10] > 2 * max(p for p, _ in light)  # the queue builds
+    light_median, near_median = (sorted(p for p, _ in runs)[10] for runs in (light, near))
+    assert light_median < 3.0  # about one service time: little queues
+    assert near_median > 3 * light_median  # at 95 % of capacity the queue builds
