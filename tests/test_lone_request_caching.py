@@ -9,10 +9,9 @@ import pytest
 
 from engine.cache_presets import CACHE_PRESETS
 from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.request import GenerationRequest, validate_request
+from engine.request import GenerationRequest
 from engine.scheduler import Scheduler
-from tests.test_caching import Counter
+from tests.test_caching import Counter, batch, make_engine
 from tests.test_fresh_schedule import requests, schedules
 
 
@@ -55,35 +54,15 @@ def test_floor_comes_from_the_environment_and_bad_values_are_refused():
         EngineConfig(min_fresh_per_step=2)
 
 
-def _engine(model_dir, floor: int) -> Engine:
-    return Engine.from_config(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", min_fresh_per_step=floor))
-
-
-def _lone_request(policy: str, k: int = 3, steps: int = 9):
-    return validate_request(
-        dict(
-            prompt="a red circle",
-            seed=7,
-            steps=steps,
-            guidance_scale=4.0,
-            width=64,
-            height=64,
-            cache_interval=k,
-            cache_policy=policy,
-        )
-    )
-
-
 @pytest.mark.parametrize("policy", ["attention", "step"])
 def test_a_lone_cached_request_really_skips_attention_with_floor_zero(tiny_model_dir, monkeypatch, policy):
     layers = None
     rows_per_floor, images = {}, {}
     for floor in (1, 0):
-        engine = _engine(tiny_model_dir, floor)
+        engine = make_engine(tiny_model_dir, min_fresh_per_step=floor)
         layers = engine.pipe.transformer.config.num_layers
         counter = Counter(engine.pipe.transformer, monkeypatch)
-        request = _lone_request(policy)
-        [done] = engine.run([request])
+        [done] = engine.run(batch(3, policy, n=1, steps=9))
         rows_per_floor[floor] = (done.fresh_steps, counter.sdpa_rows)
         images[floor] = np.asarray(done.image, dtype=np.int16)
     assert rows_per_floor[1] == (9, 9 * 2 * layers)  # the seed rule: every step computes
