@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.entry_points import exit_status
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -76,26 +78,24 @@ def test_engine_bench_smoke_writes_both_result_files(tmp_path):
     assert "fraction_of_ideal_mean" in caching["summary"]
 
 
-def _refusal(argv: list[str]) -> str:
-    """The bench's `main` in this process (a refusal builds nothing, so no interpreter of its own
-    is needed): the message of the SystemExit it must end with, which Python prints to stderr
-    with exit status 1."""
+def _refusal(argv: list[str], capsys) -> str:
+    """The bench's `main` in this process (a refusal builds nothing): its stderr, after a
+    non-zero exit status."""
     from bench.engine_bench import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert isinstance(exit_.value.code, str), exit_.value.code  # a message, so a non-zero status
-    return exit_.value.code
+    status, stderr = exit_status(main, argv, capsys)
+    assert status != 0, stderr
+    return stderr
 
 
-def test_engine_bench_fp8_refuses_on_the_cpu(tmp_path):
-    message = _refusal(["--smoke", "--fp8", "--out-dir", str(tmp_path), "--parts", "e2e"])
+def test_engine_bench_fp8_refuses_on_the_cpu(tmp_path, capsys):
+    message = _refusal(["--smoke", "--fp8", "--out-dir", str(tmp_path), "--parts", "e2e"], capsys)
     assert "precision fp8 needs a CUDA GPU with FP8 tensor cores" in message, message
     assert not (tmp_path / "engine_cpu.json").exists()  # refused before building or measuring anything
 
 
-def test_engine_bench_fp8_attention_refuses_on_the_cpu(tmp_path):
-    message = _refusal(["--smoke", "--fp8-attention", "--out-dir", str(tmp_path), "--parts", "e2e"])
+def test_engine_bench_fp8_attention_refuses_on_the_cpu(tmp_path, capsys):
+    message = _refusal(["--smoke", "--fp8-attention", "--out-dir", str(tmp_path), "--parts", "e2e"], capsys)
     assert "attention precision fp8 needs a Hopper GPU" in message, message
     assert not (tmp_path / "engine_cpu.json").exists()
 

@@ -5,13 +5,13 @@ machine without FP8 tensor cores or torchao, with a message naming what is missi
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
 
 import pytest
 import torch
 
 from engine.config import EngineConfig
 from engine.precision import PrecisionUnavailable, fp8_layer_names, is_fp8_linear, require_precision
+from tests.entry_points import exit_status
 
 CPU_REFUSAL = "precision fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9); the device is cpu"
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -90,22 +90,9 @@ def test_engine_refuses_fp8_on_the_cpu(tiny_model_dir):
         Engine(config, load_pipeline(config))
 
 
-def _exit(main: Callable[[list[str]], int | None], argv: list[str], capsys) -> tuple[int, str]:
-    """An entry point's `main` run in this process (each refusal comes before any model or Redis,
-    so no interpreter of its own is needed): the exit status and stderr that `python -m` would
-    give, where a SystemExit with a message prints it to stderr and exits 1."""
-    try:
-        code: int | str | None = main(argv)
-    except SystemExit as exc:
-        code = exc.code  # type: ignore[assignment]
-    err = capsys.readouterr().err
-    if isinstance(code, str):
-        return 1, err + code
-    return int(code or 0), err
-
-
 @pytest.fixture
 def cli(monkeypatch, capsys):
+    """`sd3serve <args>` in this process (each refusal here comes before any model or Redis)."""
     from sd3serve.cli import main
 
     # an unreachable Redis: the worker must refuse before it waits for one
@@ -114,7 +101,7 @@ def cli(monkeypatch, capsys):
     def run(*args: str, env: dict | None = None) -> tuple[int, str]:
         for name, value in (env or {}).items():
             monkeypatch.setenv(name, value)
-        return _exit(main, list(args), capsys)
+        return exit_status(main, list(args), capsys)
 
     return run
 
@@ -142,7 +129,7 @@ def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path, capsys):
     from bench.quality import main
 
     argv = ["--precision", "fp8", "--device", "cpu", "--limit", "2", "--out", str(tmp_path)]
-    status, stderr = _exit(main, argv, capsys)
+    status, stderr = exit_status(main, argv, capsys)
     assert status != 0
     assert f"error: {CPU_REFUSAL}" in stderr
     assert not (tmp_path / "quality_fp8.json").exists()
