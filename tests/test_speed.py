@@ -2,7 +2,8 @@
 
 torch.compile runs with the `aot_eager` backend here (dynamo tracing, graph breaks and guards
 are the same as with inductor; only the kernel code generation is skipped, which takes minutes
-on two cores). The GPU test at the end runs inductor on CUDA.
+on two cores). The graph-break count and the VAE run dynamo's `eager` backend (its tracing
+alone). The GPU tests at the end run inductor on CUDA.
 """
 
 from __future__ import annotations
