@@ -45,11 +45,14 @@ class SentinelCluster:
             *extra,
         ]
         self.processes[name] = subprocess.Popen(args, stdout=open(folder / "log", "ab"), stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.ports[name], socket_timeout=2)
-        wait_until(lambda: _pings(client), 10, what=f"redis-server {name}")
+        _wait_answering(self.ports[name], f"redis-server {name}")
 
     def start(self) -> "SentinelCluster":
-        self._server("a")
+        """Servers and sentinels up and answering (the sentinels know the master from their
+        config, so clients connect); `wait_ready` waits until a failover could happen."""
+        # The first sync without Redis 7's 5 s wait for more replicas (repl-diskless-sync-delay).
+        # Only the first master gets it: syncs after a failover keep the default timing.
+        self._server("a", "--repl-diskless-sync-delay", "0")
         self._server("b", "--replicaof", "127.0.0.1", str(self.ports["a"]))
         replica = redis.Redis(port=self.ports["b"], socket_timeout=2)
         wait_until(lambda: replica.info("replication").get("master_link_status") == "up", 20, what="the replica in sync")
@@ -67,7 +70,11 @@ class SentinelCluster:
             self.processes[f"sentinel{index}"] = subprocess.Popen(
                 ["redis-server", str(conf), "--sentinel"], stdout=open(folder / "log", "ab"), stderr=subprocess.STDOUT
             )
+        for port in self.sentinel_ports:
+            _wait_answering(port, f"the sentinel on port {port}")
+        return self
 
+    def wait_ready(self) -> "SentinelCluster":
         # Ready once every sentinel knows the replica and the other two sentinels.
         def sentinels_ready() -> bool:
             for port in self.sentinel_ports:
@@ -125,10 +132,18 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
+def _wait_answering(port: int, what: str) -> None:
+    client = redis.Redis(port=port, socket_timeout=2)
+    wait_until(lambda: _pings(client), 10, what=what)
+
+
 @contextmanager
-def sentinel_cluster(directory: Path) -> Iterator[SentinelCluster]:
+def sentinel_cluster(directory: Path, wait_ready: bool = True) -> Iterator[SentinelCluster]:
+    """`wait_ready=False`: yield as soon as clients can connect, so a test can start its slow
+    parts (a worker process) while the sentinels find each other; it calls `wait_ready()`."""
     cluster = SentinelCluster(directory)
     try:
-        yield cluster.start()
+        cluster.start()
+        yield cluster.wait_ready() if wait_ready else cluster
     finally:
         cluster.stop()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from tests.entry_points import exit_status
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,13 +51,16 @@ def test_generate_a_batch_from_a_prompts_file(tiny_model_dir, tmp_path):
     assert "seed=5\ta red circle" in result.stdout
 
 
-def test_generate_rejects_bad_input_before_loading(tiny_model_dir, tmp_path):
-    result = sd3serve("generate", "x", "--model", str(tiny_model_dir), "--width", "100")
-    assert result.returncode != 0
-    assert "width: must be a multiple of 16" in result.stderr
-    assert "Traceback" not in result.stderr
-    missing = sd3serve("generate", "x", "--model", str(tmp_path / "nope"))
-    assert missing.returncode != 0 and "does not exist" in missing.stderr
+def test_generate_rejects_bad_input_before_loading(tiny_model_dir, tmp_path, capsys):
+    from sd3serve.cli import main
+
+    # In this process: exit_status lets any exception other than SystemExit through (a traceback).
+    status, stderr = exit_status(main, ["generate", "x", "--model", str(tiny_model_dir), "--width", "100"], capsys)
+    assert status != 0
+    assert "width: must be a multiple of 16" in stderr
+    assert "Traceback" not in stderr
+    status, stderr = exit_status(main, ["generate", "x", "--model", str(tmp_path / "nope")], capsys)
+    assert status != 0 and "does not exist" in stderr
 
 
 def test_generate_over_the_cache_budget_is_a_clear_error(tmp_path):

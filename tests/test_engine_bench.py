@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.entry_points import exit_status
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -76,19 +78,25 @@ def test_engine_bench_smoke_writes_both_result_files(tmp_path):
     assert "fraction_of_ideal_mean" in caching["summary"]
 
 
-def test_engine_bench_fp8_refuses_on_the_cpu(tmp_path):
-    cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--fp8", "--out-dir", str(tmp_path), "--parts", "e2e"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "precision fp8 needs a CUDA GPU with FP8 tensor cores" in result.stderr, result.stderr[-2000:]
+def _refusal(argv: list[str], capsys) -> str:
+    """The bench's `main` in this process (a refusal builds nothing): its stderr, after a
+    non-zero exit status."""
+    from bench.engine_bench import main
+
+    status, stderr = exit_status(main, argv, capsys)
+    assert status != 0, stderr
+    return stderr
+
+
+def test_engine_bench_fp8_refuses_on_the_cpu(tmp_path, capsys):
+    message = _refusal(["--smoke", "--fp8", "--out-dir", str(tmp_path), "--parts", "e2e"], capsys)
+    assert "precision fp8 needs a CUDA GPU with FP8 tensor cores" in message, message
     assert not (tmp_path / "engine_cpu.json").exists()  # refused before building or measuring anything
 
 
-def test_engine_bench_fp8_attention_refuses_on_the_cpu(tmp_path):
-    cmd = [sys.executable, "-m", "bench.engine_bench", "--smoke", "--fp8-attention", "--out-dir", str(tmp_path), "--parts", "e2e"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "attention precision fp8 needs a Hopper GPU" in result.stderr, result.stderr[-2000:]
+def test_engine_bench_fp8_attention_refuses_on_the_cpu(tmp_path, capsys):
+    message = _refusal(["--smoke", "--fp8-attention", "--out-dir", str(tmp_path), "--parts", "e2e"], capsys)
+    assert "attention precision fp8 needs a Hopper GPU" in message, message
     assert not (tmp_path / "engine_cpu.json").exists()
 
 

@@ -5,18 +5,14 @@ machine without FP8 tensor cores or torchao, with a message naming what is missi
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.config import EngineConfig
 from engine.precision import PrecisionUnavailable, fp8_layer_names, is_fp8_linear, require_precision
+from tests.entry_points import exit_status
 
-ROOT = Path(__file__).resolve().parent.parent
 CPU_REFUSAL = "precision fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9); the device is cpu"
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
@@ -94,36 +90,46 @@ def test_engine_refuses_fp8_on_the_cpu(tiny_model_dir):
         Engine(config, load_pipeline(config))
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`sd3serve <args>` in this process (each refusal here comes before any model or Redis)."""
+    from sd3serve.cli import main
+
     # an unreachable Redis: the worker must refuse before it waits for one
-    run_env = dict(os.environ, SD3SERVE_REDIS_URL="redis://127.0.0.1:1/0", **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "sd3serve.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=run_env
-    )
+    monkeypatch.setenv("SD3SERVE_REDIS_URL", "redis://127.0.0.1:1/0")
+
+    def run(*args: str, env: dict | None = None) -> tuple[int, str]:
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        return exit_status(main, list(args), capsys)
+
+    return run
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
-def test_worker_refuses_fp8_on_the_cpu_before_reaching_redis(how):
+def test_worker_refuses_fp8_on_the_cpu_before_reaching_redis(how, cli):
     args = ["worker", "--device", "cpu", "--wait-for-redis", "30"]
-    result = _cli(*args, "--precision", "fp8") if how == "flag" else _cli(*args, env={"SD3SERVE_PRECISION": "fp8"})
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"error: {CPU_REFUSAL}" in result.stderr
-    assert "Redis" not in result.stderr
+    status, stderr = cli(*args, "--precision", "fp8") if how == "flag" else cli(*args, env={"SD3SERVE_PRECISION": "fp8"})
+    assert status == 2, stderr[-2000:]
+    assert f"error: {CPU_REFUSAL}" in stderr
+    assert "Redis" not in stderr
 
 
-def test_generate_refuses_fp8_on_the_cpu(tiny_model_dir, tmp_path):
+def test_generate_refuses_fp8_on_the_cpu(tiny_model_dir, tmp_path, cli):
     out = tmp_path / "x.png"
-    result = _cli(
+    status, stderr = cli(
         "generate", "a red circle", "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp8", "-o", str(out)
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"error: {CPU_REFUSAL}" in result.stderr
+    assert status == 2, stderr[-2000:]
+    assert f"error: {CPU_REFUSAL}" in stderr
     assert not out.exists()
 
 
-def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path):
-    cmd = [sys.executable, "-m", "bench.quality", "--precision", "fp8", "--device", "cpu", "--limit", "2", "--out", str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert f"error: {CPU_REFUSAL}" in result.stderr
+def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path, capsys):
+    from bench.quality import main
+
+    argv = ["--precision", "fp8", "--device", "cpu", "--limit", "2", "--out", str(tmp_path)]
+    status, stderr = exit_status(main, argv, capsys)
+    assert status != 0
+    assert f"error: {CPU_REFUSAL}" in stderr
     assert not (tmp_path / "quality_fp8.json").exists()

@@ -26,15 +26,16 @@ JOBS, EVERY, KILL_AT = 100, 0.15, 30  # a job every 0.15 s; the master dies afte
 
 @pytest.mark.slow
 def test_a_master_killed_mid_run_loses_no_accepted_job(tmp_path, queue_name, tiny_model_dir):
-    with sentinel_cluster(tmp_path / "redis") as cluster:
+    with sentinel_cluster(tmp_path / "redis", wait_ready=False) as cluster:
         storage = StorageConfig(data_dir=str(tmp_path / "data"))
         config = api_config(
             cluster.url, queue_name, storage=storage, redis_wait_replicas=1, redis_wait_timeout_ms=500, max_queued=1000
         )
         env = worker_env(tiny_model_dir, cluster.url, queue_name, tmp_path / "data", SD3SERVE_NAME="failover-worker")
-        worker = WorkerProcess(env, tmp_path / "worker.log")
+        worker = WorkerProcess(env, tmp_path / "worker.log")  # loads while the sentinels find each other
         try:
             with ApiServer(create_app(config)) as api:
+                cluster.wait_ready()
                 redis = connect(cluster.url, socket_timeout=5)
                 wait_until(
                     lambda: any(w.name == "failover-worker" for w in Worker.all(connection=redis)),
