@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
+import anyio
+
 from worker import job_events, keys
 from worker.redis_conn import connect_async, display_url
 
@@ -50,12 +52,11 @@ class JobWatch:
         if time.monotonic() < self._quick_until:
             timeout = min(timeout, ENDING_POLL)
         if not self._woken.is_set():
-            try:
-                await asyncio.wait_for(self._woken.wait(), timeout)
-            except asyncio.TimeoutError:
-                return False
+            with anyio.move_on_after(timeout):
+                await self._woken.wait()
+        woken = self._woken.is_set()
         self._woken.clear()
-        return True
+        return woken
 
 
 class JobNotifier:
@@ -65,6 +66,20 @@ class JobNotifier:
         self.subscribed = False  # True while the subscription is confirmed
         self._watches: dict[str, set[JobWatch]] = {}
         self._reconnect_delay = RECONNECT_FIRST
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Listen in a task of the running event loop (the app's lifespan), until `aclose`."""
+        self._stopping = False
+        self._task = asyncio.create_task(self.run())
+
+    async def aclose(self) -> None:
+        self._stopping = True  # also ends a listener whose cancellation a read timeout swallowed
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=READ_SECONDS + 1)
+            self._task = None
 
     @contextmanager
     def watch(self, job_id: str, kinds: Iterable[str] = job_events.KINDS) -> Iterator[JobWatch]:
@@ -100,14 +115,16 @@ class JobNotifier:
                 watch.wake(job_events.STATUS)
 
     async def run(self) -> None:
-        """Listen until cancelled; after a Redis failure, reconnect with a growing delay."""
-        while True:
+        """Listen until stopped; after a Redis failure, reconnect with a growing delay."""
+        while not self._stopping:
             try:
                 await self._listen()
             except Exception as exc:  # Redis down or failing over: waiters re-read on their own meanwhile
                 log.warning("job-event subscription on %s lost: %s", display_url(self.redis_url), exc)
             finally:
                 self.subscribed = False
+            if self._stopping:
+                break
             await asyncio.sleep(self._reconnect_delay)
             self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX)
 
@@ -117,7 +134,7 @@ class JobNotifier:
         try:
             await pubsub.subscribe(self.channel)
             heard = pinged = time.monotonic()
-            while True:
+            while not self._stopping:
                 message: Any = await pubsub.get_message(timeout=READ_SECONDS)
                 now = time.monotonic()
                 if message is None:
