@@ -16,6 +16,7 @@ from rq.job import Job
 from api.app import create_app
 from engine.request import RequestLimits
 from tests.fleet_fixtures import ApiServer, api_config, make_thread_worker
+from tests.sentinel_cluster import sentinel_cluster
 from tests.stack_processes import wait_until
 from tests.test_events import read_events
 from worker import job_events, jobs, keys
@@ -217,3 +218,36 @@ def test_after_the_subscription_is_cut_it_comes_back_and_wakes_again(
         wait_until(lambda: _subscribers(redis_conn, queue_name) == 1, 10, what="the subscription to come back")
         wakes = _wakes(server, redis_conn, 4)
     assert sorted(wakes)[2] < WAKE_BOUND, wakes  # by chance, re-reading alone: 1 time in 20
+
+
+def _cancel_wake(server: ApiServer, state: Any, job_id: str) -> float:
+    """Seconds from a cancel (POST /v1/jobs/{id}/cancel, answered) to a waiting long poll's answer."""
+    poll, answers = _poll_in_thread(server, job_id)
+    wait_until(lambda: state.notifier.watching == 1, 5, what="the long poll to wait")
+    time.sleep(0.1)  # into its wait, away from a re-read
+    assert httpx.post(f"{server.url}/v1/jobs/{job_id}/cancel", timeout=10).json()["status"] == "canceled"
+    canceled = time.time()
+    poll.join(10)
+    body, _, came = answers[0]
+    assert body["status"] == "canceled"
+    return came - canceled
+
+
+def test_a_cancel_through_the_api_ends_another_request_s_long_poll_at_once(served):
+    server, state = served
+    wakes = [
+        _cancel_wake(server, state, httpx.post(f"{server.url}/v1/jobs", json={"prompt": PROMPT}, timeout=10).json()["id"])
+        for _ in range(4)
+    ]
+    assert sorted(wakes)[2] < WAKE_BOUND, wakes
+
+
+@pytest.mark.slow
+def test_behind_sentinel_the_subscription_finds_the_master(tmp_path, queue_name):
+    with sentinel_cluster(tmp_path / "redis") as cluster:
+        app = create_app(api_config(cluster.url, queue_name, storage=StorageConfig(data_dir=str(tmp_path / "data"))))
+        with ApiServer(app) as server:
+            state = app.state.api
+            wait_until(lambda: state.notifier.subscribed, 20, what="the job-event subscription through Sentinel")
+            job_id = httpx.post(f"{server.url}/v1/jobs", json={"prompt": PROMPT}, timeout=10).json()["id"]
+            assert _cancel_wake(server, state, job_id) < 2 * WAKE_BOUND
