@@ -120,9 +120,11 @@ def create_app(config: ApiConfig | None = None) -> FastAPI:
             state.storage.ensure_ready()  # the local image folder; S3 buckets are the workers' job
             if config.sweep_interval:
                 sweeper = asyncio.create_task(sweep_forever(state.storage, config.result_ttl, config.sweep_interval))
+        state.notifier.start()  # wakes long polls and event streams when workers announce a job
         yield
         if sweeper is not None:
             sweeper.cancel()
+        await state.notifier.aclose()
         redis.close()
 
     docs: dict[str, Any] = {} if config.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}

@@ -2,8 +2,10 @@
 
 Events: `queued` (`queue_position`), `running` (`step`, `total`), each sent when it changes, and
 last an event named by the final status (`succeeded`, `failed`, `canceled`) whose data is the
-job's status JSON; then the stream ends. Comment lines every `event_heartbeat` seconds keep
-proxies from closing an idle stream; a client that goes away ends the stream at once.
+job's status JSON; then the stream ends. The job is re-read whenever a worker announces a change
+(api/job_notifier.py) and at least every `event_poll` seconds. Comment lines every
+`event_heartbeat` seconds keep proxies from closing an idle stream; a client that goes away ends
+the stream at once.
 
 No `from __future__ import annotations`: FastAPI reads the handler's annotations.
 """
@@ -37,21 +39,22 @@ def progress_event(info: Any) -> tuple[str, dict[str, Any]]:
 async def stream(state: ApiState, info: Any, request: Request, caller: str) -> AsyncIterator[ServerSentEvent]:
     STREAMS_OPEN.inc()
     try:
-        last = None
-        while not info.done:
-            current = progress_event(info)
-            if current != last:
-                last = current
-                yield ServerSentEvent(event=current[0], data=json.dumps(current[1]))
-            await anyio.sleep(state.config.event_poll)  # a client that left cancels us here (sse-starlette)
-            try:
-                info = await anyio.to_thread.run_sync(job_views.find, state, info.id, caller)
-            except ApiError:  # deleted or expired while we watched
-                yield ServerSentEvent(
-                    event="error",
-                    data=json.dumps({"id": info.id, "error": {"code": "not_found", "message": "the job no longer exists"}}),
-                )
-                return
+        with state.notifier.watch(info.id) as watch:
+            last = None
+            while not info.done:
+                current = progress_event(info)
+                if current != last:
+                    last = current
+                    yield ServerSentEvent(event=current[0], data=json.dumps(current[1]))
+                await watch.wait(state.config.event_poll)  # a client that left cancels us here (sse-starlette)
+                try:
+                    info = await anyio.to_thread.run_sync(job_views.find, state, info.id, caller)
+                except ApiError:  # deleted or expired while we watched
+                    yield ServerSentEvent(
+                        event="error",
+                        data=json.dumps({"id": info.id, "error": {"code": "not_found", "message": "the job no longer exists"}}),
+                    )
+                    return
         body = await anyio.to_thread.run_sync(job_views.job_response, state, info, request)
         yield ServerSentEvent(event=info.status, data=json.dumps(body))
     finally:

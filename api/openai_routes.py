@@ -16,7 +16,7 @@ import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from api import job_views, submission
+from api import job_views, long_poll, submission
 from api.auth import Caller
 from api.deps import State
 from api.endpoint import specialize
@@ -83,7 +83,7 @@ async def create_images(
     spec = job_from_openai(fields, state.config.limits)
     job_id = uuid.uuid4().hex
     await anyio.to_thread.run_sync(submission.submit, state, spec, caller, job_id, fields.get("user"))
-    info = await wait_for(state, job_id, caller)
+    info = await long_poll.until_done(state, job_id, caller, state.config.images_timeout, request, poll=POLL_SECONDS)
     if not info.done:
         return openai_error(
             504,
@@ -108,16 +108,6 @@ async def create_images(
         "output_format": spec.output_format,
         "size": f"{g.width}x{g.height}",
     }
-
-
-async def wait_for(state: ApiState, job_id: str, caller: str) -> JobInfo:
-    """The job once it has ended, or as it is after `images_timeout` seconds."""
-    deadline = time.monotonic() + state.config.images_timeout
-    while True:
-        info = await anyio.to_thread.run_sync(job_views.find, state, job_id, caller)
-        if info.done or time.monotonic() >= deadline:
-            return info
-        await anyio.sleep(min(POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
 
 
 def image_data(state: ApiState, info: JobInfo, response_format: str, request: Request) -> list[dict[str, Any]]:

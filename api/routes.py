@@ -17,7 +17,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel
 
-from api import job_views, metrics, submission
+from api import job_views, long_poll, metrics, submission
 from api.auth import Caller
 from api.config import ApiConfig
 from api.deps import RedisConn, State, Storage
@@ -128,12 +128,8 @@ async def get_job(
     caller: Caller,
     wait: float = 0,  # bounded by the app's max_wait, set by build_router
 ) -> Any:
-    deadline = time.monotonic() + wait
-    while True:
-        info = await anyio.to_thread.run_sync(job_views.find, state, job_id, caller)
-        if info.done or time.monotonic() >= deadline:
-            return await anyio.to_thread.run_sync(job_views.job_response, state, info, request)
-        await anyio.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+    info = await long_poll.until_done(state, job_id, caller, wait, request)
+    return await anyio.to_thread.run_sync(job_views.job_response, state, info, request)
 
 
 def cancel_job(job_id: JobId, request: Request, state: State, redis: RedisConn, caller: Caller) -> Any:

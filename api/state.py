@@ -22,9 +22,11 @@ class ApiState:
     urls: Any = None  # worker.signed_urls.UrlSigner
     key_limits: Any = None  # api.key_limits.KeyLimits
     jobs: Any = None  # api.ownership.JobIndex
+    notifier: Any = None  # api.job_notifier.JobNotifier, listening while the app runs (its lifespan)
     started: int = field(default_factory=lambda: int(time.time()))  # the served model's `created`
 
     def __post_init__(self) -> None:
+        from api.job_notifier import JobNotifier
         from api.key_limits import KeyLimits
         from api.ownership import JobIndex
         from worker.signed_urls import UrlSigner
@@ -36,3 +38,4 @@ class ApiState:
             self.redis, c.redis_url, c.requests_per_minute, c.max_jobs_in_flight, c.retry_after, keep
         )
         self.jobs = self.jobs or JobIndex(self.redis, keep)
+        self.notifier = self.notifier or JobNotifier(c.redis_url, c.queue)

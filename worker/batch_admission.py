@@ -14,7 +14,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from engine.request import RequestValidationError
-from worker import keys, metrics, rq_adapter, webhook_queue
+from worker import job_events, keys, metrics, rq_adapter, webhook_queue
 from worker.batch import BatchEntry, Phase
 from worker.bookkeeping import BatchBookkeeping
 from worker.jobs import job_from_kwargs
@@ -79,6 +79,7 @@ class BatchAdmission(BatchBookkeeping):
             }
         )
         job.save_meta()
+        job_events.announce(self.connection, job, job_events.STATUS)  # queued -> running
         webhook_queue.notify(self.connection, job, "start")
         log.info(
             "admitted job %s (%d x %dx%d, %d steps), %d in batch",

@@ -15,7 +15,7 @@ import redis
 from rq.job import JobStatus
 from rq.utils import as_text, now
 
-from worker import contract, keys, metrics, rq_adapter, webhook_queue
+from worker import contract, job_events, keys, metrics, rq_adapter, webhook_queue
 from worker.batch import BatchEntry, BatchWorkerState, Phase
 
 log = logging.getLogger("sd3serve.worker")
@@ -66,6 +66,7 @@ class BatchBookkeeping(BatchWorkerState):
                 pipe.execute()
             self._entries.pop(entry.job_id, None)
             if status == JobStatus.CANCELED or status is None:
+                job_events.announce(self.connection, entry.job, job_events.STATUS)
                 webhook_queue.notify(self.connection, entry.job, "completed")  # queued once, whoever canceled
                 metrics.JOBS_COMPLETED.labels(status=contract.CANCELED).inc()
                 log.info("job %s canceled; it left the batch", entry.job_id)
@@ -101,6 +102,7 @@ class BatchBookkeeping(BatchWorkerState):
             with self.connection.pipeline() as pipe:
                 for entry in changed:
                     pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
+                    job_events.publish(pipe, entry.job, job_events.PROGRESS)
                 pipe.execute()
 
     def _job_progress(self, entry: BatchEntry) -> tuple[int, int] | None:
@@ -127,6 +129,7 @@ class BatchBookkeeping(BatchWorkerState):
         entry.finalizing = True
         rq_adapter.finalize_success(self, entry.job, entry.queue, entry.execution, entry.result)
         self._entries.pop(entry.job_id, None)
+        job_events.announce(self.connection, entry.job, job_events.STATUS)  # wakes long polls now
         webhook_queue.notify(self.connection, entry.job, "completed")
         metrics.JOBS_COMPLETED.labels(status=contract.SUCCEEDED).inc()
         metrics.IMAGES_GENERATED.inc(len(entry.request_ids))
@@ -147,6 +150,7 @@ class BatchBookkeeping(BatchWorkerState):
         except GenerationError:
             rq_adapter.finalize_failure(self, entry.job, entry.queue, entry.execution, sys.exc_info())
         self._entries.pop(entry.job_id, None)
+        job_events.announce(self.connection, entry.job, job_events.STATUS)  # failed, or scheduled for a retry
         will_retry = failure.retry and (entry.job.retries_left or 0) > 0
         if entry.job.get_status(refresh=True) == JobStatus.FAILED:  # for good, not rescheduled
             webhook_queue.notify(self.connection, entry.job, "completed")
@@ -172,6 +176,7 @@ class BatchBookkeeping(BatchWorkerState):
             self.cleanup_execution(entry.job, pipeline=pipe, execution=entry.execution)
             pipe.execute()
         self._entries.pop(entry.job_id, None)
+        job_events.announce(self.connection, entry.job, job_events.STATUS)
         log.info("job %s requeued", entry.job_id)
 
     def _abandon_batch(self) -> None:

@@ -36,7 +36,7 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 
 from engine.request import GenerationRequest, RequestLimits
-from worker import contract, keys, webhook_queue
+from worker import contract, job_events, keys, webhook_queue
 from worker.contract import JobError, JobState, Progress
 from worker.job_spec import ImageJob, validate_job
 from worker.webhook_subscription import Subscription, subscribe
@@ -284,5 +284,6 @@ def cancel(connection: Redis, job_id: str) -> JobInfo:
         pass  # canceled meanwhile
     job.refresh()
     if job.get_status(refresh=False) == JobStatus.CANCELED:
+        job_events.announce(connection, job, job_events.STATUS)
         webhook_queue.notify(connection, job, "completed")
     return job_info(job)

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from engine.request import GenerationRequest, RequestLimits, RequestValidationError
-from worker import keys
+from worker import job_events, keys
 from worker.contract import JobResult, ResultImage
 from worker.job_spec import DEFAULT_COMPRESSION, ImageJob, image_request_id, split_request_id, validate_job
 from worker.storage import RetryPolicy, Storage
@@ -158,9 +158,18 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
     stores them and returns the result dict (image_key, image_url, images, seed, timings).
     """
     from rq import get_current_job
-    from rq.utils import now
 
     job = get_current_job()
+    try:
+        return _generate_alone(job, args, request)
+    finally:
+        if job is not None:  # RQ records the outcome just after we return (or raise)
+            job_events.announce(job.connection, job, job_events.ENDING)
+
+
+def _generate_alone(job: Any, args: tuple, request: dict[str, Any]) -> dict[str, Any]:
+    from rq.utils import now
+
     runtime = _get_runtime()
     job_id = job.id if job is not None else f"direct-{time.time_ns():x}"
     limits = getattr(runtime.engine, "limits", RequestLimits())
@@ -170,6 +179,7 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
     if job is not None:
         job.meta.update({keys.META_STEP: 0, keys.META_TOTAL: req.steps, keys.META_SEED: req.seed, keys.META_BATCH_SIZE: spec.n})
         job.save_meta()
+        job_events.announce(job.connection, job, job_events.STATUS)  # running, with its total
     engine = runtime.engine
     stored: list = []
     steps = 0
@@ -182,6 +192,7 @@ def generate(*args: Any, **request: Any) -> dict[str, Any]:
             if progress:
                 job.meta[keys.META_STEP] = progress[0]
                 job.save_meta()
+                job_events.announce(job.connection, job, job_events.PROGRESS)
 
     from engine.engine import RequestFailed
     from worker.durable_upload import StoreFailed

@@ -47,6 +47,11 @@ def step_log_key(worker_name: str) -> str:
     return f"{KEY_PREFIX}:worker:{worker_name}:steps"
 
 
+def job_events_channel(queue: str) -> str:
+    """The pub/sub channel on which workers announce that a job of `queue` changed (worker/job_events.py)."""
+    return f"{KEY_PREFIX}:queue:{queue}:job-events"
+
+
 def image_key(prefix: str, job_id: str, index: int = 0, output_format: str = "png") -> str:
     """Object key of image `index` of a job in storage (`<job_id>.png` for the first PNG)."""
     suffix = f"-{index}" if index else ""

@@ -85,6 +85,20 @@ def connect(url: str, **options: Any) -> Redis:
     return sentinel.master_for(address.service, db=address.db, password=address.password, username=address.username)
 
 
+def connect_async(url: str, **options: Any) -> Any:
+    """`connect`, as a redis-py asyncio client (the API's pub/sub listener, api/job_notifier.py)."""
+    from redis import asyncio as aioredis
+
+    if not is_sentinel_url(url):
+        return aioredis.Redis.from_url(url, **options)
+    from redis.asyncio.sentinel import Sentinel
+
+    address = parse_sentinel_url(url)
+    sentinel_options = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_options or None, **options)
+    return sentinel.master_for(address.service, db=address.db, password=address.password, username=address.username)
+
+
 def display_url(url: str) -> str:
     """The URL without its password, for logs."""
     parts = urlsplit(url)
