@@ -2,12 +2,15 @@
 
 Names follow Prometheus conventions: `sd3serve_` prefix, base units in the name, `_total` on
 counters (prometheus_client appends it). The queue depth is read from Redis when Prometheus
-scrapes, never cached, so it is exact at scrape time and costs nothing between scrapes.
+scrapes, never cached, so it is exact at scrape time and costs nothing between scrapes; a read
+that hangs (Redis or its Sentinels unreachable) is given up after `DEPTH_TIMEOUT_S`, so a scrape
+never waits on it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping
 
@@ -41,6 +44,7 @@ REQUEST_LATENCY = Histogram(
 )
 
 QUEUE_DEPTH_NAME = "sd3serve_queue_depth"
+DEPTH_TIMEOUT_S = 1.0  # well under Prometheus' default 10 s scrape timeout
 
 
 class QueueDepthCollector(Collector):
@@ -51,24 +55,51 @@ class QueueDepthCollector(Collector):
     so `/metrics` keeps answering and the gap shows on the dashboard.
     """
 
-    def __init__(self, depth: Callable[[], int], queue: str = "sd3serve") -> None:
+    def __init__(self, depth: Callable[[], int], queue: str = "sd3serve", timeout_s: float = DEPTH_TIMEOUT_S) -> None:
         self._depth = depth
         self._queue = queue
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._read: _DepthRead | None = None  # the read in flight; at most one, even if it hangs
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue (not yet taken by a worker).", labels=["queue"]
         )
-        try:
-            family.add_metric([self._queue], float(self._depth()))
-        except Exception as exc:  # a scrape must not fail because Redis is briefly unreachable
-            log.warning("queue depth unavailable for metrics: %s", exc)
+        with self._lock:
+            if self._read is None or self._read.done.is_set():
+                self._read = _DepthRead(self._depth)
+            read = self._read
+        if not read.done.wait(self._timeout_s):
+            log.warning("queue depth unavailable for metrics: no answer from Redis in %.1f s", self._timeout_s)
             return
+        if read.error is not None:  # a scrape must not fail because Redis is briefly unreachable
+            log.warning("queue depth unavailable for metrics: %s", read.error)
+            return
+        family.add_metric([self._queue], float(read.value))
         yield family
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         # Describing without calling depth() lets registration happen before Redis is up.
         yield GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in the Redis queue.", labels=["queue"])
+
+
+class _DepthRead:
+    """One call of `depth()` on a daemon thread, so a hung Redis call holds no scrape (or exit)."""
+
+    def __init__(self, depth: Callable[[], int]) -> None:
+        self.done = threading.Event()
+        self.value = 0
+        self.error: Exception | None = None
+        threading.Thread(target=self._run, args=(depth,), name="queue-depth", daemon=True).start()
+
+    def _run(self, depth: Callable[[], int]) -> None:
+        try:
+            self.value = depth()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 _queue_collectors: dict[int, QueueDepthCollector] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 
 from fastapi import FastAPI
@@ -67,6 +69,27 @@ def test_queue_depth_is_read_at_scrape_time_and_a_failure_skips_it() -> None:
     assert _sample(registry, "sd3serve_queue_depth", queue="sd3serve") is None
     body, content_type = api_metrics.render_metrics(registry)
     assert content_type.startswith("text/plain") and b"sd3serve_queue_depth" not in body
+
+
+def test_a_hung_queue_depth_read_does_not_hold_the_scrape() -> None:
+    """Redis (or all its Sentinels) gone silent: the gauge is left out after the timeout, one read
+    stays in flight, and the next scrape after it answers has the value again."""
+    registry = CollectorRegistry()
+    release, calls = threading.Event(), []
+
+    def read() -> int:
+        calls.append(1)
+        release.wait(10)
+        return 4
+
+    registry.register(api_metrics.QueueDepthCollector(read, timeout_s=0.2))
+    for _ in range(2):
+        start = time.monotonic()
+        assert _sample(registry, "sd3serve_queue_depth", queue="sd3serve") is None
+        assert time.monotonic() - start < 1.0
+    assert len(calls) == 1  # the second scrape waited on the same read, it did not pile up another
+    release.set()
+    assert _sample(registry, "sd3serve_queue_depth", queue="sd3serve") == 4
 
 
 def test_registering_the_queue_depth_again_replaces_the_old_callable() -> None:
