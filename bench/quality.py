@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated policy:K:latent_aware "
         "(e.g. step:2:extrapolate2,attention:3:extrapolate); exact is always measured first",
     )
+    parser.add_argument(
+        "--min-fresh-per-step",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="the FRESH budget's floor (EngineConfig.min_fresh_per_step); with --batch 1, 0 measures a lone request's caching",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument(
         "--precision",
@@ -146,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.precision_quality import fp8_quality
 
         return fp8_quality(args, argv, prompts, requests_for(prompts, "exact", 1, defaults))
-    base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch=args.batch, compile="off")
+    base = EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch=args.batch,
+        compile="off",
+        min_fresh_per_step=args.min_fresh_per_step,
+    )
     pipe = load_pipeline(base)
     device = pipe._execution_device
     configs = [FULL_CONFIGS[0]] + args.configs if args.configs else QUICK_CONFIGS if args.quick else FULL_CONFIGS
@@ -217,6 +231,7 @@ def write_results(args, argv, rows, columns, prompts, defaults, device) -> dict:
         steps=defaults["steps"],
         guidance_scale=defaults["guidance_scale"],
         batch=args.batch,
+        min_fresh_per_step=args.min_fresh_per_step,
         exact_accuracy=exact_accuracy,
         rows=rows,
         best_latent_aware_attention_k3=best["latent_aware"] if best else None,
