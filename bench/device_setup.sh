@@ -13,3 +13,19 @@ else  # libraries the device image lacks come from the unpacked packages
 fi
 $SD3SERVE_REDIS_SERVER --version || return 1
 python3 -c "import diffusers, fastapi, rq, uvicorn, redis, pynvml, torch; print('device ok:', torch.__version__, torch.cuda.get_device_name(0), diffusers.__version__, rq.__version__)" || return 1
+# One step of a device call: `device_step NAME CMD...` runs CMD with what is left of the call
+# (`DEVICE_CALL_END`, default 590 s after the call began, minus 10 s to copy), its output in
+# $OUT/NAME.log; a step with under 30 s left is skipped, so a cut call still returns its files.
+# Result files that merge across calls (serving_h200.json, engine_h200.json) are copied into
+# $OUT first: rows are rewritten there as they complete.
+device_step() {
+  local name=$1 left=$(( ${DEVICE_CALL_END:-590} - 10 - SECONDS ))
+  shift
+  if [ "$left" -lt 30 ]; then echo "skip $name: ${left} s left"; return 0; fi
+  timeout "$left" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? at ${SECONDS} s"
+}
+for f in bench/results/serving_h200.json bench/results/engine_h200.json; do
+  [ -n "$OUT" ] && [ -f "$f" ] && cp "$f" "$OUT/"
+done
+mkdir -p "${OUT:-/tmp}/logs"
