@@ -66,10 +66,10 @@ class EngineConfig:
     warmup_steps: int = 1  # first steps of a request that are always FRESH
     final_fresh_steps: int = 1  # last steps of a request that are always FRESH
     interval_growth: int = 0  # > 0: a request's CACHED-run bound grows 2 -> K, +1 every this many steps
-    # 1: at least one running request computes per step (the seed paper's rule: with N <= K
-    # requests exactly one is FRESH, so a lone request is never cached); 0: each request keeps its
-    # own interval, so a lone request gets its caching speed-up too (engine/fresh_plan.py)
-    min_fresh_per_step: int = 1
+    # 0: each request keeps its own interval, so a request running alone gets its caching speed-up
+    # too; 1: at least one running request computes per step (the seed paper's rule: with N <= K
+    # requests exactly one is FRESH, so a lone request is never cached). engine/fresh_plan.py
+    min_fresh_per_step: int = 0
     cache_presets: bool = True  # cache_interval 2 and 3 without a policy: engine/cache_presets.py
     cache_budget_mb: int = 0  # 0: no limit on attention-cache memory
     prompt_cache_size: int = 256

@@ -47,7 +47,7 @@ class Scheduler:
     warmup_steps: int = 1
     final_fresh_steps: int = 1  # last steps of a request that are always FRESH
     interval_growth: int = 0  # > 0: the CACHED-run bound grows from 2 to K, one every this many steps
-    min_fresh_per_step: int = 1  # the fractional budget's floor (EngineConfig.min_fresh_per_step)
+    min_fresh_per_step: int = 0  # the fractional budget's floor (EngineConfig.min_fresh_per_step)
     # cache_interval -> the setting it asks for when a request names no policy (engine/cache_presets.py)
     presets: Mapping[int, CachePreset] = field(default_factory=dict)
     default_policy: str = "attention"  # for requests with cache_interval > 1 and no policy

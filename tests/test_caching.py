@@ -160,15 +160,21 @@ def test_step_policy_skips_transformer_rows(tiny_model_dir, monkeypatch):
     assert sum(rows_in_forward) < 2 * 4 * 9
 
 
-def test_lone_request_always_fresh(tiny_model_dir):
-    """With N <= K exactly one request is FRESH per step: a lone request always is."""
-    engine = make_engine(tiny_model_dir)
+@pytest.mark.parametrize(
+    "floor, expected",
+    [
+        (1, [1.0] * 5),  # the seed rule: with N <= K exactly one request per step, so a lone one always
+        (0, [1.0, 0.0, 0.0, 0.0, 1.0]),  # the default: its own interval, FRESH at the warm-up and the end
+    ],
+)
+def test_a_lone_request_s_fresh_steps(tiny_model_dir, floor, expected):
+    engine = make_engine(tiny_model_dir, min_fresh_per_step=floor)
     [req] = batch(4, "step", n=1, steps=5)
     engine.add(req)
     ratios = []
     while engine.has_work():
         ratios.append(engine.step().fresh_ratio)
-    assert ratios == [1.0] * 5
+    assert ratios == expected
 
 
 def test_seed_rule_matches_hand_computed_values():

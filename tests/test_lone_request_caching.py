@@ -1,6 +1,6 @@
-"""`min_fresh_per_step`: the fractional FRESH budget's floor. With 1 (the seed paper's rule, the
-default) N <= K running requests refresh one per step, so a request running alone computes
-every step and caching gives it no speed-up; with 0 each request keeps its own interval."""
+"""`min_fresh_per_step`: the fractional FRESH budget's floor. With 1 (the seed paper's rule)
+N <= K running requests refresh one per step, so a request running alone computes every step
+and caching gives it no speed-up; with 0 (the default) each request keeps its own interval."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def lone(k: int, policy: str | None, steps: int = 28) -> list[GenerationRequest]
 
 def test_the_seed_rule_refreshes_a_lone_request_every_step():
     for k, policy in ((3, "attention"), (3, "step"), (3, None), (2, None)):
-        marks = schedules(Scheduler(max_batch=8, presets=CACHE_PRESETS), lone(k, policy))
+        marks = schedules(Scheduler(max_batch=8, presets=CACHE_PRESETS, min_fresh_per_step=1), lone(k, policy))
         assert marks["r0"] == "F" * 28, (k, policy)
 
 
@@ -42,14 +42,14 @@ def test_floor_zero_gives_a_lone_request_its_own_interval(k, policy):
 def test_floor_zero_changes_nothing_once_n_reaches_k():
     """With N >= K requests the budget is at least one anyway: both floors plan the same steps."""
     for policy in ("attention", "step"):
-        seed = schedules(Scheduler(max_batch=8), requests(4, 12, 3, policy))
+        seed = schedules(Scheduler(max_batch=8, min_fresh_per_step=1), requests(4, 12, 3, policy))
         floor0 = schedules(Scheduler(max_batch=8, min_fresh_per_step=0), requests(4, 12, 3, policy))
         assert seed == floor0
 
 
 def test_floor_comes_from_the_environment_and_bad_values_are_refused():
-    assert EngineConfig.from_env({}).min_fresh_per_step == 1
-    assert EngineConfig.from_env({"SD3SERVE_MIN_FRESH_PER_STEP": "0"}).min_fresh_per_step == 0
+    assert EngineConfig.from_env({}).min_fresh_per_step == 0
+    assert EngineConfig.from_env({"SD3SERVE_MIN_FRESH_PER_STEP": "1"}).min_fresh_per_step == 1
     with pytest.raises(ValueError, match="min_fresh_per_step"):
         EngineConfig(min_fresh_per_step=2)
 

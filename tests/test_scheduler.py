@@ -212,10 +212,14 @@ def test_fractional_budget_at_several_sizes():
 @settings(max_examples=100, deadline=None)
 @given(n=st.integers(1, 16), k=st.integers(1, 6))
 def test_fractional_budget_keeps_every_bound(n, k):
-    counts = steady_fresh_counts(n, k, steps=30)
-    assert all(1 <= c <= math.ceil(n / k) for c in counts)
+    seed_rule = steady_fresh_counts(n, k, steps=30, min_fresh_per_step=1)
+    assert all(1 <= c <= math.ceil(n / k) for c in seed_rule)
     if n <= k:
-        assert set(counts) <= {1}
+        assert set(seed_rule) <= {1}  # the seed paper's rule: exactly one per step
+    own_intervals = steady_fresh_counts(n, k, steps=30)  # the default floor, 0
+    assert all(0 <= c <= math.ceil(n / k) for c in own_intervals)
+    if n >= k:
+        assert own_intervals == seed_rule  # the floor only matters while N < K
 
 
 def test_a_large_request_blocked_by_the_cache_budget_is_not_starved_by_smaller_ones():

@@ -124,6 +124,10 @@ def test_fast_path_equals_eager_and_does_not_recompile_as_the_batch_grows(tiny_m
     cached = _requests(4, k=3, policy="attention")
     for a, b in zip(_images(eager, cached), _images(fast, cached)):
         assert np.abs(a - b).max() <= 1
+    # A request alone has steps where no row computes attention: that variant equals eager too.
+    lone = _requests(1, k=3, policy="attention", steps=6)  # F..F.F: holds and an extrapolation
+    for a, b in zip(_images(eager, lone), _images(fast, lone)):
+        assert np.abs(a - b).max() <= 1
 
     assert fast.speed_applied["text_compiled_layers"] > 0
     fast.runner.prompts.encode([("a single text", "")])  # the text encoders at one text, as warm_up does
@@ -242,4 +246,5 @@ def test_warm_up_compiles_before_serving_and_vae_compile_keeps_images(tiny_model
     for a, b in zip(_images(plain, reqs), _images(fast, reqs)):
         assert np.abs(a - b).max() <= 1
     _images(fast, _requests(3, k=3, policy="attention", steps=8))  # cached steps: holds, extrapolations
+    _images(fast, _requests(1, k=3, policy="attention", steps=8))  # alone: steps with no FRESH row
     assert counters["stats"]["unique_graphs"] == graphs, "serving compiled something the warm-up did not"
