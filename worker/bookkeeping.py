@@ -102,7 +102,6 @@ class BatchBookkeeping(BatchWorkerState):
             with self.connection.pipeline() as pipe:
                 for entry in changed:
                     pipe.hset(entry.job.key, "meta", entry.job.serializer.dumps(entry.job.meta))
-                    job_events.publish(pipe, entry.job, job_events.PROGRESS)
                 pipe.execute()
 
     def _job_progress(self, entry: BatchEntry) -> tuple[int, int] | None:

@@ -192,7 +192,6 @@ def _generate_alone(job: Any, args: tuple, request: dict[str, Any]) -> dict[str,
             if progress:
                 job.meta[keys.META_STEP] = progress[0]
                 job.save_meta()
-                job_events.announce(job.connection, job, job_events.PROGRESS)
 
     from engine.engine import RequestFailed
     from worker.durable_upload import StoreFailed
