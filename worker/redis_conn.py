@@ -75,27 +75,27 @@ def redis_url_from_env(env: Mapping[str, str]) -> str | None:
 
 def connect(url: str, **options: Any) -> Redis:
     """A Redis client for `url` (redis://, rediss://, unix:// or redis+sentinel://)."""
-    if not is_sentinel_url(url):
-        return Redis.from_url(url, **options)
     from redis.sentinel import Sentinel
 
-    address = parse_sentinel_url(url)
-    sentinel_options = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_options or None, **options)
-    return sentinel.master_for(address.service, db=address.db, password=address.password, username=address.username)
+    return _client(Redis, Sentinel, url, options)
 
 
 def connect_async(url: str, **options: Any) -> Any:
     """`connect`, as a redis-py asyncio client (the API's pub/sub listener, api/job_notifier.py)."""
-    from redis import asyncio as aioredis
+    from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
+    return _client(AsyncRedis, AsyncSentinel, url, options)
+
+
+def _client(redis_class: Any, sentinel_class: Any, url: str, options: dict[str, Any]) -> Any:
+    """A client of `redis_class` for a plain URL, or the master `sentinel_class` finds for a
+    Sentinel URL (sync and asyncio redis-py share these signatures)."""
     if not is_sentinel_url(url):
-        return aioredis.Redis.from_url(url, **options)
-    from redis.asyncio.sentinel import Sentinel
-
+        return redis_class.from_url(url, **options)
     address = parse_sentinel_url(url)
     sentinel_options = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_options or None, **options)
+    sentinel = sentinel_class(list(address.sentinels), sentinel_kwargs=sentinel_options or None, **options)
     return sentinel.master_for(address.service, db=address.db, password=address.password, username=address.username)
 
 
