@@ -210,8 +210,8 @@ class Engine:
         self.generate([replace(warm[0], steps=2)])
         # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
         self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])
-        if self.scheduler.min_fresh_per_step == 0:  # steps where no row computes attention
-            self.generate([replace(warm[1], cache_interval=3, cache_policy="attention")])
+        # One request alone (F..F.F): steps where no row computes attention (min_fresh_per_step 0).
+        self.generate([replace(warm[1], cache_interval=3, cache_policy="attention")])
         # The prompt encoders saw a batch of two texts ("warm-up" and ""); one text is compiled apart.
         self.runner.prompts.encode([("warm-up: a single text", "")])
         self.observe_step_costs()

@@ -48,7 +48,7 @@ def fresh_share(requests: list[ScheduledRequest], warmup_steps: int = 1, growth:
 
 
 def fresh_budget(
-    requests: list[ScheduledRequest], credit: float | None = None, share: float | None = None, min_fresh: int = 1
+    requests: list[ScheduledRequest], credit: float | None = None, share: float | None = None, min_fresh: int = 0
 ) -> int:
     """FRESH requests allowed this step. Without `credit`: ceil(sum 1/K_i). With it (the share
     accrued and not yet spent, see `plan_fresh`): floor(credit), so that over steps the average is
@@ -68,7 +68,7 @@ def plan_fresh(
     credit: float | None = None,
     final_steps: int = 1,
     growth: int = 0,
-    min_fresh: int = 1,
+    min_fresh: int = 0,
 ) -> tuple[list[bool], float]:
     """Forced requests are FRESH; the rest of the budget goes to the most stale, first come first.
 
