@@ -164,9 +164,9 @@ def _serve(args: argparse.Namespace, stack: Stack, modes: list, size_label: str,
 def sweep_modes(args: argparse.Namespace) -> list[tuple[str, int]]:
     """(row system name, cache interval) for each mode the call runs, in order: for sd3serve the
     `--cache-intervals`, or the intervals of `--mode-rates` in the order they were written."""
-    if args.system != "sd3serve":
-        return [(args.system + (f"+{args.variant}" if args.variant else ""), 1)]
     suffix = f"+{args.variant}" if args.variant else ""
+    if args.system != "sd3serve":
+        return [(args.system + suffix, 1)]
     names = {1: f"sd3serve-exact{suffix}", 3: f"sd3serve-k3{suffix}"}
     intervals = list(args.mode_rates) if args.mode_rates else args.cache_intervals
     unknown = [k for k in intervals if k not in names]
