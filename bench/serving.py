@@ -104,7 +104,12 @@ def run_system(args: argparse.Namespace) -> None:
     size_label = "+".join(str(s) for s in args.size)
     work = Path(tempfile.mkdtemp(prefix="sd3serve-serving-"))
     offline_out = work / "offline.json"
-    env = {"SD3SERVE_MODEL": args.model, "SD3SERVE_MAX_BATCH": str(args.max_batch), **args.worker_env}
+    env = {
+        "SD3SERVE_MODEL": args.model,
+        "SD3SERVE_MAX_BATCH": str(args.max_batch),
+        "SD3SERVE_STEP_LOG_LEN": "100000",  # every step of a call stays readable for the rows' `steps`
+        **args.worker_env,
+    }
     try:
         with Stack(work, env, redis_server=args.redis_server, api_workers=args.api_workers) as stack:
             _serve(args, stack, modes, size_label, offline_out)
@@ -158,7 +163,11 @@ def _serve(args: argparse.Namespace, stack: Stack, modes: list, size_label: str,
         rates = open_loop_rates(args, k) + [round(f * saturated, 3) for f in args.rate_fractions if saturated]
         for rate in rates:
             config = replace(base, concurrency=0, rate=rate, cache_interval=k, cache_policy=policy_of(k))
-            save_rows(args.out, [row_of(run_load(config), system, args.call, size_label)], info, card_name())
+            since = time.time()
+            row = row_of(run_load(config), system, args.call, size_label)
+            if args.system == "sd3serve":  # which sub-batch ran when: how sizes shared the device
+                row["steps"] = stack.steps_since(since)
+            save_rows(args.out, [row], info, card_name())
 
 
 def sweep_modes(args: argparse.Namespace) -> list[tuple[str, int]]:

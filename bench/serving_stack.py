@@ -106,11 +106,20 @@ class Stack:
 
     def mean_batch_size(self, since: float = 0.0) -> float | None:
         """Mean batch of the sd3serve worker's steps since `since` (epoch s), from its step stream."""
+        sizes = [batch for _, _, batch, _ in self.steps_since(since)]
+        return round(sum(sizes) / len(sizes), 2) if sizes else None
+
+    def steps_since(self, since: float) -> list[list]:
+        """The sd3serve worker's steps since `since` (epoch s), from its step stream:
+        [seconds after `since`, sub-batch size ("WxH"), batch, host seconds of the step]."""
         from worker.keys import step_log_key
 
-        entries = self._redis().xrange(step_log_key(self.worker_name))
-        sizes = [int(f[b"batch_size"]) for _, f in entries if float(f[b"t"]) >= since and int(f[b"batch_size"])]
-        return round(sum(sizes) / len(sizes), 2) if sizes else None
+        out = []
+        for _, f in self._redis().xrange(step_log_key(self.worker_name)):
+            at, batch = float(f[b"t"]), int(f[b"batch_size"])
+            if at >= since and batch:
+                out.append([round(at - since, 4), f.get(b"size", b"").decode(), batch, float(f[b"step_seconds"])])
+        return out
 
     # -- processes -----------------------------------------------------------------------------
     def _redis(self):

@@ -101,13 +101,15 @@ def summarize(data: dict) -> dict:
 
 def mixed_size_summary(rows: list[dict]) -> dict:
     """Each size's p95 in the mixed (512+1024) sd3serve runs against its single-size run at the
-    same arrival rate of that size's jobs, or the nearest rate above."""
+    same arrival rate of that size's jobs, or the nearest rate above. That rate is the run's rate
+    over its number of sizes: the load generator draws each job's size evenly (seeded), so the
+    realised split of one window (32 of 62 at 1.0 req/s in call h3) is a draw around it."""
     out: dict = {}
     for r in rows:
         if r["size"] != "512+1024" or r["mode"] != "open":
             continue
+        share = 1.0 / len(r["size"].split("+"))
         for size, stats in r["by_size"].items():
-            share = stats["completed"] / max(r["completed"], 1)
             singles = [
                 s
                 for s in rows
@@ -119,4 +121,7 @@ def mixed_size_summary(rows: list[dict]) -> dict:
             single = min(singles, key=lambda s: s["rate_per_s"]) if singles else None
             key = f"mixed_p95_vs_single_{r['system']}_{size}_at_{r['rate_per_s']}"
             out[key] = _ratio(stats["p95_s"], single["p95_s"]) if single else None
+    ratios = [v for v in out.values() if v is not None]
+    if ratios:
+        out["mixed_p95_vs_single_worst"] = max(ratios)  # the issue's bar: <= 2 for every size and rate
     return out

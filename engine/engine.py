@@ -146,6 +146,7 @@ class Engine:
         finished = self.scheduler.complete(plan)
         self.observe_step_costs()
         report.batch_size = len(plan.requests)
+        report.size = plan.key
         report.fresh_ratio = plan.fresh_ratio
         if finished:
             self._finish(finished, report)

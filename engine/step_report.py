@@ -44,3 +44,4 @@ class StepReport:
     batch_size: int = 0
     fresh_ratio: float = 0.0
     step_seconds: float = 0.0
+    size: tuple[int, int] | None = None  # (height, width) of the sub-batch that ran; None: no step ran

@@ -118,6 +118,26 @@ def test_serving_summary_ratios():
     assert s["worker_efficiency"] == 1.0 and s["lost_total"] == 0
 
 
+def test_mixed_run_is_compared_with_single_size_runs_at_half_its_rate():
+    mixed = _row("sd3serve-exact", "open", 1.0, 62.0, 5.0) | dict(
+        size="512+1024",
+        completed=62,
+        by_size={"512": dict(completed=32, p95_s=2.0), "1024": dict(completed=30, p95_s=6.0)},
+    )
+    rows = [
+        mixed,
+        _row("sd3serve-exact", "open", 0.5, 30.0, 0.5) | dict(size="512"),  # 0.5 req/s of 512² jobs
+        _row("sd3serve-exact", "open", 0.9, 54.0, 1.0) | dict(size="512"),
+        _row("sd3serve-exact", "open", 0.533, 32.0, 3.0),  # 1024²: the nearest rate above 0.5
+        _row("sd3serve-exact", "open", 0.333, 20.0, 2.0),
+    ]
+    s = serving_summary(dict(rows=rows, systems={}))
+    # Half the run's rate, not the window's realised split (32 of 62 would ask for >= 0.516 req/s).
+    assert s["mixed_p95_vs_single_sd3serve-exact_512_at_1.0"] == 4.0
+    assert s["mixed_p95_vs_single_sd3serve-exact_1024_at_1.0"] == 2.0
+    assert s["mixed_p95_vs_single_worst"] == 4.0
+
+
 @pytest.mark.slow
 def test_load_test_against_sd3serve_up_on_the_reference_model_loses_nothing(tmp_path):
     log_path = tmp_path / "up.log"

@@ -51,7 +51,8 @@ def _successes(redis_conn, job_id: str) -> int:
 def test_rest_round_trip_through_s3(fleet_redis, redis_conn, queue_name, moto_s3, tiny_engine):
     storage = s3_storage_config(moto_s3)
     app = create_app(api_config(fleet_redis.url, queue_name, storage=storage))
-    with ApiServer(app) as api, make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage):
+    worker = make_thread_worker(tiny_engine, fleet_redis.url, queue_name, storage)
+    with ApiServer(app) as api, worker:
         created = _submit(api, prompt="a red circle on a blue background", width=96, height=64, steps=4, seed=11)
         done = _job(api, created["id"], wait=60)
         assert done["status"] == "succeeded", done
@@ -67,6 +68,8 @@ def test_rest_round_trip_through_s3(fleet_redis, redis_conn, queue_name, moto_s3
         assert redirect.status_code == 302
         assert httpx.get(redirect.headers["location"]).content == image.content
     assert _successes(redis_conn, created["id"]) == 1
+    steps = _step_log(redis_conn, worker.worker.name)
+    assert [r["size"] for r in steps] == ["96x64"] * 4, steps  # width x height of the sub-batch that ran
 
 
 def test_twenty_concurrent_submissions_batch_and_grow_at_chunk_boundaries(

@@ -72,6 +72,7 @@ class BatchStepping(BatchWorkerState):
                 {
                     "t": f"{time.time():.4f}",
                     "batch_size": report.batch_size,
+                    "size": f"{report.size[1]}x{report.size[0]}" if report.size else "",
                     "fresh_ratio": f"{report.fresh_ratio:.3f}",
                     "step_seconds": f"{report.step_seconds:.5f}",
                     "finished": len(report.finished),
