@@ -75,6 +75,10 @@ class EngineConfig:
     prompt_cache_size: int = 256
     max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256
     compile: str = "auto"  # the fast exact path (engine/speed.py): auto = on for CUDA, off for CPU
+    # Steps queued on the device ahead of the host: the host plans a step only when at most this
+    # many minus one are still running, so admissions, the fair share between sizes, cancellations
+    # and progress act within a step of the device (engine/step_timer.py). 0: no bound.
+    max_steps_in_flight: int = 2
     precision: str = "bf16"  # fp8: needs a GPU of compute capability >= 8.9 and torchao
     attention_precision: str = "bf16"  # fp8: needs a Hopper GPU (9.x) and fa3-fwd; opt-in
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -100,6 +104,8 @@ class EngineConfig:
             raise ValueError("final_fresh_steps must be >= 1 (the last step is always FRESH)")
         if self.min_fresh_per_step not in (0, 1):
             raise ValueError(f"min_fresh_per_step must be 0 or 1, got {self.min_fresh_per_step!r}")
+        if self.max_steps_in_flight < 0:
+            raise ValueError(f"max_steps_in_flight must be >= 0 (0: no bound), got {self.max_steps_in_flight!r}")
         if self.interval_growth < 0:
             raise ValueError("interval_growth must be >= 0 (0: the interval is K from the first step)")
         object.__setattr__(self, "compile", normalize_compile(self.compile))

@@ -63,7 +63,7 @@ class Engine:
             extrapolation_order=self.latent_aware.order,
             extrapolation_times=self.sigmas_of if self.latent_aware.clock == "sigma" else None,
         )
-        self.step_timer: StepTimer[StepCharge] = StepTimer(pipe._execution_device)
+        self.step_timer: StepTimer[StepCharge] = StepTimer(pipe._execution_device, max_in_flight=config.max_steps_in_flight)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -131,6 +131,8 @@ class Engine:
         return self._sigma_lists[key]
 
     def step(self) -> StepReport:
+        self.step_timer.wait_for_room()  # plan against a device at most one step behind
+        self.observe_step_costs()
         report = StepReport(canceled=self.drop_canceled())
         plan = self.scheduler.plan()
         if plan is None:

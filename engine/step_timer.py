@@ -5,6 +5,12 @@ around `Runner.run` says little about which step the device spent its time on. A
 events around each step measures the step itself; `done()` hands back the steps the device has
 passed, a few steps late, and never blocks. On the CPU the work is done when `run` returns, so
 the host's clock is the measure.
+
+Left alone, the host runs ahead of the device by as many steps as CUDA's launch queue holds
+(more when steps replay CUDA graphs): a new request would then wait behind steps already queued,
+and the scheduler would share the device between sizes by decisions made that far ahead.
+`wait_for_room()` bounds it: with `max_in_flight` 2, the host plans step n once step n-2 has
+finished, while step n-1 keeps the device busy.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ class StepTimer(Generic[Tag]):
     device has finished. At most `max_pending` steps wait to be read; older ones are dropped
     unmeasured (a device that far behind has more pressing trouble than fairness)."""
 
-    def __init__(self, device: torch.device, max_pending: int = 64) -> None:
+    def __init__(self, device: torch.device, max_pending: int = 64, max_in_flight: int = 0) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
+        if max_in_flight < 0:
+            raise ValueError("max_in_flight must be >= 0 (0: no bound)")
         self.cuda = device.type == "cuda"
         self.max_pending = max_pending
+        self.max_in_flight = max_in_flight
         self._pending: deque[_Pending[Tag]] = deque()
         self._measured: list[tuple[Tag, float]] = []
         self._start_event: torch.cuda.Event | None = None
@@ -62,10 +71,28 @@ class StepTimer(Generic[Tag]):
         while len(self._pending) > self.max_pending:
             self._pending.popleft()
 
-    def done(self) -> list[tuple[Tag, float]]:
-        """The measured steps since the last call, oldest first."""
+    def wait_for_room(self) -> None:
+        """Block until fewer than `max_in_flight` timed steps are still running on the device (no
+        wait on the CPU, or with no bound). The steps that finished are read as by `done()`."""
+        if not self.max_in_flight:
+            return
+        self._read_finished()
+        while len(self._pending) >= self.max_in_flight:
+            self._pending[0].end.synchronize()
+            self._read_finished()
+
+    def in_flight(self) -> int:
+        """Timed steps queued on the device and not finished yet (0 on the CPU)."""
+        self._read_finished()
+        return len(self._pending)
+
+    def _read_finished(self) -> None:
         while self._pending and self._pending[0].end.query():
             step = self._pending.popleft()
             self._measured.append((step.tag, step.start.elapsed_time(step.end) / 1000.0))
+
+    def done(self) -> list[tuple[Tag, float]]:
+        """The measured steps since the last call, oldest first."""
+        self._read_finished()
         measured, self._measured = self._measured, []
         return measured

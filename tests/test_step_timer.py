@@ -4,6 +4,7 @@ engine's seam (plain floats into `Scheduler.observe`)."""
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import pytest
 import torch
@@ -30,6 +31,62 @@ def test_cpu_steps_are_timed_by_the_host_clock():
 def test_bad_timer_settings_are_refused():
     with pytest.raises(ValueError, match="max_pending"):
         StepTimer(torch.device("cpu"), max_pending=0)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        StepTimer(torch.device("cpu"), max_in_flight=-1)
+    with pytest.raises(ValueError, match="max_steps_in_flight"):
+        EngineConfig(max_steps_in_flight=-1)
+    assert EngineConfig.from_env({}).max_steps_in_flight == 2
+    assert EngineConfig.from_env({"SD3SERVE_MAX_STEPS_IN_FLIGHT": "0"}).max_steps_in_flight == 0
+
+
+class _DeviceEvent:
+    """A CUDA event whose step finishes only when the host waits on it (a device far behind)."""
+
+    waited: list[int] = []
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.finished = False
+        self.index = -1
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.finished
+
+    def synchronize(self) -> None:
+        _DeviceEvent.waited.append(self.index)
+        self.finished = True
+
+    def elapsed_time(self, end: "_DeviceEvent") -> float:
+        return 10.0  # ms
+
+
+def _queue_steps(timer: StepTimer[int], tags: range) -> None:
+    for tag in tags:
+        timer.start()
+        timer.stop(tag)
+        cast(_DeviceEvent, timer._pending[-1].end).index = tag
+
+
+@pytest.mark.parametrize("bound, waited, left", [(2, [0, 1], 1), (1, [0, 1, 2], 0), (0, [], 3)])
+def test_the_host_waits_until_fewer_than_max_in_flight_steps_run(monkeypatch, bound, waited, left):
+    monkeypatch.setattr(torch.cuda, "Event", _DeviceEvent)
+    monkeypatch.setattr(_DeviceEvent, "waited", [])
+    timer: StepTimer[int] = StepTimer(torch.device("cuda"), max_in_flight=bound)
+    _queue_steps(timer, range(3))
+    timer.wait_for_room()
+    assert _DeviceEvent.waited == waited  # the oldest steps, oldest first
+    assert timer.in_flight() == left
+    assert timer.done() == [(tag, 0.01) for tag in waited]  # what the wait saw finish is measured
+
+
+def test_cpu_steps_never_wait():
+    timer: StepTimer[str] = StepTimer(torch.device("cpu"), max_in_flight=1)
+    timer.start()
+    timer.stop("a")
+    timer.wait_for_room()
+    assert timer.in_flight() == 0 and [tag for tag, _ in timer.done()] == ["a"]
 
 
 def test_the_engine_learns_each_size_s_step_cost_from_its_steps(tiny_model_dir):
@@ -67,3 +124,22 @@ def test_cuda_steps_are_timed_by_events_without_waiting():
     assert 0.5 * wall <= measured[0][1] <= wall * 1.05
     with pytest.raises(RuntimeError, match="without start"):
         timer.stop(2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_host_stays_within_max_in_flight_steps_of_the_device():
+    timer: StepTimer[int] = StepTimer(torch.device("cuda"), max_in_flight=2)
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    seen = []
+    for step in range(8):
+        timer.wait_for_room()
+        seen.append(timer.in_flight())
+        timer.start()
+        for _ in range(50):  # ~10 ms of device work, queued in a small part of that
+            a = (a @ a).clamp_(-1, 1)
+        timer.stop(step)
+    torch.cuda.synchronize()
+    assert max(seen) <= 1 and seen[1:] == [1] * 7, seen  # the device always had the next step queued
+    assert [tag for tag, _ in timer.done()] == list(range(8))
