@@ -75,9 +75,9 @@ class EngineConfig:
     prompt_cache_size: int = 256
     max_sequence_length: int = 0  # 0: the model's default (sd3serve.json), else 256
     compile: str = "auto"  # the fast exact path (engine/speed.py): auto = on for CUDA, off for CPU
-    # Steps queued on the device ahead of the host: the host plans a step only when at most this
-    # many minus one are still running, so admissions, the fair share between sizes, cancellations
-    # and progress act within a step of the device (engine/step_timer.py). 0: no bound.
+    # Steps queued on the device at once: after launching a step the engine waits until fewer
+    # than this many run, so admissions, the fair share between sizes, cancellations and progress
+    # act within a step of the device (engine/step_timer.py). 0: no bound.
     max_steps_in_flight: int = 2
     precision: str = "bf16"  # fp8: needs a GPU of compute capability >= 8.9 and torchao
     attention_precision: str = "bf16"  # fp8: needs a Hopper GPU (9.x) and fa3-fwd; opt-in

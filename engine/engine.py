@@ -131,8 +131,6 @@ class Engine:
         return self._sigma_lists[key]
 
     def step(self) -> StepReport:
-        self.step_timer.wait_for_room()  # plan against a device at most one step behind
-        self.observe_step_costs()
         report = StepReport(canceled=self.drop_canceled())
         plan = self.scheduler.plan()
         if plan is None:
@@ -145,6 +143,9 @@ class Engine:
             return self._fail_plan(plan, report, "out_of_memory", exc)
         if plan.charge is not None:
             self.step_timer.stop(plan.charge)
+        # Return with at most this step queued on the device: the caller's admissions and the next
+        # plan then see a device one step behind, not a launch queue's worth.
+        self.step_timer.wait_for_room()
         finished = self.scheduler.complete(plan)
         self.observe_step_costs()
         report.batch_size = len(plan.requests)

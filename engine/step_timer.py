@@ -9,8 +9,9 @@ the host's clock is the measure.
 Left alone, the host runs ahead of the device by as many steps as CUDA's launch queue holds
 (more when steps replay CUDA graphs): a new request would then wait behind steps already queued,
 and the scheduler would share the device between sizes by decisions made that far ahead.
-`wait_for_room()` bounds it: with `max_in_flight` 2, the host plans step n once step n-2 has
-finished, while step n-1 keeps the device busy.
+`wait_for_room()` bounds it. The engine calls it after launching each step: with `max_in_flight` 2
+it returns once step n-1 has finished, so the worker's admissions and the plan of step n+1 happen
+while step n keeps the device busy.
 """
 
 from __future__ import annotations

@@ -1,21 +1,31 @@
-"""A simulated H200 serving SD3-medium jobs of 512² and 1024² through the pure scheduler, on a
-simulated clock: open-loop Poisson arrivals, admission as the batching worker does it
-(`admission_slots`, then `add`), measured seconds fed back through `Scheduler.observe`.
+"""A simulated H200 serving SD3-medium jobs of 512² and 1024² through the pure scheduler:
+open-loop Poisson arrivals, admission as the batching worker does it (`admission_slots`, then
+`add`), measured seconds fed back through `Scheduler.observe`.
 
-A step of b requests costs 0.01 + 0.004 b s at 512² and 0.02 + 0.036 b s at 1024² (fitted to
-~30 ms for a 512² step of batch ~5 and ~380 ms for a 1024² step of batch ~10). Pure Python."""
+A step of b requests costs 0.01 + 0.004 b s at 512² and 0.02 + 0.036 b s at 1024² of device time
+(fitted to ~30 ms for a 512² step of batch ~5 and ~380 ms for a 1024² step of batch ~10).
+
+The host and the device keep clocks of their own. The host spends `host_seconds` planning and
+launching a step and goes on while the device runs it. After a launch it blocks until fewer than
+`max_in_flight` steps are queued (CUDA's launch queue, or engine/step_timer.py `wait_for_room`, which
+the engine calls after each launch, before the worker admits jobs) and waits for
+the device when a job finishes (the VAE decode copies its image out). Arrivals are admitted on
+the host's clock; a step's measured seconds reach the scheduler once the device has finished it.
+The defaults, one step in flight and no host time, run every step in order. Pure Python."""
 
 from __future__ import annotations
 
 import random
 from collections import deque
+from dataclasses import dataclass
 from functools import lru_cache
 
-from engine.fair_share import FairShare, StepCosts
+from engine.fair_share import FairShare, StepCharge, StepCosts
 from engine.request import GenerationRequest
 from engine.scheduler import Scheduler
 
 STEPS = 28
+HOST_SECONDS = 0.004  # to plan and launch one compiled step: a small part of its device time
 
 
 def step_seconds(size: int, batch: int) -> float:
@@ -34,11 +44,33 @@ def arrivals(sizes: list[int], rate: float, n: int, seed: int) -> deque[tuple[fl
     return out
 
 
-def latencies(scheduler: Scheduler, jobs: deque[tuple[float, GenerationRequest]], now: list[float]) -> dict[int, list[float]]:
-    """Seconds from arrival to the last step of each job, by size. `now[0]` is the scheduler's clock."""
+@dataclass
+class _Launched:
+    charge: StepCharge | None
+    seconds: float
+    end: float  # device clock
+
+
+def latencies(
+    scheduler: Scheduler,
+    jobs: deque[tuple[float, GenerationRequest]],
+    now: list[float],
+    max_in_flight: int = 1,
+    host_seconds: float = 0.0,
+) -> dict[int, list[float]]:
+    """Seconds from arrival to the end of each job's last step on the device, by size. `now[0]` is
+    the host's clock, the scheduler's."""
     pending: deque[tuple[float, GenerationRequest]] = deque()
+    queued: deque[_Launched] = deque()
     arrived: dict[str, float] = {}
     out: dict[int, list[float]] = {}
+    device_free = 0.0
+
+    def retire(step: _Launched) -> None:
+        now[0] = max(now[0], step.end)
+        if scheduler.step_costs is not None and step.charge is not None:
+            scheduler.observe(step.charge, step.seconds)
+
     while jobs or pending or scheduler.has_work():
         while jobs and jobs[0][0] <= now[0]:
             pending.append(jobs.popleft())
@@ -53,16 +85,29 @@ def latencies(scheduler: Scheduler, jobs: deque[tuple[float, GenerationRequest]]
             now[0] = max(now[0], jobs[0][0])
             continue
         seconds = step_seconds(plan.key[0], len(plan.requests))
-        now[0] += seconds
-        for done in scheduler.complete(plan):
+        now[0] += host_seconds
+        device_free = max(device_free, now[0]) + seconds
+        queued.append(_Launched(plan.charge, seconds, device_free))
+        while queued and (queued[0].end <= now[0] or len(queued) >= max_in_flight):
+            retire(queued.popleft())
+        finished = scheduler.complete(plan)
+        if finished:  # the decode waits for every queued step
+            while queued:
+                retire(queued.popleft())
+        for done in finished:
             out.setdefault(done.request.width, []).append(now[0] - arrived[done.request_id])
-        if scheduler.step_costs is not None and plan.charge is not None:
-            scheduler.observe(plan.charge, seconds)
     return out
 
 
 def p95_latency(
-    sizes: list[int], rate: float, share: FairShare | None = None, fair: bool = True, n: int = 240, seed: int = 7
+    sizes: list[int],
+    rate: float,
+    share: FairShare | None = None,
+    fair: bool = True,
+    max_in_flight: int = 1,
+    host_seconds: float = 0.0,
+    n: int = 240,
+    seed: int = 7,
 ) -> dict[int, float]:
     """p95 seconds by size of `n` jobs arriving at `rate` per second, sizes drawn evenly from
     `sizes`. `fair=False`: the scheduler counts steps (round-robin between sizes)."""
@@ -74,7 +119,7 @@ def p95_latency(
         step_costs=StepCosts() if fair else None,
         share=share or FairShare(),
     )
-    by_size = latencies(scheduler, arrivals(sizes, rate, n, seed), now)
+    by_size = latencies(scheduler, arrivals(sizes, rate, n, seed), now, max_in_flight, host_seconds)
     return {size: sorted(v)[int(0.95 * len(v))] for size, v in by_size.items()}
 
 
@@ -89,3 +134,14 @@ def mixed_vs_alone(rate: float, share: FairShare | None = None, fair: bool = Tru
 @lru_cache(maxsize=None)
 def p95_alone(size: int, rate: float) -> float:
     return p95_latency([size], rate)[size]  # one size: the rule between sizes does not matter
+
+
+def mixed_vs_alone_run_ahead(rate: float, max_in_flight: int) -> dict[int, float]:
+    """`mixed_vs_alone` with a host `HOST_SECONDS` a step that runs up to `max_in_flight` steps
+    ahead of the device, in the mixed run and in the single-size runs alike."""
+
+    def p95(sizes: list[int], at: float) -> dict[int, float]:
+        return p95_latency(sizes, at, max_in_flight=max_in_flight, host_seconds=HOST_SECONDS)
+
+    mixed = p95([512, 1024], rate)
+    return {size: mixed[size] / p95([size], rate / 2)[size] for size in mixed}

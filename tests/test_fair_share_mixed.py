@@ -14,8 +14,7 @@ from __future__ import annotations
 import pytest
 
 from engine.fair_share import FairShare
-from tests import run_ahead_sim
-from tests.mixed_size_sim import mixed_vs_alone
+from tests.mixed_size_sim import mixed_vs_alone, mixed_vs_alone_run_ahead
 
 RATES = (0.3, 0.5, 0.8)  # requests/s, half of each size
 
@@ -39,18 +38,13 @@ def test_round_robin_per_step_stretches_the_short_jobs_over_four_times():
     assert ratio[512] > 4, ratio  # every 512² step waits behind a 1024² one
 
 
-def _mixed_vs_alone_run_ahead(rate: float, max_in_flight: int) -> dict[int, float]:
-    mixed = run_ahead_sim.p95_latency([512, 1024], rate, max_in_flight)
-    return {size: mixed[size] / run_ahead_sim.p95_latency([size], rate / 2, max_in_flight)[size] for size in mixed}
-
-
 @pytest.mark.parametrize("rate", RATES)
 def test_a_host_far_ahead_of_the_device_stretches_the_short_jobs_unless_bounded(rate):
     """The H200's mixed run (call h3) had the 512² p95 at 3.1x its single-size run at 1.0 req/s,
     where the in-order simulation above predicts under 1.7x. A host planning far ahead of the
     device reproduces that size of stretch; engine/step_timer.py now bounds it at 2 steps in
     flight (not yet measured on the GPU)."""
-    ahead = _mixed_vs_alone_run_ahead(rate, max_in_flight=10**6)
-    bounded = _mixed_vs_alone_run_ahead(rate, max_in_flight=2)
+    ahead = mixed_vs_alone_run_ahead(rate, max_in_flight=10**6)
+    bounded = mixed_vs_alone_run_ahead(rate, max_in_flight=2)
     assert ahead[512] > 2.5, ahead  # a new 512² job waits behind every 1024² step already queued
     assert bounded[512] <= 1.9 and bounded[1024] <= 1.2, bounded
