@@ -65,7 +65,8 @@ class StepTimer(Generic[Tag]):
             return
         if self._start_event is None:
             raise RuntimeError("StepTimer.stop without start")
-        end = torch.cuda.Event(enable_timing=True)
+        # blocking: `wait_for_room` sleeps on it rather than spinning a core the upload threads use
+        end = torch.cuda.Event(enable_timing=True, blocking=True)
         end.record()
         self._pending.append(_Pending(tag, self._start_event, end))
         self._start_event = None

@@ -44,7 +44,7 @@ class _DeviceEvent:
 
     waited: list[int] = []
 
-    def __init__(self, enable_timing: bool = False) -> None:
+    def __init__(self, enable_timing: bool = False, blocking: bool = False) -> None:
         self.finished = False
         self.index = -1
 
