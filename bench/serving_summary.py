@@ -26,6 +26,30 @@ def save_rows(path: Path, rows: list[dict], info: dict, card: str) -> dict:
     return data
 
 
+def merge_files(base: Path, calls: list[Path]) -> dict:
+    """Add to `base` the rows and systems that each call's copy of it gained, in the order given,
+    and recompute the summary. For device calls issued back to back, each of which started from
+    the same committed file: a row already in `base` (same system, call, size, mode, rate and
+    time) is not added twice."""
+    data = json.loads(base.read_text())
+
+    def ident(row: dict) -> tuple:
+        return row["system"], row.get("call"), row["size"], row["mode"], row.get("rate_per_s"), row.get("at")
+
+    seen = {ident(r) for r in data["rows"]}
+    for path in calls:
+        other = json.loads(path.read_text())
+        for row in other["rows"]:
+            if ident(row) not in seen:
+                seen.add(ident(row))
+                data["rows"].append(row)
+        for name, info in other.get("systems", {}).items():
+            data.setdefault("systems", {}).setdefault(name, info)
+    data["summary"] = summarize(data)
+    base.write_text(json.dumps(data, indent=1))
+    return data
+
+
 def saturated(rows: list[dict], system: str, size: str) -> float | None:
     """The latest closed-loop images/min of `system` at `size`."""
     found = [r for r in rows if r["system"] == system and r["size"] == size and r["mode"] == "closed"]
@@ -125,3 +149,23 @@ def mixed_size_summary(rows: list[dict]) -> dict:
     if ratios:
         out["mixed_p95_vs_single_worst"] = max(ratios)  # the issue's bar: <= 2 for every size and rate
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="merge device calls' copies of serving_<card>.json into the committed one")
+    p.add_argument("base", type=Path, help="the committed file, rewritten")
+    p.add_argument("calls", type=Path, nargs="+", help="each call's copy (e.g. /work/.device/N/serving_h200.json)")
+    args = p.parse_args(argv)
+    for path in [args.base, *args.calls]:
+        if not path.is_file():
+            p.error(f"{path}: no such file")
+    before = len(json.loads(args.base.read_text())["rows"])
+    data = merge_files(args.base, args.calls)
+    print(f"{args.base}: {before} -> {len(data['rows'])} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

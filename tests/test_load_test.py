@@ -13,6 +13,7 @@ import pytest
 
 from bench.load_stats import JobRecord, percentile, summarize
 from bench.load_test import LoadConfig, arrival_plan, main
+from bench.serving_summary import main as serving_main
 from bench.serving_summary import summarize as serving_summary
 from tests.stack_processes import ROOT, base_env, free_port, wait_until
 
@@ -136,6 +137,29 @@ def test_mixed_run_is_compared_with_single_size_runs_at_half_its_rate():
     assert s["mixed_p95_vs_single_sd3serve-exact_512_at_1.0"] == 4.0
     assert s["mixed_p95_vs_single_sd3serve-exact_1024_at_1.0"] == 2.0
     assert s["mixed_p95_vs_single_worst"] == 4.0
+
+
+def test_back_to_back_device_calls_merge_into_the_committed_file(tmp_path, capsys):
+    base = [_row("rq-diffusers-compiled", "closed", None, 40.0, 3.0) | dict(call="a", at="t0")]
+    committed = tmp_path / "serving.json"
+    committed.write_text(json.dumps(dict(card="h200", rows=base, systems={})))
+    calls = []
+    for name, row in (
+        ("i", _row("rq-diffusers-compiled", "open", 0.5, 29.0, 5.0)),
+        ("j", _row("sd3serve-k3", "open", 0.5, 30.0, 1.5)),
+    ):
+        copy = tmp_path / f"{name}.json"
+        copy.write_text(json.dumps(dict(card="h200", rows=base + [row | dict(call=name, at="t1")], systems={f"x@{name}": {}})))
+        calls.append(copy)
+    assert serving_main([str(committed), *map(str, calls), str(calls[0])]) == 0  # a copy named twice adds nothing
+    merged = json.loads(committed.read_text())
+    assert [r.get("call") for r in merged["rows"]] == ["a", "i", "j"]
+    assert set(merged["systems"]) == {"x@i", "x@j"}
+    assert merged["summary"]["p95_ratio_at_baseline_capacity"] == 0.3
+    assert "1 -> 3 rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        serving_main([str(committed), str(tmp_path / "missing.json")])
+    assert "no such file" in capsys.readouterr().err
 
 
 @pytest.mark.slow
