@@ -143,8 +143,8 @@ class Engine:
             return self._fail_plan(plan, report, "out_of_memory", exc)
         if plan.charge is not None:
             self.step_timer.stop(plan.charge)
-        # Return with at most this step queued on the device: the caller's admissions and the next
-        # plan then see a device one step behind, not a launch queue's worth.
+        # Return with fewer than `max_steps_in_flight` steps on the device (with 2: this one), so the
+        # caller's admissions and the next plan see a device a step behind, not a launch queue's worth.
         self.step_timer.wait_for_room()
         finished = self.scheduler.complete(plan)
         self.observe_step_costs()
