@@ -45,3 +45,4 @@ class StepReport:
     fresh_ratio: float = 0.0
     step_seconds: float = 0.0
     size: tuple[int, int] | None = None  # (height, width) of the sub-batch that ran; None: no step ran
+    device_seconds: float = 0.0  # device time of the steps measured since the last report (CUDA events)

@@ -173,6 +173,7 @@ def test_worker_metrics_server_serves_the_worker_metrics() -> None:
         "sd3serve_attention_cache_allocated_bytes",
         "sd3serve_gpu_memory_bytes",
         "sd3serve_step_duration_seconds",
+        "sd3serve_device_seconds",
         "sd3serve_queue_wait_seconds",
         "sd3serve_job_latency_seconds",
         "sd3serve_images_generated",

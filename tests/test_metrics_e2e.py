@@ -124,6 +124,9 @@ def test_counters_and_histograms_move_by_the_right_amounts(tmp_path: Path, tiny_
         assert delta(worker_before, worker_after, "sd3serve_step_duration_seconds_sum") == pytest.approx(
             sum(float(s["step_seconds"]) for s in ran), abs=1e-4 * len(ran) + 1e-3
         )
+        # Device seconds (the host clock around each forward, on the CPU): part of every step's time.
+        device = delta(worker_before, worker_after, "sd3serve_device_seconds_total")
+        assert 0 < device <= sum(float(s["step_seconds"]) for s in ran) + 1e-3
         # cache_interval 1 (the default): every running request computes attention every step.
         assert worker_after[("sd3serve_attention_fresh_ratio", frozenset())] == 1.0
         assert worker_after[("sd3serve_running_requests", frozenset())] == 0

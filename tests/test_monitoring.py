@@ -97,6 +97,7 @@ def test_dashboard_shows_what_the_design_asks_for() -> None:
         'up{job="sd3serve-worker"}',
         "sd3serve_attention_fresh_ratio",
         "sd3serve_gpu_memory_bytes",
+        "rate(sd3serve_device_seconds_total",  # how busy each worker keeps its device
     ):
         assert needle in exprs
 

@@ -62,6 +62,8 @@ class BatchStepping(BatchWorkerState):
                 done.phase = Phase.STORING
             done.generate_seconds = max(done.generate_seconds, finished.seconds)
             done.uploads[index] = self._uploader().submit(done.job_id, finished.image, done.spec, index)
+        if report.device_seconds:
+            metrics.DEVICE_SECONDS.inc(report.device_seconds)
         if report.batch_size:
             metrics.STEP_DURATION.observe(report.step_seconds)
             metrics.BATCH_SIZE.observe(report.batch_size)

@@ -45,6 +45,11 @@ STEP_DURATION = Histogram(
     "Wall time of one engine step (one denoising step of every running request).",
     buckets=STEP_BUCKETS,
 )
+DEVICE_SECONDS = Counter(
+    "sd3serve_device_seconds_total",
+    "Device time of the engine's steps (CUDA events on a GPU, the host clock on the CPU); "
+    "its rate is the share of time the device ran steps.",
+)
 BATCH_SIZE = Histogram(
     "sd3serve_batch_size",
     "Requests in the running batch at each engine step.",

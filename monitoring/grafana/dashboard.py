@@ -169,6 +169,16 @@ def panels() -> list[dict]:
             [(_quantile(0.95, "sd3serve_http_request_duration_seconds", "le, route"), "{{route}}")],
             unit="s",
         ),
+        _panel(
+            13,
+            "Device busy with steps, per worker",
+            "timeseries",
+            (0, 37, 12, 8),
+            [(f"rate(sd3serve_device_seconds_total[{RATE}])", "{{instance}}")],
+            unit="percentunit",
+            description="Device seconds of engine steps per second. Low while jobs wait: the worker starves its GPU.",
+            defaults={"min": 0, "max": 1},
+        ),
     ]
 
 
