@@ -120,10 +120,16 @@ def test_dashboard_uses_the_provisioned_datasource_and_is_regenerated() -> None:
     assert DASHBOARD.read_text() == dashboard.render(), "run `python monitoring/grafana/dashboard.py` and commit"
 
 
-def test_alerts_cover_backlog_dead_workers_failures_and_latency() -> None:
+def test_alerts_cover_backlog_dead_workers_failures_latency_and_a_starved_gpu() -> None:
     rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
     names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
-    assert {"SD3ServeBacklogGrowing", "SD3ServeNoWorkerAlive", "SD3ServeHighFailureRate", "SD3ServeLatencyP95High"} <= names
+    assert {
+        "SD3ServeBacklogGrowing",
+        "SD3ServeNoWorkerAlive",
+        "SD3ServeHighFailureRate",
+        "SD3ServeLatencyP95High",
+        "SD3ServeWorkerStarvesGPU",
+    } <= names
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess:
