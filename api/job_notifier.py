@@ -46,17 +46,15 @@ class JobWatch:
             self._quick_until = time.monotonic() + ENDING_WINDOW
         self._woken.set()
 
-    async def wait(self, timeout: float) -> bool:
-        """Until the job is announced (True) or `timeout` seconds pass (False). An announcement
-        made since the last wait counts, so none falls between a re-read and the next wait."""
+    async def wait(self, timeout: float) -> None:
+        """Until the job is announced or `timeout` seconds pass. An announcement made since the
+        last wait counts, so none falls between a re-read and the next wait."""
         if time.monotonic() < self._quick_until:
             timeout = min(timeout, ENDING_POLL)
         if not self._woken.is_set():
             with anyio.move_on_after(timeout):
                 await self._woken.wait()
-        woken = self._woken.is_set()
         self._woken.clear()
-        return woken
 
 
 class JobNotifier:

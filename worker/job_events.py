@@ -49,16 +49,10 @@ def parse(data: bytes | str) -> JobEvent | None:
     return JobEvent(job_id, kind) if isinstance(job_id, str) and kind in KINDS else None
 
 
-def publish(connection: Any, job: Any, kind: str) -> None:
-    """Queue the announcement on `connection` (a Redis client or a pipeline: then it goes out
-    with the pipeline's other commands). Errors are the caller's, as for its other commands."""
-    connection.publish(keys.job_events_channel(job.origin), message(job.id, kind))
-
-
 def announce(connection: redis.Redis, job: Any, kind: str) -> None:
     """Publish now, after the change is recorded; a failure is only logged (listeners fall back to
     re-reading the job)."""
     try:
-        publish(connection, job, kind)
+        connection.publish(keys.job_events_channel(job.origin), message(job.id, kind))
     except redis.RedisError as exc:
         log.warning("could not announce %s of job %s: %s", kind, job.id, exc)
