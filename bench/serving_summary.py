@@ -18,6 +18,11 @@ def save_rows(path: Path, rows: list[dict], info: dict, card: str) -> dict:
     data["card"] = card
     data["rows"].extend(rows)
     data.setdefault("systems", {})[f"{info['system']}@{info['call']}"] = info
+    return _write_summarized(path, data)
+
+
+def _write_summarized(path: Path, data: dict) -> dict:
+    """Recompute the summary from the rows and replace the file (atomically)."""
     data["summary"] = summarize(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -45,9 +50,7 @@ def merge_files(base: Path, calls: list[Path]) -> dict:
                 data["rows"].append(row)
         for name, info in other.get("systems", {}).items():
             data.setdefault("systems", {}).setdefault(name, info)
-    data["summary"] = summarize(data)
-    base.write_text(json.dumps(data, indent=1))
-    return data
+    return _write_summarized(base, data)
 
 
 def saturated(rows: list[dict], system: str, size: str) -> float | None:
