@@ -127,14 +127,24 @@ def summarize(data: dict) -> dict:
 
 
 def mixed_size_summary(rows: list[dict]) -> dict:
-    """Each size's p95 in the mixed (512+1024) sd3serve runs against its single-size run at the
+    """Each size's p95 in the mixed (512+1024) sd3serve runs against its single-size runs at the
     same arrival rate of that size's jobs, or the nearest rate above. That rate is the run's rate
     over its number of sizes: the load generator draws each job's size evenly (seeded), so the
-    realised split of one window (32 of 62 at 1.0 req/s in call h3) is a draw around it."""
+    realised split of one window (32 of 62 at 1.0 req/s in call h3) is a draw around it.
+
+    Where several single-size runs share that rate, the one with the lowest p95 is the comparator
+    (the strictest ratio). Only the newest mixed run of each system and rate counts for the bar
+    (`mixed_p95_vs_single_worst`, with `mixed_p95_vs_single_calls` naming those runs): an older one
+    measured code that has since changed. Every run keeps its own keys, suffixed with its call."""
     out: dict = {}
-    for r in rows:
-        if r["size"] != "512+1024" or r["mode"] != "open":
-            continue
+    mixed = [r for r in rows if r["size"] == "512+1024" and r["mode"] == "open"]
+    newest: dict[tuple[str, float], dict] = {}
+    for r in mixed:
+        key = (r["system"], r["rate_per_s"])
+        if key not in newest or r.get("at", "") >= newest[key].get("at", ""):
+            newest[key] = r
+    counted: list[float] = []
+    for r in mixed:
         share = 1.0 / len(r["size"].split("+"))
         for size, stats in r["by_size"].items():
             singles = [
@@ -145,12 +155,18 @@ def mixed_size_summary(rows: list[dict]) -> dict:
                 and s["mode"] == "open"
                 and s["rate_per_s"] >= share * r["rate_per_s"] * 0.99
             ]
-            single = min(singles, key=lambda s: s["rate_per_s"]) if singles else None
-            key = f"mixed_p95_vs_single_{r['system']}_{size}_at_{r['rate_per_s']}"
-            out[key] = _ratio(stats["p95_s"], single["p95_s"]) if single else None
-    ratios = [v for v in out.values() if v is not None]
-    if ratios:
-        out["mixed_p95_vs_single_worst"] = max(ratios)  # the issue's bar: <= 2 for every size and rate
+            nearest = min((s["rate_per_s"] for s in singles), default=None)
+            best = min((s["p95_s"] for s in singles if s["rate_per_s"] == nearest), default=None)
+            ratio = _ratio(stats["p95_s"], best) if best is not None else None
+            name = f"mixed_p95_vs_single_{r['system']}_{size}_at_{r['rate_per_s']}"
+            out[f"{name}_{r.get('call', '?')}"] = ratio
+            if newest[(r["system"], r["rate_per_s"])] is r:
+                out[name] = ratio
+                if ratio is not None:
+                    counted.append(ratio)
+    if counted:
+        out["mixed_p95_vs_single_worst"] = max(counted)  # the issue's bar: <= 2 for every size and rate
+        out["mixed_p95_vs_single_calls"] = sorted({str(r.get("call", "?")) for r in newest.values()})
     return out
 
 

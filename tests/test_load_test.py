@@ -139,6 +139,28 @@ def test_mixed_run_is_compared_with_single_size_runs_at_half_its_rate():
     assert s["mixed_p95_vs_single_worst"] == 4.0
 
 
+def test_only_the_newest_mixed_run_counts_against_the_strictest_single_run():
+    def mixed(call: str, at: str, p95_512: float) -> dict:
+        return _row("sd3serve-exact", "open", 1.0, 62.0, 5.0) | dict(
+            size="512+1024",
+            call=call,
+            at=at,
+            by_size={"512": dict(completed=32, p95_s=p95_512), "1024": dict(completed=30, p95_s=3.0)},
+        )
+
+    rows = [
+        mixed("h3", "2026-12-01T18:39:28Z", 3.0),  # before a fix: superseded
+        mixed("h4", "2026-12-01T20:17:57Z", 1.2),
+        _row("sd3serve-exact", "open", 0.5, 30.0, 0.64) | dict(size="512", call="h2"),
+        _row("sd3serve-exact", "open", 0.5, 30.0, 0.6) | dict(size="512", call="h5"),
+        _row("sd3serve-exact", "open", 0.5, 30.0, 2.0) | dict(call="b"),
+    ]
+    s = serving_summary(dict(rows=rows, systems={}))
+    assert s["mixed_p95_vs_single_sd3serve-exact_512_at_1.0_h3"] == 5.0  # kept, not counted
+    assert s["mixed_p95_vs_single_sd3serve-exact_512_at_1.0"] == 2.0  # 1.2 over h5's 0.6, not h2's 0.64
+    assert s["mixed_p95_vs_single_worst"] == 2.0 and s["mixed_p95_vs_single_calls"] == ["h4"]
+
+
 def test_back_to_back_device_calls_merge_into_the_committed_file(tmp_path, capsys):
     base = [_row("rq-diffusers-compiled", "closed", None, 40.0, 3.0) | dict(call="a", at="t0")]
     committed = tmp_path / "serving.json"
