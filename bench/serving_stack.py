@@ -106,19 +106,24 @@ class Stack:
 
     def mean_batch_size(self, since: float = 0.0) -> float | None:
         """Mean batch of the sd3serve worker's steps since `since` (epoch s), from its step stream."""
-        sizes = [batch for _, _, batch, _ in self.steps_since(since)]
+        sizes = [step[2] for step in self.steps_since(since)]
         return round(sum(sizes) / len(sizes), 2) if sizes else None
 
     def steps_since(self, since: float) -> list[list]:
         """The sd3serve worker's steps since `since` (epoch s), from its step stream:
-        [seconds after `since`, sub-batch size ("WxH"), batch, host seconds of the step]."""
+        [seconds after `since`, sub-batch size ("WxH"), batch, host seconds of the step, the device
+        steps measured meanwhile as [["WxH", seconds], ...]]. With steps in flight the host
+        seconds of a step are mostly its wait for the step before it; the last column is what
+        each size cost the device (rows before call h6 lack it)."""
         from worker.keys import step_log_key
 
         out = []
         for _, f in self._redis().xrange(step_log_key(self.worker_name)):
             at, batch = float(f[b"t"]), int(f[b"batch_size"])
             if at >= since and batch:
-                out.append([round(at - since, 4), f.get(b"size", b"").decode(), batch, float(f[b"step_seconds"])])
+                measured = [m.split("=") for m in f.get(b"device", b"").decode().split(";") if m]
+                device = [[size, float(seconds)] for size, seconds in measured]
+                out.append([round(at - since, 4), f.get(b"size", b"").decode(), batch, float(f[b"step_seconds"]), device])
         return out
 
     # -- processes -----------------------------------------------------------------------------

@@ -147,7 +147,8 @@ class Engine:
         # caller's admissions and the next plan see a device a step behind, not a launch queue's worth.
         self.step_timer.wait_for_room()
         finished = self.scheduler.complete(plan)
-        report.device_seconds = self.observe_step_costs()
+        report.measured = self.observe_step_costs()
+        report.device_seconds = sum(seconds for _, seconds in report.measured)
         report.batch_size = len(plan.requests)
         report.size = plan.key
         report.fresh_ratio = plan.fresh_ratio
@@ -156,13 +157,14 @@ class Engine:
         report.step_seconds = time.monotonic() - now
         return report
 
-    def observe_step_costs(self) -> float:
-        """Hand the scheduler the device seconds of the steps the device has finished; their sum."""
-        total = 0.0
+    def observe_step_costs(self) -> list[tuple[tuple[int, int], float]]:
+        """Hand the scheduler the device seconds of the steps the device has finished; each with
+        its sub-batch size, oldest first."""
+        measured = []
         for charge, seconds in self.step_timer.done():
             self.scheduler.observe(charge, seconds)
-            total += seconds
-        return total
+            measured.append((charge.key, seconds))
+        return measured
 
     def _finish(self, finished: list[ScheduledRequest], report: StepReport) -> None:
         ids = [r.request_id for r in finished]

@@ -127,6 +127,10 @@ def test_counters_and_histograms_move_by_the_right_amounts(tmp_path: Path, tiny_
         # Device seconds (the host clock around each forward, on the CPU): part of every step's time.
         device = delta(worker_before, worker_after, "sd3serve_device_seconds_total")
         assert 0 < device <= sum(float(s["step_seconds"]) for s in ran) + 1e-3
+        # ... and the step stream names the size of every step it measured (all 64², as submitted).
+        measured = [m.split("=") for s in ran for m in s["device"].split(";") if m]
+        assert len(measured) == len(ran) and {size for size, _ in measured} == {"64x64"}
+        assert sum(float(seconds) for _, seconds in measured) == pytest.approx(device, abs=1e-4 * len(ran) + 1e-3)
         # cache_interval 1 (the default): every running request computes attention every step.
         assert worker_after[("sd3serve_attention_fresh_ratio", frozenset())] == 1.0
         assert worker_after[("sd3serve_running_requests", frozenset())] == 0

@@ -77,6 +77,8 @@ class BatchStepping(BatchWorkerState):
                     "size": f"{report.size[1]}x{report.size[0]}" if report.size else "",
                     "fresh_ratio": f"{report.fresh_ratio:.3f}",
                     "step_seconds": f"{report.step_seconds:.5f}",
+                    # the device seconds of the steps it finished meanwhile, each with its size
+                    "device": ";".join(f"{w}x{h}={seconds:.5f}" for (h, w), seconds in report.measured),
                     "finished": len(report.finished),
                     "running": len(self.engine.running_ids()),
                 }
