@@ -79,6 +79,10 @@ class EngineConfig:
     # than this many run, so admissions, the fair share between sizes, cancellations and progress
     # act within a step of the device (engine/step_timer.py). 0: no bound.
     max_steps_in_flight: int = 2
+    # > 0 (with max_steps_in_flight 2): behind a step longer than this, the host plans the next
+    # one this many ms before the running step's expected end instead of at its start, so jobs
+    # arriving meanwhile are seen (engine/step_timer.py). 0: off.
+    plan_lead_ms: float = 0.0
     precision: str = "bf16"  # fp8: needs a GPU of compute capability >= 8.9 and torchao
     attention_precision: str = "bf16"  # fp8: needs a Hopper GPU (9.x) and fa3-fwd; opt-in
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -106,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"min_fresh_per_step must be 0 or 1, got {self.min_fresh_per_step!r}")
         if self.max_steps_in_flight < 0:
             raise ValueError(f"max_steps_in_flight must be >= 0 (0: no bound), got {self.max_steps_in_flight!r}")
+        if self.plan_lead_ms < 0:
+            raise ValueError(f"plan_lead_ms must be >= 0 (0: off), got {self.plan_lead_ms!r}")
         if self.interval_growth < 0:
             raise ValueError("interval_growth must be >= 0 (0: the interval is K from the first step)")
         object.__setattr__(self, "compile", normalize_compile(self.compile))

@@ -63,7 +63,9 @@ class Engine:
             extrapolation_order=self.latent_aware.order,
             extrapolation_times=self.sigmas_of if self.latent_aware.clock == "sigma" else None,
         )
-        self.step_timer: StepTimer[StepCharge] = StepTimer(pipe._execution_device, max_in_flight=config.max_steps_in_flight)
+        self.step_timer: StepTimer[StepCharge] = StepTimer(
+            pipe._execution_device, max_in_flight=config.max_steps_in_flight, plan_lead=config.plan_lead_ms / 1000.0
+        )
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -142,7 +144,7 @@ class Engine:
         except torch.OutOfMemoryError as exc:
             return self._fail_plan(plan, report, "out_of_memory", exc)
         if plan.charge is not None:
-            self.step_timer.stop(plan.charge)
+            self.step_timer.stop(plan.charge, plan.charge.cost)
         # Return with fewer than `max_steps_in_flight` steps on the device (with 2: this one), so the
         # caller's admissions and the next plan see a device a step behind, not a launch queue's worth.
         self.step_timer.wait_for_room()

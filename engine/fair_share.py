@@ -13,8 +13,11 @@ tests/test_fair_share_mixed.py). `max_ratio=1` is equal shares of device time.
 A step counts at its estimated cost when it completes (`StepCosts`: learned seconds per unit of
 work, the work being pixels x transformer rows) until the caller reports its measured cost,
 which on a GPU comes a few steps later, and then counts at that. A key that joins starts at the
-current least virtual time, so it neither monopolises the device to "catch up" nor waits behind
-the others' history. A step counts for at most `max_charge` seconds (times its weight), so one
+least virtual time the others had before their newest step, the one the device is already
+running or about to (start-time fair queueing): so it neither monopolises the device to "catch
+up" nor waits behind the others' history, and it does not wait behind one of their steps twice,
+once on the device and once more in the share (a 512² job joining a 1024² batch of 8 lost 0.3 s
+that way in tests/mixed_size_sim.py). A step counts for at most `max_charge` seconds (times its weight), so one
 slow step (a compile, say) costs its key no long wait afterwards. Between two steps of a key,
 each other key runs for at most `max_ratio * max(max_charge, its step)` plus one of its own
 steps (plus the steps not measured yet when measurements come late): no size starves.
@@ -46,11 +49,17 @@ class StepCharge:
 class StepCosts:
     """Estimated device seconds of a step from its work, learned per key from measured steps
     (an exponential moving average of seconds per unit of work). A key not measured yet takes
-    the mean rate of the measured keys, or `prior_rate` before any measurement."""
+    the mean rate of the measured keys, or `prior_rate` before any measurement. A step of a work
+    already measured at that key takes the moving average of those steps instead: a step has a
+    fixed cost besides its work (a 512² step of 1 request costs more per row than one of 8), so
+    the rate alone is off by up to half at the ends of the batch range, and a batch that runs
+    step after step repeats its seconds closely (engine/step_timer.py plans by them)."""
 
     prior_rate: float = 1.5e-8  # s per pixel-row: SD3-medium on an H200 (0.38 s for 1024² x 20 rows)
     smoothing: float = 0.3  # weight of the newest measurement
     rates: dict[BatchKey, float] = field(default_factory=dict)
+    recent: dict[tuple[BatchKey, float], float] = field(default_factory=dict)  # seconds by (key, work)
+    max_recent: int = 256  # (key, work) pairs kept, the least recently measured dropped first
 
     def __post_init__(self) -> None:
         if self.prior_rate <= 0 or not 0 < self.smoothing <= 1:
@@ -62,7 +71,8 @@ class StepCosts:
         return sum(self.rates.values()) / len(self.rates) if self.rates else self.prior_rate
 
     def estimate(self, key: BatchKey, work: float) -> float:
-        return self.rate(key) * work
+        seen = self.recent.get((key, work))
+        return seen if seen is not None else self.rate(key) * work
 
     def observe(self, key: BatchKey, work: float, seconds: float) -> None:
         """A step of `work` took `seconds`; a step with no transformer work teaches nothing."""
@@ -73,10 +83,15 @@ class StepCosts:
         measured = seconds / work
         old = self.rates.get(key)
         self.rates[key] = measured if old is None else old + self.smoothing * (measured - old)
+        before = self.recent.pop((key, work), None)
+        self.recent[(key, work)] = seconds if before is None else before + self.smoothing * (seconds - before)
+        while len(self.recent) > self.max_recent:
+            self.recent.pop(next(iter(self.recent)))
 
     def reset(self) -> None:
         """Forget every measurement (e.g. the compiling steps of a warm-up)."""
         self.rates.clear()
+        self.recent.clear()
 
 
 @dataclass
@@ -87,6 +102,7 @@ class FairShare:
     max_ratio: float = 8.0  # the largest weight: how far a key with long jobs yields to short ones
     settled: dict[BatchKey, float] = field(default_factory=dict)
     held: dict[BatchKey, float] = field(default_factory=dict)  # estimates not measured yet
+    newest: dict[BatchKey, float] = field(default_factory=dict)  # what the key's newest step added
     _joined: dict[BatchKey, int] = field(default_factory=dict)
     _counter: itertools.count = field(default_factory=itertools.count)
 
@@ -100,14 +116,15 @@ class FairShare:
         return self.settled[key] + self.held[key]
 
     def join(self, key: BatchKey) -> None:
-        """`key` has work; a new key starts at the least virtual time of the others."""
+        """`key` has work; a new key starts at the least virtual time the others had before their
+        newest step (that step is on the device already: the joiner does not wait behind it twice)."""
         if key not in self.settled:
-            self.settled[key] = min((self.vtime(k) for k in self.settled), default=0.0)
+            self.settled[key] = min((self.vtime(k) - self.newest.get(k, 0.0) for k in self.settled), default=0.0)
             self.held[key] = 0.0
             self._joined[key] = next(self._counter)
 
     def leave(self, key: BatchKey) -> None:
-        for table in (self.settled, self.held, self._joined):
+        for table in (self.settled, self.held, self.newest, self._joined):
             table.pop(key, None)
 
     def pick(self, job_seconds: Mapping[BatchKey, float] | None = None) -> BatchKey | None:
@@ -134,14 +151,16 @@ class FairShare:
         """A step of `key` cost `seconds`. A key that left is not charged."""
         if key in self.settled:
             self.settled[key] += min(seconds, self.max_charge) * weight
+            self.newest[key] = min(seconds, self.max_charge) * weight
 
     def hold(self, key: BatchKey, estimate: float, weight: float = 1.0) -> None:
         """A step of `key` ran; count its estimate until `settle` replaces it by its measure."""
         if key in self.held:
             self.held[key] += min(estimate, self.max_charge) * weight
+            self.newest[key] = min(estimate, self.max_charge) * weight
 
     def settle(self, key: BatchKey, estimate: float, seconds: float, weight: float = 1.0) -> None:
         """The step held at `estimate` (at `weight`) was measured at `seconds`."""
         if key in self.held:
             self.held[key] -= min(estimate, self.max_charge) * weight
-            self.charge(key, seconds, weight)
+            self.settled[key] += min(seconds, self.max_charge) * weight

@@ -11,7 +11,10 @@ launching a step and goes on while the device runs it. After a launch it blocks 
 the engine calls after each launch, before the worker admits jobs) and waits for
 the device when a job finishes (the VAE decode copies its image out). Arrivals are admitted on
 the host's clock; a step's measured seconds reach the scheduler once the device has finished it.
-The defaults, one step in flight and no host time, run every step in order. Pure Python."""
+With `plan_lead` > 0 (engine/step_timer.py, `SD3SERVE_PLAN_LEAD_MS`) the host, having waited for
+room, also waits until `plan_lead` before the running step's estimated end (the scheduler's
+estimate, `StepCharge.cost`), or its end if sooner. The defaults, one step in flight and no host
+time, run every step in order. Pure Python."""
 
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class _Launched:
     charge: StepCharge | None
     seconds: float
     end: float  # device clock
+    start: float = 0.0  # device clock
 
 
 def latencies(
@@ -57,6 +61,7 @@ def latencies(
     now: list[float],
     max_in_flight: int = 1,
     host_seconds: float = 0.0,
+    plan_lead: float = 0.0,
 ) -> dict[int, list[float]]:
     """Seconds from arrival to the end of each job's last step on the device, by size. `now[0]` is
     the host's clock, the scheduler's."""
@@ -86,10 +91,16 @@ def latencies(
             continue
         seconds = step_seconds(plan.key[0], len(plan.requests))
         now[0] += host_seconds
-        device_free = max(device_free, now[0]) + seconds
-        queued.append(_Launched(plan.charge, seconds, device_free))
+        start = max(device_free, now[0])
+        device_free = start + seconds
+        queued.append(_Launched(plan.charge, seconds, device_free, start))
+        waited = False
         while queued and (queued[0].end <= now[0] or len(queued) >= max_in_flight):
+            waited = waited or queued[0].end > now[0]
             retire(queued.popleft())
+        if plan_lead and waited and len(queued) == 1 and queued[0].charge is not None:
+            running = queued[0]
+            now[0] = max(now[0], min(running.end, running.start + running.charge.cost - plan_lead))
         finished = scheduler.complete(plan)
         if finished:  # the decode waits for every queued step
             while queued:
@@ -106,6 +117,7 @@ def p95_latency(
     fair: bool = True,
     max_in_flight: int = 1,
     host_seconds: float = 0.0,
+    plan_lead: float = 0.0,
     n: int = 240,
     seed: int = 7,
 ) -> dict[int, float]:
@@ -119,7 +131,7 @@ def p95_latency(
         step_costs=StepCosts() if fair else None,
         share=share or FairShare(),
     )
-    by_size = latencies(scheduler, arrivals(sizes, rate, n, seed), now, max_in_flight, host_seconds)
+    by_size = latencies(scheduler, arrivals(sizes, rate, n, seed), now, max_in_flight, host_seconds, plan_lead)
     return {size: sorted(v)[int(0.95 * len(v))] for size, v in by_size.items()}
 
 
@@ -136,12 +148,12 @@ def p95_alone(size: int, rate: float) -> float:
     return p95_latency([size], rate)[size]  # one size: the rule between sizes does not matter
 
 
-def mixed_vs_alone_run_ahead(rate: float, max_in_flight: int) -> dict[int, float]:
+def mixed_vs_alone_run_ahead(rate: float, max_in_flight: int, plan_lead: float = 0.0) -> dict[int, float]:
     """`mixed_vs_alone` with a host `HOST_SECONDS` a step that runs up to `max_in_flight` steps
     ahead of the device, in the mixed run and in the single-size runs alike."""
 
     def p95(sizes: list[int], at: float) -> dict[int, float]:
-        return p95_latency(sizes, at, max_in_flight=max_in_flight, host_seconds=HOST_SECONDS)
+        return p95_latency(sizes, at, max_in_flight=max_in_flight, host_seconds=HOST_SECONDS, plan_lead=plan_lead)
 
     mixed = p95([512, 1024], rate)
     return {size: mixed[size] / p95([size], rate / 2)[size] for size in mixed}

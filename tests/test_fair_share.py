@@ -234,7 +234,22 @@ def test_costs_learn_a_rate_per_key_and_lend_it_to_unmeasured_keys():
     assert costs.estimate(LARGE, 10.0) == pytest.approx(0.2)  # 0.03 then halfway to 0.01
     assert costs.estimate((256, 256), 10.0) == pytest.approx(0.15)  # the mean rate
     costs.reset()
-    assert costs.rates == {}
+    assert costs.rates == {} and costs.recent == {}
+
+
+def test_a_work_measured_before_is_estimated_by_its_own_seconds():
+    """A step's fixed cost makes the rate per unit of work differ with the batch; a batch already
+    measured at a key is estimated by its own (smoothed) seconds."""
+    costs = StepCosts(smoothing=0.5, max_recent=2)
+    costs.observe(SMALL, 100.0, 1.0)  # a batch of 1: 10 ms of fixed cost per unit
+    costs.observe(SMALL, 800.0, 2.0)  # a batch of 8
+    assert costs.estimate(SMALL, 100.0) == pytest.approx(1.0)  # its own seconds, not 100 x the rate
+    assert costs.estimate(SMALL, 800.0) == pytest.approx(2.0)
+    assert costs.estimate(SMALL, 400.0) == pytest.approx(400 * costs.rate(SMALL))  # unseen: the rate
+    costs.observe(SMALL, 800.0, 3.0)
+    assert costs.estimate(SMALL, 800.0) == pytest.approx(2.5)  # smoothed like the rate
+    costs.observe(LARGE, 100.0, 4.0)  # a third pair: the least recently measured one goes
+    assert (SMALL, 100.0) not in costs.recent and len(costs.recent) == 2
 
 
 def test_weights_are_job_seconds_over_the_shortest_capped():

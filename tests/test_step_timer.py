@@ -33,6 +33,11 @@ def test_bad_timer_settings_are_refused():
         StepTimer(torch.device("cpu"), max_pending=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         StepTimer(torch.device("cpu"), max_in_flight=-1)
+    with pytest.raises(ValueError, match="plan_lead"):
+        StepTimer(torch.device("cpu"), plan_lead=-0.01)
+    with pytest.raises(ValueError, match="plan_lead_ms"):
+        EngineConfig(plan_lead_ms=-1)
+    assert EngineConfig.from_env({"SD3SERVE_PLAN_LEAD_MS": "15"}).plan_lead_ms == 15.0
     with pytest.raises(ValueError, match="max_steps_in_flight"):
         EngineConfig(max_steps_in_flight=-1)
     assert EngineConfig.from_env({}).max_steps_in_flight == 2
@@ -79,6 +84,74 @@ def test_the_host_waits_until_fewer_than_max_in_flight_steps_run(monkeypatch, bo
     assert _DeviceEvent.waited == waited  # the oldest steps, oldest first
     assert timer.in_flight() == left
     assert timer.done() == [(tag, 0.01) for tag in waited]  # what the wait saw finish is measured
+
+
+class _TimedEvent:
+    """A CUDA event that completes at a set time on the host's clock: a device running steps of
+    known length, one after another, from when the first one is queued."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return time.perf_counter() >= self.at
+
+    def synchronize(self) -> None:
+        time.sleep(max(0.0, self.at - time.perf_counter()))
+
+    def elapsed_time(self, end: "_TimedEvent") -> float:
+        return 1000.0 * (end.at - self.at)
+
+
+def _just_in_time_wait(monkeypatch, lengths: list[float], expected: float, plan_lead: float) -> float:
+    """Queue steps of `lengths` seconds back to back (the last one `expected` long by estimate),
+    then time `wait_for_room` with a bound of 2 steps."""
+    monkeypatch.setattr(torch.cuda, "Event", _TimedEvent)
+    timer: StepTimer[int] = StepTimer(torch.device("cuda"), max_in_flight=2, plan_lead=plan_lead)
+    end = time.perf_counter()
+    for tag, length in enumerate(lengths):
+        timer.start()
+        timer.stop(tag, expected if tag == len(lengths) - 1 else length)
+        end += length
+        cast(_TimedEvent, timer._pending[-1].end).at = end
+    start = time.perf_counter()
+    timer.wait_for_room()
+    return time.perf_counter() - start
+
+
+def test_behind_a_long_step_the_host_plans_just_before_it_ends(monkeypatch):
+    # step 0 runs 50 ms, step 1 300 ms: the wait ends 250 ms after step 0, 50 ms before step 1 does
+    waited = _just_in_time_wait(monkeypatch, [0.05, 0.3], expected=0.3, plan_lead=0.05)
+    assert 0.26 <= waited < 0.33, waited
+
+
+def test_a_step_that_ends_before_its_estimate_ends_the_wait(monkeypatch):
+    waited = _just_in_time_wait(monkeypatch, [0.05, 0.1], expected=1.0, plan_lead=0.05)
+    assert 0.14 <= waited < 0.25, waited  # at step 1's end, not 0.95 s after step 0's
+
+
+@pytest.mark.parametrize("plan_lead", [0.0, 0.5])
+def test_off_or_behind_a_short_step_the_host_plans_at_once(monkeypatch, plan_lead):
+    # off (0), or a step expected to take less than the lead: only the wait for step 0 is left
+    waited = _just_in_time_wait(monkeypatch, [0.05, 0.3], expected=0.3, plan_lead=plan_lead)
+    assert 0.04 <= waited < 0.1, waited
+
+
+def test_no_wait_for_a_step_whose_start_the_host_did_not_see(monkeypatch):
+    """Step 0 ended before the call, so when step 1 began is unknown: no just-in-time wait."""
+    monkeypatch.setattr(torch.cuda, "Event", _TimedEvent)
+    timer: StepTimer[int] = StepTimer(torch.device("cuda"), max_in_flight=2, plan_lead=0.01)
+    now = time.perf_counter()
+    for tag, end in enumerate([now - 0.01, now + 0.3]):
+        timer.start()
+        timer.stop(tag, 0.3)
+        cast(_TimedEvent, timer._pending[-1].end).at = end
+    start = time.perf_counter()
+    timer.wait_for_room()
+    assert time.perf_counter() - start < 0.05 and timer.in_flight() == 1
 
 
 def test_cpu_steps_never_wait():
@@ -145,3 +218,37 @@ def test_cuda_host_stays_within_max_in_flight_steps_of_the_device():
     assert max(seen) <= 1, seen
     assert seen[1:].count(1) >= 6, seen  # and the device mostly had the next step queued
     assert [tag for tag, _ in timer.done()] == list(range(8))
+
+
+def _left_after_planning(plan_lead: float) -> tuple[float, float]:
+    """Queue two ~equal CUDA steps, wait for room as the engine does, and time what was left of
+    the running step then; also the measured length of one step."""
+    a = torch.randn(4096, 4096, device="cuda")
+    a = (a @ a).clamp_(-1, 1)
+    torch.cuda.synchronize()
+    probe: StepTimer[int] = StepTimer(torch.device("cuda"))
+    probe.start()
+    for _ in range(20):
+        a = (a @ a).clamp_(-1, 1)
+    probe.stop(0)
+    torch.cuda.synchronize()
+    step = probe.done()[0][1]
+    timer: StepTimer[int] = StepTimer(torch.device("cuda"), max_in_flight=2, plan_lead=plan_lead)
+    for tag in range(2):
+        timer.start()
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        timer.stop(tag, step)
+    timer.wait_for_room()
+    start = time.perf_counter()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_just_in_time_planning_happens_near_the_running_step_s_end():
+    left_at_start, step = _left_after_planning(0.0)
+    left_just_in_time, _ = _left_after_planning(0.005)
+    assert left_at_start > 0.6 * step, (left_at_start, step)  # planned as the step began
+    assert left_just_in_time < 0.4 * step, (left_just_in_time, step)  # planned near its end
