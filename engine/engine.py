@@ -218,13 +218,19 @@ class Engine:
             GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", width=width, height=height)
             for i in range(3)
         ]
-        self.generate([replace(warm[0], steps=2)])
-        # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
-        self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])
-        # One request alone (F..F.F): steps where no row computes attention (min_fresh_per_step 0).
-        self.generate([replace(warm[1], cache_interval=3, cache_policy="attention")])
-        # The prompt encoders saw a batch of two texts ("warm-up" and ""); one text is compiled apart.
-        self.runner.prompts.encode([("warm-up: a single text", "")])
+        stages = [
+            ("exact forward and decode", lambda: self.generate([replace(warm[0], steps=2)])),
+            # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
+            ("cached steps", lambda: self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])),
+            # One request alone (F..F.F): steps where no row computes attention (min_fresh_per_step 0).
+            ("steps with no fresh row", lambda: self.generate([replace(warm[1], cache_interval=3, cache_policy="attention")])),
+            # The prompt encoders saw a batch of two texts ("warm-up" and ""); one text is compiled apart.
+            ("one text", lambda: self.runner.prompts.encode([("warm-up: a single text", "")])),
+        ]
+        for name, run in stages:
+            began = time.perf_counter()
+            run()
+            log.info("warm-up: %s compiled in %.1f s", name, time.perf_counter() - began)
         self.observe_step_costs()
         if self.scheduler.step_costs is not None:
             self.scheduler.step_costs.reset()  # compiling steps say nothing of serving costs
