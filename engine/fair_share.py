@@ -12,15 +12,19 @@ tests/test_fair_share_mixed.py). `max_ratio=1` is equal shares of device time.
 
 A step counts at its estimated cost when it completes (`StepCosts`: learned seconds per unit of
 work, the work being pixels x transformer rows) until the caller reports its measured cost,
-which on a GPU comes a few steps later, and then counts at that. A key that joins starts at the
-least virtual time the others had before their newest step, the one the device is already
-running or about to (start-time fair queueing): so it neither monopolises the device to "catch
-up" nor waits behind the others' history, and it does not wait behind one of their steps twice,
-once on the device and once more in the share (a 512² job joining a 1024² batch of 8 lost 0.3 s
-that way in tests/mixed_size_sim.py). A step counts for at most `max_charge` seconds (times its weight), so one
-slow step (a compile, say) costs its key no long wait afterwards. Between two steps of a key,
-each other key runs for at most `max_ratio * max(max_charge, its step)` plus one of its own
-steps (plus the steps not measured yet when measurements come late): no size starves.
+which on a GPU comes a few steps later, and then counts at that.
+
+A key that joins starts at the least virtual time the others had before their newest step, the
+one the device is already running or about to (start-time fair queueing). So it neither
+monopolises the device to "catch up" nor waits behind the others' history, and it does not wait
+behind one of their steps twice, once on the device and once more in the share (a 512² job
+joining a 1024² batch of 8 lost 0.3 s that way in tests/mixed_size_sim.py).
+
+A step counts for at most `max_charge` seconds (times its weight), so one slow step (a compile,
+say) costs its key no long wait afterwards. Between two steps of a key, each other key runs for
+at most `max_ratio * max(max_charge, its step)` plus one of its own steps (plus the steps not
+measured yet when measurements come late, and once more for a key that has just joined): no
+size starves.
 """
 
 from __future__ import annotations
