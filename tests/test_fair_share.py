@@ -195,6 +195,32 @@ def test_no_key_waits_more_than_a_bounded_time(costs, lag, steps, max_charge, ma
     assert set(last_end) == set(cost_of)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    costs=st.lists(st.floats(0.001, 1.0), min_size=2, max_size=3),
+    joins=st.lists(st.integers(0, 40), min_size=3, max_size=3),
+    max_ratio=st.floats(1.0, 16.0),
+)
+def test_keys_that_join_late_wait_a_bounded_time_too(costs, joins, max_ratio):
+    """Sizes gain work at different steps; each joiner starts below the others by their newest
+    step, so the wait bound gains one such step per key."""
+    sizes = [64, 128, 192][: len(costs)]
+    cost_of = {(size, size): c for size, c in zip(sizes, costs)}
+    s = timed_scheduler(share=FairShare(max_ratio=max_ratio))
+    s.add(req(0, sizes[0], steps=60))
+    late = sorted(zip(joins[1 : len(sizes)], sizes[1:]))
+    last_end: dict[BatchKey, float] = {}
+    for index, (start, plan, seconds) in enumerate(run(s, per_key(cost_of))):
+        while late and late[0][0] <= index:
+            s.add(req(index + 1000, late.pop(0)[1], steps=30))
+        if plan.key in last_end:
+            others = [c for k, c in cost_of.items() if k != plan.key]
+            bound = sum(2 * (max_ratio * max(s.share.max_charge, c) + c) + c for c in others)
+            assert start - last_end[plan.key] <= bound + 1e-9
+        last_end[plan.key] = start + seconds
+    assert set(last_end) == set(cost_of)
+
+
 def test_a_step_counting_scheduler_alternates_and_takes_no_seconds():
     s = Scheduler(max_batch=8, admit_per_boundary=8)
     for i, size in enumerate([64, 128, 192]):
