@@ -155,7 +155,11 @@ def test_only_the_newest_mixed_run_counts_against_the_strictest_single_run():
         _row("sd3serve-exact", "open", 0.5, 30.0, 0.6) | dict(size="512", call="h5"),
         _row("sd3serve-exact", "open", 0.5, 30.0, 2.0) | dict(call="b"),
     ]
+    trial = mixed("h7", "2026-12-02T09:00:00Z", 9.0) | dict(system="sd3serve-exact+lead10")
+    trial_single = _row("sd3serve-exact+lead10", "open", 0.5, 30.0, 0.5) | dict(size="512", call="h8")
+    rows += [trial, trial_single]
     s = serving_summary(dict(rows=rows, systems={}))
+    assert s["mixed_p95_vs_single_sd3serve-exact+lead10_512_at_1.0"] == 18.0  # a trial: reported only
     assert s["mixed_p95_vs_single_sd3serve-exact_512_at_1.0_h3"] == 5.0  # kept, not counted
     assert s["mixed_p95_vs_single_sd3serve-exact_512_at_1.0"] == 2.0  # 1.2 over h5's 0.6, not h2's 0.64
     assert s["mixed_p95_vs_single_worst"] == 2.0 and s["mixed_p95_vs_single_calls"] == ["h4"]
