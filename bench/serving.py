@@ -168,6 +168,16 @@ def _serve(args: argparse.Namespace, stack: Stack, modes: list, size_label: str,
             if args.system == "sd3serve":  # which sub-batch ran when: how sizes shared the device
                 row["steps"] = stack.steps_since(since)
             save_rows(args.out, [row], info, card_name())
+            by_size = "".join(f", {size}² p95 {v['p95_s']} s" for size, v in (row.get("by_size") or {}).items())
+            log.info(
+                "%s at %.3f req/s: %s of %s completed, p95 %s s%s",
+                system,
+                rate,
+                row["completed"],
+                row["submitted"],
+                row["p95_s"],
+                by_size,
+            )
 
 
 def sweep_modes(args: argparse.Namespace) -> list[tuple[str, int]]:
