@@ -110,8 +110,8 @@ class EngineConfig:
             raise ValueError(f"min_fresh_per_step must be 0 or 1, got {self.min_fresh_per_step!r}")
         if self.max_steps_in_flight < 0:
             raise ValueError(f"max_steps_in_flight must be >= 0 (0: no bound), got {self.max_steps_in_flight!r}")
-        if self.plan_lead_ms < 0:
-            raise ValueError(f"plan_lead_ms must be >= 0 (0: off), got {self.plan_lead_ms!r}")
+        if not 0 <= self.plan_lead_ms < 60_000:  # also refuses nan and inf
+            raise ValueError(f"plan_lead_ms must be >= 0 and < 60000 (0: off), got {self.plan_lead_ms!r}")
         if self.interval_growth < 0:
             raise ValueError("interval_growth must be >= 0 (0: the interval is K from the first step)")
         object.__setattr__(self, "compile", normalize_compile(self.compile))

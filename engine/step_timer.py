@@ -51,8 +51,8 @@ class StepTimer(Generic[Tag]):
             raise ValueError("max_pending must be >= 1")
         if max_in_flight < 0:
             raise ValueError("max_in_flight must be >= 0 (0: no bound)")
-        if plan_lead < 0:
-            raise ValueError("plan_lead must be >= 0 (0: plan as soon as there is room)")
+        if not 0 <= plan_lead < 60:  # also refuses nan and inf
+            raise ValueError(f"plan_lead must be >= 0 and < 60 s (0: plan as soon as there is room), got {plan_lead!r}")
         self.cuda = device.type == "cuda"
         self.max_pending = max_pending
         self.max_in_flight = max_in_flight

@@ -35,8 +35,11 @@ def test_bad_timer_settings_are_refused():
         StepTimer(torch.device("cpu"), max_in_flight=-1)
     with pytest.raises(ValueError, match="plan_lead"):
         StepTimer(torch.device("cpu"), plan_lead=-0.01)
-    with pytest.raises(ValueError, match="plan_lead_ms"):
-        EngineConfig(plan_lead_ms=-1)
+    with pytest.raises(ValueError, match="plan_lead"):
+        StepTimer(torch.device("cpu"), plan_lead=float("nan"))
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ValueError, match="PLAN_LEAD_MS|plan_lead_ms"):
+            EngineConfig.from_env({"SD3SERVE_PLAN_LEAD_MS": bad})
     assert EngineConfig.from_env({"SD3SERVE_PLAN_LEAD_MS": "15"}).plan_lead_ms == 15.0
     with pytest.raises(ValueError, match="max_steps_in_flight"):
         EngineConfig(max_steps_in_flight=-1)
