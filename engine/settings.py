@@ -3,6 +3,7 @@ Pure Python: the API, the worker and the engine all read their variables through
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any, Mapping
 
@@ -21,7 +22,10 @@ def parse_value(key: str, value: str, like: Any) -> Any:
         if isinstance(like, int):
             return int(value)
         if isinstance(like, float):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # no setting means anything at nan or inf
+                raise ValueError("expected a finite number")
+            return number
         if isinstance(like, tuple):
             return tuple(part.strip() for part in value.split(",") if part.strip())
     except ValueError as exc:

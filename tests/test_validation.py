@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from worker.config import WorkerConfig
 from engine.config import EngineConfig, limits_for_model, limits_from_env
 from engine.request import MAX_SEED, RequestLimits, RequestValidationError, validate_request
 
@@ -68,6 +69,9 @@ def test_limits_and_config_from_env(tmp_path):
         validate_request({"prompt": "a", "steps": 13}, limits)
     with pytest.raises(ValueError, match="SD3SERVE_MAX_BATCH"):
         EngineConfig.from_env({"SD3SERVE_MAX_BATCH": "many"})
+    for bad in ("nan", "inf", "-inf"):  # a float setting that is not a number is refused by name
+        with pytest.raises(ValueError, match="SD3SERVE_SHUTDOWN_GRACE.*finite"):
+            WorkerConfig.from_env({"SD3SERVE_SHUTDOWN_GRACE": bad})
     with pytest.raises(ValueError, match="latent_aware"):
         EngineConfig(latent_aware="magic")
     (tmp_path / "sd3serve.json").write_text('{"width": 256, "steps": 9}')
