@@ -2,8 +2,9 @@
 open-loop Poisson arrivals, admission as the batching worker does it (`admission_slots`, then
 `add`), measured seconds fed back through `Scheduler.observe`.
 
-A step of b requests costs 0.01 + 0.004 b s at 512² and 0.02 + 0.036 b s at 1024² of device time
-(fitted to ~30 ms for a 512² step of batch ~5 and ~380 ms for a 1024² step of batch ~10).
+A step of b requests costs 0.001 + 0.0078 b s at 512² and 0.001 + 0.036 b s at 1024² of device
+time: the H200's steps in the mixed run of call h4 (median 8.8 / 16.3 / 24.4 ms at 512² batch
+1 / 2 / 3, 36.6 / 72.5 / 108 / 141 ms at 1024² batch 1-4), which also fit its batch-16 rows.
 
 The host and the device keep clocks of their own. The host spends `host_seconds` planning and
 launching a step and goes on while the device runs it. After a launch it blocks until fewer than
@@ -32,7 +33,7 @@ HOST_SECONDS = 0.004  # to plan and launch one compiled step: a small part of it
 
 
 def step_seconds(size: int, batch: int) -> float:
-    fixed, per_request = {512: (0.01, 0.004), 1024: (0.02, 0.036)}[size]
+    fixed, per_request = {512: (0.001, 0.0078), 1024: (0.001, 0.036)}[size]
     return fixed + per_request * batch
 
 
