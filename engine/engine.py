@@ -150,7 +150,6 @@ class Engine:
         self.step_timer.wait_for_room()
         finished = self.scheduler.complete(plan)
         report.measured = self.observe_step_costs()
-        report.device_seconds = sum(seconds for _, seconds in report.measured)
         report.batch_size = len(plan.requests)
         report.size = plan.key
         report.fresh_ratio = plan.fresh_ratio

@@ -45,7 +45,11 @@ class StepReport:
     fresh_ratio: float = 0.0
     step_seconds: float = 0.0
     size: tuple[int, int] | None = None  # (height, width) of the sub-batch that ran; None: no step ran
-    device_seconds: float = 0.0  # device time of the steps measured since the last report (CUDA events)
-    # ... each of those steps with its own sub-batch size: on a GPU the device finishes a step after
-    # the host has moved on, so these are earlier steps than the one this report is for
+    # Device seconds (CUDA events) of the steps measured since the last report, each with its own
+    # sub-batch size: on a GPU the device finishes a step after the host has moved on, so these
+    # are earlier steps than the one this report is for.
     measured: list[tuple[tuple[int, int], float]] = field(default_factory=list)
+
+    @property
+    def device_seconds(self) -> float:
+        return sum(seconds for _, seconds in self.measured)
