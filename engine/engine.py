@@ -138,8 +138,12 @@ class Engine:
         if plan is None:
             return report
         now = time.monotonic()
-        self.step_timer.start()
         try:
+            # New requests' prompts are encoded (and their noise drawn) outside the step's timing:
+            # a job's encoding is its own, not the device time of its size's sub-batch, which the
+            # fair share and its cost model (engine/fair_share.py) count.
+            self.runner.prepare(list(plan.requests))
+            self.step_timer.start()
             self.runner.run(plan)
         except torch.OutOfMemoryError as exc:
             return self._fail_plan(plan, report, "out_of_memory", exc)

@@ -180,6 +180,27 @@ def test_the_engine_learns_each_size_s_step_cost_from_its_steps(tiny_model_dir):
     assert engine.step_timer.done() == []  # every step was read back
 
 
+def test_a_new_request_s_prompt_encoding_is_not_charged_to_its_size_s_step(tiny_model_dir):
+    """Encoding a job's prompt is that job's cost, not its sub-batch's: on the H200 (call h6) it
+    was ~80 ms inside the first step of each job, which inflated its size's learned step cost
+    and let the other size in."""
+    engine = Engine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    encode = engine.runner.prompts.encode
+
+    def slow_encode(pairs):
+        time.sleep(0.3)
+        return encode(pairs)
+
+    engine.runner.prompts.encode = slow_encode  # type: ignore[method-assign]
+    engine.add(validate_request(dict(prompt="a", seed=1, steps=2, width=64, height=64)))
+    first = engine.step()
+    assert first.step_seconds >= 0.3  # the host did encode in this step ...
+    assert [key for key, _ in first.measured] == [(64, 64)]
+    assert first.measured[0][1] < 0.25  # ... but the step's measured cost is the forward alone
+    while engine.has_work():
+        engine.step()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_steps_are_timed_by_events_without_waiting():
