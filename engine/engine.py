@@ -24,7 +24,6 @@ from engine.runner import Runner
 from engine.scheduler import ScheduledRequest, Scheduler
 from engine.speed import SpeedOptions, apply_speed, speed_options_for
 from engine.step_timer import StepTimer
-from engine.text_graphs import TextEncoderGraphs
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,8 @@ class Engine:
         self.attention = AttentionCache(pipe.transformer, history=self.latent_aware.history)
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
         graphs = None
-        self.text_graphs: TextEncoderGraphs | None = None
         if self.speed.cuda_graphs and pipe._execution_device.type == "cuda":
             graphs = ForwardGraphs(pipe.transformer, self.speed.graph_max_tokens, self.attention)
-            self.text_graphs = TextEncoderGraphs(max_texts=max(2, config.admit_per_boundary))
-            self.speed_applied["text_encoder_graphs"] = self.text_graphs.install(pipe)
         self.runner = Runner(pipe, prompts, self.latent_aware, self.attention, graphs)
         self._sigma_lists: dict[tuple[int, int, int], list[float]] = {}
         self.scheduler = Scheduler(
@@ -225,7 +221,7 @@ class Engine:
             GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", width=width, height=height)
             for i in range(3)
         ]
-        stages: list[tuple[str, Callable[[], object]]] = [
+        stages = [
             ("exact forward and decode", lambda: self.generate([replace(warm[0], steps=2)])),
             # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
             ("cached steps", lambda: self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])),
@@ -234,8 +230,6 @@ class Engine:
             # The prompt encoders saw a batch of two texts ("warm-up" and ""); one text is compiled apart.
             ("one text", lambda: self.runner.prompts.encode([("warm-up: a single text", "")])),
         ]
-        if self.text_graphs is not None:  # the text batches an admission makes, captured before serving
-            stages.append(("text encoder graphs", self._warm_text_graphs))
         for name, run in stages:
             began = time.perf_counter()
             run()
@@ -247,11 +241,6 @@ class Engine:
         seconds = time.perf_counter() - start
         log.info("warm-up (compiling) took %.1f s", seconds)
         return seconds
-
-    def _warm_text_graphs(self) -> None:
-        assert self.text_graphs is not None
-        for texts in range(1, self.text_graphs.max_texts + 1):
-            self.runner.prompts.encode([(f"warm-up: text {i} of {texts}", "") for i in range(texts)])
 
     @staticmethod
     def freeze_heap() -> None:
