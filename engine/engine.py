@@ -17,7 +17,8 @@ from engine.config import EngineConfig, limits_for_model, read_model_defaults
 from engine.fair_share import StepCharge, StepCosts
 from engine.graphs import ForwardGraphs
 from engine.latent_aware import make_latent_aware
-from engine.loader import PromptEncoder, load_pipeline
+from engine.loader import load_pipeline
+from engine.prompt_encoder import PromptEncoder
 from engine.request import GenerationRequest
 from engine.step_report import FailedRequest, FinishedRequest, RequestFailed, StepReport
 from engine.runner import Runner
@@ -62,6 +63,7 @@ class Engine:
             step_costs=StepCosts(),  # sizes share the device fairly in measured seconds
             extrapolation_order=self.latent_aware.order,
             extrapolation_times=self.sigmas_of if self.latent_aware.clock == "sigma" else None,
+            ready=lambda request: prompts.ready((request.prompt, request.negative_prompt)),
         )
         self.step_timer: StepTimer[StepCharge] = StepTimer(
             pipe._execution_device, max_in_flight=config.max_steps_in_flight, plan_lead=config.plan_lead_ms / 1000.0
@@ -76,7 +78,9 @@ class Engine:
         return self.scheduler.admission_slots()
 
     def add(self, request: GenerationRequest) -> None:
+        """Queue `request`; its prompt is encoded on the prompt thread meanwhile (engine/prompt_encoder.py)."""
         self.scheduler.add(request)
+        self.runner.prompts.prefetch([(request.prompt, request.negative_prompt)])
 
     def cancel(self, request_id: str) -> bool:
         return self.scheduler.cancel(request_id)
@@ -135,6 +139,9 @@ class Engine:
     def step(self) -> StepReport:
         report = StepReport(canceled=self.drop_canceled())
         plan = self.scheduler.plan()
+        if plan is None and self.scheduler.waiting and not self.scheduler.num_running():
+            self.runner.prompts.wait_for_any(timeout=1.0)  # an idle device waits for a prompt, not a spin
+            plan = self.scheduler.plan()
         if plan is None:
             return report
         now = time.monotonic()
@@ -263,6 +270,8 @@ class Engine:
         while pending or self.has_work():
             for _ in range(min(self.admission_slots(), len(pending))):
                 self.add(pending.pop(0))
+            if not self.scheduler.num_running():
+                self.runner.prompts.wait_for_all()  # requests given together start together
             report = self.step()
             finished.extend(report.finished)
             if progress is not None:

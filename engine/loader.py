@@ -1,10 +1,8 @@
-"""Loading a diffusers SD3 pipeline, its serving defaults, and the prompt-embedding LRU cache."""
+"""Loading a diffusers SD3 pipeline and its serving defaults (prompt embeddings: engine/prompt_encoder.py)."""
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,58 +58,3 @@ def _ready(pipe: StableDiffusion3Pipeline) -> StableDiffusion3Pipeline:
         if module is not None:
             module.eval().requires_grad_(False)
     return pipe
-
-
-@dataclass(frozen=True)
-class PromptEmbeddings:
-    """Embeddings of one (prompt, negative prompt) pair; each tensor has a batch dim of 1."""
-
-    prompt: torch.Tensor
-    pooled: torch.Tensor
-    negative: torch.Tensor
-    negative_pooled: torch.Tensor
-
-
-class PromptEncoder:
-    """The pipeline's own `encode_prompt`, batched over misses, behind an LRU cache of texts.
-
-    Prompts and negative prompts go through the same text encoders (`encode_prompt` encodes the
-    negative exactly as a prompt), so the cache is keyed by text: a batch of requests with the
-    usual empty negative prompt encodes "" once, not once per request as the pipeline does.
-    """
-
-    def __init__(self, pipe: StableDiffusion3Pipeline, max_sequence_length: int, capacity: int = 256) -> None:
-        self.pipe = pipe
-        self.max_sequence_length = max_sequence_length
-        self.capacity = capacity
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    @torch.inference_mode()
-    def encode(self, pairs: list[tuple[str, str]]) -> list[PromptEmbeddings]:
-        texts = [text for pair in pairs for text in pair]
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        self.hits += len(texts) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=missing,
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                device=self.pipe._execution_device,
-                num_images_per_prompt=1,
-                max_sequence_length=self.max_sequence_length,
-            )
-            for i, text in enumerate(missing):
-                self._cache[text] = (embeds[i : i + 1], pooled[i : i + 1])
-        out = []
-        for prompt, negative in pairs:
-            (pe, pp), (ne, npooled) = self._cache[prompt], self._cache[negative]
-            out.append(PromptEmbeddings(pe, pp, ne, npooled))
-        for text in texts:
-            self._cache.move_to_end(text)
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        return out

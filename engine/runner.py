@@ -22,7 +22,7 @@ from PIL import Image
 from engine.attention import AttentionCache
 from engine.graphs import ForwardGraphs
 from engine.latent_aware import LatentAware
-from engine.loader import PromptEncoder
+from engine.prompt_encoder import PromptEncoder
 from engine.scheduler import ScheduledRequest, StepPlan
 from engine.transfers import to_device, to_host_pixels
 

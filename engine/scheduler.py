@@ -64,6 +64,9 @@ class Scheduler:
     fresh_credit: dict[BatchKey, float] = field(default_factory=dict)
     step_costs: StepCosts | None = None  # None: every step costs 1 (round-robin over keys)
     share: FairShare = field(default_factory=FairShare)
+    # Whether a waiting request's inputs are in (the engine's prompt embeddings, encoded ahead on a
+    # thread): one that is not stays waiting while the others run.
+    ready: Callable[[GenerationRequest], bool] = lambda request: True
     slots: SlotTable = field(init=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +162,8 @@ class Scheduler:
         for request in list(self.waiting):
             key = request.size
             if not self.at_boundary(key) or per_key.get(key, 0) >= self.admit_per_boundary:
+                continue
+            if not self.ready(request):
                 continue
             policy = self.policy_of(request)
             cost = self.cache_bytes_of(request, policy)

@@ -1,0 +1,151 @@
+"""Prompts are encoded ahead on a thread (engine/prompt_encoder.py): a job whose prompt is still being
+encoded waits while the running batch keeps stepping; an idle engine waits for it without a spin;
+the embeddings are the pipeline's own."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.request import validate_request
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+
+
+def _slow_prompts(engine, seconds: float, word: str = "slow"):
+    """Make the pipeline's encoder take `seconds` longer for texts with `word`; returns a restore."""
+    pipe = engine.pipe
+    encode_prompt = pipe.encode_prompt
+    threads: list[str] = []
+
+    def slow(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        if any(word in text for text in kwargs["prompt"]):
+            time.sleep(seconds)
+        return encode_prompt(*args, **kwargs)
+
+    pipe.encode_prompt = slow
+    return threads, lambda: setattr(pipe, "encode_prompt", encode_prompt)
+
+
+def test_a_prompt_being_encoded_does_not_hold_up_the_running_batch(engine):
+    threads, restore = _slow_prompts(engine, 1.0)
+    try:
+        fast = validate_request(dict(prompt="a fast cat", seed=1, steps=100, width=64, height=64, request_id="fast"))
+        engine.add(fast)
+        engine.step()  # "fast" runs
+        slow = validate_request(dict(prompt="a slow dog", seed=2, steps=2, width=64, height=64, request_id="slow"))
+        engine.add(slow)
+        began = time.perf_counter()
+        stepped = 0
+        while time.perf_counter() - began < 0.3:
+            report = engine.step()
+            assert engine.progress("slow") == (0, 2)  # still encoding: not admitted ...
+            assert report.size == (64, 64) and report.batch_size == 1  # ... while "fast" steps alone
+            stepped += 1
+        assert stepped >= 2, stepped
+        assert "sd3serve-prompts" in " ".join(threads)  # the slow text went to the prompt thread
+        finished = engine.run([])  # drives both to the end
+        assert {f.request.request_id for f in finished} == {"fast", "slow"}
+    finally:
+        restore()
+
+
+def test_an_idle_engine_waits_for_the_prompt_then_steps(engine):
+    _, restore = _slow_prompts(engine, 0.3, word="patient")
+    try:
+        engine.add(validate_request(dict(prompt="a patient owl", seed=3, steps=2, width=64, height=64, request_id="owl")))
+        began = time.perf_counter()
+        report = engine.step()
+        assert time.perf_counter() - began >= 0.25  # it waited for the encoding ...
+        assert report.size == (64, 64) and report.batch_size == 1  # ... and then ran the step
+        engine.run([])
+    finally:
+        restore()
+
+
+def test_embeddings_from_the_thread_are_the_pipeline_s_own(engine):
+    prompts = engine.runner.prompts
+    pairs = [("a red square, thread", "blurry, thread"), ("a blue circle, thread", "")]
+    misses = prompts.misses
+    prompts.prefetch(pairs)
+    got = prompts.encode(pairs)
+    assert prompts.misses - misses == 3  # three new texts ("" was encoded before), each once
+    with torch.inference_mode():
+        for (prompt, negative), emb in zip(pairs, got):
+            want, _, pooled, _ = engine.pipe.encode_prompt(
+                prompt=[prompt, negative],
+                prompt_2=None,
+                prompt_3=None,
+                do_classifier_free_guidance=False,
+                device=engine.pipe._execution_device,
+                num_images_per_prompt=1,
+                max_sequence_length=prompts.max_sequence_length,
+            )
+            torch.testing.assert_close(emb.prompt, want[0:1])
+            torch.testing.assert_close(emb.negative, want[1:2])
+            torch.testing.assert_close(emb.pooled, pooled[0:1])
+    hits = prompts.hits
+    prompts.encode(pairs)
+    assert prompts.hits - hits == 4 and prompts.misses - misses == 3  # looked up again: cached
+
+
+def test_an_encoder_error_on_the_thread_fails_the_step_and_is_not_cached(engine):
+    pipe = engine.pipe
+    encode_prompt = pipe.encode_prompt
+
+    def broken(*args, **kwargs):
+        if any("broken" in text for text in kwargs["prompt"]):
+            raise RuntimeError("the text encoder broke")
+        return encode_prompt(*args, **kwargs)
+
+    pipe.encode_prompt = broken
+    try:
+        engine.add(validate_request(dict(prompt="a broken lamp", seed=4, steps=2, width=64, height=64, request_id="lamp")))
+        with pytest.raises(RuntimeError, match="text encoder broke"):
+            while engine.has_work():
+                engine.step()
+        assert engine.cancel("lamp")  # as the worker does with a failed step's requests
+        engine.drop_canceled()
+        assert not engine.has_work()
+    finally:
+        pipe.encode_prompt = encode_prompt
+    assert "a broken lamp" not in engine.runner.prompts._cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_thread_s_stream_hands_over_equal_embeddings(tiny_model_dir):
+    cuda = Engine.from_config(EngineConfig(model=str(tiny_model_dir), device="cuda", dtype="bfloat16", compile="off"))
+    prompts = cuda.runner.prompts
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):  # the main stream is busy while the thread encodes on its own
+        busy = (busy @ busy).clamp_(-1, 1)
+    pairs = [("a cuda cat", "a cuda negative")]
+    prompts.prefetch(pairs)
+    prompts.wait_for_all()
+    got = prompts.encode(pairs)[0]
+    assert prompts._stream is not None  # it ran on the thread's stream
+    with torch.inference_mode():
+        want, _, pooled, _ = cuda.pipe.encode_prompt(
+            prompt=list(pairs[0]),
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            device=cuda.pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=prompts.max_sequence_length,
+        )
+    torch.testing.assert_close(got.prompt, want[0:1])
+    torch.testing.assert_close(got.negative, want[1:2])
+    torch.testing.assert_close(got.pooled, pooled[0:1])
+    images = cuda.generate([validate_request(dict(prompt="a cuda cat", seed=5, steps=3, width=64, height=64))])
+    assert len(images) == 1
