@@ -140,7 +140,8 @@ class Engine:
         report = StepReport(canceled=self.drop_canceled())
         plan = self.scheduler.plan()
         if plan is None and self.scheduler.waiting and not self.scheduler.num_running():
-            self.runner.prompts.wait_for_any(timeout=1.0)  # an idle device waits for a prompt, not a spin
+            # An idle device waits for the prompts (not a spin); jobs that came together start together.
+            self.runner.prompts.wait_for_all(timeout=1.0)
             plan = self.scheduler.plan()
         if plan is None:
             return report
@@ -270,8 +271,6 @@ class Engine:
         while pending or self.has_work():
             for _ in range(min(self.admission_slots(), len(pending))):
                 self.add(pending.pop(0))
-            if not self.scheduler.num_running():
-                self.runner.prompts.wait_for_all()  # requests given together start together
             report = self.step()
             finished.extend(report.finished)
             if progress is not None:

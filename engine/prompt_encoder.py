@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -78,19 +78,12 @@ class PromptEncoder:
         with self._lock:
             return all(text not in self._pending or self._pending[text].done() for text in pair)
 
-    def wait_for_any(self, timeout: float | None = None) -> None:
-        """Block until some text being encoded is in (at once if none is)."""
-        self._wait(timeout, FIRST_COMPLETED)
-
     def wait_for_all(self, timeout: float | None = None) -> None:
-        """Block until every text queued so far is in."""
-        self._wait(timeout, ALL_COMPLETED)
-
-    def _wait(self, timeout: float | None, return_when: str) -> None:
+        """Block until every text queued so far is in (at once if none is)."""
         with self._lock:
             futures = list(dict.fromkeys(self._pending.values()))
         if futures:
-            wait(futures, timeout=timeout, return_when=return_when)
+            wait(futures, timeout=timeout)
 
     def _drain(self) -> None:
         with self._lock:
