@@ -38,7 +38,7 @@ SYSTEMS = ("sd3serve", "rq-diffusers-compiled", "rq-diffusers-eager")
 def worker_command(args: argparse.Namespace, offline_out: Path) -> list[str]:
     sizes = ",".join(str(s) for s in args.size)
     if args.system == "sd3serve":
-        cmd = [sys.executable, "-m", "bench.serving_worker", "--warm-sizes", sizes if len(args.size) > 1 else ""]
+        cmd = [sys.executable, "-m", "bench.serving_worker"]  # its sizes warm up through SD3SERVE_WARM_SIZES
         if args.offline_batch:
             cmd += [
                 "--offline-batch",
@@ -108,6 +108,7 @@ def run_system(args: argparse.Namespace) -> None:
         "SD3SERVE_MODEL": args.model,
         "SD3SERVE_MAX_BATCH": str(args.max_batch),
         "SD3SERVE_STEP_LOG_LEN": "100000",  # every step of a call stays readable for the rows' `steps`
+        "SD3SERVE_WARM_SIZES": ",".join(str(s) for s in args.size),  # as a user serving these sizes sets it
         **args.worker_env,
     }
     try:

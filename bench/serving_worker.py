@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offline-cache-intervals", default="1,3")
     p.add_argument("--offline-reps", type=int, default=1)
     p.add_argument("--offline-out", type=Path)
-    p.add_argument("--warm-sizes", default="", help="extra sides to run once before serving (compile)")
     args = p.parse_args(argv)
 
     from engine.engine import Engine
@@ -83,22 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = Engine.from_config(config.engine)
     warm_seconds = engine.warm_up()
-    for size in [int(s) for s in args.warm_sizes.split(",") if s]:
-        for k in (1, 3):
-            engine.generate(
-                [
-                    GenerationRequest(
-                        prompt="warm",
-                        width=size,
-                        height=size,
-                        steps=4,
-                        seed=i,
-                        cache_interval=k,
-                        request_id=f"warm-{size}-{k}-{i}",
-                    )
-                    for i in range(2)
-                ]
-            )
     results: dict[str, Any] = dict(warm_up_seconds=round(warm_seconds, 1), runs=[])
     if args.offline_batch:
         for size in [int(s) for s in args.offline_sizes.split(",") if s]:

@@ -85,6 +85,10 @@ class EngineConfig:
     plan_lead_ms: float = 0.0
     precision: str = "bf16"  # fp8: needs a GPU of compute capability >= 8.9 and torchao
     attention_precision: str = "bf16"  # fp8: needs a Hopper GPU (9.x) and fa3-fwd; opt-in
+    # Image sizes besides the model's default that the warm-up readies before serving ("512" or
+    # "768x512", width x height): every small batch's CUDA graph at each, and its cached steps.
+    # A size first seen while serving pays that inside some job (~0.25 s a batch on an H200).
+    warm_sizes: tuple[str, ...] = ()
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
@@ -115,7 +119,24 @@ class EngineConfig:
         if self.interval_growth < 0:
             raise ValueError("interval_growth must be >= 0 (0: the interval is K from the first step)")
         object.__setattr__(self, "compile", normalize_compile(self.compile))
+        self.warm_dimensions()  # a bad size fails here, with its name
         random_model_name(self.model)  # an unknown random:<name> fails here, before any loading
+
+    def warm_dimensions(self) -> list[tuple[int, int]]:
+        """`warm_sizes` as (width, height) pairs."""
+        out = []
+        for text in self.warm_sizes:
+            parts = str(text).lower().split("x")
+            try:
+                width, height = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+            except ValueError:
+                width = height = 0
+            if width <= 0 or height <= 0:
+                raise ValueError(
+                    f"warm_sizes: {text!r} is not a size; give sides like 512 or 768x512 (SD3SERVE_WARM_SIZES=512,1024)"
+                )
+            out.append((width, height))
+        return out
 
     def compile_enabled(self, device_type: str) -> bool:
         """Whether the speed work is on for a device of this type ("cuda", "cpu", ...)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -19,12 +18,13 @@ from engine.graphs import ForwardGraphs
 from engine.latent_aware import make_latent_aware
 from engine.loader import load_pipeline
 from engine.prompt_encoder import PromptEncoder
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, RequestValidationError, validate_request
 from engine.step_report import FailedRequest, FinishedRequest, RequestFailed, StepReport
 from engine.runner import Runner
 from engine.scheduler import ScheduledRequest, Scheduler
 from engine.speed import SpeedOptions, apply_speed, speed_options_for
 from engine.step_timer import StepTimer
+from engine.warm_up import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ class Engine:
         defaults = read_model_defaults(config.model)
         self.max_sequence_length = config.max_sequence_length or defaults.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
         self.limits = limits_for_model(config.limits, config.model)
+        for width, height in config.warm_dimensions():  # refused at start, by the request rules
+            try:
+                validate_request(dict(prompt="warm-up", width=width, height=height), self.limits)
+            except RequestValidationError as exc:
+                raise ValueError(f"warm_sizes (SD3SERVE_WARM_SIZES): {width}x{height} can't be served: {exc}") from None
         self.latent_aware = make_latent_aware(config.latent_aware)
         self.attention = AttentionCache(pipe.transformer, history=self.latent_aware.history)
         prompts = PromptEncoder(pipe, self.max_sequence_length, config.prompt_cache_size)
@@ -138,11 +143,10 @@ class Engine:
 
     def step(self) -> StepReport:
         report = StepReport(canceled=self.drop_canceled())
-        plan = self.scheduler.plan()
-        if plan is None and self.scheduler.waiting and not self.scheduler.num_running():
+        if self.scheduler.waiting and not self.scheduler.num_running():
             # An idle device waits for the prompts (not a spin); jobs that came together start together.
             self.runner.prompts.wait_for_all(timeout=1.0)
-            plan = self.scheduler.plan()
+        plan = self.scheduler.plan()
         if plan is None:
             return report
         now = time.monotonic()
@@ -216,39 +220,9 @@ class Engine:
         self.runner.release(req.request_id)
 
     def warm_up(self) -> float:
-        """Compile before serving: the first forward, a cached step, the VAE decoder at one and two
-        images and the text encoders at one and two texts (torch specialises a batch of 1).
-        Minutes, so a worker runs it before taking jobs; then freezes the heap (`freeze_heap`).
-        Compiles nothing when the speed work is off. Returns seconds spent."""
-        if not (self.speed.compile or self.speed.vae_compile or self.speed.text_compile):
-            self.freeze_heap()
-            return 0.0
-        start = time.perf_counter()
-        width, height = self.limits.default_width, self.limits.default_height
-        warm = [
-            GenerationRequest(prompt="warm-up", steps=6, seed=i, request_id=f"warm-up-{i}", width=width, height=height)
-            for i in range(3)
-        ]
-        stages = [
-            ("exact forward and decode", lambda: self.generate([replace(warm[0], steps=2)])),
-            # Two requests at K=2 alternate: cached steps with a hold and with extrapolation.
-            ("cached steps", lambda: self.generate([replace(r, cache_interval=2, cache_policy="attention") for r in warm[1:]])),
-            # One request alone (F..F.F): steps where no row computes attention (min_fresh_per_step 0).
-            ("steps with no fresh row", lambda: self.generate([replace(warm[1], cache_interval=3, cache_policy="attention")])),
-            # The prompt encoders saw a batch of two texts ("warm-up" and ""); one text is compiled apart.
-            ("one text", lambda: self.runner.prompts.encode([("warm-up: a single text", "")])),
-        ]
-        for name, run in stages:
-            began = time.perf_counter()
-            run()
-            log.info("warm-up: %s compiled in %.1f s", name, time.perf_counter() - began)
-        self.observe_step_costs()
-        if self.scheduler.step_costs is not None:
-            self.scheduler.step_costs.reset()  # compiling steps say nothing of serving costs
-        self.freeze_heap()
-        seconds = time.perf_counter() - start
-        log.info("warm-up (compiling) took %.1f s", seconds)
-        return seconds
+        """Compile and capture before serving (engine/warm_up.py); minutes, so a worker runs it
+        before taking jobs. Returns seconds spent."""
+        return warm_up(self)
 
     @staticmethod
     def freeze_heap() -> None:
@@ -271,6 +245,9 @@ class Engine:
         while pending or self.has_work():
             for _ in range(min(self.admission_slots(), len(pending))):
                 self.add(pending.pop(0))
+            # Offline nothing else waits for the device: each request joins at the first boundary
+            # after it was given, as it would with its prompt encoded in the step.
+            self.runner.prompts.wait_for_all()
             report = self.step()
             finished.extend(report.finished)
             if progress is not None:

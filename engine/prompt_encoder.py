@@ -69,9 +69,9 @@ class PromptEncoder:
             if self._thread is None:
                 self._thread = ThreadPoolExecutor(1, thread_name_prefix="sd3serve-prompts")
             self._queued.extend(new)
-            future: Future[None] = self._thread.submit(self._drain)
             for text in new:
-                self._pending[text] = future
+                self._pending[text] = Future()  # settled by the drain that encodes the text
+            self._thread.submit(self._drain)
 
     def ready(self, pair: tuple[str, str]) -> bool:
         """Whether `encode([pair])` would not wait for the encoding thread."""
@@ -90,12 +90,18 @@ class PromptEncoder:
             texts, self._queued = self._queued[: self.max_batch], self._queued[self.max_batch :]
         if not texts:
             return  # an earlier run took them
+        error: BaseException | None = None
         try:
             self._encode_into_cache(texts, on_side_stream=True)
-        finally:
-            with self._lock:
-                for text in texts:
-                    self._pending.pop(text, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for these texts
+            error = exc
+        with self._lock:
+            settled = [self._pending.pop(text) for text in texts if text in self._pending]
+        for future in settled:
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
     # -- in the step loop ---------------------------------------------------------------------
     @torch.inference_mode()

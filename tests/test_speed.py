@@ -156,6 +156,7 @@ def test_cached_steps_trace_into_the_compiled_blocks_without_a_graph_break(tiny_
     counters.clear()
     for request in _requests(3, k=2, policy="attention", steps=6):
         fast.add(request)
+    fast.runner.prompts.wait_for_all()  # the prompt thread's first encoding compiles the text encoders
     breaks_per_step = []
     while fast.has_work():
         before = sum(counters["graph_break"].values())
