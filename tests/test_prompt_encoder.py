@@ -36,6 +36,23 @@ def _slow_prompts(engine, seconds: float, word: str = "slow"):
     return threads, lambda: setattr(pipe, "encode_prompt", encode_prompt)
 
 
+def _assert_the_pipeline_s_own(engine, pair: tuple[str, str], emb) -> None:
+    """`emb` equals what the pipeline's `encode_prompt` gives for the pair, called directly."""
+    with torch.inference_mode():
+        want, _, pooled, _ = engine.pipe.encode_prompt(
+            prompt=list(pair),
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            device=engine.pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=engine.runner.prompts.max_sequence_length,
+        )
+    torch.testing.assert_close(emb.prompt, want[0:1])
+    torch.testing.assert_close(emb.negative, want[1:2])
+    torch.testing.assert_close(emb.pooled, pooled[0:1])
+
+
 def test_a_prompt_being_encoded_does_not_hold_up_the_running_batch(engine):
     threads, restore = _slow_prompts(engine, 1.0)
     try:
@@ -79,20 +96,8 @@ def test_embeddings_from_the_thread_are_the_pipeline_s_own(engine):
     prompts.prefetch(pairs)
     got = prompts.encode(pairs)
     assert prompts.misses - misses == 3  # three new texts ("" was encoded before), each once
-    with torch.inference_mode():
-        for (prompt, negative), emb in zip(pairs, got):
-            want, _, pooled, _ = engine.pipe.encode_prompt(
-                prompt=[prompt, negative],
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                device=engine.pipe._execution_device,
-                num_images_per_prompt=1,
-                max_sequence_length=prompts.max_sequence_length,
-            )
-            torch.testing.assert_close(emb.prompt, want[0:1])
-            torch.testing.assert_close(emb.negative, want[1:2])
-            torch.testing.assert_close(emb.pooled, pooled[0:1])
+    for pair, emb in zip(pairs, got):
+        _assert_the_pipeline_s_own(engine, pair, emb)
     hits = prompts.hits
     prompts.encode(pairs)
     assert prompts.hits - hits == 4 and prompts.misses - misses == 3  # looked up again: cached
@@ -134,18 +139,6 @@ def test_on_cuda_the_thread_s_stream_hands_over_equal_embeddings(tiny_model_dir)
     prompts.wait_for_all()
     got = prompts.encode(pairs)[0]
     assert prompts._stream is not None  # it ran on the thread's stream
-    with torch.inference_mode():
-        want, _, pooled, _ = cuda.pipe.encode_prompt(
-            prompt=list(pairs[0]),
-            prompt_2=None,
-            prompt_3=None,
-            do_classifier_free_guidance=False,
-            device=cuda.pipe._execution_device,
-            num_images_per_prompt=1,
-            max_sequence_length=prompts.max_sequence_length,
-        )
-    torch.testing.assert_close(got.prompt, want[0:1])
-    torch.testing.assert_close(got.negative, want[1:2])
-    torch.testing.assert_close(got.pooled, pooled[0:1])
+    _assert_the_pipeline_s_own(cuda, pairs[0], got)
     images = cuda.generate([validate_request(dict(prompt="a cuda cat", seed=5, steps=3, width=64, height=64))])
     assert len(images) == 1
