@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable, Mapping
 
 from engine.fair_share import FairShare, StepCharge, StepCosts
 from engine.request import GenerationRequest
@@ -48,12 +49,27 @@ def arrivals(sizes: list[int], rate: float, n: int, seed: int) -> deque[tuple[fl
     return out
 
 
+@dataclass(frozen=True)
+class JobCosts:
+    """A job's device work besides its denoising steps, as the H200 showed it (call h6's stream):
+    its prompt's encoding and the decode after its last step. `encode_mode`: "charged", inside
+    its first step and counted in that step's measured seconds (before call h9); "in_step", inside
+    it but timed apart (call h9); "ahead", on the prompt thread, the job admitted once it is in
+    and the device not held (call h10). `step`: a step's device seconds by size and batch."""
+
+    encode: float = 0.0
+    encode_mode: str = "charged"
+    decode: Mapping[int, float] = field(default_factory=dict)
+    step: Callable[[int, int], float] = step_seconds
+
+
 @dataclass
 class _Launched:
     charge: StepCharge | None
     seconds: float
     end: float  # device clock
     start: float = 0.0  # device clock
+    measured: float = 0.0  # what the scheduler is told
 
 
 def latencies(
@@ -63,26 +79,28 @@ def latencies(
     max_in_flight: int = 1,
     host_seconds: float = 0.0,
     plan_lead: float = 0.0,
+    costs: JobCosts = JobCosts(),
 ) -> dict[int, list[float]]:
-    """Seconds from arrival to the end of each job's last step on the device, by size. `now[0]` is
-    the host's clock, the scheduler's."""
+    """Seconds from arrival to the end of each job's last step (and its decode) on the device, by
+    size. `now[0]` is the host's clock, the scheduler's."""
+    arrival = {request.request_id: at for at, request in jobs}
+    if costs.encode and costs.encode_mode == "ahead":  # admissible once its prompt is in
+        jobs = deque((at + costs.encode, request) for at, request in jobs)
     pending: deque[tuple[float, GenerationRequest]] = deque()
     queued: deque[_Launched] = deque()
-    arrived: dict[str, float] = {}
     out: dict[int, list[float]] = {}
     device_free = 0.0
 
     def retire(step: _Launched) -> None:
         now[0] = max(now[0], step.end)
         if scheduler.step_costs is not None and step.charge is not None:
-            scheduler.observe(step.charge, step.seconds)
+            scheduler.observe(step.charge, step.measured)
 
     while jobs or pending or scheduler.has_work():
         while jobs and jobs[0][0] <= now[0]:
             pending.append(jobs.popleft())
         for _ in range(min(scheduler.admission_slots(), len(pending))):
-            at, request = pending.popleft()
-            arrived[request.request_id] = at
+            _, request = pending.popleft()
             scheduler.add(request)
         plan = scheduler.plan()
         if plan is None:
@@ -90,11 +108,13 @@ def latencies(
                 raise AssertionError("the scheduler planned nothing with work waiting")
             now[0] = max(now[0], jobs[0][0])
             continue
-        seconds = step_seconds(plan.key[0], len(plan.requests))
+        seconds = costs.step(plan.key[0], len(plan.requests))
+        encoding = costs.encode * len(plan.admitted) if costs.encode_mode != "ahead" else 0.0
         now[0] += host_seconds
         start = max(device_free, now[0])
-        device_free = start + seconds
-        queued.append(_Launched(plan.charge, seconds, device_free, start))
+        device_free = start + seconds + encoding
+        measured = seconds + (encoding if costs.encode_mode == "charged" else 0.0)
+        queued.append(_Launched(plan.charge, seconds + encoding, device_free, start, measured))
         waited = False
         while queued and (queued[0].end <= now[0] or len(queued) >= max_in_flight):
             waited = waited or queued[0].end > now[0]
@@ -106,8 +126,9 @@ def latencies(
         if finished:  # the decode waits for every queued step
             while queued:
                 retire(queued.popleft())
+            device_free = now[0] = max(device_free, now[0]) + costs.decode.get(plan.key[0], 0.0) * len(finished)
         for done in finished:
-            out.setdefault(done.request.width, []).append(now[0] - arrived[done.request_id])
+            out.setdefault(done.request.width, []).append(now[0] - arrival[done.request_id])
     return out
 
 

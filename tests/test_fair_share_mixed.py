@@ -77,3 +77,22 @@ def test_planning_just_before_a_long_step_ends_shortens_the_short_jobs():
     just_in_time = _seed_mean_ratios(1.0, 0.01, seeds)
     assert just_in_time[512] <= at_start[512] - 0.1, (at_start, just_in_time)
     assert just_in_time[1024] <= at_start[1024] + 0.05, (at_start, just_in_time)
+
+
+def test_prompts_encoded_ahead_keep_both_sizes_from_waiting_on_them():
+    """A job's 80 ms of prompt encoding (call h6): inside its first step and charged to its size,
+    it holds every job and tips the fair share; on the prompt thread only the job itself waits."""
+    from tests.mixed_size_sim import JobCosts, arrivals, latencies
+    from engine.fair_share import StepCosts
+    from engine.scheduler import Scheduler
+
+    def p95(mode: str) -> dict[int, float]:
+        now = [0.0]
+        scheduler = Scheduler(max_batch=16, admit_per_boundary=4, clock=lambda: now[0], step_costs=StepCosts())
+        costs = JobCosts(encode=0.08, encode_mode=mode, decode={512: 0.02, 1024: 0.06})
+        by_size = latencies(scheduler, arrivals([512, 1024], 0.8, 240, 7), now, 2, HOST_SECONDS, costs=costs)
+        return {size: sorted(v)[int(0.95 * len(v))] for size, v in by_size.items()}
+
+    charged, apart, ahead = p95("charged"), p95("in_step"), p95("ahead")
+    assert ahead[512] < 0.85 * charged[512] and ahead[1024] < 0.85 * charged[1024], (charged, ahead)
+    assert apart[512] <= charged[512], (charged, apart)  # timed apart, the share is not tipped

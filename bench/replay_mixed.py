@@ -1,0 +1,72 @@
+"""Replay a mixed-size serving run's arrivals through the real scheduler (tests/mixed_size_sim.py):
+the same jobs at the same times, step costs fitted to the H200's step stream, and each way of
+handling a job's prompt encoding the engine has had. CPU only, seconds.
+
+    python -m bench.replay_mixed --call h6 --out bench/results/replay_mixed_h6.json
+
+Step costs (device seconds, call h6's `steps` column): 512² 2 + 8 ms a request, 1024² 1.7 + 36.6
+ms a request; per job 80 ms of prompt encoding (the first steps' excess over their batch's median)
+and a decode of 20 / 60 ms (512² / 1024²). Two steps in flight, 4 ms of host time a step. What it
+leaves out: CUDA graph captures mid-run, PNG encoding, storage and the API's long-poll (the
+run's p95 are ~0.1-0.3 s above the replay's where those are absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import deque
+from pathlib import Path
+
+from engine.fair_share import FairShare, StepCosts
+from engine.request import GenerationRequest
+from engine.scheduler import Scheduler
+from tests.mixed_size_sim import STEPS, JobCosts, latencies
+
+RESULTS = Path("bench/results/serving_h200.json")
+MODES = ("charged", "in_step", "ahead")  # call h6's engine, call h9's, call h10's
+
+
+def h200_step(size: int, batch: int) -> float:
+    fixed, per_request = {512: (0.002, 0.008), 1024: (0.0017, 0.0366)}[size]
+    return fixed + per_request * batch
+
+
+def replay(jobs: list[list], costs: JobCosts, plan_lead: float = 0.0) -> dict[str, float]:
+    """p95 seconds by size of `jobs` ([size, submitted, started, finished] rows of a serving run)."""
+    now = [0.0]
+    arrivals = deque(
+        (job[1], GenerationRequest(prompt="p", steps=STEPS, cache_interval=1, request_id=f"r{i}", width=job[0], height=job[0]))
+        for i, job in enumerate(jobs)
+    )
+    scheduler = Scheduler(max_batch=16, admit_per_boundary=4, clock=lambda: now[0], step_costs=StepCosts(), share=FairShare())
+    by_size = latencies(scheduler, arrivals, now, max_in_flight=2, host_seconds=0.004, plan_lead=plan_lead, costs=costs)
+    return {str(size): round(sorted(v)[int(0.95 * len(v))], 3) for size, v in sorted(by_size.items())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--call", default="h6", help="the serving run whose arrivals are replayed")
+    p.add_argument("--rate", type=float, default=1.0)
+    p.add_argument("--encode", type=float, default=0.08, help="seconds of one job's prompt encoding")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    rows = json.loads(args.results.read_text())["rows"]
+    matching = [r for r in rows if r.get("call") == args.call and r["rate_per_s"] == args.rate and "+" in str(r["size"])]
+    if not matching:
+        raise SystemExit(f"no mixed-size row of call {args.call!r} at {args.rate} req/s in {args.results}")
+    row = matching[-1]
+    measured = {size: stats["p95_s"] for size, stats in row["by_size"].items()}
+    out: dict = dict(call=args.call, rate_per_s=args.rate, system=row["system"], measured_p95_s=measured, replayed_p95_s={})
+    for mode in MODES:
+        costs = JobCosts(encode=args.encode, encode_mode=mode, decode={512: 0.02, 1024: 0.06}, step=h200_step)
+        out["replayed_p95_s"][mode] = replay(row["jobs"], costs)
+        out["replayed_p95_s"][f"{mode}+lead10"] = replay(row["jobs"], costs, plan_lead=0.01)
+    print(json.dumps(out, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
