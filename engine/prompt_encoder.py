@@ -111,20 +111,18 @@ class PromptEncoder:
             waiting = list(dict.fromkeys(self._pending[t] for t in texts if t in self._pending))
         for future in waiting:
             future.result()  # re-raises what the thread raised
-        with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-            first_lookups = [t for t in dict.fromkeys(texts) if t in self._unseen]
+        with self._lock:  # taken in one go: the thread may evict what it does not hold
+            entries = {text: self._cache[text] for text in texts if text in self._cache}
+            for text in entries:
+                self._cache.move_to_end(text)
+            missing = [text for text in dict.fromkeys(texts) if text not in entries]
+            first_lookups = [text for text in entries if text in self._unseen]
             self._unseen.difference_update(first_lookups)
             self.hits += len(texts) - len(missing) - len(first_lookups)
         if missing:
-            self._encode_into_cache(missing, on_side_stream=False)
+            entries.update(self._encode_into_cache(missing, on_side_stream=False))
         current = torch.cuda.current_stream() if self._stream is not None else None
         out = []
-        with self._lock:
-            entries = {text: self._cache[text] for text in texts}
-            for text in texts:
-                self._cache.move_to_end(text)
-            self._evict()
         for entry in {id(e): e for e in entries.values()}.values():
             if entry.done is not None and current is not None:
                 current.wait_event(entry.done)  # the device waits, the host does not
@@ -136,7 +134,7 @@ class PromptEncoder:
         return out
 
     @torch.inference_mode()
-    def _encode_into_cache(self, texts: list[str], on_side_stream: bool) -> None:
+    def _encode_into_cache(self, texts: list[str], on_side_stream: bool) -> dict[str, _Encoded]:
         device = self.pipe._execution_device
         side = on_side_stream and device.type == "cuda"
         if side and self._stream is None:
@@ -155,13 +153,14 @@ class PromptEncoder:
             if side:
                 done = torch.cuda.Event()
                 done.record()
+        encoded = {text: _Encoded(embeds[i : i + 1], pooled[i : i + 1], done) for i, text in enumerate(texts)}
         with self._lock:
             self.misses += len(texts)
-            for i, text in enumerate(texts):
-                self._cache[text] = _Encoded(embeds[i : i + 1], pooled[i : i + 1], done)
-                if on_side_stream:
-                    self._unseen.add(text)
+            self._cache.update(encoded)
+            if on_side_stream:
+                self._unseen.update(texts)
             self._evict()
+        return encoded
 
     def _evict(self) -> None:
         """Drop the least recently used texts past `capacity` (the lock is held)."""

@@ -142,3 +142,14 @@ def test_on_cuda_the_thread_s_stream_hands_over_equal_embeddings(tiny_model_dir)
     _assert_the_pipeline_s_own(cuda, pairs[0], got)
     images = cuda.generate([validate_request(dict(prompt="a cuda cat", seed=5, steps=3, width=64, height=64))])
     assert len(images) == 1
+
+
+def test_a_cache_smaller_than_one_call_s_texts_still_hands_them_all_out(engine):
+    from engine.prompt_encoder import PromptEncoder
+
+    tiny = PromptEncoder(engine.pipe, engine.runner.prompts.max_sequence_length, capacity=1)
+    pair = ("a cat, capacity one", "a dog, capacity one")
+    tiny.prefetch([("a bird, capacity one", "")])  # the thread evicts while the loop looks up
+    got = tiny.encode([pair])[0]
+    _assert_the_pipeline_s_own(engine, pair, got)
+    assert len(tiny._cache) <= 1
