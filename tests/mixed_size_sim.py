@@ -55,12 +55,20 @@ class JobCosts:
     its prompt's encoding and the decode after its last step. `encode_mode`: "charged", inside
     its first step and counted in that step's measured seconds (before call h9); "in_step", inside
     it but timed apart (call h9); "ahead", on the prompt thread, the job admitted once it is in
-    and the device not held (call h10). `step`: a step's device seconds by size and batch."""
+    and the device not held (call h10). `step`: a step's device seconds by size and batch.
+    `capture`: device seconds of a step whose forward is captured as a CUDA graph, the first time
+    its size runs at that batch (`graphed`: the largest graphed batch by size) unless the warm-up
+    had it (`warm`: (size, batch) pairs). `finish`: seconds from a job's decode to its client
+    seeing it (PNG, storage, the API), host time only."""
 
     encode: float = 0.0
     encode_mode: str = "charged"
     decode: Mapping[int, float] = field(default_factory=dict)
     step: Callable[[int, int], float] = step_seconds
+    capture: float = 0.0
+    graphed: Mapping[int, int] = field(default_factory=dict)
+    warm: frozenset[tuple[int, int]] = frozenset()
+    finish: float = 0.0
 
 
 @dataclass
@@ -87,6 +95,7 @@ def latencies(
     if costs.encode and costs.encode_mode == "ahead":  # admissible once its prompt is in
         jobs = deque((at + costs.encode, request) for at, request in jobs)
     pending: deque[tuple[float, GenerationRequest]] = deque()
+    captured = set(costs.warm)
     queued: deque[_Launched] = deque()
     out: dict[int, list[float]] = {}
     device_free = 0.0
@@ -109,6 +118,10 @@ def latencies(
             now[0] = max(now[0], jobs[0][0])
             continue
         seconds = costs.step(plan.key[0], len(plan.requests))
+        shape = (plan.key[0], len(plan.requests))
+        if costs.capture and shape[1] <= costs.graphed.get(shape[0], 0) and shape not in captured:
+            captured.add(shape)
+            seconds += costs.capture
         encoding = costs.encode * len(plan.admitted) if costs.encode_mode != "ahead" else 0.0
         now[0] += host_seconds
         start = max(device_free, now[0])
@@ -128,7 +141,7 @@ def latencies(
                 retire(queued.popleft())
             device_free = now[0] = max(device_free, now[0]) + costs.decode.get(plan.key[0], 0.0) * len(finished)
         for done in finished:
-            out.setdefault(done.request.width, []).append(now[0] - arrival[done.request_id])
+            out.setdefault(done.request.width, []).append(now[0] + costs.finish - arrival[done.request_id])
     return out
 
 

@@ -96,3 +96,20 @@ def test_prompts_encoded_ahead_keep_both_sizes_from_waiting_on_them():
     charged, apart, ahead = p95("charged"), p95("in_step"), p95("ahead")
     assert ahead[512] < 0.85 * charged[512] and ahead[1024] < 0.85 * charged[1024], (charged, ahead)
     assert apart[512] <= charged[512], (charged, apart)  # timed apart, the share is not tipped
+
+
+def test_graphs_captured_mid_run_stretch_the_short_jobs_unless_warmed_first():
+    """A graph capture (~0.23 s on the H200) the first time a 512² batch runs lands inside the jobs
+    of that batch (call h10); the warm-up of every served size (SD3SERVE_WARM_SIZES) takes it out."""
+    from tests.mixed_size_sim import JobCosts, arrivals, latencies
+    from engine.fair_share import StepCosts
+    from engine.scheduler import Scheduler
+
+    def worst_512(warm: frozenset[tuple[int, int]]) -> float:
+        now = [0.0]
+        scheduler = Scheduler(max_batch=16, admit_per_boundary=4, clock=lambda: now[0], step_costs=StepCosts())
+        costs = JobCosts(encode=0.05, encode_mode="ahead", capture=0.23, graphed={512: 4, 1024: 1}, warm=warm)
+        return max(latencies(scheduler, arrivals([512, 1024], 0.8, 60, 7), now, 2, HOST_SECONDS, costs=costs)[512])
+
+    everything = frozenset((512, b) for b in range(1, 5)) | {(1024, 1)}
+    assert worst_512(everything) < worst_512(frozenset()) - 0.15
