@@ -13,8 +13,17 @@ from __future__ import annotations
 
 import pytest
 
-from engine.fair_share import FairShare
-from tests.mixed_size_sim import HOST_SECONDS, mixed_vs_alone, mixed_vs_alone_run_ahead, p95_latency
+from engine.fair_share import FairShare, StepCosts
+from engine.scheduler import Scheduler
+from tests.mixed_size_sim import (
+    HOST_SECONDS,
+    JobCosts,
+    arrivals,
+    latencies,
+    mixed_vs_alone,
+    mixed_vs_alone_run_ahead,
+    p95_latency,
+)
 
 RATES = (0.3, 0.5, 0.8)  # requests/s, half of each size
 
@@ -82,9 +91,6 @@ def test_planning_just_before_a_long_step_ends_shortens_the_short_jobs():
 def test_prompts_encoded_ahead_keep_both_sizes_from_waiting_on_them():
     """A job's 80 ms of prompt encoding (call h6): inside its first step and charged to its size,
     it holds every job and tips the fair share; on the prompt thread only the job itself waits."""
-    from tests.mixed_size_sim import JobCosts, arrivals, latencies
-    from engine.fair_share import StepCosts
-    from engine.scheduler import Scheduler
 
     def p95(mode: str) -> dict[int, float]:
         now = [0.0]
@@ -101,9 +107,6 @@ def test_prompts_encoded_ahead_keep_both_sizes_from_waiting_on_them():
 def test_graphs_captured_mid_run_stretch_the_short_jobs_unless_warmed_first():
     """A graph capture (~0.23 s on the H200) the first time a 512² batch runs lands inside the jobs
     of that batch (call h10); the warm-up of every served size (SD3SERVE_WARM_SIZES) takes it out."""
-    from tests.mixed_size_sim import JobCosts, arrivals, latencies
-    from engine.fair_share import StepCosts
-    from engine.scheduler import Scheduler
 
     def worst_512(warm: frozenset[tuple[int, int]]) -> float:
         now = [0.0]
