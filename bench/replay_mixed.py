@@ -20,10 +20,8 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from engine.fair_share import FairShare, StepCosts
 from engine.request import GenerationRequest
-from engine.scheduler import Scheduler
-from tests.mixed_size_sim import STEPS, JobCosts, latencies
+from tests.mixed_size_sim import STEPS, JobCosts, p95_by_size, serve
 
 RESULTS = Path("bench/results/serving_h200.json")
 CAPTURE_SECONDS = 0.23  # a 512² step that captured its graph mid-run (calls h6, h10: 0.22-0.24 s)
@@ -39,14 +37,12 @@ def h200_step(size: int, batch: int) -> float:
 
 def replay(jobs: list[list], costs: JobCosts, plan_lead: float = 0.0) -> dict[str, float]:
     """p95 seconds by size of `jobs` ([size, submitted, started, finished] rows of a serving run)."""
-    now = [0.0]
     arrivals = deque(
         (job[1], GenerationRequest(prompt="p", steps=STEPS, cache_interval=1, request_id=f"r{i}", width=job[0], height=job[0]))
         for i, job in enumerate(jobs)
     )
-    scheduler = Scheduler(max_batch=16, admit_per_boundary=4, clock=lambda: now[0], step_costs=StepCosts(), share=FairShare())
-    by_size = latencies(scheduler, arrivals, now, max_in_flight=2, host_seconds=0.004, plan_lead=plan_lead, costs=costs)
-    return {str(size): round(sorted(v)[int(0.95 * len(v))], 3) for size, v in sorted(by_size.items())}
+    by_size = serve(arrivals, max_in_flight=2, host_seconds=0.004, plan_lead=plan_lead, costs=costs)
+    return {str(size): round(p95, 3) for size, p95 in sorted(p95_by_size(by_size).items())}
 
 
 def main() -> None:

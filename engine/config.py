@@ -127,15 +127,10 @@ class EngineConfig:
         out = []
         for text in self.warm_sizes:
             parts = str(text).lower().split("x")
-            try:
-                width, height = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
-            except ValueError:
-                width = height = 0
-            if width <= 0 or height <= 0:
-                raise ValueError(
-                    f"warm_sizes: {text!r} is not a size; give sides like 512 or 768x512 (SD3SERVE_WARM_SIZES=512,1024)"
-                )
-            out.append((width, height))
+            sides = [int(p) for p in parts if p.strip().isdigit()] if len(parts) <= 2 else []
+            if len(sides) != len(parts) or not all(sides):
+                raise ValueError(f"warm_sizes: {text!r} is not a size; give sides like 512 or 768x512 (SD3SERVE_WARM_SIZES)")
+            out.append((sides[0], sides[-1]))
         return out
 
     def compile_enabled(self, device_type: str) -> bool:

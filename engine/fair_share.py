@@ -151,20 +151,24 @@ class FairShare:
 
         return {k: weight(seconds) for k, seconds in job_seconds.items()}
 
+    def counted(self, seconds: float, weight: float) -> float:
+        """The virtual time a step of `seconds` adds at `weight`."""
+        return min(seconds, self.max_charge) * weight
+
     def charge(self, key: BatchKey, seconds: float, weight: float = 1.0) -> None:
         """A step of `key` cost `seconds`. A key that left is not charged."""
         if key in self.settled:
-            self.settled[key] += min(seconds, self.max_charge) * weight
-            self.newest[key] = min(seconds, self.max_charge) * weight
+            self.newest[key] = self.counted(seconds, weight)
+            self.settled[key] += self.newest[key]
 
     def hold(self, key: BatchKey, estimate: float, weight: float = 1.0) -> None:
         """A step of `key` ran; count its estimate until `settle` replaces it by its measure."""
         if key in self.held:
-            self.held[key] += min(estimate, self.max_charge) * weight
-            self.newest[key] = min(estimate, self.max_charge) * weight
+            self.newest[key] = self.counted(estimate, weight)
+            self.held[key] += self.newest[key]
 
     def settle(self, key: BatchKey, estimate: float, seconds: float, weight: float = 1.0) -> None:
         """The step held at `estimate` (at `weight`) was measured at `seconds`."""
         if key in self.held:
-            self.held[key] -= min(estimate, self.max_charge) * weight
-            self.settled[key] += min(seconds, self.max_charge) * weight
+            self.held[key] -= self.counted(estimate, weight)
+            self.settled[key] += self.counted(seconds, weight)

@@ -86,10 +86,16 @@ class PromptEncoder:
             wait(futures, timeout=timeout)
 
     def _drain(self) -> None:
-        with self._lock:
-            texts, self._queued = self._queued[: self.max_batch], self._queued[self.max_batch :]
-        if not texts:
-            return  # an earlier run took them
+        """Encode the queued texts, `max_batch` at a time, until none is left (an earlier run may
+        have taken them all)."""
+        while True:
+            with self._lock:
+                texts, self._queued = self._queued[: self.max_batch], self._queued[self.max_batch :]
+            if not texts:
+                return
+            self._encode_batch(texts)
+
+    def _encode_batch(self, texts: list[str]) -> None:
         error: BaseException | None = None
         try:
             self._encode_into_cache(texts, on_side_stream=True)

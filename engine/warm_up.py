@@ -51,7 +51,9 @@ def graph_batches(engine: "Engine", width: int, height: int) -> list[int]:
     return [b for b in range(1, engine.config.max_batch + 1) if graphs.fits(2 * b, height // scale, width // scale)]
 
 
-def size_stages(engine: "Engine", width: int, height: int) -> list[tuple[str, Callable[[], object]]]:
+def size_stages(
+    engine: "Engine", width: int, height: int, skip_batches: tuple[int, ...] = ()
+) -> list[tuple[str, Callable[[], object]]]:
     def request(i: int, **fields) -> GenerationRequest:
         fields = {"steps": 2, **fields}
         return GenerationRequest(
@@ -61,6 +63,7 @@ def size_stages(engine: "Engine", width: int, height: int) -> list[tuple[str, Ca
     stages: list[tuple[str, Callable[[], object]]] = [
         (f"{width}x{height} exact, {b} requests", lambda b=b: engine.generate([request(i) for i in range(b)]))  # type: ignore[misc]
         for b in graph_batches(engine, width, height)
+        if b not in skip_batches
     ]
     cached = [request(i, steps=6, cache_interval=3, cache_policy="attention") for i in range(2)]
     stages.append((f"{width}x{height} cached K=3", lambda: engine.generate(cached)))
@@ -76,9 +79,10 @@ def warm_up(engine: "Engine") -> float:
         return 0.0
     start = time.perf_counter()
     stages = default_size_stages(engine)
-    sizes = dict.fromkeys([(engine.limits.default_width, engine.limits.default_height), *engine.config.warm_dimensions()])
-    for width, height in sizes:
-        stages += size_stages(engine, width, height)
+    default = (engine.limits.default_width, engine.limits.default_height)
+    for width, height in dict.fromkeys([default, *engine.config.warm_dimensions()]):
+        # one request at the default size ran in the first stage already
+        stages += size_stages(engine, width, height, skip_batches=(1,) if (width, height) == default else ())
     for name, run in stages:
         began = time.perf_counter()
         run()

@@ -145,6 +145,32 @@ def latencies(
     return out
 
 
+def p95_by_size(by_size: Mapping[int, list[float]]) -> dict[int, float]:
+    return {size: sorted(v)[int(0.95 * len(v))] for size, v in by_size.items()}
+
+
+def serve(
+    jobs: deque[tuple[float, GenerationRequest]],
+    share: FairShare | None = None,
+    fair: bool = True,
+    max_in_flight: int = 1,
+    host_seconds: float = 0.0,
+    plan_lead: float = 0.0,
+    costs: JobCosts = JobCosts(),
+) -> dict[int, list[float]]:
+    """`latencies` of `jobs` through a scheduler as the worker's engine has it (16 running, 4
+    admitted a boundary). `fair=False`: the scheduler counts steps (round-robin between sizes)."""
+    now = [0.0]
+    scheduler = Scheduler(
+        max_batch=16,
+        admit_per_boundary=4,
+        clock=lambda: now[0],
+        step_costs=StepCosts() if fair else None,
+        share=share or FairShare(),
+    )
+    return latencies(scheduler, jobs, now, max_in_flight, host_seconds, plan_lead, costs)
+
+
 def p95_latency(
     sizes: list[int],
     rate: float,
@@ -155,19 +181,12 @@ def p95_latency(
     plan_lead: float = 0.0,
     n: int = 240,
     seed: int = 7,
+    costs: JobCosts = JobCosts(),
 ) -> dict[int, float]:
     """p95 seconds by size of `n` jobs arriving at `rate` per second, sizes drawn evenly from
-    `sizes`. `fair=False`: the scheduler counts steps (round-robin between sizes)."""
-    now = [0.0]
-    scheduler = Scheduler(
-        max_batch=16,
-        admit_per_boundary=4,
-        clock=lambda: now[0],
-        step_costs=StepCosts() if fair else None,
-        share=share or FairShare(),
-    )
-    by_size = latencies(scheduler, arrivals(sizes, rate, n, seed), now, max_in_flight, host_seconds, plan_lead)
-    return {size: sorted(v)[int(0.95 * len(v))] for size, v in by_size.items()}
+    `sizes`."""
+    jobs = arrivals(sizes, rate, n, seed)
+    return p95_by_size(serve(jobs, share, fair, max_in_flight, host_seconds, plan_lead, costs))
 
 
 def mixed_vs_alone(rate: float, share: FairShare | None = None, fair: bool = True) -> dict[int, float]:

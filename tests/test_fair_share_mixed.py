@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.fair_share import FairShare, StepCosts
-from engine.scheduler import Scheduler
+from engine.fair_share import FairShare
 from tests.mixed_size_sim import (
     HOST_SECONDS,
     JobCosts,
     arrivals,
-    latencies,
     mixed_vs_alone,
     mixed_vs_alone_run_ahead,
     p95_latency,
+    serve,
 )
 
 RATES = (0.3, 0.5, 0.8)  # requests/s, half of each size
@@ -93,11 +92,8 @@ def test_prompts_encoded_ahead_keep_both_sizes_from_waiting_on_them():
     it holds every job and tips the fair share; on the prompt thread only the job itself waits."""
 
     def p95(mode: str) -> dict[int, float]:
-        now = [0.0]
-        scheduler = Scheduler(max_batch=16, admit_per_boundary=4, clock=lambda: now[0], step_costs=StepCosts())
         costs = JobCosts(encode=0.08, encode_mode=mode, decode={512: 0.02, 1024: 0.06})
-        by_size = latencies(scheduler, arrivals([512, 1024], 0.8, 240, 7), now, 2, HOST_SECONDS, costs=costs)
-        return {size: sorted(v)[int(0.95 * len(v))] for size, v in by_size.items()}
+        return p95_latency([512, 1024], 0.8, max_in_flight=2, host_seconds=HOST_SECONDS, costs=costs)
 
     charged, apart, ahead = p95("charged"), p95("in_step"), p95("ahead")
     assert ahead[512] < 0.85 * charged[512] and ahead[1024] < 0.85 * charged[1024], (charged, ahead)
@@ -109,10 +105,8 @@ def test_graphs_captured_mid_run_stretch_the_short_jobs_unless_warmed_first():
     of that batch (call h10); the warm-up of every served size (SD3SERVE_WARM_SIZES) takes it out."""
 
     def worst_512(warm: frozenset[tuple[int, int]]) -> float:
-        now = [0.0]
-        scheduler = Scheduler(max_batch=16, admit_per_boundary=4, clock=lambda: now[0], step_costs=StepCosts())
         costs = JobCosts(encode=0.05, encode_mode="ahead", capture=0.23, graphed={512: 4, 1024: 1}, warm=warm)
-        return max(latencies(scheduler, arrivals([512, 1024], 0.8, 60, 7), now, 2, HOST_SECONDS, costs=costs)[512])
+        return max(serve(arrivals([512, 1024], 0.8, 60, 7), max_in_flight=2, host_seconds=HOST_SECONDS, costs=costs)[512])
 
     everything = frozenset((512, b) for b in range(1, 5)) | {(1024, 1)}
     assert worst_512(everything) < worst_512(frozenset()) - 0.15

@@ -153,3 +153,13 @@ def test_a_cache_smaller_than_one_call_s_texts_still_hands_them_all_out(engine):
     got = tiny.encode([pair])[0]
     _assert_the_pipeline_s_own(engine, pair, got)
     assert len(tiny._cache) <= 1
+
+
+def test_one_prefetch_of_more_texts_than_a_batch_encodes_them_all(engine):
+    from engine.prompt_encoder import PromptEncoder
+
+    small = PromptEncoder(engine.pipe, engine.runner.prompts.max_sequence_length, max_batch=2)
+    pairs = [(f"text {i} of a long prefetch", "") for i in range(3)]  # 4 texts, 2 a batch
+    small.prefetch(pairs)
+    small.wait_for_all(timeout=30)
+    assert all(small.ready(pair) for pair in pairs) and small.misses == 4
