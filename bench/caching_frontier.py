@@ -35,8 +35,20 @@ def canonical_name(name: str) -> str:
     return parse_setting(name).canonical()
 
 
-def speed_table(paths: list[Path], steps: int, size: int, batch: int, key) -> dict[str, tuple[float, str]]:
-    """setting -> (speed-up, source) from GPU speed JSONs, rows at these steps, size and batch only."""
+def speed_table(
+    paths: list[Path],
+    steps: int,
+    size: int,
+    batch: int,
+    key,
+    cached_steps: dict[str, float] | None = None,
+    not_used: dict[str, str] | None = None,
+) -> dict[str, tuple[float, str]]:
+    """setting -> (speed-up, source) from GPU speed JSONs, rows at these steps, size and batch only.
+
+    With `cached_steps` (setting -> mean steps cached in the quality run), a GPU row that cached a
+    different number of steps measured another schedule (random weights make cache-dit's residual
+    test decide differently), so it is skipped and the reason put in `not_used`."""
     table: dict[str, tuple[float, str]] = {}
     for path in paths:
         data = json.loads(path.read_text())
@@ -47,8 +59,17 @@ def speed_table(paths: list[Path], steps: int, size: int, batch: int, key) -> di
                 continue
             if row.get("size", size) != size or row.get("batch", 1) != batch:
                 continue
+            name = key(row["setting"])
+            expected = (cached_steps or {}).get(name)
+            if expected is not None and abs(row.get("cached_steps", expected) - expected) > 0.5:
+                if not_used is not None:
+                    not_used[name] = (
+                        f"{path}: the GPU run cached {row['cached_steps']} of {steps} steps, the quality run "
+                        f"{expected:.2f}; FLOP-ideal speed-up kept"
+                    )
+                continue
             speedup = float(row.get("speedup_vs_exact", row.get("speedup")))
-            table[key(row["setting"])] = (speedup, f"gpu: {card} {size}² batch {batch}")
+            table[name] = (speedup, f"gpu: {card} {size}² batch {batch}")
     return table
 
 
@@ -76,6 +97,21 @@ def sd3serve_points(data: dict, speeds: dict[str, tuple[float, str]]) -> list[Po
 def cache_dit_points(data: dict, speeds: dict[str, tuple[float, str]]) -> list[Point]:
     exact = next(r["judge_accuracy"] for r in data["rows"] if r["setting"] == "exact")
     return [_point("cache-dit", row["setting"], row, exact, speeds) for row in data["rows"] if row["setting"] != "exact"]
+
+
+def cache_dit_points_at_blocks(data: dict, blocks: int) -> list[Point]:
+    """cache-dit's points with FLOP fractions for a transformer of `blocks` blocks: on a cached
+    step DBCache still runs its first Fn and last Bn blocks, so it skips (blocks - Fn - Bn) of
+    `blocks` rather than of the reference model's 6. FLOP-ideal, an upper bound of its speed-up."""
+    exact = next(r["judge_accuracy"] for r in data["rows"] if r["setting"] == "exact")
+    points = []
+    for row in data["rows"]:
+        if row["setting"] == "exact":
+            continue
+        cached = row["cached_steps_mean"] / data["steps"]
+        fraction = 1.0 - cached * (blocks - row["fn"] - row["bn"]) / blocks
+        points.append(_point("cache-dit", row["setting"], dict(row, flop_fraction=fraction), exact, {}))
+    return points
 
 
 def check_same_prompts(files: dict[Path, dict]) -> tuple[int, int]:
@@ -140,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         help="bench/quality.py JSONs of sd3serve on a larger prompt set (e.g. all 280): their own summary, "
         "under summary_confirmed (cache-dit is compared on the --quality prompt set only)",
     )
+    parser.add_argument(
+        "--cache-dit-blocks",
+        type=int,
+        default=24,
+        help="also compare cache-dit at this transformer depth (SD3-medium: 24), FLOP-ideal (summary_cache_dit_at_blocks)",
+    )
     parser.add_argument("--size", type=int, default=1024, help="the GPU rows' image size to use")
     parser.add_argument("--batch", type=int, default=16, help="the GPU rows' batch to use")
     parser.add_argument("--out", type=Path, default=RESULTS / "caching_frontier.json")
@@ -154,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts, steps = check_same_prompts({**ours, **theirs})
     speeds = speed_table(args.speed, steps, args.size, args.batch, canonical_name)
     # cache-dit's speed mode runs batch 1 (cache-dit decides per pipeline call)
-    cd_speeds = speed_table(args.cache_dit_speed, steps, args.size, 1, lambda name: name)
+    cd_cached = {r["setting"]: r["cached_steps_mean"] for d in theirs.values() for r in d["rows"] if "cached_steps_mean" in r}
+    cd_not_used: dict[str, str] = {}
+    cd_speeds = speed_table(args.cache_dit_speed, steps, args.size, 1, lambda name: name, cd_cached, cd_not_used)
     points_ours = [p for data in ours.values() for p in sd3serve_points(data, speeds)]
     points_theirs = [p for data in theirs.values() for p in cache_dit_points(data, cd_speeds)]
     confirmed = None
@@ -187,12 +231,22 @@ def main(argv: list[str] | None = None) -> int:
             speed=[str(p) for p in args.speed],
             cache_dit_speed=[str(p) for p in args.cache_dit_speed],
         ),
+        cache_dit_speed_rows_not_used=cd_not_used,
         exact_accuracy={str(p): d["exact_accuracy"] for p, d in ours.items()},
         summary=frontier_summary(points_ours, points_theirs),
         points=[p.as_dict() for p in points_ours + points_theirs],
     )
     if confirmed:
         result["summary_confirmed"] = confirmed
+    if args.cache_dit_blocks and theirs:
+        deep = [p for data in theirs.values() for p in cache_dit_points_at_blocks(data, args.cache_dit_blocks)]
+        compared = frontier_summary(points_ours, deep)
+        result["summary_cache_dit_at_blocks"] = dict(
+            blocks=args.cache_dit_blocks,
+            dominates_cache_dit=compared["dominates_cache_dit"],
+            cache_dit_not_dominated=compared["cache_dit_not_dominated"],
+            points={p.setting: dict(flop_speedup=round(p.flop_speedup, 3), psnr_db=round(p.psnr_db, 3)) for p in deep},
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     title = f"reference model, {prompts} prompts, {steps} steps"

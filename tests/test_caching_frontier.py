@@ -89,11 +89,24 @@ def row(k, warmup, psnr, ssim, acc, flops):
     )
 
 
+def cache_dit_row(setting, psnr, flops, cached_steps, fn=1, bn=0):
+    return dict(
+        setting=setting,
+        fn=fn,
+        bn=bn,
+        judge_accuracy=0.925,
+        psnr_vs_exact=psnr,
+        ssim_vs_exact=0.96,
+        flop_fraction=flops,
+        cached_steps_mean=cached_steps,
+    )
+
+
 def test_frontier_files_from_quality_and_gpu_speed(tmp_path):
     quality = quality_file(tmp_path / "q.json", [row(4, 5, 31.0, 0.962, 0.925, 0.475), row(2, 4, 40.0, 0.99, 0.925, 0.628)])
     cd_rows = [
         dict(setting="exact", judge_accuracy=0.925, psnr_vs_exact=100.0, ssim_vs_exact=1.0, flop_fraction=1.0),
-        dict(setting="F1B0:0.32:ts1:w4:c3", judge_accuracy=0.925, psnr_vs_exact=29.7, ssim_vs_exact=0.96, flop_fraction=0.502),
+        cache_dit_row("F1B0:0.32:ts1:w4:c3", 29.7, 0.502, cached_steps=12.0),
     ]
     cache_dit = tmp_path / "cd.json"
     cache_dit.write_text(json.dumps(dict(prompts=40, stride=7, steps=20, rows=cd_rows)))
@@ -149,3 +162,38 @@ def test_confirm_files_get_their_own_summary(tmp_path):
     assert ideal["accuracy_drop_at_2x"] == pytest.approx(0.006)
     assert (ideal["setting_at_1_5x"], ideal["best_psnr_at_1_5x_db"]) == ("step:4:extrapolate:w6", 38.0)
     assert confirmed["summary"]["best_psnr_at_2x_db"] is None  # no GPU rows
+
+
+def test_cache_dit_gpu_rows_of_another_schedule_are_not_used_and_deeper_models_are_compared(tmp_path):
+    quality = quality_file(tmp_path / "q.json", [row(6, 3, 36.0, 0.984, 0.925, 0.476)])
+    cd_rows = [
+        dict(setting="exact", judge_accuracy=0.925, psnr_vs_exact=100.0, ssim_vs_exact=1.0, flop_fraction=1.0),
+        cache_dit_row("F1B0:0.32:ts1:w4:c3", 29.7, 0.502, cached_steps=12.0),  # 6 blocks: 1 - 0.6 * 5/6
+        cache_dit_row("F2B0:0.16:ts2:w4", 30.3, 0.678, cached_steps=9.7, fn=2),
+    ]
+    cache_dit = tmp_path / "cd.json"
+    cache_dit.write_text(json.dumps(dict(prompts=40, stride=7, steps=20, rows=cd_rows)))
+    cd_speed = tmp_path / "cd_speed.json"
+    cd_speed_rows = [  # random weights: its residual test cached nothing, or a schedule of its own
+        dict(setting="F1B0:0.32:ts1:w4:c3", size=1024, batch=1, steps=20, speedup=1.03, cached_steps=0),
+        dict(setting="F2B0:0.16:ts2:w4", size=1024, batch=1, steps=20, speedup=1.7, cached_steps=10),
+    ]
+    cd_speed.write_text(json.dumps(dict(card="NVIDIA H200", rows=cd_speed_rows)))
+    speed = tmp_path / "caching_h200.json"
+    speed_row = dict(setting="step:6:extrapolate:w3", size=1024, batch=16, steps=20, speedup_vs_exact=2.09)
+    speed.write_text(json.dumps(dict(card="h200", rows=[speed_row])))
+    out = tmp_path / "frontier.json"
+    args = ["--quality", str(quality), "--cache-dit", str(cache_dit), "--out", str(out)]
+    assert main([*args, "--speed", str(speed), "--cache-dit-speed", str(cd_speed)]) == 0
+    result = json.loads(out.read_text())
+    by_setting = {p["setting"]: p for p in result["points"] if p["system"] == "cache-dit"}
+    assert by_setting["F1B0:0.32:ts1:w4:c3"]["speedup_source"] == "flops"  # cached 0 of 12: not its speed
+    assert "cached 0 of 20 steps" in result["cache_dit_speed_rows_not_used"]["F1B0:0.32:ts1:w4:c3"]
+    assert by_setting["F2B0:0.16:ts2:w4"]["speedup"] == 1.7  # 10 against 9.7: the same schedule
+    assert result["summary"]["dominates_cache_dit"] is True
+    deep = result["summary_cache_dit_at_blocks"]
+    assert deep["blocks"] == 24
+    # 24 blocks: a cached step skips 23 of them, 1 / (1 - 0.6 * 23/24) = 2.35x, faster than 2.09x
+    assert deep["points"]["F1B0:0.32:ts1:w4:c3"]["flop_speedup"] == pytest.approx(2.353, abs=1e-3)
+    assert deep["points"]["F2B0:0.16:ts2:w4"]["flop_speedup"] == pytest.approx(1 / (1 - 0.485 * 22 / 24), abs=1e-3)
+    assert deep["cache_dit_not_dominated"] == ["F1B0:0.32:ts1:w4:c3"] and deep["dominates_cache_dit"] is False
