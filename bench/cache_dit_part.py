@@ -82,8 +82,10 @@ def parse_setting(text: str) -> CacheDitSetting:
     )
 
 
-def enable(pipe, setting: CacheDitSetting, steps: int):
-    """cache-dit on `pipe` as its users turn it on."""
+def enable(pipe, setting: CacheDitSetting, steps: int, mask: list[int] | None = None):
+    """cache-dit on `pipe` as its users turn it on. With `mask` (1 compute, 0 cache, a step each)
+    the steps it caches are fixed (cache-dit's `steps_computation_mask`, policy "static") instead of
+    decided by its residual test: the speed mode's way to time a schedule a quality run chose."""
     import cache_dit
 
     layers = len(pipe.transformer.transformer_blocks)
@@ -96,6 +98,7 @@ def enable(pipe, setting: CacheDitSetting, steps: int):
         max_warmup_steps=setting.warmup,
         max_continuous_cached_steps=setting.max_continuous,
         num_inference_steps=steps,
+        **(dict(steps_computation_mask=mask, steps_computation_policy="static") if mask is not None else {}),
     )
     # SD3's last block returns no text stream, so cache-dit never stores the text residual and its
     # encoder calibrator fails ("State 'transformer_blocks_Bn_residual' not found", cache-dit
@@ -259,9 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3, help="speed: timed calls per setting (median)")
+    parser.add_argument(
+        "--cached-steps-from",
+        type=Path,
+        help="speed: a `quality` JSON; each setting caches as many steps as it did there (rounded mean, "
+        "scaled to --steps), on a fixed schedule, since random weights make its residual test decide otherwise",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.command = "python -m bench.cache_dit_part " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.settings_given = args.settings is not None
     if args.settings is None:
         args.settings = [parse_setting(s) for s in (QUALITY_SETTINGS if args.mode == "quality" else SPEED_SETTINGS)]
     torch.manual_seed(0)

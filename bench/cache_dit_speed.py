@@ -11,7 +11,41 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from bench.cache_dit_part import cache_dit_version, cached_steps, enable, write
+from bench.cache_dit_part import CacheDitSetting, cache_dit_version, cached_steps, enable, parse_setting, write
+
+
+def forced_mask(steps: int, cached: int, warmup: int, max_continuous: int = -1) -> list[int]:
+    """A step mask (1 compute, 0 cache) caching `cached` steps: the `warmup` first and the last
+    step computed, the computed ones of the rest spread evenly so that no run of cached steps
+    passes `max_continuous` (-1: no bound). Where they sit barely matters for speed: every cached
+    step of a setting costs the same."""
+    free = steps - 1 - warmup  # steps that may be cached
+    if not 0 <= cached <= free:
+        raise ValueError(f"{cached} cached steps do not fit {steps} steps after a warm-up of {warmup} and the last")
+    computes = free - cached
+    longest = -(-cached // (computes + 1)) if cached else 0  # the longest cached run, spread evenly
+    if max_continuous >= 0 and longest > max_continuous:
+        raise ValueError(f"{cached} cached steps in {free} need runs of {longest}, over max_continuous {max_continuous}")
+    middle = [0] * free
+    for j in range(computes):
+        middle[round((j + 1) * (free + 1) / (computes + 1)) - 1] = 1
+    return [1] * warmup + middle + [1]
+
+
+def schedules_from(path, steps: int) -> dict[str, tuple[CacheDitSetting, list[int]]]:
+    """setting label -> (setting, mask) from a `quality` JSON: the rounded mean of steps it cached
+    there, scaled from that run's steps to `steps`."""
+    import json
+
+    data = json.loads(path.read_text())
+    out = {}
+    for row in data["rows"]:
+        if row["setting"] == "exact":
+            continue
+        setting = parse_setting(row["setting"])
+        cached = round(row["cached_steps_mean"] * steps / data["steps"])
+        out[setting.label] = (setting, forced_mask(steps, cached, setting.warmup, setting.max_continuous))
+    return out
 
 
 def speed(args) -> dict:
@@ -64,14 +98,31 @@ def speed(args) -> dict:
         command=args.command,
         note="transformer + text encoders timed (output_type='latent': no VAE decode)",
     )
+    schedules = schedules_from(args.cached_steps_from, steps) if args.cached_steps_from else {}
+    if schedules:
+        result["schedule"] = f"forced: each setting caches the steps it cached in {args.cached_steps_from} (static)"
+        chosen = {s.label for s in args.settings}
+        missing = chosen - set(schedules)
+        if missing and args.settings_given:
+            raise SystemExit(f"error: {sorted(missing)} not in {args.cached_steps_from}")
+        if not args.settings_given:
+            args.settings = [setting for setting, _ in schedules.values()]
     transformer = base.transformer
     for setting in args.settings:
+        mask = schedules[setting.label][1] if schedules else None
         # A fresh transformer per setting: cache-dit patches the one it is given.
         pipe = type(base)(**dict(base.components, transformer=copy.deepcopy(transformer)))
         pipe.set_progress_bar_config(disable=True)
-        seconds, cached = clock(enable(pipe, setting, steps))
+        seconds, cached = clock(enable(pipe, setting, steps, mask))
         rows.append(
-            dict(setting=setting.label, **asdict(setting), seconds=seconds, speedup=base_seconds / seconds, cached_steps=cached)
+            dict(
+                setting=setting.label,
+                **asdict(setting),
+                seconds=seconds,
+                speedup=base_seconds / seconds,
+                cached_steps=cached,
+                **({"mask": "".join(map(str, mask))} if mask else {}),
+            )
         )
         print(f"{setting.label:24s} {seconds:.3f} s  x{base_seconds / seconds:.2f}  cached {cached}/{steps}", flush=True)
         write(args.out, result)

@@ -1,5 +1,5 @@
-"""bench/cache_dit_part.py's settings and FLOP accounting, and bench.quality's config parsing.
-The run against cache-dit itself needs its venv (bench/README.md); elsewhere it is skipped."""
+"""bench/cache_dit_part.py's settings, FLOP accounting and forced schedules, bench.quality's
+config parsing, and runs of cache-dit itself (a dev dependency) on the reference and tiny models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import pytest
 
 from bench.cache_dit_part import CacheDitSetting, main, parse_setting, skipped_fraction
+from bench.cache_dit_speed import forced_mask
 from bench.quality import parse_configs
 
 
@@ -50,3 +51,34 @@ def test_quality_run_on_the_reference_model(tmp_path):
     cached = rows[1]
     assert 0 < cached["cached_steps_mean"] <= 20 - 2  # a loose threshold caches after the warm-up
     assert 0 < cached["skipped_fraction"] < 1 and cached["psnr_vs_exact"] < 100
+
+
+def test_forced_mask_caches_the_asked_steps_after_the_warm_up():
+    mask = forced_mask(20, 12, warmup=4, max_continuous=3)
+    assert len(mask) == 20 and mask.count(0) == 12
+    assert mask[:4] == [1, 1, 1, 1] and mask[-1] == 1
+    assert "0000" not in "".join(map(str, mask))
+    spread = forced_mask(20, 6, warmup=4)
+    assert spread.count(0) == 6 and "00" not in "".join(map(str, spread))  # spread out, not bunched
+    assert forced_mask(10, 0, warmup=2) == [1] * 10
+    with pytest.raises(ValueError, match="do not fit"):
+        forced_mask(20, 16, warmup=4)  # 15 steps may be cached
+    with pytest.raises(ValueError, match="max_continuous"):
+        forced_mask(20, 13, warmup=4, max_continuous=3)
+
+
+def test_speed_mode_times_the_schedule_its_quality_run_chose(tmp_path):
+    pytest.importorskip("cache_dit")
+    quality = tmp_path / "q.json"
+    rows = [dict(setting="exact", cached_steps_mean=0.0), dict(setting="F1B0:0.16:w2", cached_steps_mean=9.8)]
+    quality.write_text(json.dumps(dict(steps=20, rows=rows)))
+    out = tmp_path / "speed.json"
+    argv = ["speed", "--random", "tiny", "--device", "cpu", "--size", "64", "--steps", "10", "--repeats", "1"]
+    assert main([*argv, "--cached-steps-from", str(quality), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schedule"].startswith("forced")
+    forced = result["rows"][1]
+    assert forced["setting"] == "F1B0:0.16:w2" and forced["mask"] == "1100101001"
+    assert forced["cached_steps"] == 5  # 9.8 of 20 steps, scaled to 10: cache-dit did cache them
+    with pytest.raises(SystemExit, match="not in"):
+        main([*argv, "--settings", "F2B0:0.1", "--cached-steps-from", str(quality), "--out", str(out)])
