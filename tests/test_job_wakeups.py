@@ -119,7 +119,9 @@ def test_the_event_stream_ends_at_once_when_the_job_ends(served, fleet_redis, re
             came = time.time()
     name, data = events[-1]
     assert name == "succeeded" and data["id"] == job_id
-    assert any(name == "running" for name, _ in events)
+    # A tiny 24-step job may start and end between two reads of the stream, so `running` is not
+    # guaranteed here (tests/test_events.py follows an 80-step job's progress); only its kinds are.
+    assert {name for name, _ in events[:-1]} <= {"queued", "running"}
     late = came - _ended_at(redis_conn, job_id)
     print(f"event stream's last event after the job ended: {late * 1000:.1f} ms")
     assert late < 2 * WAKE_BOUND  # an SSE stream also has its own flushing to do
