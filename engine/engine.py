@@ -84,8 +84,17 @@ class Engine:
 
     def add(self, request: GenerationRequest) -> None:
         """Queue `request`; its prompt is encoded on the prompt thread meanwhile (engine/prompt_encoder.py)."""
-        self.scheduler.add(request)
-        self.runner.prompts.prefetch([(request.prompt, request.negative_prompt)])
+        self.add_many([request])
+
+    def add_many(self, requests: list[GenerationRequest]) -> None:
+        """Queue `requests` with their texts handed to the prompt thread in one go, so they are
+        encoded as one batch. Texts handed over one request at a time are batched as the thread
+        finds them, and a text's embedding can differ in its last bits with its batch (CLIP's
+        pooled projection does on the CPU): `run` admits through here so that the same requests
+        given together give the same images every time."""
+        for request in requests:
+            self.scheduler.add(request)
+        self.runner.prompts.prefetch([(r.prompt, r.negative_prompt) for r in requests])
 
     def cancel(self, request_id: str) -> bool:
         return self.scheduler.cancel(request_id)
@@ -243,8 +252,10 @@ class Engine:
         pending = list(requests)
         finished: list[FinishedRequest] = []
         while pending or self.has_work():
-            for _ in range(min(self.admission_slots(), len(pending))):
-                self.add(pending.pop(0))
+            admitted = min(self.admission_slots(), len(pending))
+            if admitted:
+                self.add_many(pending[:admitted])
+                del pending[:admitted]
             # Offline nothing else waits for the device: each request joins at the first boundary
             # after it was given, as it would with its prompt encoded in the step.
             self.runner.prompts.wait_for_all()

@@ -163,3 +163,29 @@ def test_one_prefetch_of_more_texts_than_a_batch_encodes_them_all(engine):
     small.prefetch(pairs)
     small.wait_for_all(timeout=30)
     assert all(small.ready(pair) for pair in pairs) and small.misses == 4
+
+
+def test_requests_given_together_are_encoded_as_one_batch_whatever_the_thread_s_timing(engine, monkeypatch):
+    """A text's embedding can differ in its last bits with the batch it was encoded in, so `run`
+    hands the texts of the requests it admits together to the thread in one go: a thread quick
+    to start cannot split them (it did: `Engine.run` gave other bits from run to run)."""
+    prompts = engine.runner.prompts
+    batches: list[list[str]] = []
+    encode_into_cache, prefetch = prompts._encode_into_cache, prompts.prefetch
+
+    def recording(texts, on_side_stream):
+        batches.append(list(texts))
+        return encode_into_cache(texts, on_side_stream)
+
+    def prefetch_then_yield(pairs):
+        prefetch(pairs)
+        time.sleep(0.05)  # the thread takes what is queued before the next request is added
+
+    monkeypatch.setattr(prompts, "_encode_into_cache", recording)
+    monkeypatch.setattr(prompts, "prefetch", prefetch_then_yield)
+    requests = [
+        validate_request(dict(prompt=f"together {i}", seed=i, steps=2, width=64, height=64, negative_prompt="apart"))
+        for i in range(3)
+    ]
+    engine.generate(requests)
+    assert batches == [["together 0", "apart", "together 1", "together 2"]]
