@@ -101,12 +101,11 @@ def speed(args) -> dict:
     schedules = schedules_from(args.cached_steps_from, steps) if args.cached_steps_from else {}
     if schedules:
         result["schedule"] = f"forced: each setting caches the steps it cached in {args.cached_steps_from} (static)"
-        chosen = {s.label for s in args.settings}
-        missing = chosen - set(schedules)
-        if missing and args.settings_given:
-            raise SystemExit(f"error: {sorted(missing)} not in {args.cached_steps_from}")
         if not args.settings_given:
             args.settings = [setting for setting, _ in schedules.values()]
+        missing = sorted({s.label for s in args.settings} - set(schedules))
+        if missing:
+            raise SystemExit(f"error: {missing} not in {args.cached_steps_from}")
     transformer = base.transformer
     for setting in args.settings:
         mask = schedules[setting.label][1] if schedules else None

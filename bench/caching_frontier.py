@@ -103,15 +103,14 @@ def cache_dit_points_at_blocks(data: dict, blocks: int) -> list[Point]:
     """cache-dit's points with FLOP fractions for a transformer of `blocks` blocks: on a cached
     step DBCache still runs its first Fn and last Bn blocks, so it skips (blocks - Fn - Bn) of
     `blocks` rather than of the reference model's 6. FLOP-ideal, an upper bound of its speed-up."""
-    exact = next(r["judge_accuracy"] for r in data["rows"] if r["setting"] == "exact")
-    points = []
-    for row in data["rows"]:
+
+    def deeper(row: dict) -> dict:
         if row["setting"] == "exact":
-            continue
+            return row
         cached = row["cached_steps_mean"] / data["steps"]
-        fraction = 1.0 - cached * (blocks - row["fn"] - row["bn"]) / blocks
-        points.append(_point("cache-dit", row["setting"], dict(row, flop_fraction=fraction), exact, {}))
-    return points
+        return dict(row, flop_fraction=1.0 - cached * (blocks - row["fn"] - row["bn"]) / blocks)
+
+    return cache_dit_points(dict(data, rows=[deeper(row) for row in data["rows"]]), {})
 
 
 def check_same_prompts(files: dict[Path, dict]) -> tuple[int, int]:
