@@ -4,14 +4,18 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || return 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-mkdir -p /tmp/redis && for f in .redis-deb/*.deb; do dpkg -x "$f" /tmp/redis; done
-if /tmp/redis/usr/bin/redis-server --version >/dev/null 2>&1; then
-  export SD3SERVE_REDIS_SERVER=/tmp/redis/usr/bin/redis-server
-else  # libraries the device image lacks come from the unpacked packages
-  printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu:/tmp/redis/lib/x86_64-linux-gnu exec /tmp/redis/usr/bin/redis-server "$@"\n' > /tmp/redis/redis-server.sh
-  chmod +x /tmp/redis/redis-server.sh && export SD3SERVE_REDIS_SERVER=/tmp/redis/redis-server.sh
+if ls .redis-deb/*.deb >/dev/null 2>&1; then  # carried for serving calls only
+  mkdir -p /tmp/redis && for f in .redis-deb/*.deb; do dpkg -x "$f" /tmp/redis; done
+  if /tmp/redis/usr/bin/redis-server --version >/dev/null 2>&1; then
+    export SD3SERVE_REDIS_SERVER=/tmp/redis/usr/bin/redis-server
+  else  # libraries the device image lacks come from the unpacked packages
+    printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu:/tmp/redis/lib/x86_64-linux-gnu exec /tmp/redis/usr/bin/redis-server "$@"\n' > /tmp/redis/redis-server.sh
+    chmod +x /tmp/redis/redis-server.sh && export SD3SERVE_REDIS_SERVER=/tmp/redis/redis-server.sh
+  fi
+  $SD3SERVE_REDIS_SERVER --version || return 1
+else
+  echo "no .redis-deb carried: no redis-server (engine benchmarks only)"
 fi
-$SD3SERVE_REDIS_SERVER --version || return 1
 python3 -c "import diffusers, fastapi, rq, uvicorn, redis, pynvml, torch; print('device ok:', torch.__version__, torch.cuda.get_device_name(0), diffusers.__version__, rq.__version__)" || return 1
 # One step of a device call: `device_step NAME CMD...` runs CMD with what is left of the call
 # (`DEVICE_CALL_END`, default 590 s after the call began, minus 10 s to copy), its output in

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 from dataclasses import replace
 
 import torch
@@ -24,6 +25,8 @@ from bench.parts_base import BenchParts
 from bench.runs import capture_latents, make_engine, requests
 from engine.fp8_attention import require_attention_precision
 from engine.precision import require_precision
+
+log = logging.getLogger("bench.fp8")
 
 # (row suffix and accuracy-key prefix, attention precision) of each FP8 engine
 FP8_VARIANTS = (("fp8", "bf16"), ("fp8-attn", "fp8"))
@@ -69,8 +72,10 @@ class Fp8Part(BenchParts):
         for size in self.args.sizes:
             run = timed(self.device, lambda: engine.generate(requests("warm8", 2, size, 3)))
             warm[f"exact_{size}"] = round(run.seconds, 2)
+            log.info("fp8 (attention %s) warm-up: exact %d² compiled in %.1f s", attention_precision, size, run.seconds)
         run = timed(self.device, lambda: engine.generate(requests("warm8", 2, min(self.args.sizes), 6, k=2, policy="attention")))
         warm["attention"] = round(run.seconds, 2)
+        log.info("fp8 (attention %s) warm-up: cached steps compiled in %.1f s", attention_precision, run.seconds)
         note = dict(warmup_seconds=warm, speed=repr(speed), fp8_linears=engine.speed_applied.get("fp8_linears"))
         self.results.note("fp8" if attention_precision == "bf16" else "fp8_attn", note)
         return engine
