@@ -73,6 +73,10 @@ class EndToEndParts(BenchParts):
 
     def engine_rows(self, engine, exact_mode: str, cached_mode: str, **extra) -> None:
         """Rows of a sped-up engine: exact at every size and batch, then `attention` K=3."""
+        self.exact_rows(engine, exact_mode, **extra)
+        self.cached_rows(engine, cached_mode, **extra)
+
+    def exact_rows(self, engine, exact_mode: str, **extra) -> None:
         a = self.args
         for size in a.sizes:
             for batch in a.batches:
@@ -93,6 +97,10 @@ class EndToEndParts(BenchParts):
                             **extra,
                         ),
                     )
+
+    def cached_rows(self, engine, cached_mode: str, **extra) -> None:
+        """`attention` K=3 at every size and batch."""
+        a = self.args
         for size in a.sizes:
             for batch in a.batches:
                 graphs = engine.runner.graphs

@@ -48,7 +48,7 @@ def fp8_quality(args, argv, prompts, requests) -> int:
         require_precision("fp8", resolve_device(args.device))
     except (PrecisionUnavailable, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    base = EngineConfig(model=args.model, device=args.device, dtype="bfloat16", max_batch=args.batch)
+    base = EngineConfig(model=args.model, device=args.device, dtype="bfloat16", max_batch=args.batch, compile=args.compile)
     captions = [p.prompt for p in prompts]
     bf16, bf16_seconds, _ = _images(base, requests)
     fp8, fp8_seconds, applied = _images(replace(base, precision="fp8"), requests)
@@ -60,6 +60,7 @@ def fp8_quality(args, argv, prompts, requests) -> int:
         prompts=len(prompts),
         seeds="the held-out prompts' own",
         fp8_linears=applied.get("fp8_linears"),
+        compile=args.compile,
         bf16_judge_accuracy=bf16_accuracy,
         fp8_judge_accuracy=fp8_accuracy,
         fp8_reference_accuracy_drop=round(100 * (bf16_accuracy - fp8_accuracy), 2),

@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fp8: FP8 against bf16 on the same seeds instead of the caching configs",
     )
     parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --precision fp8: the engines' fast path (auto: on for CUDA); off measures torchao's eager FP8",
+    )
+    parser.add_argument(
         "--engine-json", type=Path, help="with --precision fp8: note the result in this bench/results/engine_<card>.json"
     )
     args = parser.parse_args(argv)

@@ -1,0 +1,120 @@
+"""Why the FP8 engine's warm-up takes so long on the H200, and what FP8 buys per forward.
+
+Call e7 (2026-12-02) logged ~190 s between the FP8 engine's first block graph and its second
+(bf16's took ~50 s). This probe compiles a two-block SD3-medium transformer (random weights, the
+engine's own speed work: fused QKV, split queries, FP8 through engine/precision.py) in a fresh
+process per variant, with inductor's caches off, and reports the first call's seconds, torch's
+per-phase compile times, the slowest functions of the compile (cProfile, `--profile`), and the
+steady forward time at 1024² with 32 rows (16 requests with CFG) against bf16.
+
+    python -m bench.fp8_compile_probe --out $OUT/fp8_compile_probe_h200.json [--variants ...] [--profile fp8-dynamic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+VARIANTS = ("bf16-dynamic", "fp8-dynamic", "fp8-static")
+
+
+def run_variant(name: str, size: int, rows: int, profile: bool) -> dict:
+    import torch
+
+    from bench.shapes import forward_inputs
+    from engine.random_model import COMMON, building
+    from engine.speed import SpeedOptions, apply_speed, compile_blocks
+    from diffusers import SD3Transformer2DModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    precision, how = name.split("-")
+    with building(device, torch.bfloat16):
+        transformer = SD3Transformer2DModel(**dict(COMMON, num_layers=2, num_attention_heads=24, caption_projection_dim=1536))
+    transformer = transformer.to(device, torch.bfloat16).eval().requires_grad_(False)
+    options = SpeedOptions.fast(
+        precision=precision, compile=False, text_compile=False, vae_compile=False, vae_group_norm=False, cuda_graphs=False
+    )
+    applied = apply_speed(SimpleNamespace(transformer=transformer, vae=None), options)
+    if how == "dynamic":
+        compile_blocks(transformer)  # the engine's: dynamic=True
+    else:
+        for block in transformer.transformer_blocks:
+            block.compile(dynamic=False)
+    out: dict = dict(variant=name, applied=applied, size=size, rows=rows)
+    first = forward_inputs(transformer, size, device, torch.bfloat16, rows=2)
+    profiler = cProfile.Profile() if profile else None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if profiler:
+            profiler.enable()
+        transformer(**first, return_dict=False)
+        sync()
+        if profiler:
+            profiler.disable()
+    out["first_call_s"] = round(time.perf_counter() - start, 1)
+    out["compile_times"] = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        out["profile_tottime"] = text.getvalue()[-6000:]
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        out["profile_cumulative"] = text.getvalue()[-8000:]
+    inputs = forward_inputs(transformer, size, device, torch.bfloat16, rows=rows)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        transformer(**inputs, return_dict=False)  # the batch's own shapes (dynamic: no recompile)
+        sync()
+    out["second_shape_s"] = round(time.perf_counter() - start, 1)
+    times = []
+    with torch.inference_mode():
+        for _ in range(7):
+            start = time.perf_counter()
+            transformer(**inputs, return_dict=False)
+            sync()
+            times.append(1000 * (time.perf_counter() - start))
+    out["forward_ms"] = round(sorted(times)[len(times) // 2], 2)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--profile", default="fp8-dynamic", help="variant whose first call runs under cProfile ('' for none)")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one variant, JSON on stdout
+    args = p.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_variant(args.one, args.size, args.rows, args.one == args.profile)), flush=True)
+        return 0
+    env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    results = []
+    for name in [v for v in args.variants.split(",") if v]:
+        if name not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        cmd = [sys.executable, "-m", "bench.fp8_compile_probe", "--out", str(args.out), "--one", name]
+        cmd += ["--profile", args.profile, "--size", str(args.size), "--rows", str(args.rows)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        row = json.loads(lines[-1][7:]) if lines else dict(variant=name, error=proc.stderr[-3000:])
+        results.append(row)
+        print(name, {k: row.get(k) for k in ("first_call_s", "second_shape_s", "forward_ms", "error")}, flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(size=args.size, rows=args.rows, variants=results), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
