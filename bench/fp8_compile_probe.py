@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-VARIANTS = ("bf16-dynamic", "fp8-dynamic", "fp8-static")
+VARIANTS = ("bf16-dynamic", "fp8-dynamic", "fp8-static", "fp8-dynamic-untuned", "bf16-dynamic-untuned")
+# "-untuned": inductor's `triton.autotune_pointwise` off, so pointwise and reduction kernels
+# compile one Triton config each instead of autotuning several at their first launch
 
 
 def run_variant(name: str, size: int, rows: int, profile: bool) -> dict:
@@ -37,7 +39,9 @@ def run_variant(name: str, size: int, rows: int, profile: bool) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    precision, how = name.split("-")
+    precision, how, *untuned = name.split("-")
+    if untuned:
+        torch._inductor.config.triton.autotune_pointwise = False
     with building(device, torch.bfloat16):
         transformer = SD3Transformer2DModel(**dict(COMMON, num_layers=2, num_attention_heads=24, caption_projection_dim=1536))
     transformer = transformer.to(device, torch.bfloat16).eval().requires_grad_(False)
