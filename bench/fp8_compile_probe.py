@@ -54,7 +54,7 @@ def run_variant(name: str, size: int, rows: int, profile: bool) -> dict:
     else:
         for block in transformer.transformer_blocks:
             block.compile(dynamic=False)
-    out: dict = dict(variant=name, applied=applied, size=size, rows=rows)
+    out: dict = dict(variant=name, applied=applied, size=size, rows=rows, profiled=profile)
     first = forward_inputs(transformer, size, device, torch.bfloat16, rows=2)
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="fp8-dynamic", help="variant whose first call runs under cProfile ('' for none)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--rows", type=int, default=32)
+    p.add_argument(
+        "--engine-json", type=Path, help="also note the variants in this bench/results/engine_<card>.json (`fp8_block_probe`)"
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one variant, JSON on stdout
     args = p.parse_args(argv)
     if args.one:
@@ -117,7 +120,28 @@ def main(argv=None) -> int:
         print(name, {k: row.get(k) for k in ("first_call_s", "second_shape_s", "forward_ms", "error")}, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(size=args.size, rows=args.rows, variants=results), indent=2) + "\n")
+    if args.engine_json:
+        note_in_engine_results(args.engine_json, dict(size=args.size, rows=args.rows, variants=results))
     return 0
+
+
+def note_in_engine_results(path: Path, probe: dict) -> None:
+    """Add (or replace, by name) the probe's variants in the engine file's `fp8_block_probe`; the
+    summary then has `fp8_block_forward_speedup_1024`."""
+    from bench.summary import engine_summary
+
+    data = json.loads(path.read_text())
+    kept = {v["variant"]: v for v in data.get("fp8_block_probe", {}).get("variants", [])}
+    kept.update({v["variant"]: {k: x for k, x in v.items() if not k.startswith("profile")} for v in probe["variants"]})
+    data["fp8_block_probe"] = dict(
+        size=probe["size"],
+        rows=probe["rows"],
+        blocks=2,
+        variants=list(kept.values()),
+        command="python -m bench.fp8_compile_probe",
+    )
+    data["summary"] = engine_summary(data)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def engine_summary(data: dict) -> dict:
     for size in sorted({r["size"] for r in rows}):
         out.update(_vs_other_baselines(ips, size))
     out.update(_fp8_reference(data))
+    out.update(_fp8_blocks(data))
     mfu = _mfu(data, step_ms, ips)
     if mfu:
         out["mfu_exact_1024"] = mfu
@@ -139,6 +140,20 @@ def _fp8_reference(data: dict) -> dict:
     ref = data.get("fp8_reference_quality") or {}
     keys = ("fp8_reference_psnr_db", "fp8_reference_ssim", "fp8_reference_accuracy_drop")
     return {k: ref[k] for k in keys if k in ref}
+
+
+def _fp8_blocks(data: dict) -> dict:
+    """bench/fp8_compile_probe.py's two-block forward at 1024² (noted as `fp8_block_probe`):
+    bf16 ms over FP8 ms, and the first call's compile seconds of each."""
+    variants = {v["variant"]: v for v in data.get("fp8_block_probe", {}).get("variants", []) if "forward_ms" in v}
+    bf16 = variants.get("bf16-dynamic")
+    fp8 = variants.get("fp8-dynamic-untuned") or variants.get("fp8-dynamic")
+    if not (bf16 and fp8):
+        return {}
+    return dict(
+        fp8_block_forward_speedup_1024=round(bf16["forward_ms"] / fp8["forward_ms"], 3),
+        fp8_block_compile_s={name: v["first_call_s"] for name, v in variants.items()},
+    )
 
 
 def _mfu(data: dict, step_ms: dict, ips: dict) -> dict | None:

@@ -78,3 +78,18 @@ def test_the_fp8_quality_run_notes_its_numbers_in_the_engine_results(tmp_path):
     assert data["fp8_reference_quality"]["prompts"] == 280
     assert data["summary"]["fp8_reference_psnr_db"] == 31.5
     assert data["summary"]["exact_vs_diffusers_best_1024"] == round(0.99 / 0.90, 3)  # rows summarised again
+
+
+def test_the_fp8_block_probe_enters_the_summary_and_merges_by_variant(tmp_path):
+    from bench.fp8_compile_probe import note_in_engine_results as note_probe
+
+    path = tmp_path / "engine_x.json"
+    path.write_text(json.dumps(dict(rows=ROWS)))
+    fp8 = dict(variant="fp8-dynamic-untuned", forward_ms=40.0, first_call_s=120.0, profile_tottime="...")
+    note_probe(path, dict(size=1024, rows=32, variants=[fp8]))
+    assert "fp8_block_forward_speedup_1024" not in json.loads(path.read_text())["summary"]  # no bf16 row yet
+    note_probe(path, dict(size=1024, rows=32, variants=[dict(variant="bf16-dynamic", forward_ms=50.0, first_call_s=20.0)]))
+    data = json.loads(path.read_text())
+    assert data["summary"]["fp8_block_forward_speedup_1024"] == 1.25
+    assert data["summary"]["fp8_block_compile_s"] == {"fp8-dynamic-untuned": 120.0, "bf16-dynamic": 20.0}
+    assert all("profile_tottime" not in v for v in data["fp8_block_probe"]["variants"])
