@@ -7,7 +7,7 @@ process per variant, with inductor's caches off, and reports the first call's se
 per-phase compile times, the slowest functions of the compile (cProfile, `--profile`), and the
 steady forward time at 1024² with 32 rows (16 requests with CFG) against bf16.
 
-    python -m bench.fp8_compile_probe --out $OUT/fp8_compile_probe_h200.json [--variants ...] [--profile fp8-dynamic]
+    python -m bench.fp8_compile_probe --out $OUT/fp8_compile_probe_h200.json [--variants ...] [--kernels] [--profile VARIANT]
 """
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-VARIANTS = ("bf16-dynamic", "fp8-dynamic", "fp8-static", "fp8-dynamic-untuned", "bf16-dynamic-untuned")
-# "-untuned": inductor's `triton.autotune_pointwise` off, so pointwise and reduction kernels
-# compile one Triton config each instead of autotuning several at their first launch
+VARIANTS = (
+    "bf16-dynamic",  # the engine's bf16 blocks
+    "fp8-dynamic",  # the engine's FP8 blocks (compile_blocks' FP8_COMPILE_OPTIONS: one Triton config per kernel)
+    "fp8-dynamic-tuned",  # FP8 with inductor's autotuning (the engine before 2026-12-02; call 1's "fp8-dynamic")
+    "fp8-dynamic-untuned",  # FP8 with `triton.autotune_pointwise` off for the whole process (call 2)
+    "bf16-dynamic-untuned",
+    "fp8-static",  # FP8 blocks compiled with dynamic=False, autotuning on
+    "fp8tensor-dynamic",  # per-tensor scales (torchao PerTensor: cuBLAS's FP8 GEMM) instead of per-row
+)
 
 
-def run_variant(name: str, size: int, rows: int, profile: bool) -> dict:
+def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = False) -> dict:
     import torch
 
     from bench.shapes import forward_inputs
@@ -39,18 +45,28 @@ def run_variant(name: str, size: int, rows: int, profile: bool) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    precision, how, *untuned = name.split("-")
-    if untuned:
+    precision, how, *tuning = name.split("-")
+    if tuning == ["untuned"]:
         torch._inductor.config.triton.autotune_pointwise = False
     with building(device, torch.bfloat16):
         transformer = SD3Transformer2DModel(**dict(COMMON, num_layers=2, num_attention_heads=24, caption_projection_dim=1536))
     transformer = transformer.to(device, torch.bfloat16).eval().requires_grad_(False)
     options = SpeedOptions.fast(
-        precision=precision, compile=False, text_compile=False, vae_compile=False, vae_group_norm=False, cuda_graphs=False
+        precision="bf16" if precision == "fp8tensor" else precision,
+        gelu_epilogue=precision == "bf16",
+        compile=False,
+        text_compile=False,
+        vae_compile=False,
+        vae_group_norm=False,
+        cuda_graphs=False,
     )
     applied = apply_speed(SimpleNamespace(transformer=transformer, vae=None), options)
-    if how == "dynamic":
-        compile_blocks(transformer)  # the engine's: dynamic=True
+    if precision == "fp8tensor":
+        from engine.precision import quantize_fp8
+
+        applied["fp8_linears"] = quantize_fp8(transformer, granularity="tensor")
+    if how == "dynamic":  # the engine's: dynamic=True, FP8 with its compile options
+        compile_blocks(transformer, precision="bf16" if tuning or precision == "bf16" else "fp8")
     else:
         for block in transformer.transformer_blocks:
             block.compile(dynamic=False)
@@ -88,23 +104,57 @@ def run_variant(name: str, size: int, rows: int, profile: bool) -> dict:
             sync()
             times.append(1000 * (time.perf_counter() - start))
     out["forward_ms"] = round(sorted(times)[len(times) // 2], 2)
+    if kernels and device.type == "cuda":
+        out["kernels"] = kernel_table(transformer, inputs)
     return out
+
+
+KERNEL_KINDS = (  # first match wins, on the lowercased kernel name
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "scaled_mm", "cutlass", "xmma", "sm90", "f8f8", "matmul", "cublas")),
+    ("triton (fused pointwise, norms, quantization)", ("triton",)),
+)
+
+
+def kernel_table(transformer, inputs: dict) -> dict:
+    """CUDA time per kernel over 3 forwards (torch.profiler): the 20 largest, and totals by kind."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            transformer(**inputs, return_dict=False)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    times = [(e.key, e.count, getattr(e, "device_time_total", 0.0) / 3000) for e in events]  # ms per forward
+    by_kind: dict[str, float] = {}
+    for name, _, ms in times:
+        low = name.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+        by_kind[kind] = round(by_kind.get(kind, 0.0) + ms, 3)
+    top = sorted(times, key=lambda t: -t[2])[:20]
+    return dict(
+        ms_per_forward_by_kind=by_kind,
+        top=[dict(name=name[:160], calls_per_forward=count / 3, ms_per_forward=round(ms, 3)) for name, count, ms in top],
+    )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--profile", default="fp8-dynamic", help="variant whose first call runs under cProfile ('' for none)")
+    p.add_argument("--variants", default="fp8-dynamic,fp8tensor-dynamic,bf16-dynamic", help=f"from {', '.join(VARIANTS)}")
+    p.add_argument("--profile", default="", help="a variant whose first call runs under cProfile (slows it ~2x)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--rows", type=int, default=32)
     p.add_argument(
         "--engine-json", type=Path, help="also note the variants in this bench/results/engine_<card>.json (`fp8_block_probe`)"
     )
+    p.add_argument("--kernels", action="store_true", help="also the CUDA time per kernel of a forward (torch.profiler)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one variant, JSON on stdout
     args = p.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_variant(args.one, args.size, args.rows, args.one == args.profile)), flush=True)
+        result = run_variant(args.one, args.size, args.rows, args.one == args.profile, args.kernels)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
     results = []
@@ -113,6 +163,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
         cmd = [sys.executable, "-m", "bench.fp8_compile_probe", "--out", str(args.out), "--one", name]
         cmd += ["--profile", args.profile, "--size", str(args.size), "--rows", str(args.rows)]
+        cmd += ["--kernels"] if args.kernels else []
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         row = json.loads(lines[-1][7:]) if lines else dict(variant=name, error=proc.stderr[-3000:])

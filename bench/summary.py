@@ -147,7 +147,7 @@ def _fp8_blocks(data: dict) -> dict:
     bf16 ms over FP8 ms, and the first call's compile seconds of each."""
     variants = {v["variant"]: v for v in data.get("fp8_block_probe", {}).get("variants", []) if "forward_ms" in v}
     bf16 = variants.get("bf16-dynamic")
-    fp8 = variants.get("fp8-dynamic-untuned") or variants.get("fp8-dynamic")
+    fp8 = variants.get("fp8-dynamic") or variants.get("fp8-dynamic-untuned")
     if not (bf16 and fp8):
         return {}
     return dict(

@@ -32,12 +32,12 @@ class PrecisionUnavailable(ValueError):
 
 
 def _torchao_float8_api():
-    """torchao's (quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow), or None."""
+    """torchao's (quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor), or None."""
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
     except ImportError:
         return None
-    return quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow
+    return quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
 
 
 def fp8_missing(device: torch.device) -> list[str]:
@@ -101,15 +101,23 @@ def fp8_layer_names(transformer: torch.nn.Module) -> list[str]:
     return [name for name, module in transformer.named_modules() if is_fp8_linear(module, name)]
 
 
-def quantize_fp8(transformer: torch.nn.Module) -> int:
+FP8_GRANULARITIES = ("row", "tensor")
+
+
+def quantize_fp8(transformer: torch.nn.Module, granularity: str = "row") -> int:
     """Swap the chosen linears' weights for torchao float8 tensors (per-row scales, dynamic
-    per-row activation scaling). Run after QKV fusion (the fused weights get one scale per
-    output row, as the separate ones would) and before torch.compile. Returns the layer count."""
+    per-row activation scaling; `granularity="tensor"`: one scale per weight and per activation,
+    which bench/fp8_compile_probe.py times against it). Run after QKV fusion (the fused weights
+    get one scale per output row, as the separate ones would) and before torch.compile. Returns
+    the layer count."""
+    if granularity not in FP8_GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(FP8_GRANULARITIES)}, got {granularity!r}")
     require_precision("fp8", next(transformer.parameters()).device)
     api = _torchao_float8_api()
     assert api is not None  # checked just above
-    quantize_, float8_config, per_row = api
+    quantize_, float8_config, per_row, per_tensor = api
     names = set(fp8_layer_names(transformer))
-    quantize_(transformer, float8_config(granularity=per_row()), filter_fn=lambda m, fqn: fqn in names)
-    log.info("fp8: %d linear layers of the transformer blocks quantized", len(names))
+    scale = per_row() if granularity == "row" else per_tensor()
+    quantize_(transformer, float8_config(granularity=scale), filter_fn=lambda m, fqn: fqn in names)
+    log.info("fp8: %d linear layers of the transformer blocks quantized (per %s scales)", len(names), granularity)
     return len(names)

@@ -158,3 +158,10 @@ def test_fp8_blocks_compile_one_triton_config_per_kernel(precision, mode, expect
     assert compile_blocks(transformer, "inductor", mode, precision) == 2
     for block in transformer.transformer_blocks:
         assert block.compiled_with == dict(backend="inductor", mode=mode, dynamic=True, options=expected)
+
+
+def test_quantize_fp8_names_the_granularities_it_takes():
+    from engine.precision import quantize_fp8
+
+    with pytest.raises(ValueError, match="granularity must be one of row, tensor, got 'block'"):
+        quantize_fp8(torch.nn.Linear(16, 16), granularity="block")
