@@ -170,3 +170,20 @@ def test_dockerfiles_copy_only_what_exists_and_the_api_image_has_no_torch() -> N
     assert "nvidia/cuda" in (ROOT / "deploy/Dockerfile.worker").read_text()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def _worker_image_cache_dirs() -> set[str]:
+    dockerfile = (ROOT / "deploy" / "Dockerfile.worker").read_text()
+    return set(re.findall(r"(?:TORCHINDUCTOR|TRITON)_CACHE_DIR=(\S+)", dockerfile))
+
+
+def test_workers_keep_their_compile_caches_on_a_volume(stack) -> None:
+    """torch.compile's and Triton's caches outlive a worker's container, so a restart skips the
+    compile (minutes for an FP8 worker's warm-up)."""
+    profile, config = stack
+    cache_dirs = _worker_image_cache_dirs()
+    assert len(cache_dirs) == 2, cache_dirs
+    for name in WORKERS[profile]:
+        volumes = [v for v in config["services"][name].get("volumes", []) if v["type"] == "volume"]
+        for cache_dir in cache_dirs:
+            assert any(cache_dir.startswith(v["target"] + "/") for v in volumes), f"{name}: {cache_dir} is not on a volume"

@@ -196,3 +196,17 @@ def test_rq_really_keeps_waiting_jobs_in_the_list_keda_watches(redis_url: str) -
 @pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
 def test_manifests_parse(path: Path) -> None:
     assert list(yaml.safe_load_all(path.read_text()))
+
+
+def test_the_worker_keeps_its_compile_caches_across_container_restarts() -> None:
+    import re
+
+    dockerfile = (K8S.parent / "Dockerfile.worker").read_text()
+    cache_dirs = set(re.findall(r"(?:TORCHINDUCTOR|TRITON)_CACHE_DIR=(\S+)", dockerfile))
+    assert len(cache_dirs) == 2, cache_dirs
+    spec = _by_kind("Deployment")["sd3serve-worker"]["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for cache_dir in cache_dirs:
+        mount = next(m for m in container["volumeMounts"] if cache_dir.startswith(m["mountPath"] + "/"))
+        assert "emptyDir" in volumes[mount["name"]] or "persistentVolumeClaim" in volumes[mount["name"]]
