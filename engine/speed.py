@@ -205,11 +205,11 @@ def prefer_sdpa(transformer: torch.nn.Module, names: tuple[str, ...]) -> None:
     transformer.forward = with_priority
 
 
-# FP8 blocks hold ~6x the Triton kernels of bf16 ones (each linear's activation quantization),
-# and inductor autotunes every pointwise and reduction kernel over several configs at its first
-# launch: 414 kernel compilations for two FP8 blocks on the H200, minutes per block graph (call
-# e7). One config each compiled the same two blocks 3x faster and ran them as fast (44.7 ms vs
-# 45.0 ms at 1024², 32 rows; bench/results/fp8_compile_probe_h200*.json).
+# Each FP8 linear adds its activation's quantization kernels, and inductor autotunes every
+# pointwise and reduction kernel over several configs at its first launch: two FP8 blocks
+# compiled 414 Triton kernels on the H200, ~190 s per block graph in the engine (call e7). With
+# one config each the two blocks compiled in 123 s and ran as fast (44.7 ms vs 45.0 ms at 1024²,
+# 32 rows; bench/results/fp8_compile_probe_h200*.json).
 FP8_COMPILE_OPTIONS = {"triton.autotune_pointwise": False}
 
 
