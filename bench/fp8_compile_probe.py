@@ -20,7 +20,6 @@ import os
 import pstats
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,18 +37,18 @@ VARIANTS = (
 def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = False) -> dict:
     import torch
 
+    from bench.measure import event_time_ms, timed
     from bench.shapes import forward_inputs
-    from engine.random_model import COMMON, building
+    from engine.random_model import TRANSFORMERS, building
     from engine.speed import SpeedOptions, apply_speed, compile_blocks
     from diffusers import SD3Transformer2DModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     precision, how, *tuning = name.split("-")
     if tuning == ["untuned"]:
         torch._inductor.config.triton.autotune_pointwise = False
     with building(device, torch.bfloat16):
-        transformer = SD3Transformer2DModel(**dict(COMMON, num_layers=2, num_attention_heads=24, caption_projection_dim=1536))
+        transformer = SD3Transformer2DModel(**dict(TRANSFORMERS["sd3-medium"], num_layers=2))
     transformer = transformer.to(device, torch.bfloat16).eval().requires_grad_(False)
     options = SpeedOptions.fast(
         precision="bf16" if precision == "fp8tensor" else precision,
@@ -71,17 +70,18 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
         for block in transformer.transformer_blocks:
             block.compile(dynamic=False)
     out: dict = dict(variant=name, applied=applied, size=size, rows=rows, profiled=profile)
+
+    def forward(inputs: dict):
+        with torch.inference_mode():
+            return transformer(**inputs, return_dict=False)
+
     first = forward_inputs(transformer, size, device, torch.bfloat16, rows=2)
     profiler = cProfile.Profile() if profile else None
-    start = time.perf_counter()
-    with torch.inference_mode():
-        if profiler:
-            profiler.enable()
-        transformer(**first, return_dict=False)
-        sync()
-        if profiler:
-            profiler.disable()
-    out["first_call_s"] = round(time.perf_counter() - start, 1)
+    if profiler:
+        profiler.enable()
+    out["first_call_s"] = round(timed(device, lambda: forward(first)).seconds, 1)
+    if profiler:
+        profiler.disable()
     out["compile_times"] = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
     if profiler:
         text = io.StringIO()
@@ -91,21 +91,11 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
         out["profile_cumulative"] = text.getvalue()[-8000:]
     inputs = forward_inputs(transformer, size, device, torch.bfloat16, rows=rows)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        transformer(**inputs, return_dict=False)  # the batch's own shapes (dynamic: no recompile)
-        sync()
-    out["second_shape_s"] = round(time.perf_counter() - start, 1)
-    times = []
-    with torch.inference_mode():
-        for _ in range(7):
-            start = time.perf_counter()
-            transformer(**inputs, return_dict=False)
-            sync()
-            times.append(1000 * (time.perf_counter() - start))
-    out["forward_ms"] = round(sorted(times)[len(times) // 2], 2)
+    # the batch's own shapes (dynamic: no recompile)
+    out["second_shape_s"] = round(timed(device, lambda: forward(inputs)).seconds, 1)
+    out["forward_ms"] = round(event_time_ms(device, lambda: forward(inputs), repeats=7, warmup=0), 2)
     if kernels and device.type == "cuda":
-        out["kernels"] = kernel_table(transformer, inputs)
+        out["kernels"] = kernel_table(forward, inputs)
     return out
 
 
@@ -116,14 +106,14 @@ KERNEL_KINDS = (  # first match wins, on the lowercased kernel name
 )
 
 
-def kernel_table(transformer, inputs: dict) -> dict:
+def kernel_table(forward, inputs: dict) -> dict:
     """CUDA time per kernel over 3 forwards (torch.profiler): the 20 largest, and totals by kind."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            transformer(**inputs, return_dict=False)
+            forward(inputs)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     times = [(e.key, e.count, getattr(e, "device_time_total", 0.0) / 3000) for e in events]  # ms per forward

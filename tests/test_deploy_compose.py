@@ -13,6 +13,8 @@ import yaml
 
 import compose as compose_pkg
 
+from tests.worker_image import compile_cache_dirs
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_BIN = Path(compose_pkg.__file__).resolve().parent / "docker-compose"
 PROFILES = {"default": [], "cpu": ["cpu"], "gpu": ["gpu"], "gpu2": ["gpu", "gpu2"]}
@@ -172,16 +174,11 @@ def test_dockerfiles_copy_only_what_exists_and_the_api_image_has_no_torch() -> N
     assert ".venv" in ignored and ".git" in ignored
 
 
-def _worker_image_cache_dirs() -> set[str]:
-    dockerfile = (ROOT / "deploy" / "Dockerfile.worker").read_text()
-    return set(re.findall(r"(?:TORCHINDUCTOR|TRITON)_CACHE_DIR=(\S+)", dockerfile))
-
-
 def test_workers_keep_their_compile_caches_on_a_volume(stack) -> None:
     """torch.compile's and Triton's caches outlive a worker's container, so a restart skips the
     compile (minutes for an FP8 worker's warm-up)."""
     profile, config = stack
-    cache_dirs = _worker_image_cache_dirs()
+    cache_dirs = compile_cache_dirs()
     assert len(cache_dirs) == 2, cache_dirs
     for name in WORKERS[profile]:
         volumes = [v for v in config["services"][name].get("volumes", []) if v["type"] == "volume"]

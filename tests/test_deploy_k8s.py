@@ -9,6 +9,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from tests.worker_image import compile_cache_dirs
+
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 WORKLOADS = ("Deployment", "StatefulSet")
 
@@ -199,10 +201,7 @@ def test_manifests_parse(path: Path) -> None:
 
 
 def test_the_worker_keeps_its_compile_caches_across_container_restarts() -> None:
-    import re
-
-    dockerfile = (K8S.parent / "Dockerfile.worker").read_text()
-    cache_dirs = set(re.findall(r"(?:TORCHINDUCTOR|TRITON)_CACHE_DIR=(\S+)", dockerfile))
+    cache_dirs = compile_cache_dirs()
     assert len(cache_dirs) == 2, cache_dirs
     spec = _by_kind("Deployment")["sd3serve-worker"]["spec"]["template"]["spec"]
     [container] = spec["containers"]
