@@ -1,0 +1,80 @@
+"""Merge the engine result files that several device calls returned into the committed one.
+
+Each call starts from the committed file (bench/device_setup.sh copies it into $OUT), so a call's
+file holds the committed rows plus its own. This keeps, from each call in order, the rows and
+notes its last run wrote (the parts and sizes in its `runs` entry, by bench/merge_rows.py's rule)
+and appends that run to `runs`. Per-shape warm-up notes are merged key by key.
+
+    python -m bench.merge_calls bench/results/engine_h200.json /work/.device/{1,2,3}/engine_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from bench import merge_rows
+from bench.summary import engine_summary
+
+# notes a part writes (key -> part); `warmup_seconds_per_shape` inside them merges by shape
+PART_NOTES = {
+    "diffusers_compiled": "diffusers-compiled",
+    "xdit": "xdit",
+    "stability_ref": "stability-ref",
+    "fast_warmup_seconds": "e2e",
+}
+MODEL, LARGE = "sd3-medium", "sd3.5-large"
+
+
+def merge_call(base: dict, call: dict) -> dict:
+    """`base` with `call`'s last run in place of the rows that run made again."""
+    run = call["runs"][-1]
+    if run in base.get("runs", []):
+        raise SystemExit(f"the run started {run['started']} is already merged")
+    args = SimpleNamespace(
+        parts=tuple(run["parts"]),
+        sizes=run["config"]["sizes"],
+        fp8=any(str(r.get("mode", "")).endswith("-fp8") for r in call["rows"]),
+        fp8_attention=any(str(r.get("mode", "")).endswith("-fp8-attn") for r in call["rows"]),
+    )
+    kept = [r for r in base["rows"] if merge_rows.keep_row(args, MODEL, LARGE, "engine", r)]
+    made = [r for r in call["rows"] if not merge_rows.keep_row(args, MODEL, LARGE, "engine", r)]
+    out = dict(base, rows=kept + made, runs=base.get("runs", []) + [run])
+    for key, part in PART_NOTES.items():
+        if part in run["parts"] and key in call:
+            out[key] = _merge_note(base.get(key), call[key])
+    out["summary"] = engine_summary(out)
+    return out
+
+
+def _merge_note(old, new):
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    merged = dict(old, **new)
+    for key in ("warmup_seconds_per_shape",):
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            merged[key] = dict(old[key], **new[key])
+    if "warmup_seconds_per_shape" in merged and "compile_seconds_total" in merged:
+        merged["compile_seconds_total"] = round(sum(merged["warmup_seconds_per_shape"].values()), 1)
+    return merged
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("base", type=Path, help="the committed engine_<card>.json (rewritten)")
+    p.add_argument("calls", type=Path, nargs="+", help="the calls' engine_<card>.json, in the order they ran")
+    a = p.parse_args(argv)
+    data = json.loads(a.base.read_text())
+    for path in a.calls:
+        if not path.is_file():
+            p.error(f"{path}: no such file (copy the device call's files here first)")
+        data = merge_call(data, json.loads(path.read_text()))
+        run = data["runs"][-1]
+        print(f"{path}: run {run['started']} parts {','.join(run['parts'])} sizes {run['config']['sizes']}")
+    a.base.write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
