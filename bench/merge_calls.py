@@ -2,7 +2,8 @@
 
 Each call starts from the committed file (bench/device_setup.sh copies it into $OUT), so a call's
 file holds the committed rows plus its own. This keeps, from each call in order, the rows and
-notes its last run wrote (the parts and sizes in its `runs` entry, by bench/merge_rows.py's rule)
+notes its last run wrote (the parts, sizes and batches in its `runs` entry, by bench/merge_rows.py's
+rule)
 and appends that run to `runs`. Per-shape warm-up notes are merged key by key.
 
     python -m bench.merge_calls bench/results/engine_h200.json /work/.device/{1,2,3}/engine_h200.json
@@ -33,9 +34,14 @@ def merge_call(base: dict, call: dict) -> dict:
     run = call["runs"][-1]
     if run in base.get("runs", []):
         raise SystemExit(f"the run started {run['started']} is already merged")
-    args = SimpleNamespace(
+    config = run["config"]
+    args = SimpleNamespace(  # runs before 2026-12-02 08:00 recorded `batches` alone
         parts=tuple(run["parts"]),
-        sizes=run["config"]["sizes"],
+        sizes=config["sizes"],
+        batches=config["batches"],
+        eager_batches=config.get("eager_batches"),
+        stability_batches=config.get("stability_batches"),
+        large_batches=config.get("large_batches"),
         fp8=any(str(r.get("mode", "")).endswith("-fp8") for r in call["rows"]),
         fp8_attention=any(str(r.get("mode", "")).endswith("-fp8-attn") for r in call["rows"]),
     )

@@ -216,11 +216,11 @@ def test_summary_targets_are_unmet_without_the_rows():
 
 
 def test_merge_keeps_other_parts_rows_and_replaces_its_own():
-    args = argparse.Namespace(parts=("xdit",), sizes=[1024], fp8=False)
+    args = argparse.Namespace(parts=("xdit",), sizes=[1024], batches=[1, 2, 4, 8, 16], fp8=False)
     keep = [r for r in ROWS if merge_rows.keep_row(args, "sd3-medium", "sd3.5-large", "engine", r)]
     assert [r for r in ROWS if not r["system"].startswith("xdit")] == [r for r in keep if not r["system"].startswith("xdit")]
     assert [(r["system"], r["size"]) for r in keep if r["system"].startswith("xdit")] == [("xdit", 512)]  # other sizes stay
-    e2e = argparse.Namespace(parts=("e2e",), sizes=[512, 1024], fp8=False)
+    e2e = argparse.Namespace(parts=("e2e",), sizes=[512, 1024], batches=[1, 2, 4, 8, 16], fp8=False)
     kept = {r["system"] for r in ROWS if merge_rows.keep_row(e2e, "sd3-medium", "sd3.5-large", "engine", r)}
     assert kept == {"xdit", "xdit-compile", "stability-ref"}  # an e2e run no longer drops the baselines
 
