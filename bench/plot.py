@@ -10,6 +10,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -115,11 +116,11 @@ def figure3(path: Path) -> Path:
         axes[0][col].set_title(f"(a) latency per image, SD3-medium {size}x{size}, 28 steps")
         axes[1][col].set_title(f"(b) speed-up over diffusers, {size}x{size}")
         axes[1][col].axhline(1.0, color="k", lw=0.8)
-    legend = {}  # one legend under the panels, so no curve hides behind it
+    legend: dict[str, Any] = {}  # one legend under the panels, so no curve hides behind it
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"{data.get('device_name', data['card'])}, torch {data['torch']}, diffusers {data['diffusers']}")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = path.with_name(path.stem + "_fig3.png")
