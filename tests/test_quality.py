@@ -5,8 +5,9 @@ and SSIM >= 0.95 (3) and >= 35 dB (2) against the exact images.
 
 Thresholds come from measurement (issue 16). On all 280 held-out prompts (CPU, float32,
 bench/results/caching_cpu_280.json) exact passed 93.9 %, preset 3 93.6 % at 34.0 dB / SSIM 0.980,
-preset 2 93.6 % at 39.6 dB / 0.992. This set is every third held-out prompt (93): one image
-is 1.1 points of accuracy, so "within one point" is tested as "at most one image fewer"."""
+preset 2 93.6 % at 39.6 dB / 0.992. This set is every fifth held-out prompt (56, to keep CI
+under 20 minutes; bench.quality runs all 280): one image is 1.8 points of accuracy, so "within
+one point" is tested as "at most one image fewer"."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ EXACT_ACCURACY_TARGET = 0.90  # issue 5: exact-path judge accuracy >= 90 %
 
 @pytest.fixture(scope="module")
 def prompts():
-    # every third held-out prompt: all shapes and colours, some never-trained combinations
-    return held_out_prompts()[1::3]
+    # every fifth held-out prompt: all shapes and colours, some never-trained combinations
+    return held_out_prompts()[1::5]
 
 
 @pytest.fixture(scope="module")
