@@ -16,6 +16,7 @@ import torch
 from bench import merge_rows, stability_ref as sr
 from bench.plot import _medians, figure3
 from bench.summary import engine_summary
+from tests.bench_rows import bench_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,18 +166,7 @@ def test_xdit_wrapper_computes_what_diffusers_computes_on_one_gpu():
 # -- summary, merge, plot -----------------------------------------------------------------------
 
 
-def _row(system: str, mode: str, size: int, batch: int, ips: float, **extra) -> dict:
-    return dict(
-        system=system,
-        mode=mode,
-        model="sd3-medium",
-        size=size,
-        batch=batch,
-        images_per_s=ips,
-        seconds_per_image_latency=batch / ips,
-        ms_per_step=10.0,
-        **extra,
-    )
+_row = bench_row
 
 
 ROWS = [

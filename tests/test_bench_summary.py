@@ -7,19 +7,10 @@ import json
 
 from bench.precision_quality import note_in_engine_results
 from bench.summary import engine_summary
+from tests.bench_rows import bench_row
 
 
-def _row(system: str, mode: str, size: int, batch: int, images_per_s: float, latency: float) -> dict:
-    return dict(
-        system=system,
-        mode=mode,
-        model="sd3-medium",
-        size=size,
-        batch=batch,
-        images_per_s=images_per_s,
-        seconds_per_image_latency=latency,
-        ms_per_step=10.0,
-    )
+_row = bench_row
 
 
 ROWS = [

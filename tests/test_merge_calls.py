@@ -7,19 +7,11 @@ import json
 import pytest
 
 from bench import merge_calls
+from tests.bench_rows import bench_row
 
 
 def _row(system: str, mode: str, size: int, batch: int, ips: float) -> dict:
-    return dict(
-        system=system,
-        mode=mode,
-        model="sd3-medium",
-        size=size,
-        batch=batch,
-        steps=28,
-        images_per_s=ips,
-        seconds_per_image_latency=batch / ips,
-    )
+    return bench_row(system, mode, size, batch, ips, steps=28)
 
 
 def _run(started: str, parts: list[str], sizes: list[int]) -> dict:
