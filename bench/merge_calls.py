@@ -3,8 +3,7 @@
 Each call starts from the committed file (bench/device_setup.sh copies it into $OUT), so a call's
 file holds the committed rows plus its own. This keeps, from each call in order, the rows and
 notes its last run wrote (the parts, sizes and batches in its `runs` entry, by bench/merge_rows.py's
-rule)
-and appends that run to `runs`. Per-shape warm-up notes are merged key by key.
+rule) and appends that run to `runs`. Per-shape warm-up notes are merged key by key.
 
     python -m bench.merge_calls bench/results/engine_h200.json /work/.device/{1,2,3}/engine_h200.json
 """
@@ -56,14 +55,15 @@ def merge_call(base: dict, call: dict) -> dict:
 
 
 def _merge_note(old, new):
+    """`new` over `old`; their per-shape warm-ups (and the total compile time) over both."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return new
     merged = dict(old, **new)
-    for key in ("warmup_seconds_per_shape",):
-        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-            merged[key] = dict(old[key], **new[key])
-    if "warmup_seconds_per_shape" in merged and "compile_seconds_total" in merged:
-        merged["compile_seconds_total"] = round(sum(merged["warmup_seconds_per_shape"].values()), 1)
+    shapes = dict(old.get("warmup_seconds_per_shape") or {}, **(new.get("warmup_seconds_per_shape") or {}))
+    if shapes:
+        merged["warmup_seconds_per_shape"] = shapes
+        if "compile_seconds_total" in merged:
+            merged["compile_seconds_total"] = round(sum(shapes.values()), 1)
     return merged
 
 
