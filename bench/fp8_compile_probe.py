@@ -7,6 +7,11 @@ process per variant, with inductor's caches off, and reports the first call's se
 per-phase compile times, the slowest functions of the compile (cProfile, `--profile`), and the
 steady forward time at 1024² with 32 rows (16 requests with CFG) against bf16.
 
+What calls 1 and 2 found: torch's compile times put 326 of the 367 s (97 of 123 s with pointwise
+autotuning off) in `CachingAutotuner.coordinate_descent_tuning`, which torchao's `quantize_`
+switches on process-wide unless its config says `set_inductor_config=False`; engine/precision.py
+now says so (`fp8-dynamic-cdt` is the old behaviour).
+
     python -m bench.fp8_compile_probe --out $OUT/fp8_compile_probe_h200.json [--variants ...] [--kernels] [--profile VARIANT]
 """
 
@@ -25,11 +30,11 @@ from types import SimpleNamespace
 
 VARIANTS = (
     "bf16-dynamic",  # the engine's bf16 blocks
-    "fp8-dynamic",  # the engine's FP8 blocks (compile_blocks' FP8_COMPILE_OPTIONS: one Triton config per kernel)
-    "fp8-dynamic-tuned",  # FP8 with inductor's autotuning (the engine before 2026-12-02; call 1's "fp8-dynamic")
-    "fp8-dynamic-untuned",  # FP8 with `triton.autotune_pointwise` off for the whole process (call 2)
-    "bf16-dynamic-untuned",
-    "fp8-static",  # FP8 blocks compiled with dynamic=False, autotuning on
+    "fp8-dynamic",  # the engine's FP8 blocks (torchao's inductor settings left alone)
+    # FP8 with torchao's recommended inductor settings (coordinate-descent tuning, process-wide):
+    # the engine before 2026-12-02 (calls 1 and 2 recorded it as fp8-dynamic-tuned / -untuned)
+    "fp8-dynamic-cdt",
+    "fp8-static",  # FP8 blocks compiled with dynamic=False
     "fp8tensor-dynamic",  # per-tensor scales (torchao PerTensor: cuBLAS's FP8 GEMM) instead of per-row
 )
 
@@ -45,8 +50,10 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, how, *tuning = name.split("-")
-    if tuning == ["untuned"]:
-        torch._inductor.config.triton.autotune_pointwise = False
+    if tuning == ["cdt"]:
+        from torchao.quantization.utils import recommended_inductor_config_setter
+
+        recommended_inductor_config_setter()
     with building(device, torch.bfloat16):
         transformer = SD3Transformer2DModel(**dict(TRANSFORMERS["sd3-medium"], num_layers=2))
     transformer = transformer.to(device, torch.bfloat16).eval().requires_grad_(False)
@@ -64,8 +71,8 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
         from engine.precision import quantize_fp8
 
         applied["fp8_linears"] = quantize_fp8(transformer, granularity="tensor")
-    if how == "dynamic":  # the engine's: dynamic=True, FP8 with its compile options
-        compile_blocks(transformer, precision="bf16" if tuning or precision == "bf16" else "fp8")
+    if how == "dynamic":  # the engine's: dynamic=True
+        compile_blocks(transformer)
     else:
         for block in transformer.transformer_blocks:
             block.compile(dynamic=False)

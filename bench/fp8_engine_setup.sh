@@ -1,9 +1,8 @@
 # Source on the device machine with .fp8engine carried (bench/fp8_engine_carry.sh builds it):
-# unpacks fa3-fwd and installs the wheels into /tmp/site; checks that FP8 attention can run.
+# unpacks fa3-fwd and the other packages into /tmp/site; checks that FP8 attention can run.
 #   source bench/fp8_engine_setup.sh
 python3 -m tarfile -e .fp8engine/fa3_fwd-0.0.3.tar.xz /tmp/site || return 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .fp8engine/*.whl \
-  || return 1
+python3 -m tarfile -e .fp8engine/site-packages.tar.xz /tmp/site || return 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "
 import torch, diffusers, torchao, fa3_fwd_interface

@@ -118,6 +118,11 @@ def quantize_fp8(transformer: torch.nn.Module, granularity: str = "row") -> int:
     quantize_, float8_config, per_row, per_tensor = api
     names = set(fp8_layer_names(transformer))
     scale = per_row() if granularity == "row" else per_tensor()
-    quantize_(transformer, float8_config(granularity=scale), filter_fn=lambda m, fqn: fqn in names)
+    # torchao's default (set_inductor_config=True) switches on inductor's coordinate-descent tuning
+    # for the whole process: on the H200 that was 97 of the 123 s (326 of 367 s with pointwise
+    # autotuning) that two FP8 blocks took to compile (bench/results/fp8_compile_probe_h200*.json),
+    # and every later compile in the process, bf16 ones included, would pay it too.
+    config = float8_config(granularity=scale, set_inductor_config=False)
+    quantize_(transformer, config, filter_fn=lambda m, fqn: fqn in names)
     log.info("fp8: %d linear layers of the transformer blocks quantized (per %s scales)", len(names), granularity)
     return len(names)

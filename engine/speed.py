@@ -205,17 +205,7 @@ def prefer_sdpa(transformer: torch.nn.Module, names: tuple[str, ...]) -> None:
     transformer.forward = with_priority
 
 
-# Each FP8 linear adds its activation's quantization kernels, and inductor autotunes every
-# pointwise and reduction kernel over several configs at its first launch: two FP8 blocks
-# compiled 414 Triton kernels on the H200, ~190 s per block graph in the engine (call e7). With
-# one config each the two blocks compiled in 123 s and ran as fast (44.7 ms vs 45.0 ms at 1024²,
-# 32 rows; bench/results/fp8_compile_probe_h200*.json).
-FP8_COMPILE_OPTIONS = {"triton.autotune_pointwise": False}
-
-
-def compile_blocks(
-    transformer: torch.nn.Module, backend: str = "inductor", mode: str | None = None, precision: str = "bf16"
-) -> int:
+def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
     """Regional compile: each transformer block with dynamic shapes (batch and tokens), so the
     identical blocks share one graph and batch growth causes no recompiles."""
     # Block variants (last block, exact vs cached steps) are separate cache entries of one code object.
@@ -223,11 +213,9 @@ def compile_blocks(
     # Sizes that happen to be equal when a graph is traced (rows of a batch and of a cache pool,
     # say) must not be assumed equal, or the next step recompiles.
     torch.fx.experimental._config.use_duck_shape = False
-    # torch.compile takes a mode or inductor options, not both: a chosen mode wins
-    options = FP8_COMPILE_OPTIONS if precision == "fp8" and mode is None and backend == "inductor" else None
     blocks = list(getattr(transformer, "transformer_blocks", []))
     for block in blocks:
-        block.compile(backend=backend, mode=mode, dynamic=True, options=options)
+        block.compile(backend=backend, mode=mode, dynamic=True)
     return len(blocks)
 
 
@@ -277,7 +265,7 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
         else:
             log.warning("the GEMM's GELU epilogue is not tanh-GELU on this device; left off")
     if options.compile:
-        done["compiled_blocks"] = compile_blocks(transformer, options.backend, options.mode, options.precision)
+        done["compiled_blocks"] = compile_blocks(transformer, options.backend, options.mode)
         transformer._sd3serve_compile = (options.backend, options.mode)
     if options.text_compile:
         from engine.text_speed import compile_text_encoders

@@ -61,7 +61,13 @@ def test_fp8_runs_a_mixed_batch_with_the_attention_cache_close_to_bf16():
     del bf16
     torch.cuda.empty_cache()
 
+    import torch._inductor.config as inductor_config
+
+    tuning = inductor_config.coordinate_descent_tuning
     engine = _engine("fp8")
+    # torchao's default would switch coordinate-descent tuning on for the whole process: most of
+    # the FP8 blocks' compile time on the H200, and every later compile's (engine/precision.py)
+    assert tuning is False and inductor_config.coordinate_descent_tuning is False
     transformer = engine.pipe.transformer
     picked = fp8_layer_names(transformer)
     assert engine.speed_applied["fp8_linears"] == len(picked) > 0

@@ -135,31 +135,6 @@ def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path, capsys):
     assert not (tmp_path / "quality_fp8.json").exists()
 
 
-class _RecordingBlock(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.compiled_with: dict | None = None
-
-    def compile(self, **kwargs) -> None:  # type: ignore[override]
-        self.compiled_with = kwargs
-
-
-@pytest.mark.parametrize(
-    "precision, mode, expected",
-    [("fp8", None, {"triton.autotune_pointwise": False}), ("bf16", None, None), ("fp8", "max-autotune", None)],
-)
-def test_fp8_blocks_compile_one_triton_config_per_kernel(precision, mode, expected):
-    """FP8 blocks skip inductor's pointwise/reduction autotuning (minutes per graph on the H200);
-    bf16 blocks keep it, and a chosen compile mode wins (torch.compile takes one or the other)."""
-    from engine.speed import compile_blocks
-
-    transformer = torch.nn.Module()
-    transformer.transformer_blocks = torch.nn.ModuleList([_RecordingBlock(), _RecordingBlock()])
-    assert compile_blocks(transformer, "inductor", mode, precision) == 2
-    for block in transformer.transformer_blocks:
-        assert block.compiled_with == dict(backend="inductor", mode=mode, dynamic=True, options=expected)
-
-
 def test_quantize_fp8_names_the_granularities_it_takes():
     from engine.precision import quantize_fp8
 
