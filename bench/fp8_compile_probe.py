@@ -189,7 +189,7 @@ def note_in_engine_results(path: Path, probe: dict) -> None:
         command="python -m bench.fp8_compile_probe",
     )
     data["summary"] = engine_summary(data)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ PART_NOTES = {
     "xdit": "xdit",
     "stability_ref": "stability-ref",
     "fast_warmup_seconds": "e2e",
+    "fp8": "e2e",
+    "fp8_attn": "e2e",
+    "accuracy": "accuracy",  # its keys over the older ones, one by one
 }
 MODEL, LARGE = "sd3-medium", "sd3.5-large"
 

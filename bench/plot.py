@@ -25,6 +25,8 @@ STYLE = {
     ("diffusers-compiled", "compiled"): ("diffusers (fused QKV + torch.compile)", "tab:brown", "o"),
     ("sd3serve", "exact-fp8"): ("sd3serve exact, FP8", "tab:green", "D"),
     ("sd3serve", "attention-k3-fp8"): ("sd3serve attention cache K=3, FP8", "tab:purple", "v"),
+    ("sd3serve", "exact-fp8-attn"): ("sd3serve exact, FP8 + FP8 attention", "tab:red", "d"),
+    ("sd3serve", "attention-k3-fp8-attn"): ("sd3serve K=3, FP8 + FP8 attention", "tab:red", "<"),
     ("xdit", "eager"): ("xDiT (xfuser, one GPU)", "tab:olive", "P"),
     ("xdit-compile", "compiled"): ("xDiT + torch.compile", "tab:cyan", "P"),
     ("stability-ref", "euler-cfg-fp16"): ("Stability SD3 reference (fp16)", "tab:pink", "*"),

@@ -33,8 +33,14 @@ ENGINE_MODES = (
     ("attention-k3-fast", "cached_k3"),
     ("exact-fp8", "fp8"),
     ("attention-k3-fp8", "fp8_cached"),
+    ("exact-fp8-attn", "fp8_attn"),  # FP8 linears and FP8 attention (--attention-precision fp8)
+    ("attention-k3-fp8-attn", "fp8_attn_cached"),
 )
-LATENCY_MODES = (("exact-fast", "b1_latency"), ("exact-fp8", "fp8_b1_latency"))
+LATENCY_MODES = (
+    ("exact-fast", "b1_latency"),
+    ("exact-fp8", "fp8_b1_latency"),
+    ("exact-fp8-attn", "fp8_attn_b1_latency"),
+)
 DIFFUSERS_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"))
 # other systems of the seed paper's Figure 3: name in the summary -> their systems (any mode)
 OTHER_BASELINES = {"xdit": ("xdit", "xdit-compile"), "stability": ("stability-ref",)}

@@ -208,9 +208,14 @@ def test_fa3_fp8_kernel_matches_the_reference_at_sd3_shapes():
     fa3 = attention_strategy("fp8", device)
     reference = Fp8Attend(reference_fp8_kernel)
     exact = SdpaAttend()
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     for out, ref, sdpa in zip(fa3([q, cq], k, v), reference([q, cq], k, v), exact([q, cq], k, v)):
         assert out.dtype == torch.bfloat16 and out.shape == sdpa.shape
-        to_sdpa = ((out.float() - sdpa.float()).norm() / sdpa.float().norm()).item()
-        to_reference = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        print(f"fa3 fp8: {to_sdpa:.4f} relative error to SDPA, {to_reference:.4f} to the FP8 reference")
-        assert to_sdpa < 0.05 and to_reference < 0.05
+        to_sdpa, to_reference, rounding = error(out, sdpa), error(out, ref), error(ref, sdpa)
+        print(f"fa3 fp8: {to_sdpa:.4f} to SDPA, {to_reference:.4f} to the FP8 reference, whose rounding is {rounding:.4f}")
+        # On the H200 (2026-12-02): 0.0547 to SDPA, 0.0250 to the reference (FA3 also rounds P to
+        # FP8), and per-head Q/K/V rounding alone is 0.0485 on these inputs (0.0485 on the CPU too):
+        # the kernel computes the FP8 reference and adds little error of its own.
+        assert to_reference < 0.04 and to_sdpa < 1.25 * rounding

@@ -112,3 +112,26 @@ def test_a_run_replaces_only_the_batches_it_makes():
     assert kept() == [("eager", 4), ("exact-eager", 16), ("euler-cfg-fp16", 4)]
     args.stability_batches = [1, 4]
     assert kept() == [("eager", 4), ("exact-eager", 16)]
+
+
+def test_a_calls_accuracy_and_fp8_notes_are_merged_key_by_key(tmp_path):
+    base = dict(BASE, accuracy=dict(fast_vs_eager_forward_1024=0.013, fast_vs_eager_forward_512=0.011))
+    base_path = tmp_path / "engine_h200.json"
+    base_path.write_text(json.dumps(base))
+    fp8_note = dict(warmup_seconds=dict(exact_1024=18.6, attention=42.1), fp8_linears=189)
+    call = _call(
+        base,
+        _run("2026-12-02T13:46:42", ["e2e", "accuracy"], [1024]),
+        [_row("sd3serve", "exact-fp8", 1024, 16, 1.04)],
+        accuracy=dict(fast_vs_eager_forward_1024=0.014, fp8_vs_eager_forward_1024=0.015),
+        fp8=fp8_note,
+    )
+    (tmp_path / "call.json").write_text(json.dumps(call))
+
+    merge_calls.main([str(base_path), str(tmp_path / "call.json")])
+
+    merged = json.loads(base_path.read_text())
+    assert merged["accuracy"] == dict(
+        fast_vs_eager_forward_1024=0.014, fast_vs_eager_forward_512=0.011, fp8_vs_eager_forward_1024=0.015
+    )
+    assert merged["fp8"] == fp8_note
