@@ -208,6 +208,7 @@ def test_fa3_fp8_kernel_matches_the_reference_at_sd3_shapes():
     fa3 = attention_strategy("fp8", device)
     reference = Fp8Attend(reference_fp8_kernel)
     exact = SdpaAttend()
+
     def error(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
