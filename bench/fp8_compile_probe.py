@@ -34,9 +34,13 @@ VARIANTS = (
     # FP8 with torchao's recommended inductor settings (coordinate-descent tuning, process-wide):
     # the engine before 2026-12-02 (calls 1 and 2 recorded it as fp8-dynamic-tuned / -untuned)
     "fp8-dynamic-cdt",
-    "fp8-static",  # FP8 blocks compiled with dynamic=False
+    "fp8-static",  # FP8 blocks compiled with dynamic=False (inductor knows the reductions' sizes)
+    "bf16-static",
+    "fp8attn-dynamic",  # FP8 linears and FP8 attention (fa3-fwd), as --attention-precision fp8
     "fp8tensor-dynamic",  # per-tensor scales (torchao PerTensor: cuBLAS's FP8 GEMM) instead of per-row
 )
+# variant's first word -> (linear precision for SpeedOptions, attention precision)
+PRECISION_OF = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "bf16"), "fp8attn": ("fp8", "fp8"), "fp8tensor": ("bf16", "bf16")}
 
 
 def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = False) -> dict:
@@ -57,8 +61,10 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
     with building(device, torch.bfloat16):
         transformer = SD3Transformer2DModel(**dict(TRANSFORMERS["sd3-medium"], num_layers=2))
     transformer = transformer.to(device, torch.bfloat16).eval().requires_grad_(False)
+    linears, attention = PRECISION_OF[precision]
     options = SpeedOptions.fast(
-        precision="bf16" if precision == "fp8tensor" else precision,
+        precision=linears,
+        attention_precision=attention,
         gelu_epilogue=precision == "bf16",
         compile=False,
         text_compile=False,
@@ -107,10 +113,17 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
 
 
 KERNEL_KINDS = (  # first match wins, on the lowercased kernel name
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("gemm", ("gemm", "scaled_mm", "cutlass", "xmma", "sm90", "f8f8", "matmul", "cublas")),
+    # inductor names a fused kernel after its ops ("triton_red_fused__scaled_mm__to_copy_abs_amax…"
+    # is an activation's quantization), so its own kernels are matched first
     ("triton (fused pointwise, norms, quantization)", ("triton",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "scaled_mm", "cutlass", "xmma", "sm90", "f8f8", "matmul", "cublas", "nvjet")),
 )
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in low for w in words)), "other")
 
 
 def kernel_table(forward, inputs: dict) -> dict:
@@ -126,8 +139,7 @@ def kernel_table(forward, inputs: dict) -> dict:
     times = [(e.key, e.count, getattr(e, "device_time_total", 0.0) / 3000) for e in events]  # ms per forward
     by_kind: dict[str, float] = {}
     for name, _, ms in times:
-        low = name.lower()
-        kind = next((k for k, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+        kind = kernel_kind(name)
         by_kind[kind] = round(by_kind.get(kind, 0.0) + ms, 3)
     top = sorted(times, key=lambda t: -t[2])[:20]
     return dict(
