@@ -1,10 +1,12 @@
 """FP8's quality on the reference model (`python -m bench.quality --precision fp8`, on the GPU):
 the same held-out prompts and seeds through a bf16 engine and an FP8 engine (both the serving
-fast path, exact steps); judge accuracy of each, PSNR and SSIM of FP8 against bf16.
+fast path, exact steps); judge accuracy of each, PSNR and SSIM of FP8 against bf16. With
+`--attention-precision fp8` the FP8 engine runs FP8 attention as well (fa3-fwd, Hopper).
 
-Writes quality_fp8.json under --out; with --engine-json, also notes the numbers in the engine
-benchmark's file (`fp8_reference_quality`), whose summary then shows `fp8_reference_psnr_db`
-and `fp8_reference_accuracy_drop` (judge accuracy points lost).
+Writes quality_fp8.json (quality_fp8_attn.json) under --out; with --engine-json, also notes the
+numbers in the engine benchmark's file (`fp8_reference_quality`, `fp8_attn_reference_quality`),
+whose summary then shows `fp8_reference_psnr_db` and `fp8_reference_accuracy_drop` (judge
+accuracy points lost), or their `fp8_attn_` twins.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bench.image_metrics import psnr, ssim
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader import load_pipeline, resolve_device
+from engine.fp8_attention import require_attention_precision
 from engine.precision import PrecisionUnavailable, require_precision
 from models.reference.evaluate import judge_images
 
@@ -43,16 +46,25 @@ def _images(config: EngineConfig, requests) -> tuple[list[np.ndarray], float, di
     return images, seconds, applied
 
 
+def result_name(attention_precision: str) -> str:
+    """`fp8`, or `fp8_attn` with FP8 attention: the prefix of the result's file and keys."""
+    return "fp8" if attention_precision == "bf16" else "fp8_attn"
+
+
 def fp8_quality(args, argv, prompts, requests) -> int:
+    attention_precision = args.attention_precision
     try:
-        require_precision("fp8", resolve_device(args.device))
+        device = resolve_device(args.device)
+        require_precision("fp8", device)
+        require_attention_precision(attention_precision, device)
     except (PrecisionUnavailable, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     base = EngineConfig(model=args.model, device=args.device, dtype="bfloat16", max_batch=args.batch, compile=args.compile)
     captions = [p.prompt for p in prompts]
     bf16, bf16_seconds, _ = _images(base, requests)
-    fp8, fp8_seconds, applied = _images(replace(base, precision="fp8"), requests)
+    fp8, fp8_seconds, applied = _images(replace(base, precision="fp8", attention_precision=attention_precision), requests)
     bf16_accuracy, fp8_accuracy = judge_images(bf16, captions), judge_images(fp8, captions)
+    name = result_name(attention_precision)
     result = dict(
         model=Path(args.model).name,
         card=torch.cuda.get_device_name(),
@@ -60,28 +72,31 @@ def fp8_quality(args, argv, prompts, requests) -> int:
         prompts=len(prompts),
         seeds="the held-out prompts' own",
         fp8_linears=applied.get("fp8_linears"),
+        attention_precision=attention_precision,
         compile=args.compile,
         bf16_judge_accuracy=bf16_accuracy,
         fp8_judge_accuracy=fp8_accuracy,
-        fp8_reference_accuracy_drop=round(100 * (bf16_accuracy - fp8_accuracy), 2),
-        fp8_reference_psnr_db=round(float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(fp8, bf16)])), 2),
-        fp8_reference_ssim=round(float(np.mean([ssim(a, b) for a, b in zip(fp8, bf16)])), 4),
+        **{
+            f"{name}_reference_accuracy_drop": round(100 * (bf16_accuracy - fp8_accuracy), 2),
+            f"{name}_reference_psnr_db": round(float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(fp8, bf16)])), 2),
+            f"{name}_reference_ssim": round(float(np.mean([ssim(a, b) for a, b in zip(fp8, bf16)])), 4),
+        },
         bf16_seconds=round(bf16_seconds, 2),
         fp8_seconds=round(fp8_seconds, 2),
         command="python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality_fp8.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"quality_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.engine_json:
-        note_in_engine_results(Path(args.engine_json), result)
+        note_in_engine_results(Path(args.engine_json), result, name)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def note_in_engine_results(path: Path, result: dict) -> None:
+def note_in_engine_results(path: Path, result: dict, name: str = "fp8") -> None:
     from bench.summary import engine_summary
 
     data = json.loads(path.read_text())
-    data["fp8_reference_quality"] = result
+    data[f"{name}_reference_quality"] = result
     data["summary"] = engine_summary(data)
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fp8: FP8 against bf16 on the same seeds instead of the caching configs",
     )
     parser.add_argument(
+        "--attention-precision",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="with --precision fp8: fp8 runs FP8 attention too (fa3-fwd, Hopper); writes quality_fp8_attn.json",
+    )
+    parser.add_argument(
         "--compile",
         choices=("auto", "on", "off"),
         default="auto",
@@ -155,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompts[:: args.stride]
     if args.limit:
         prompts = prompts[: args.limit]
+    if args.attention_precision != "bf16" and args.precision != "fp8":
+        parser.error("--attention-precision fp8 is measured against bf16 with --precision fp8")
     if args.precision == "fp8":
         from bench.precision_quality import fp8_quality
 

@@ -142,10 +142,14 @@ def _vs_other_baselines(ips: dict, size: int) -> dict:
 
 
 def _fp8_reference(data: dict) -> dict:
-    """FP8's quality on the reference model (bench/precision_quality.py notes it in the file)."""
-    ref = data.get("fp8_reference_quality") or {}
-    keys = ("fp8_reference_psnr_db", "fp8_reference_ssim", "fp8_reference_accuracy_drop")
-    return {k: ref[k] for k in keys if k in ref}
+    """FP8's quality on the reference model, with bf16 and with FP8 attention
+    (bench/precision_quality.py notes them in the file)."""
+    out = {}
+    for name in ("fp8", "fp8_attn"):
+        ref = data.get(f"{name}_reference_quality") or {}
+        keys = (f"{name}_reference_psnr_db", f"{name}_reference_ssim", f"{name}_reference_accuracy_drop")
+        out.update({k: ref[k] for k in keys if k in ref})
+    return out
 
 
 def _fp8_blocks(data: dict) -> dict:

@@ -71,6 +71,16 @@ def test_the_fp8_quality_run_notes_its_numbers_in_the_engine_results(tmp_path):
     assert data["summary"]["exact_vs_diffusers_best_1024"] == round(0.99 / 0.90, 3)  # rows summarised again
 
 
+def test_the_fp8_attention_quality_run_notes_its_own_keys(tmp_path):
+    path = tmp_path / "engine_h200.json"
+    path.write_text(json.dumps(dict(rows=ROWS, summary={})))
+    note_in_engine_results(path, dict(fp8_reference_psnr_db=31.9, fp8_reference_accuracy_drop=0.0))
+    note_in_engine_results(path, dict(fp8_attn_reference_psnr_db=29.0, fp8_attn_reference_accuracy_drop=0.4), "fp8_attn")
+    summary = json.loads(path.read_text())["summary"]
+    assert (summary["fp8_reference_psnr_db"], summary["fp8_attn_reference_psnr_db"]) == (31.9, 29.0)
+    assert summary["fp8_attn_reference_accuracy_drop"] == 0.4
+
+
 def test_the_fp8_block_probe_enters_the_summary_and_merges_by_variant(tmp_path):
     from bench.fp8_compile_probe import note_in_engine_results as note_probe
 

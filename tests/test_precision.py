@@ -135,6 +135,17 @@ def test_the_fp8_quality_run_refuses_on_the_cpu(tmp_path, capsys):
     assert not (tmp_path / "quality_fp8.json").exists()
 
 
+def test_the_fp8_attention_quality_run_refuses_on_the_cpu_and_without_fp8(tmp_path, capsys):
+    from bench.quality import main
+
+    argv = ["--precision", "fp8", "--attention-precision", "fp8", "--device", "cpu", "--limit", "2", "--out", str(tmp_path)]
+    status, stderr = exit_status(main, argv, capsys)
+    assert status != 0 and f"error: {CPU_REFUSAL}" in stderr
+    status, stderr = exit_status(main, ["--attention-precision", "fp8", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert status == 2 and "--attention-precision fp8 is measured against bf16 with --precision fp8" in stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_quantize_fp8_names_the_granularities_it_takes():
     from engine.precision import quantize_fp8
 
