@@ -99,4 +99,4 @@ def note_in_engine_results(path: Path, result: dict, name: str = "fp8") -> None:
     data = json.loads(path.read_text())
     data[f"{name}_reference_quality"] = result
     data["summary"] = engine_summary(data)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=1))  # as bench.merge_calls writes it
