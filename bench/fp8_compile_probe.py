@@ -188,7 +188,7 @@ def main(argv=None) -> int:
 def note_in_engine_results(path: Path, probe: dict) -> None:
     """Add (or replace, by name) the probe's variants in the engine file's `fp8_block_probe`; the
     summary then has `fp8_block_forward_speedup_1024`."""
-    from bench.summary import engine_summary
+    from bench.results_file import write_engine_file
 
     data = json.loads(path.read_text())
     kept = {v["variant"]: v for v in data.get("fp8_block_probe", {}).get("variants", [])}
@@ -200,8 +200,7 @@ def note_in_engine_results(path: Path, probe: dict) -> None:
         variants=list(kept.values()),
         command="python -m bench.fp8_compile_probe",
     )
-    data["summary"] = engine_summary(data)
-    path.write_text(json.dumps(data, indent=1))
+    write_engine_file(path, data)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench import merge_rows
+from bench.results_file import write_json
 from bench.summary import engine_summary
 
 # notes a part writes (key -> part); `warmup_seconds_per_shape` inside them merges by shape
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
         data = merge_call(data, json.loads(path.read_text()))
         run = data["runs"][-1]
         print(f"{path}: run {run['started']} parts {','.join(run['parts'])} sizes {run['config']['sizes']}")
-    a.base.write_text(json.dumps(data, indent=1))
+    write_json(a.base, data)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bench.image_metrics import psnr, ssim
+from bench.results_file import note_in_engine_file
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader import load_pipeline, resolve_device
@@ -52,19 +53,18 @@ def result_name(attention_precision: str) -> str:
 
 
 def fp8_quality(args, argv, prompts, requests) -> int:
-    attention_precision = args.attention_precision
     try:
         device = resolve_device(args.device)
         require_precision("fp8", device)
-        require_attention_precision(attention_precision, device)
+        require_attention_precision(args.attention_precision, device)
     except (PrecisionUnavailable, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     base = EngineConfig(model=args.model, device=args.device, dtype="bfloat16", max_batch=args.batch, compile=args.compile)
     captions = [p.prompt for p in prompts]
     bf16, bf16_seconds, _ = _images(base, requests)
-    fp8, fp8_seconds, applied = _images(replace(base, precision="fp8", attention_precision=attention_precision), requests)
+    fp8, fp8_seconds, applied = _images(replace(base, precision="fp8", attention_precision=args.attention_precision), requests)
     bf16_accuracy, fp8_accuracy = judge_images(bf16, captions), judge_images(fp8, captions)
-    name = result_name(attention_precision)
+    name = result_name(args.attention_precision)
     result = dict(
         model=Path(args.model).name,
         card=torch.cuda.get_device_name(),
@@ -72,7 +72,7 @@ def fp8_quality(args, argv, prompts, requests) -> int:
         prompts=len(prompts),
         seeds="the held-out prompts' own",
         fp8_linears=applied.get("fp8_linears"),
-        attention_precision=attention_precision,
+        attention_precision=args.attention_precision,
         compile=args.compile,
         bf16_judge_accuracy=bf16_accuracy,
         fp8_judge_accuracy=fp8_accuracy,
@@ -94,9 +94,4 @@ def fp8_quality(args, argv, prompts, requests) -> int:
 
 
 def note_in_engine_results(path: Path, result: dict, name: str = "fp8") -> None:
-    from bench.summary import engine_summary
-
-    data = json.loads(path.read_text())
-    data[f"{name}_reference_quality"] = result
-    data["summary"] = engine_summary(data)
-    path.write_text(json.dumps(data, indent=1))  # as bench.merge_calls writes it
+    note_in_engine_file(path, f"{name}_reference_quality", result)

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "--engine-json", type=Path, help="with --precision fp8: note the result in this bench/results/engine_<card>.json"
     )
     args = parser.parse_args(argv)
+    if args.attention_precision != "bf16" and args.precision != "fp8":
+        parser.error("--attention-precision fp8 is measured against bf16 with --precision fp8")
 
     defaults = read_model_defaults(args.model)
     if not defaults:
@@ -161,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompts[:: args.stride]
     if args.limit:
         prompts = prompts[: args.limit]
-    if args.attention_precision != "bf16" and args.precision != "fp8":
-        parser.error("--attention-precision fp8 is measured against bf16 with --precision fp8")
     if args.precision == "fp8":
         from bench.precision_quality import fp8_quality
 

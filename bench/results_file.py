@@ -44,7 +44,26 @@ class Results:
     def save(self) -> None:
         self.engine["summary"] = engine_summary(self.engine)
         self.caching["summary"] = caching_summary(self.caching)
-        for path, data in ((self.engine_path, self.engine), (self.caching_path, self.caching)):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(path)
+        write_json(self.engine_path, self.engine)
+        write_json(self.caching_path, self.caching)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """The one format of the result files, written whole (a cut-off write leaves the old file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def note_in_engine_file(path: Path, key: str, value) -> None:
+    """Set `key` in an existing engine_<card>.json and recompute its summary (the probes and the
+    quality runs note their numbers there)."""
+    data = json.loads(path.read_text())
+    data[key] = value
+    write_engine_file(path, data)
+
+
+def write_engine_file(path: Path, data: dict) -> None:
+    """An engine_<card>.json with its summary recomputed from what it holds."""
+    data["summary"] = engine_summary(data)
+    write_json(path, data)
