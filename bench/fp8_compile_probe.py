@@ -38,7 +38,22 @@ VARIANTS = (
     "bf16-static",
     "fp8attn-dynamic",  # FP8 linears and FP8 attention (fa3-fwd), as --attention-precision fp8
     "fp8tensor-dynamic",  # per-tensor scales (torchao PerTensor: cuBLAS's FP8 GEMM) instead of per-row
+    # "-mk": the blocks compiled with inductor's multi-kernel, which also generates a persistent
+    # (one pass over a row in registers) version of reductions up to 16x longer than the default
+    # 1024 and keeps the faster at the first run: the quantizations of the 1536- and 6144-wide
+    # activations are looped two-pass reductions otherwise. "-mkcdt": and coordinate-descent
+    # tuning of their launch configs, for these graphs only.
+    "fp8-dynamic-mk",
+    "fp8-dynamic-mkcdt",
+    "bf16-dynamic-mk",
+    "fp8attn-dynamic-mk",
+    "fp8-static-mk",
 )
+# a variant's third word -> inductor options for the blocks' compile
+INDUCTOR_OPTIONS = {
+    "mk": {"triton.multi_kernel": 1},
+    "mkcdt": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True},
+}
 # variant's first word -> (linear precision for SpeedOptions, attention precision)
 PRECISION_OF = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "bf16"), "fp8attn": ("fp8", "fp8"), "fp8tensor": ("bf16", "bf16")}
 
@@ -77,12 +92,13 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
         from engine.precision import quantize_fp8
 
         applied["fp8_linears"] = quantize_fp8(transformer, granularity="tensor")
+    inductor_options = INDUCTOR_OPTIONS.get(tuning[0]) if tuning else None
     if how == "dynamic":  # the engine's: dynamic=True
-        compile_blocks(transformer)
+        compile_blocks(transformer, inductor_options=inductor_options)
     else:
         for block in transformer.transformer_blocks:
-            block.compile(dynamic=False)
-    out: dict = dict(variant=name, applied=applied, size=size, rows=rows, profiled=profile)
+            block.compile(dynamic=False, options=inductor_options)
+    out: dict = dict(variant=name, applied=applied, inductor_options=inductor_options, size=size, rows=rows, profiled=profile)
 
     def forward(inputs: dict):
         with torch.inference_mode():

@@ -205,9 +205,17 @@ def prefer_sdpa(transformer: torch.nn.Module, names: tuple[str, ...]) -> None:
     transformer.forward = with_priority
 
 
-def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+def compile_blocks(
+    transformer: torch.nn.Module,
+    backend: str = "inductor",
+    mode: str | None = None,
+    inductor_options: dict[str, Any] | None = None,
+) -> int:
     """Regional compile: each transformer block with dynamic shapes (batch and tokens), so the
-    identical blocks share one graph and batch growth causes no recompiles."""
+    identical blocks share one graph and batch growth causes no recompiles. `inductor_options`
+    apply to these graphs only (torch.compile takes them instead of a mode)."""
+    if inductor_options and mode is not None:
+        raise ValueError(f"compile mode {mode!r} and inductor options {inductor_options} exclude each other")
     # Block variants (last block, exact vs cached steps) are separate cache entries of one code object.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     # Sizes that happen to be equal when a graph is traced (rows of a batch and of a cache pool,
@@ -215,7 +223,10 @@ def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor", mode
     torch.fx.experimental._config.use_duck_shape = False
     blocks = list(getattr(transformer, "transformer_blocks", []))
     for block in blocks:
-        block.compile(backend=backend, mode=mode, dynamic=True)
+        if inductor_options:
+            block.compile(backend=backend, dynamic=True, options=dict(inductor_options))
+        else:
+            block.compile(backend=backend, mode=mode, dynamic=True)
     return len(blocks)
 
 
