@@ -4,6 +4,7 @@ machine without FP8 tensor cores or torchao, with a message naming what is missi
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -151,3 +152,34 @@ def test_quantize_fp8_names_the_granularities_it_takes():
 
     with pytest.raises(ValueError, match="granularity must be one of row, tensor, got 'block'"):
         quantize_fp8(torch.nn.Linear(16, 16), granularity="block")
+
+
+def test_the_fp8_mlps_sigmoid_form_gelu_is_diffusers_tanh_gelu(fused_transformer):
+    from diffusers.models.activations import GELU
+
+    from engine.precision import SigmoidFormGelu
+    from engine.speed import fuse_gelu
+
+    transformer = copy.deepcopy(fused_transformer)  # the fixture is shared by the module's tests
+    gelus = [m for m in transformer.modules() if isinstance(m, GELU)]
+    x = torch.randn(4, 7, gelus[0].proj.in_features) * 3
+    expected = [gelu(x) for gelu in gelus]
+    assert fuse_gelu(transformer, SigmoidFormGelu) == len(gelus) > 0
+    swapped = [m for m in transformer.modules() if isinstance(m, SigmoidFormGelu)]
+    assert [m.proj for m in swapped] == [g.proj for g in gelus]
+    for module, want in zip(swapped, expected):
+        torch.testing.assert_close(module(x), want, rtol=0, atol=2e-6)
+    bf16 = SigmoidFormGelu(torch.nn.Linear(32, 64).bfloat16())
+    xb = torch.randn(5, 32, dtype=torch.bfloat16)
+    assert bf16(xb).dtype == torch.bfloat16
+
+
+def test_only_fp8_blocks_compile_with_inductors_multi_kernel():
+    from engine.speed import FP8_BLOCK_INDUCTOR_OPTIONS, SpeedOptions, block_inductor_options, compile_blocks
+
+    assert block_inductor_options(SpeedOptions.fast(precision="fp8")) == FP8_BLOCK_INDUCTOR_OPTIONS
+    assert block_inductor_options(SpeedOptions.fast()) is None
+    assert block_inductor_options(SpeedOptions.fast(precision="fp8", mode="max-autotune")) is None
+    assert block_inductor_options(SpeedOptions.fast(precision="fp8", backend="aot_eager")) is None
+    with pytest.raises(ValueError, match="exclude each other"):
+        compile_blocks(torch.nn.Module(), mode="max-autotune", inductor_options=FP8_BLOCK_INDUCTOR_OPTIONS)
