@@ -154,16 +154,20 @@ def _fp8_reference(data: dict) -> dict:
 
 def _fp8_blocks(data: dict) -> dict:
     """bench/fp8_compile_probe.py's two-block forward at 1024² (noted as `fp8_block_probe`):
-    bf16 ms over FP8 ms, and the first call's compile seconds of each."""
+    bf16 ms over FP8 ms (the engine's FP8 blocks: with multi-kernel since call e12; with FP8
+    attention too), and the first call's compile seconds of each."""
     variants = {v["variant"]: v for v in data.get("fp8_block_probe", {}).get("variants", []) if "forward_ms" in v}
     bf16 = variants.get("bf16-dynamic")
-    fp8 = variants.get("fp8-dynamic") or variants.get("fp8-dynamic-untuned")
+    fp8 = variants.get("fp8-dynamic-mk") or variants.get("fp8-dynamic") or variants.get("fp8-dynamic-untuned")
     if not (bf16 and fp8):
         return {}
-    return dict(
+    out = dict(
         fp8_block_forward_speedup_1024=round(bf16["forward_ms"] / fp8["forward_ms"], 3),
         fp8_block_compile_s={name: v["first_call_s"] for name, v in variants.items()},
     )
+    if fp8_attn := variants.get("fp8attn-dynamic-mk"):
+        out["fp8_attn_block_forward_speedup_1024"] = round(bf16["forward_ms"] / fp8_attn["forward_ms"], 3)
+    return out
 
 
 def _mfu(data: dict, step_ms: dict, ips: dict) -> dict | None:
