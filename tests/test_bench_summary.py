@@ -96,6 +96,7 @@ def test_the_fp8_block_probe_enters_the_summary_and_merges_by_variant(tmp_path):
     assert all("profile_tottime" not in v for v in data["fp8_block_probe"]["variants"])
     # the engine's FP8 blocks compile with multi-kernel since call e12: that variant is the ratio's
     engine_fp8 = dict(variant="fp8-dynamic-mk", forward_ms=40.0 / 1.1, first_call_s=17.0)
-    note_probe(path, dict(size=1024, rows=32, variants=[engine_fp8, dict(variant="fp8attn-dynamic-mk", forward_ms=40.0, first_call_s=25.0)]))
+    with_fp8_attention = dict(variant="fp8attn-dynamic-mk", forward_ms=40.0, first_call_s=25.0)
+    note_probe(path, dict(size=1024, rows=32, variants=[engine_fp8, with_fp8_attention]))
     summary = json.loads(path.read_text())["summary"]
     assert (summary["fp8_block_forward_speedup_1024"], summary["fp8_attn_block_forward_speedup_1024"]) == (1.375, 1.25)
