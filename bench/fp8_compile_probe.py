@@ -48,6 +48,9 @@ VARIANTS = (
     "bf16-dynamic-mk",
     "fp8attn-dynamic-mk",
     "fp8-static-mk",
+    # the engine's FP8 blocks since call e14: multi-kernel and the MLPs' GELU in its sigmoid form
+    # (apply_speed with gelu_epilogue on; the other FP8 variants keep diffusers' tanh GELU)
+    "fp8sg-dynamic-mk",
 )
 # a variant's third word -> inductor options for the blocks' compile
 INDUCTOR_OPTIONS = {
@@ -55,7 +58,14 @@ INDUCTOR_OPTIONS = {
     "mkcdt": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True},
 }
 # variant's first word -> (linear precision for SpeedOptions, attention precision)
-PRECISION_OF = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "bf16"), "fp8attn": ("fp8", "fp8"), "fp8tensor": ("bf16", "bf16")}
+PRECISION_OF = {
+    "bf16": ("bf16", "bf16"),
+    "fp8": ("fp8", "bf16"),
+    "fp8sg": ("fp8", "bf16"),
+    "fp8attn": ("fp8", "fp8"),
+    "fp8tensor": ("bf16", "bf16"),
+}
+GELU_EPILOGUE = ("bf16", "fp8sg")  # apply_speed's GELU work: bf16's cuBLAS epilogue, FP8's sigmoid form
 
 
 def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = False) -> dict:
@@ -80,7 +90,7 @@ def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = 
     options = SpeedOptions.fast(
         precision=linears,
         attention_precision=attention,
-        gelu_epilogue=precision == "bf16",
+        gelu_epilogue=precision in GELU_EPILOGUE,
         compile=False,
         text_compile=False,
         vae_compile=False,
