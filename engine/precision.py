@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 
@@ -147,3 +148,20 @@ class SigmoidFormGelu(torch.nn.Module):
         out = self.proj(hidden_states)
         x = out.float()
         return (x * torch.sigmoid(self.TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))).to(out.dtype)
+
+
+# Inductor's multi-kernel also generates a persistent (one pass, the row in registers) version of
+# reductions up to 16x longer than its default limit of 1024 and keeps the faster one at the first
+# run. It makes the FP8 blocks' activation quantizations (rows of 1536 and 6144) one-pass:
+# 46.11 -> 44.51 ms per two-block forward at 1024² with 32 rows on the H200, while bf16 blocks
+# gained nothing (50.27 / 50.42 ms; bench/results/fp8_compile_probe_h200_mk.json), so they keep
+# their graphs as they are.
+FP8_BLOCK_INDUCTOR_OPTIONS: dict[str, Any] = {"triton.multi_kernel": 1}
+
+
+def block_inductor_options(precision: str, backend: str, mode: str | None) -> dict[str, Any] | None:
+    """Inductor options for the transformer blocks' compile: FP8's multi-kernel (on inductor with
+    no compile mode, which torch.compile does not take together with options)."""
+    if precision == "fp8" and backend == "inductor" and mode is None:
+        return dict(FP8_BLOCK_INDUCTOR_OPTIONS)
+    return None

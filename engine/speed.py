@@ -25,7 +25,8 @@ eager pipeline within bf16 rounding.
 
 - FP8 precision (`precision="fp8"`, engine/precision.py): the blocks' linears as torchao float8
   GEMMs, applied after QKV fusion and before compile, so compile, CUDA graphs and the attention
-  cache run over the FP8 layers; the bf16 GELU epilogue is then left off.
+  cache run over the FP8 layers; instead of the bf16 GELU epilogue the MLPs' GELU takes its
+  sigmoid form, and the blocks compile with inductor's multi-kernel (one-pass quantizations).
 - FP8 attention (`attention_precision="fp8"`, engine/fp8_attention.py; opt-in, off by default):
   the fused processor's SDPA calls become per-head FP8 Q/K/V into FlashAttention-3's FP8 forward
   (Hopper only). It implies fused Q/K/V (the strategy lives in `FusedJointProcessor`), and the
@@ -205,22 +206,6 @@ def prefer_sdpa(transformer: torch.nn.Module, names: tuple[str, ...]) -> None:
     transformer.forward = with_priority
 
 
-# Inductor's multi-kernel also generates a persistent (one pass, the row in registers) version of
-# reductions up to 16x longer than its default limit of 1024 and keeps the faster one at the first
-# run. It makes the FP8 blocks' activation quantizations (rows of 1536 and 6144) one-pass:
-# 46.11 -> 44.51 ms per two-block forward at 1024² with 32 rows on the H200, while bf16 blocks
-# gained nothing (50.27 / 50.42 ms; bench/results/fp8_compile_probe_h200_mk.json), so they keep
-# their graphs as they are.
-FP8_BLOCK_INDUCTOR_OPTIONS: dict[str, Any] = {"triton.multi_kernel": 1}
-
-
-def block_inductor_options(options: SpeedOptions) -> dict[str, Any] | None:
-    """Inductor options for the blocks' compile: FP8's multi-kernel, on inductor with no mode."""
-    if options.precision == "fp8" and options.backend == "inductor" and options.mode is None:
-        return dict(FP8_BLOCK_INDUCTOR_OPTIONS)
-    return None
-
-
 def compile_blocks(
     transformer: torch.nn.Module,
     backend: str = "inductor",
@@ -296,7 +281,9 @@ def apply_speed(pipe, options: SpeedOptions) -> dict:
         else:
             log.warning("the GEMM's GELU epilogue is not tanh-GELU on this device; left off")
     if options.compile:
-        inductor_options = block_inductor_options(options)
+        from engine.precision import block_inductor_options
+
+        inductor_options = block_inductor_options(options.precision, options.backend, options.mode)
         done["compiled_blocks"] = compile_blocks(transformer, options.backend, options.mode, inductor_options)
         if inductor_options:
             done["block_inductor_options"] = inductor_options

@@ -175,11 +175,12 @@ def test_the_fp8_mlps_sigmoid_form_gelu_is_diffusers_tanh_gelu(fused_transformer
 
 
 def test_only_fp8_blocks_compile_with_inductors_multi_kernel():
-    from engine.speed import FP8_BLOCK_INDUCTOR_OPTIONS, SpeedOptions, block_inductor_options, compile_blocks
+    from engine.precision import FP8_BLOCK_INDUCTOR_OPTIONS, block_inductor_options
+    from engine.speed import compile_blocks
 
-    assert block_inductor_options(SpeedOptions.fast(precision="fp8")) == FP8_BLOCK_INDUCTOR_OPTIONS
-    assert block_inductor_options(SpeedOptions.fast()) is None
-    assert block_inductor_options(SpeedOptions.fast(precision="fp8", mode="max-autotune")) is None
-    assert block_inductor_options(SpeedOptions.fast(precision="fp8", backend="aot_eager")) is None
+    assert block_inductor_options("fp8", "inductor", None) == FP8_BLOCK_INDUCTOR_OPTIONS
+    assert block_inductor_options("bf16", "inductor", None) is None
+    assert block_inductor_options("fp8", "inductor", "max-autotune") is None
+    assert block_inductor_options("fp8", "aot_eager", None) is None
     with pytest.raises(ValueError, match="exclude each other"):
         compile_blocks(torch.nn.Module(), mode="max-autotune", inductor_options=FP8_BLOCK_INDUCTOR_OPTIONS)
