@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-FP8_MAX = 448.0
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+from bench.measure import event_time_ms
+from engine.fp8_attention import FP8_MAX, quantize_per_head
+from engine.precision import gelu_tanh_sigmoid_form
 
 
 def row_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's per-row dynamic activation quantization, as the graph inductor sees it."""
     amax = y.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / FP8_MAX
     return (y.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(2.0 * SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
 
 
 def gelu_quant_tanh(x):
@@ -45,7 +42,7 @@ def gelu_quant_tanh(x):
 
 
 def gelu_quant_sigmoid(x):
-    return row_quant(gelu_sigmoid(x))
+    return row_quant(gelu_tanh_sigmoid_form(x))
 
 
 def quant_only(x):
@@ -56,34 +53,21 @@ def gelu_only(x):
     return F.gelu(x, approximate="tanh")
 
 
-def _cast(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (FP8_MAX / amax.float().clamp(min=1e-12)).to(x.dtype)
-    return (x * scale[:, :, None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
 def head_quant_one_stage(x):
-    return _cast(x, x.abs().amax(dim=(2, 3)))
+    """engine.fp8_attention.quantize_per_head before call e13: one reduction over (tokens, dim)."""
+    amax = x.abs().amax(dim=(2, 3)).float().clamp(min=1e-12)
+    scale = (FP8_MAX / amax).to(x.dtype)
+    x8 = (x * scale[:, :, None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, scale.float().reciprocal()
 
 
-def head_quant_two_stage(x):
-    return _cast(x, x.abs().amax(dim=3).amax(dim=2))
+head_quant_two_stage = quantize_per_head  # the engine's since call e13
 
 
-ROW_CASES = (gelu_quant_tanh, gelu_quant_sigmoid, quant_only, gelu_only)
-HEAD_CASES = (head_quant_one_stage, head_quant_two_stage)
-
-
-def time_ms(fn, x, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn(x)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn(x)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+ROW_CASES = dict(
+    gelu_quant_tanh=gelu_quant_tanh, gelu_quant_sigmoid=gelu_quant_sigmoid, quant_only=quant_only, gelu_only=gelu_only
+)
+HEAD_CASES = dict(head_quant_one_stage=head_quant_one_stage, head_quant_two_stage=head_quant_two_stage)
 
 
 def bytes_moved(x: torch.Tensor, out) -> int:
@@ -91,13 +75,13 @@ def bytes_moved(x: torch.Tensor, out) -> int:
     return x.numel() * x.element_size() + sum(o.numel() * o.element_size() for o in outs)
 
 
-def run_case(fn, x: torch.Tensor, code: bool) -> dict:
+def run_case(name: str, fn, x: torch.Tensor, code: bool) -> dict:
     from torch._inductor.utils import run_and_get_code
 
     compiled = torch.compile(fn, dynamic=True)
     out, sources = run_and_get_code(compiled, x)
-    ms = time_ms(compiled, x)
-    row = dict(case=fn.__name__, shape=list(x.shape), ms=round(ms, 3), gb_per_s=round(bytes_moved(x, out) / ms / 1e6, 1))
+    ms = event_time_ms(x.device, lambda: compiled(x), repeats=20, warmup=3)
+    row = dict(case=name, shape=list(x.shape), ms=round(ms, 3), gb_per_s=round(bytes_moved(x, out) / ms / 1e6, 1))
     if code:
         row["triton"] = [s[s.find("@triton.jit") :][:6000] for s in sources if "@triton.jit" in s]
     return row
@@ -118,12 +102,10 @@ def main(argv=None) -> int:
     qkv = torch.randn(args.rows, args.tokens, 3 * 24 * 64, device="cuda", dtype=torch.bfloat16)
     q = qkv[..., : 24 * 64].view(args.rows, args.tokens, 24, 64).transpose(1, 2)
     rows = []
-    for fn in ROW_CASES:
-        rows.append(run_case(fn, mlp, args.code))
-        print({k: v for k, v in rows[-1].items() if k != "triton"}, flush=True)
-    for fn in HEAD_CASES:
-        rows.append(run_case(fn, q, args.code))
-        print({k: v for k, v in rows[-1].items() if k != "triton"}, flush=True)
+    for cases, x in ((ROW_CASES, mlp), (HEAD_CASES, q)):
+        for name, fn in cases.items():
+            rows.append(run_case(name, fn, x, args.code))
+            print({k: v for k, v in rows[-1].items() if k != "triton"}, flush=True)
     one, two = head_quant_one_stage(q), head_quant_two_stage(q)
     same = bool(torch.equal(one[1], two[1]) and torch.equal(one[0].view(torch.uint8), two[0].view(torch.uint8)))
     result = dict(card=torch.cuda.get_device_name(0), torch=torch.__version__, cases=rows, head_two_stage_bitwise_equal=same)

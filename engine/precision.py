@@ -138,16 +138,21 @@ class SigmoidFormGelu(torch.nn.Module):
     quantize kernel took 2.38 instead of 3.14 ms on a 131072 × 6144 activation on the H200
     (bench/results/fp8_quant_kernels_h200.json)."""
 
-    TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
-
     def __init__(self, proj: torch.nn.Module) -> None:
         super().__init__()
         self.proj = proj
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.proj(hidden_states)
-        x = out.float()
-        return (x * torch.sigmoid(self.TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))).to(out.dtype)
+        return gelu_tanh_sigmoid_form(self.proj(hidden_states))
+
+
+_TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_sigmoid_form(y: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(y, approximate="tanh")` as y·sigmoid(2u), computed in float32, in y's dtype."""
+    x = y.float()
+    return (x * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))).to(y.dtype)
 
 
 # Inductor's multi-kernel also generates a persistent (one pass, the row in registers) version of
