@@ -57,13 +57,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--fp8",
         action="store_true",
-        help="e2e and accuracy also run the fast path in FP8 (needs compute capability >= 8.9 and torchao)",
+        help="e2e and accuracy also run the fast path with FP8 linears and bf16 attention (rows exact-fp8-linears, "
+        "attention-k3-fp8-linears; needs compute capability >= 8.9 and torchao)",
     )
     p.add_argument(
         "--fp8-attention",
         action="store_true",
-        help="implies --fp8; also the FP8 path with FP8 attention (rows exact-fp8-attn, attention-k3-fp8-attn; "
-        "needs a Hopper GPU and fa3-fwd)",
+        help="implies --fp8; also FP8 as --precision fp8 runs on Hopper, FP8 linears and FP8 attention "
+        "(rows exact-fp8, attention-k3-fp8; needs a Hopper GPU and fa3-fwd)",
     )
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--reps", type=int, default=1)

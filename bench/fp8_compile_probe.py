@@ -51,6 +51,7 @@ VARIANTS = (
     # the engine's FP8 blocks since call e14: multi-kernel and the MLPs' GELU in its sigmoid form
     # (apply_speed with gelu_epilogue on; the other FP8 variants keep diffusers' tanh GELU)
     "fp8sg-dynamic-mk",
+    "fp8attnsg-dynamic-mk",  # ... and with FP8 attention: the blocks of --precision fp8 on Hopper
 )
 # a variant's third word -> inductor options for the blocks' compile
 INDUCTOR_OPTIONS = {
@@ -63,9 +64,10 @@ PRECISION_OF = {
     "fp8": ("fp8", "bf16"),
     "fp8sg": ("fp8", "bf16"),
     "fp8attn": ("fp8", "fp8"),
+    "fp8attnsg": ("fp8", "fp8"),
     "fp8tensor": ("bf16", "bf16"),
 }
-GELU_EPILOGUE = ("bf16", "fp8sg")  # apply_speed's GELU work: bf16's cuBLAS epilogue, FP8's sigmoid form
+GELU_EPILOGUE = ("bf16", "fp8sg", "fp8attnsg")  # apply_speed's GELU work: bf16's cuBLAS epilogue, FP8's sigmoid form
 
 
 def run_variant(name: str, size: int, rows: int, profile: bool, kernels: bool = False) -> dict:

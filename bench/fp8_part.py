@@ -1,9 +1,9 @@
 """The FP8 rows of bench/engine_bench.py's e2e part (`--fp8`): the engine's fast path with the
-transformer blocks' linears in FP8 (engine/precision.py), exact (`exact-fp8`) and with the default
-caching, `attention` K=3 (`attention-k3-fp8`); and with `accuracy`, the FP8 error against bf16.
-With `--fp8-attention` the same again with FP8 attention as well (engine/fp8_attention.py):
-`exact-fp8-attn` and `attention-k3-fp8-attn`, so their difference to the `-fp8` rows is what FP8
-attention adds; accuracy keys `fp8_attn_vs_eager_*`.
+transformer blocks' linears in FP8 (engine/precision.py) and bf16 attention, exact
+(`exact-fp8-linears`) and with the default caching, `attention` K=3 (`attention-k3-fp8-linears`);
+and with `accuracy`, the FP8 error against bf16 (keys `fp8_linears_vs_eager_*`). With
+`--fp8-attention` also FP8 as `--precision fp8` runs on a Hopper GPU, FP8 attention as well
+(engine/fp8_attention.py): `exact-fp8` and `attention-k3-fp8`, accuracy keys `fp8_vs_eager_*`.
 
 Each FP8 engine gets its own copy of the transformer, taken before any engine touched the
 pipeline and kept on the host until its turn; the VAE and the text encoders are the fast engine's
@@ -29,7 +29,7 @@ from engine.precision import require_precision
 log = logging.getLogger("bench.fp8")
 
 # (row suffix and accuracy-key prefix, attention precision) of each FP8 engine
-FP8_VARIANTS = (("fp8", "bf16"), ("fp8-attn", "fp8"))
+FP8_VARIANTS = (("fp8-linears", "bf16"), ("fp8", "fp8"))
 
 
 class Fp8Part(BenchParts):
@@ -79,7 +79,7 @@ class Fp8Part(BenchParts):
 
     @staticmethod
     def fp8_note_key(attention_precision: str) -> str:
-        return "fp8" if attention_precision == "bf16" else "fp8_attn"
+        return "fp8_linears" if attention_precision == "bf16" else "fp8"
 
     def warm_fp8_cached(self, engine, attention_precision: str) -> None:
         """Compile the cached steps' variants (minutes in FP8 on the H200: after the exact rows)."""

@@ -26,7 +26,7 @@ PART_NOTES = {
     "stability_ref": "stability-ref",
     "fast_warmup_seconds": "e2e",
     "fp8": "e2e",
-    "fp8_attn": "e2e",
+    "fp8_linears": "e2e",
     "accuracy": "accuracy",  # its keys over the older ones, one by one
 }
 MODEL, LARGE = "sd3-medium", "sd3.5-large"
@@ -45,8 +45,8 @@ def merge_call(base: dict, call: dict) -> dict:
         eager_batches=config.get("eager_batches"),
         stability_batches=config.get("stability_batches"),
         large_batches=config.get("large_batches"),
-        fp8=any(str(r.get("mode", "")).endswith("-fp8") for r in call["rows"]),
-        fp8_attention=any(str(r.get("mode", "")).endswith("-fp8-attn") for r in call["rows"]),
+        fp8=any(str(r.get("mode", "")).endswith("-fp8-linears") for r in call["rows"]),
+        fp8_attention=any(str(r.get("mode", "")).endswith("-fp8") for r in call["rows"]),
     )
     kept = [r for r in base["rows"] if merge_rows.keep_row(args, MODEL, LARGE, "engine", r)]
     made = [r for r in call["rows"] if not merge_rows.keep_row(args, MODEL, LARGE, "engine", r)]

@@ -26,10 +26,10 @@ def keep_row(args: Any, model: str, large: str, which: str, row: dict) -> bool:
     if system in PART_OF_SYSTEM:
         return PART_OF_SYSTEM[system] not in parts
     mode = str(row.get("mode", ""))
-    if mode.endswith("-fp8-attn"):
-        return not ("e2e" in parts and getattr(args, "fp8_attention", False))
-    if mode.endswith("-fp8"):
+    if mode.endswith("-fp8-linears"):
         return not ("e2e" in parts and args.fp8)
+    if mode.endswith("-fp8"):  # FP8 linears and FP8 attention
+        return not ("e2e" in parts and getattr(args, "fp8_attention", False))
     return not (("e2e" in parts and row.get("model") == model) or ("large" in parts and row.get("model") == large))
 
 

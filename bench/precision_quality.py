@@ -1,12 +1,13 @@
 """FP8's quality on the reference model (`python -m bench.quality --precision fp8`, on the GPU):
 the same held-out prompts and seeds through a bf16 engine and an FP8 engine (both the serving
-fast path, exact steps); judge accuracy of each, PSNR and SSIM of FP8 against bf16. With
-`--attention-precision fp8` the FP8 engine runs FP8 attention as well (fa3-fwd, Hopper).
+fast path, exact steps); judge accuracy of each, PSNR and SSIM of FP8 against bf16. The FP8
+engine runs FP8 attention as well (`--attention-precision fp8`, the default: fa3-fwd, Hopper), as
+`--precision fp8` does on Hopper; `--attention-precision bf16` measures the FP8 linears alone.
 
-Writes quality_fp8.json (quality_fp8_attn.json) under --out; with --engine-json, also notes the
-numbers in the engine benchmark's file (`fp8_reference_quality`, `fp8_attn_reference_quality`),
+Writes quality_fp8.json (quality_fp8_linears.json) under --out; with --engine-json, also notes the
+numbers in the engine benchmark's file (`fp8_reference_quality`, `fp8_linears_reference_quality`),
 whose summary then shows `fp8_reference_psnr_db` and `fp8_reference_accuracy_drop` (judge
-accuracy points lost), or their `fp8_attn_` twins.
+accuracy points lost), or their `fp8_linears_` twins.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def _images(config: EngineConfig, requests) -> tuple[list[np.ndarray], float, di
 
 
 def result_name(attention_precision: str) -> str:
-    """`fp8`, or `fp8_attn` with FP8 attention: the prefix of the result's file and keys."""
-    return "fp8" if attention_precision == "bf16" else "fp8_attn"
+    """`fp8` (FP8 linears and FP8 attention, as `--precision fp8` runs on Hopper), or `fp8_linears`
+    with bf16 attention: the prefix of the result's file and keys."""
+    return "fp8_linears" if attention_precision == "bf16" else "fp8"
 
 
 def fp8_quality(args, argv, prompts, requests) -> int:

@@ -31,15 +31,17 @@ ENGINE_MODES = (
     ("exact-fast", "exact"),
     ("exact-eager", "exact_eager"),
     ("attention-k3-fast", "cached_k3"),
+    # FP8 as `--precision fp8` runs on a Hopper GPU with fa3-fwd: FP8 linears and FP8 attention
     ("exact-fp8", "fp8"),
     ("attention-k3-fp8", "fp8_cached"),
-    ("exact-fp8-attn", "fp8_attn"),  # FP8 linears and FP8 attention (--attention-precision fp8)
-    ("attention-k3-fp8-attn", "fp8_attn_cached"),
+    # FP8 linears with bf16 attention (`--attention-precision bf16`)
+    ("exact-fp8-linears", "fp8_linears"),
+    ("attention-k3-fp8-linears", "fp8_linears_cached"),
 )
 LATENCY_MODES = (
     ("exact-fast", "b1_latency"),
     ("exact-fp8", "fp8_b1_latency"),
-    ("exact-fp8-attn", "fp8_attn_b1_latency"),
+    ("exact-fp8-linears", "fp8_linears_b1_latency"),
 )
 DIFFUSERS_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"))
 # other systems of the seed paper's Figure 3: name in the summary -> their systems (any mode)
@@ -142,10 +144,10 @@ def _vs_other_baselines(ips: dict, size: int) -> dict:
 
 
 def _fp8_reference(data: dict) -> dict:
-    """FP8's quality on the reference model, with bf16 and with FP8 attention
-    (bench/precision_quality.py notes them in the file)."""
+    """FP8's quality on the reference model, with FP8 attention (`fp8_`) and with bf16 attention
+    (`fp8_linears_`; bench/precision_quality.py notes them in the file)."""
     out = {}
-    for name in ("fp8", "fp8_attn"):
+    for name in ("fp8", "fp8_linears"):
         ref = data.get(f"{name}_reference_quality") or {}
         keys = (f"{name}_reference_psnr_db", f"{name}_reference_ssim", f"{name}_reference_accuracy_drop")
         out.update({k: ref[k] for k in keys if k in ref})
@@ -154,19 +156,19 @@ def _fp8_reference(data: dict) -> dict:
 
 def _fp8_blocks(data: dict) -> dict:
     """bench/fp8_compile_probe.py's two-block forward at 1024² (noted as `fp8_block_probe`):
-    bf16 ms over FP8 ms (the engine's FP8 blocks: with multi-kernel since call e12; with FP8
-    attention too), and the first call's compile seconds of each."""
+    bf16 ms over FP8 ms (the engine's FP8 blocks, multi-kernel since call e12: with FP8 attention,
+    and with FP8 linears alone), and the first call's compile seconds of each."""
     variants = {v["variant"]: v for v in data.get("fp8_block_probe", {}).get("variants", []) if "forward_ms" in v}
     bf16 = variants.get("bf16-dynamic")
-    fp8 = variants.get("fp8-dynamic-mk") or variants.get("fp8-dynamic") or variants.get("fp8-dynamic-untuned")
-    if not (bf16 and fp8):
+    linears = variants.get("fp8-dynamic-mk") or variants.get("fp8-dynamic") or variants.get("fp8-dynamic-untuned")
+    if not (bf16 and linears):
         return {}
     out = dict(
-        fp8_block_forward_speedup_1024=round(bf16["forward_ms"] / fp8["forward_ms"], 3),
+        fp8_linears_block_forward_speedup_1024=round(bf16["forward_ms"] / linears["forward_ms"], 3),
         fp8_block_compile_s={name: v["first_call_s"] for name, v in variants.items()},
     )
-    if fp8_attn := variants.get("fp8attn-dynamic-mk"):
-        out["fp8_attn_block_forward_speedup_1024"] = round(bf16["forward_ms"] / fp8_attn["forward_ms"], 3)
+    if fp8 := variants.get("fp8attnsg-dynamic-mk") or variants.get("fp8attn-dynamic-mk"):
+        out["fp8_block_forward_speedup_1024"] = round(bf16["forward_ms"] / fp8["forward_ms"], 3)
     return out
 
 

@@ -19,8 +19,10 @@ LATENT_AWARE_STRATEGIES = ("none", "seed", "extrapolate", "extrapolate2", "extra
 DTYPES = ("float32", "bfloat16", "float16")
 # bf16: the model's dtype throughout; fp8: the transformer blocks' linears as FP8 GEMMs (engine/precision.py)
 PRECISIONS = ("bf16", "fp8")
-# bf16: torch SDPA; fp8: per-head FP8 Q/K/V through FlashAttention-3 (engine/fp8_attention.py)
+# bf16: torch SDPA; fp8: per-head FP8 Q/K/V through FlashAttention-3 (engine/fp8_attention.py);
+# auto (the setting's default): fp8 with precision fp8 where FA3 runs, else bf16 (a logged warning)
 ATTENTION_PRECISIONS = ("bf16", "fp8")
+ATTENTION_PRECISION_SETTINGS = ATTENTION_PRECISIONS + ("auto",)
 # `--model random:<name>`: random weights at a real model's shapes, built in the worker process,
 # for load tests on machines without the real weights (engine/random_model.py). Benchmark use only:
 # the images are noise. Serving defaults are the real models' (SD3: 1024², 28 steps, CFG 7).
@@ -84,7 +86,8 @@ class EngineConfig:
     # arriving meanwhile are seen (engine/step_timer.py). 0: off.
     plan_lead_ms: float = 0.0
     precision: str = "bf16"  # fp8: needs a GPU of compute capability >= 8.9 and torchao
-    attention_precision: str = "bf16"  # fp8: needs a Hopper GPU (9.x) and fa3-fwd; opt-in
+    # fp8 needs a Hopper GPU (9.x) and fa3-fwd; auto: fp8 with precision fp8 where it can run
+    attention_precision: str = "auto"
     # Image sizes besides the model's default that the warm-up readies before serving ("512" or
     # "768x512", width x height): every small batch's CUDA graph at each, and its cached steps.
     # A size first seen while serving pays that inside some job (~0.25 s a batch on an H200).
@@ -100,9 +103,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES} or 'auto', got {self.dtype!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.attention_precision not in ATTENTION_PRECISIONS:
+        if self.attention_precision not in ATTENTION_PRECISION_SETTINGS:
             raise ValueError(
-                f"attention_precision must be one of {', '.join(ATTENTION_PRECISIONS)}, got {self.attention_precision!r}"
+                f"attention_precision must be one of {', '.join(ATTENTION_PRECISION_SETTINGS)}, "
+                f"got {self.attention_precision!r}"
             )
         if self.max_batch < 1 or self.admit_per_boundary < 1:
             raise ValueError("max_batch and admit_per_boundary must be >= 1")

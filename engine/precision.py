@@ -72,8 +72,8 @@ def require_precision(precision: str, device: torch.device) -> None:
 def precision_problem(config) -> str | None:
     """Why an `EngineConfig`'s precision or attention precision can't run here (None: they can);
     for the CLIs, which refuse to start before loading a model or reaching Redis."""
-    attention_precision = getattr(config, "attention_precision", "bf16")
-    if config.precision == "bf16" and attention_precision == "bf16":
+    attention_precision = getattr(config, "attention_precision", "auto")
+    if config.precision == "bf16" and attention_precision in ("bf16", "auto"):
         return None
     from engine.fp8_attention import require_attention_precision
     from engine.loader import resolve_device
@@ -81,7 +81,8 @@ def precision_problem(config) -> str | None:
     try:
         device = resolve_device(config.device)
         require_precision(config.precision, device)
-        require_attention_precision(attention_precision, device)
+        if attention_precision != "auto":  # auto falls back to bf16 where FP8 attention can't run
+            require_attention_precision(attention_precision, device)
     except (PrecisionUnavailable, ValueError) as exc:
         return str(exc)
     return None

@@ -27,7 +27,8 @@ eager pipeline within bf16 rounding.
   GEMMs, applied after QKV fusion and before compile, so compile, CUDA graphs and the attention
   cache run over the FP8 layers; instead of the bf16 GELU epilogue the MLPs' GELU takes its
   sigmoid form, and the blocks compile with inductor's multi-kernel (one-pass quantizations).
-- FP8 attention (`attention_precision="fp8"`, engine/fp8_attention.py; opt-in, off by default):
+- FP8 attention (`attention_precision="fp8"`, engine/fp8_attention.py; a config's `auto` means it
+  with FP8 linears where it can run):
   the fused processor's SDPA calls become per-head FP8 Q/K/V into FlashAttention-3's FP8 forward
   (Hopper only). It implies fused Q/K/V (the strategy lives in `FusedJointProcessor`), and the
   attention cache wraps that processor, so FRESH rows of cached steps take it too.
@@ -45,7 +46,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from engine.fp8_attention import attention_strategy
+from engine.fp8_attention import attention_strategy, resolve_attention_precision
 from engine.fused_qkv import fuse_qkv
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,9 @@ class SpeedOptions:
 
 def speed_options_for(config, device: torch.device) -> SpeedOptions:
     """The engine's choice: everything on when `config.compile` is on (auto: on CUDA), in the
-    config's precision and attention precision."""
+    config's precision and attention precision (`auto` resolved for this device)."""
     precision: str = getattr(config, "precision", "bf16")
-    attention_precision: str = getattr(config, "attention_precision", "bf16")
+    attention_precision = resolve_attention_precision(precision, getattr(config, "attention_precision", "auto"), device)
     if config.compile_enabled(device.type):
         return SpeedOptions.fast(precision=precision, attention_precision=attention_precision)
     return SpeedOptions(precision=precision, attention_precision=attention_precision)

@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--attention-precision",
-        choices=("bf16", "fp8"),
-        help="fp8: FP8 attention through FlashAttention-3; needs a Hopper GPU (9.x) and fa3-fwd",
+        choices=("bf16", "fp8", "auto"),
+        help="fp8: FP8 attention through FlashAttention-3; needs a Hopper GPU (9.x) and fa3-fwd; "
+        "auto (default): fp8 with --precision fp8 where it can run, else bf16",
     )
     parser.add_argument(
         "-o",

@@ -45,9 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument(
         "--attention-precision",
-        choices=("bf16", "fp8"),
+        choices=("bf16", "fp8", "auto"),
         help="fp8: attention with per-head FP8 Q/K/V through FlashAttention-3; needs a Hopper GPU (9.x) "
-        "and fa3-fwd (SD3SERVE_ATTENTION_PRECISION; default bf16)",
+        "and fa3-fwd; auto: fp8 with --precision fp8 where it can run, else bf16 with a warning "
+        "(SD3SERVE_ATTENTION_PRECISION; default auto)",
     )
     output = parser.add_argument_group("storage and metrics")
     output.add_argument("--storage", choices=("local", "s3"), help="where images go (SD3SERVE_STORAGE)")

@@ -104,7 +104,7 @@ def test_fp8_attention_rows_are_replaced_only_by_a_run_that_makes_them():
     from bench import merge_rows
     from bench.engine_bench_args import parse_args
 
-    rows = [dict(system="sd3serve", mode=mode, model="sd3-medium", size=1024) for mode in ("exact-fp8", "exact-fp8-attn")]
+    rows = [dict(system="sd3serve", mode=mode, model="sd3-medium", size=1024) for mode in ("exact-fp8-linears", "exact-fp8")]
     fp8 = parse_args(["--parts", "e2e", "--sizes", "1024", "--fp8"])
     fp8_attention = parse_args(["--parts", "e2e", "--sizes", "1024", "--fp8-attention"])
     assert fp8_attention.fp8  # implied
@@ -112,4 +112,4 @@ def test_fp8_attention_rows_are_replaced_only_by_a_run_that_makes_them():
     def kept(args):
         return [r["mode"] for r in rows if merge_rows.keep_row(args, "sd3-medium", "sd3.5-large", "engine", r)]
 
-    assert kept(fp8) == ["exact-fp8-attn"] and kept(fp8_attention) == []
+    assert kept(fp8) == ["exact-fp8"] and kept(fp8_attention) == []

@@ -21,6 +21,7 @@ from engine.attention import CachingAttnProcessor
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.fp8_attention import (
+    choose_attention_precision,
     AttentionUnavailable,
     Fp8Attend,
     SdpaAttend,
@@ -66,15 +67,46 @@ def fake_fa3(monkeypatch) -> FakeFa3:
 
 
 def test_attention_precision_setting_from_env_and_its_validation(tiny_model_dir):
-    assert EngineConfig().attention_precision == "bf16"
+    assert EngineConfig().attention_precision == "auto"
     assert EngineConfig.from_env({"SD3SERVE_ATTENTION_PRECISION": "fp8"}).attention_precision == "fp8"
-    with pytest.raises(ValueError, match="attention_precision must be one of bf16, fp8, got 'int8'"):
+    with pytest.raises(ValueError, match="attention_precision must be one of bf16, fp8, auto, got 'int8'"):
         EngineConfig(attention_precision="int8")
     config = EngineConfig(attention_precision="fp8", precision="fp8")
     for device in ("cpu", "cuda"):
         speed = speed_options_for(config, torch.device(device))
         assert (speed.attention_precision, speed.precision) == ("fp8", "fp8") and speed.any
     assert not SpeedOptions().any and SpeedOptions().attention_precision == "bf16"
+    # the default: bf16 attention with bf16 linears, whatever the machine
+    assert speed_options_for(EngineConfig(), torch.device("cpu")).attention_precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    "precision, setting, missing, expected",
+    [
+        ("bf16", "auto", ["a Hopper GPU"], "bf16"),
+        ("fp8", "auto", [], "fp8"),
+        ("fp8", "auto", ["a Hopper GPU (compute capability 9.x); X has 8.9"], "bf16"),
+        ("fp8", "bf16", [], "bf16"),
+        ("bf16", "fp8", ["anything"], "fp8"),  # explicit: kept, refused later where it can't run
+    ],
+)
+def test_auto_attention_precision_follows_the_linears_where_fa3_runs(precision, setting, missing, expected):
+    choice, warning = choose_attention_precision(precision, setting, missing)
+    assert choice == expected
+    if precision == "fp8" and setting == "auto" and missing:
+        assert warning is not None and missing[0] in warning and "--attention-precision bf16" in warning
+    else:
+        assert warning is None
+
+
+def test_auto_attention_precision_on_a_hopper_with_fa3_is_fp8_and_without_it_warns(monkeypatch, caplog):
+    config = EngineConfig(precision="fp8")  # attention_precision auto
+    monkeypatch.setattr(fp8_attention, "fp8_attention_missing", lambda device: [])
+    assert speed_options_for(config, torch.device("cuda")).attention_precision == "fp8"
+    monkeypatch.setattr(fp8_attention, "fp8_attention_missing", lambda device: ["FlashAttention-3's FP8 forward"])
+    with caplog.at_level("WARNING", logger="engine.fp8_attention"):
+        assert speed_options_for(config, torch.device("cuda")).attention_precision == "bf16"
+    assert "precision fp8 runs attention in bf16" in caplog.text
 
 
 def test_fp8_attention_is_refused_on_the_cpu_and_names_what_is_missing():
