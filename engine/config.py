@@ -105,8 +105,7 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.attention_precision not in ATTENTION_PRECISION_SETTINGS:
             raise ValueError(
-                f"attention_precision must be one of {', '.join(ATTENTION_PRECISION_SETTINGS)}, "
-                f"got {self.attention_precision!r}"
+                f"attention_precision must be one of {', '.join(ATTENTION_PRECISION_SETTINGS)}, got {self.attention_precision!r}"
             )
         if self.max_batch < 1 or self.admit_per_boundary < 1:
             raise ValueError("max_batch and admit_per_boundary must be >= 1")

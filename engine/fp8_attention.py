@@ -157,7 +157,8 @@ def choose_attention_precision(precision: str, setting: str, missing: Sequence[s
         return "bf16", None
     if missing:
         return "bf16", (
-            "precision fp8 runs attention in bf16: FP8 attention needs " + " and ".join(missing)
+            "precision fp8 runs attention in bf16: FP8 attention needs "
+            + " and ".join(missing)
             + " (about 1.1x the FP8 linears' images/s on an H200; --attention-precision bf16 silences this)"
         )
     return "fp8", None
