@@ -106,5 +106,8 @@ def test_the_fp8_block_probe_enters_the_summary_and_merges_by_variant(tmp_path):
     assert (summary["fp8_linears_block_forward_speedup_1024"], summary["fp8_block_forward_speedup_1024"]) == (1.375, 1.25)
     # the engine's FP8 blocks since call e14 (sigmoid-form GELU) take the FP8 ratio when measured
     engine_now = dict(variant="fp8attnsg-dynamic-mk", forward_ms=40.0 / 1.05, first_call_s=25.0)
-    note_probe(path, dict(size=1024, rows=32, variants=[engine_now]))
-    assert json.loads(path.read_text())["summary"]["fp8_block_forward_speedup_1024"] == round(50.0 / (40.0 / 1.05), 3)
+    linears_now = dict(variant="fp8sg-dynamic-mk", forward_ms=40.0, first_call_s=20.0)
+    note_probe(path, dict(size=1024, rows=32, variants=[engine_now, linears_now]))
+    summary = json.loads(path.read_text())["summary"]
+    assert summary["fp8_block_forward_speedup_1024"] == round(50.0 / (40.0 / 1.05), 3)
+    assert summary["fp8_linears_block_forward_speedup_1024"] == 1.25
