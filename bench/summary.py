@@ -43,6 +43,9 @@ LATENCY_MODES = (
     ("exact-fp8", "fp8_b1_latency"),
     ("exact-fp8-linears", "fp8_linears_b1_latency"),
 )
+# probe variants of the engine's FP8 blocks, as they are now first: FP8 attention too, linears alone
+FP8_BLOCK_VARIANTS = ("fp8attnsg-dynamic-mk", "fp8attn-dynamic-mk")
+LINEARS_BLOCK_VARIANTS = ("fp8sg-dynamic-mk", "fp8-dynamic-mk", "fp8-dynamic", "fp8-dynamic-untuned")
 DIFFUSERS_SYSTEMS = (("diffusers", "eager"), ("diffusers-compiled", "compiled"))
 # other systems of the seed paper's Figure 3: name in the summary -> their systems (any mode)
 OTHER_BASELINES = {"xdit": ("xdit", "xdit-compile"), "stability": ("stability-ref",)}
@@ -154,9 +157,6 @@ def _fp8_reference(data: dict) -> dict:
     return out
 
 
-LINEARS_BLOCK_VARIANTS = ("fp8sg-dynamic-mk", "fp8-dynamic-mk", "fp8-dynamic", "fp8-dynamic-untuned")
-
-
 def _fp8_blocks(data: dict) -> dict:
     """bench/fp8_compile_probe.py's two-block forward at 1024² (noted as `fp8_block_probe`):
     bf16 ms over FP8 ms (the engine's FP8 blocks, multi-kernel since call e12 and with the
@@ -164,15 +164,16 @@ def _fp8_blocks(data: dict) -> dict:
     call's compile seconds of each."""
     variants = {v["variant"]: v for v in data.get("fp8_block_probe", {}).get("variants", []) if "forward_ms" in v}
     bf16 = variants.get("bf16-dynamic")
-    # the engine's blocks as they are now first (each probe call measures bf16 beside them)
-    linears = next((variants[v] for v in LINEARS_BLOCK_VARIANTS if v in variants), None)
+    linears, fp8 = (
+        next((variants[v] for v in names if v in variants), None) for names in (LINEARS_BLOCK_VARIANTS, FP8_BLOCK_VARIANTS)
+    )
     if not (bf16 and linears):
         return {}
     out = dict(
         fp8_linears_block_forward_speedup_1024=round(bf16["forward_ms"] / linears["forward_ms"], 3),
         fp8_block_compile_s={name: v["first_call_s"] for name, v in variants.items()},
     )
-    if fp8 := variants.get("fp8attnsg-dynamic-mk") or variants.get("fp8attn-dynamic-mk"):
+    if fp8:
         out["fp8_block_forward_speedup_1024"] = round(bf16["forward_ms"] / fp8["forward_ms"], 3)
     return out
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.config import EngineConfig, limits_for_model
+from engine.config import ATTENTION_PRECISION_SETTINGS, PRECISIONS, EngineConfig, limits_for_model
 from engine.request import RequestValidationError, validate_request
 
 
@@ -33,12 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), help="the fast exact path; auto = on for CUDA")
     parser.add_argument(
         "--precision",
-        choices=("bf16", "fp8"),
+        choices=PRECISIONS,
         help="fp8: FP8 GEMMs in the transformer; needs compute capability >= 8.9 and torchao",
     )
     parser.add_argument(
         "--attention-precision",
-        choices=("bf16", "fp8", "auto"),
+        choices=ATTENTION_PRECISION_SETTINGS,
         help="fp8: FP8 attention through FlashAttention-3; needs a Hopper GPU (9.x) and fa3-fwd; "
         "auto (default): fp8 with --precision fp8 where it can run, else bf16",
     )

@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 
+from engine.config import ATTENTION_PRECISION_SETTINGS, PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     queue = parser.add_argument_group("queue")
@@ -39,13 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument(
         "--precision",
-        choices=("bf16", "fp8"),
+        choices=PRECISIONS,
         help="fp8: the transformer's linears as FP8 GEMMs; needs compute capability >= 8.9 "
         "and torchao (SD3SERVE_PRECISION; default bf16)",
     )
     engine.add_argument(
         "--attention-precision",
-        choices=("bf16", "fp8", "auto"),
+        choices=ATTENTION_PRECISION_SETTINGS,
         help="fp8: attention with per-head FP8 Q/K/V through FlashAttention-3; needs a Hopper GPU (9.x) "
         "and fa3-fwd; auto: fp8 with --precision fp8 where it can run, else bf16 with a warning "
         "(SD3SERVE_ATTENTION_PRECISION; default auto)",
